@@ -1,0 +1,113 @@
+"""Training throughput: lmforge's trainer step vs nanoGPT's, same shapes, same process.
+
+    python bench/train_throughput.py [--seconds 20] [--shapes small]
+
+Reports tokens/s, ms/iter and model FLOPs utilisation (MFU) against a matmul peak measured in the
+same run (fp32 and bf16), for nanoGPT's two shakespeare_char shapes:
+  A: 4L/4H/128d, block 64, batch 12     (nanoGPT's CPU recipe)
+  B: 6L/6H/384d, block 256, batch 64    (nanoGPT's "baby GPT")
+lmforge is measured fp32 eager, bf16 autocast, and (with --compile) torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from nanogpt_ref import NanoGPT, train_step  # noqa: E402
+
+from lmforge.data import PrepareConfig, prepare  # noqa: E402
+from lmforge.train import TrainConfig, Trainer  # noqa: E402
+
+TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SHAPES = {
+    "A": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch=12),
+    "B": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=64),
+}
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    k, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        k += 1
+    return 2 * n ** 3 * k / (time.perf_counter() - t0)
+
+
+def timed(step, seconds: float, warmup: int) -> tuple[float, int]:
+    for _ in range(warmup):
+        step()
+    k, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or k < 5:
+        step()
+        k += 1
+    return (time.perf_counter() - t0) / k, k
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=20.0, help="timed seconds per configuration")
+    ap.add_argument("--shapes", default="A,B")
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    ap.add_argument("--out", default="bench/out/train_throughput.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    print(f"matmul peak (1024^3): fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
+    tmp = Path(tempfile.mkdtemp())
+    prepare(PrepareConfig(corpus=str(TINY), out=str(tmp / "data"), split="contiguous", val_frac=0.1,
+                          test_frac=0.0), progress=False)
+    raw = np.memmap(tmp / "data" / "train-00000.bin", dtype=np.uint16, mode="r")
+    results = []
+    for name in args.shapes.split(","):
+        s = SHAPES[name]
+        bs, blk = s["batch"], s["block_size"]
+        tokens = bs * blk
+        warm = 3 if name == "A" else 2
+        # nanoGPT baseline (its model uses vocab 65 for shakespeare_char; ours has 65 chars + byte fallback)
+        ref = NanoGPT(65, blk, s["n_layer"], s["n_head"], s["n_embd"])
+        opt = ref.optimizer()
+        data65 = np.minimum(raw, 64).astype(np.uint16)
+        dt, k = timed(lambda: train_step(ref, opt, data65, bs, blk), args.seconds, warm)
+        n_params = sum(p.numel() for p in ref.parameters()) - ref.wpe.weight.numel()
+        flops_tok = 6 * n_params + 12 * s["n_layer"] * blk * s["n_embd"]
+        base = tokens / dt
+        rows = [("nanoGPT eager fp32", dt, base, flops_tok * base / peak32)]
+        variants = [("lmforge fp32", "fp32", False), ("lmforge bf16", "bf16", False)]
+        if args.compile:
+            variants += [("lmforge compile fp32", "fp32", True), ("lmforge compile bf16", "bf16", True)]
+        for label, dtype, comp in variants:
+            cfg = TrainConfig(data=str(tmp / "data"), out=str(tmp / f"run-{name}-{label.replace(' ', '_')}"),
+                              preset="nano", batch_size=bs, max_steps=10 ** 9, dtype=dtype, compile=comp,
+                              progress=False, model_args=dict(n_layer=s["n_layer"], n_head=s["n_head"],
+                                                               n_embd=s["n_embd"], block_size=blk))
+            tr = Trainer(cfg)
+            dt, k = timed(tr.train_step, args.seconds, warm + (2 if comp else 0))
+            fl = tr.model.flops_per_token()
+            tps = tokens / dt
+            rows.append((label, dt, tps, fl * tps / (peak16 if dtype == "bf16" else peak32)))
+        print(f"\nshape {name}: {s['n_layer']}L/{s['n_head']}H/{s['n_embd']}d block {blk} batch {bs}")
+        print(f"  {'config':24s} {'ms/iter':>8s} {'tokens/s':>10s} {'MFU':>6s} {'vs nanoGPT':>10s}")
+        for label, dt, tps, mfu in rows:
+            print(f"  {label:24s} {dt * 1e3:8.1f} {tps:10,.0f} {mfu * 100:5.1f}% {tps / base:9.2f}x")
+            results.append({"shape": name, "config": label, "ms_per_iter": dt * 1e3, "tokens_per_s": tps,
+                            "mfu": mfu, "speedup_vs_nanogpt": tps / base})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"peak_fp32": peak32, "peak_bf16": peak16, "rows": results}, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""``lmforge demo`` (what ``make demo`` runs): Shakespeare -> char tokenizer -> small GPT -> report.
+
+The recipe (model preset ``tiny`` plus the training settings in ``DEMO_RECIPE``) was chosen to get
+the furthest in five minutes on a 2-core CPU; docs/demo.md has the measurements behind it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..data import PrepareConfig, TokenData, prepare
+from ..errors import LMForgeError
+
+DEMO_RECIPE: dict = dict(
+    model="gpt", preset="tiny", batch_size=32, lr=3e-3, min_lr_ratio=0.05, weight_decay=0.1, beta2=0.99,
+    warmup_steps=50, schedule="cosine", grad_clip=1.0, dtype="bf16", eval_interval=250, eval_iters=20,
+)
+
+
+def free_run_dir(base: str = "runs/demo") -> str:
+    p, i = Path(base), 2
+    while p.exists():
+        p = Path(f"{base}-{i}")
+        i += 1
+    return str(p)
+
+
+def run_demo(data: str = "data/shakespeare-char", out: str | None = None, max_time: float = 300.0,
+             progress: bool = True) -> dict:
+    from ..evaluate import evaluate
+    from ..generation import generate_text
+    from ..train import TrainConfig, train
+
+    data_dir = Path(data)
+    if not (data_dir / "meta.json").exists():
+        print("1/4  preparing the built-in Shakespeare corpus at character level ...")
+        prepare(PrepareConfig(corpus="shakespeare", out=str(data_dir), tokenizer="char"), progress=progress)
+    else:
+        print(f"1/4  using prepared data in {data_dir}")
+    td = TokenData(data_dir)
+    if td.meta["tokenizer"]["kind"] != "char":
+        raise LMForgeError(f"{data_dir} is not character-level data; pass another --data")
+    out = out or free_run_dir()
+    print(f"2/4  training a small GPT for {max_time / 60:.1f} minutes on the CPU -> {out}")
+    cfg = TrainConfig(data=str(data_dir), out=out, max_time=max_time, progress=progress, **DEMO_RECIPE)
+    result = train(cfg)
+    print("3/4  evaluating on the validation split ...")
+    from .. import load
+
+    model = load(out)
+    res = evaluate(model, td, split="val", batch_size=32)
+    print(f"     val loss {res['loss']:.4f} nats/char | perplexity {math.exp(res['loss']):.2f} | "
+          f"{res['bits_per_char']:.3f} bits/char | {result.tokens_per_second:,.0f} training tokens/s")
+    print("4/4  a sample (temperature 0.8, top-k 50):\n")
+    sample = generate_text(model, "ROMEO:", max_new_tokens=300, temperature=0.8, top_k=50, seed=1)
+    print(sample)
+    (Path(out) / "samples.txt").write_text(sample + "\n", encoding="utf-8")
+    print(f"""
+Next, try:
+  lmforge generate {out} --prompt "JULIET:" --max-new-tokens 200 --temperature 0.8 --top-k 50 --stream
+  lmforge eval {out} --split test
+  lmforge train --resume {out} --max-time 2m          # train two more minutes
+  python -c 'import lmforge; m = lmforge.load("{out}"); print(m.generate("HAMLET:", max_new_tokens=80))'
+  open {out}/loss_curve.png
+""")
+    return res

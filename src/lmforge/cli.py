@@ -1,0 +1,309 @@
+"""The ``lmforge`` command line: parses arguments and dispatches; the work lives in the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import LMForgeError
+
+TRAIN_OPTIONS = {  # flag dest -> TrainConfig field (None default = "not given")
+    "batch_size": int, "grad_accum": int, "lr": float, "min_lr_ratio": float, "weight_decay": float,
+    "beta1": float, "beta2": float, "grad_clip": float, "warmup_steps": int, "schedule": str,
+    "cooldown_frac": float, "max_steps": int, "eval_interval": int, "eval_iters": int, "log_interval": int,
+    "checkpoint_interval": int, "sample_tokens": int, "dtype": str, "threads": int, "seed": int,
+}
+MODEL_OPTIONS = {"n_layer": int, "n_head": int, "n_kv_head": int, "n_embd": int, "block_size": int,
+                 "dropout": float, "pos": str, "norm": str, "mlp": str, "mlp_hidden": int}
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize a corpus into memory-mapped shards",
+                       description="Tokenize a built-in corpus (shakespeare, python-stdlib, peoples-daily) or a "
+                                   "file/folder of UTF-8 text into train/val/test token shards.")
+    p.add_argument("--corpus", required=True, help="built-in corpus name, or a file or folder of UTF-8 text")
+    p.add_argument("--tokenizer", default="char", choices=["char", "bpe", "word"])
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    p.add_argument("--out", required=True, help="output data directory")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the document split")
+    p.add_argument("--val-frac", type=float, default=0.05)
+    p.add_argument("--test-frac", type=float, default=0.05)
+    p.add_argument("--split", default="auto", choices=["auto", "document", "contiguous"],
+                   help="split whole documents (seeded) or cut one text contiguously (auto: by corpus)")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace", "ignore"],
+                   help="what to do with invalid UTF-8 (default: stop with an error)")
+    p.add_argument("--word-pattern", default=None, help="word tokenizer: regex of a token (default whitespace)")
+    p.add_argument("--min-count", type=int, default=1, help="word tokenizer: rarer words become <unk>")
+    p.add_argument("--lowercase", action="store_true", help="word tokenizer: lowercase the text")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from .data import PrepareConfig, prepare
+
+    meta = prepare(PrepareConfig(corpus=a.corpus, out=a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+                                 seed=a.seed, val_frac=a.val_frac, test_frac=a.test_frac, split=a.split,
+                                 errors=a.errors, word_pattern=a.word_pattern, min_count=a.min_count,
+                                 lowercase=a.lowercase), progress=not a.no_progress)
+    s = meta["splits"]
+    print(f"prepared {meta['corpus']['description']} -> {a.out}")
+    print(f"  tokenizer {meta['tokenizer']['kind']} (vocab {meta['tokenizer']['vocab_size']}), {meta['dtype']} "
+          f"shards, split by {meta['split_mode']}")
+    for k in ("train", "val", "test"):
+        print(f"  {k:5s} {s[k]['tokens']:>12,} tokens {s[k]['bytes']:>12,} bytes {s[k]['documents']:>6} docs")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (gpt, ngram) or resume a run",
+                       description="Train a language model on prepared data. Options override --config YAML, "
+                                   "which overrides the preset's defaults.")
+    p.add_argument("--model", default=None, help="model family: gpt (default) or ngram")
+    p.add_argument("--data", default=None, help="prepared data directory (lmforge prepare)")
+    p.add_argument("--out", default=None, help="run directory to create")
+    p.add_argument("--preset", default=None, help="model preset (gpt: nano, tiny, small, gpt2)")
+    p.add_argument("--config", default=None, help="YAML file of training options (litgpt style)")
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in RUN from its checkpoint")
+    p.add_argument("--max-time", default=None, help="training time budget, e.g. 90s, 5m, 1h")
+    for name, typ in TRAIN_OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
+    for name, typ in MODEL_OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=argparse.SUPPRESS
+                       if name in ("mlp_hidden",) else None)
+    p.add_argument("--tie-embeddings", dest="tie_embeddings", action="store_true", default=None)
+    p.add_argument("--no-tie-embeddings", dest="tie_embeddings", action="store_false")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--no-progress", action="store_true")
+    try:
+        from .apps import ngram_cli
+
+        ngram_cli.add_train_arguments(p)
+    except ImportError:
+        pass
+    p.set_defaults(func=cmd_train)
+
+
+def train_config_from_args(a: argparse.Namespace) -> tuple[Any, bool]:
+    from .train import TrainConfig, Trainer
+    from .utils import parse_duration
+
+    overrides: dict[str, Any] = {k: getattr(a, k) for k in TRAIN_OPTIONS if getattr(a, k) is not None}
+    if a.max_time is not None:
+        overrides["max_time"] = parse_duration(a.max_time)
+    if a.compile:
+        overrides["compile"] = True
+    if a.no_progress:
+        overrides["progress"] = False
+    model_args = {k: getattr(a, k) for k in (*MODEL_OPTIONS, "tie_embeddings") if getattr(a, k) is not None}
+    if a.resume:
+        if model_args or a.model or a.preset or a.data:
+            raise LMForgeError("--resume continues a run as it was configured; drop --model/--preset/--data and "
+                               "the model-shape options")
+        return Trainer.config_for_resume(a.resume, overrides), True
+    base = TrainConfig.from_yaml(a.config).to_dict() if a.config else TrainConfig().to_dict()
+    for key in ("model", "data", "out", "preset"):
+        if getattr(a, key) is not None:
+            base[key] = getattr(a, key)
+    base.update(overrides)
+    base["model_args"] = {**base.get("model_args", {}), **model_args}
+    cfg = TrainConfig.from_dict(base)
+    if not cfg.data:
+        raise LMForgeError("give --data (a directory made by lmforge prepare)")
+    if not cfg.out:
+        raise LMForgeError("give --out (the run directory to create)")
+    return cfg, False
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    if (a.model or "") == "ngram":
+        from .apps import ngram_cli
+
+        if not a.data or not a.out:
+            raise LMForgeError("give --data and --out")
+        ngram_cli.train_ngram_from_args(a)
+        return 0
+    from .train import TrainingInterrupted, train
+
+    cfg, resume = train_config_from_args(a)
+    try:
+        r = train(cfg, resume=resume)
+    except TrainingInterrupted as e:
+        print(f"\nlmforge: {e}", file=sys.stderr)
+        return 130
+    val = f", val loss {r.val_loss:.4f}" if r.val_loss is not None else ""
+    print(f"trained {r.step} steps, {r.tokens_seen:,} tokens in {r.train_time:.0f}s "
+          f"({r.tokens_per_second:,.0f} tokens/s): train loss {r.train_loss:.4f}{val}")
+    print(f"saved {r.run_dir}  (try: lmforge generate {r.run_dir} --prompt \"...\"; "
+          f"lmforge eval {r.run_dir} --split test)")
+    return 0
+
+
+def _data_for_run(run: str, data: str | None) -> str:
+    from .utils import read_json
+
+    if data:
+        return data
+    p = Path(run) / "data.json"
+    if p.exists():
+        d = read_json(p, "run data pointer")["data"]
+        if Path(d).exists():
+            return d
+        raise LMForgeError(f"the data this run was trained on ({d}) is gone; pass --data")
+    raise LMForgeError(f"{run} does not record its data directory; pass --data")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a split")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--data", default=None, help="prepared data (default: the run's own)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (Transformers)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .models import load_model
+
+    model = load_model(a.run)
+    res = evaluate(model, _data_for_run(a.run, a.data), split=a.split, batch_size=a.batch_size,
+                   max_tokens=a.max_tokens, stride=a.stride, progress=not a.json)
+    if a.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"{a.run} on {a.split} ({res['tokens']:,} tokens):")
+    print(f"  loss          {res['loss']:.4f} nats/token")
+    print(f"  perplexity    {res['perplexity']:.3f}")
+    if "bits_per_char" in res:
+        print(f"  bits/char     {res['bits_per_char']:.4f}")
+    print(f"  bits/byte     {res['bits_per_byte']:.4f}")
+    if "oov_tokens" in res:
+        print(f"  OOV tokens    {res['oov_tokens']:,}  (perplexity excluding OOVs "
+              f"{res['perplexity_excluding_oov']:.3f})")
+    if "note" in res:
+        print(f"  note: {res['note']}")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample text from a model")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole context at every step")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .generation import generate_text
+    from .models import load_model
+
+    model = load_model(a.run)
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+              repetition_penalty=a.repetition_penalty, stop=a.stop, ignore_eos=a.ignore_eos,
+              use_cache=not a.no_cache)
+    n = a.num_return_sequences
+    for i in range(n if a.stream else 1):
+        if n > 1:
+            print(f"--- sample {i + 1} ---" if a.stream else "", end="\n" if a.stream else "")
+        seed = None if a.seed is None else a.seed + i
+        if a.stream:
+            sys.stdout.write(a.prompt)
+            generate_text(model, a.prompt, return_full_text=False, stream=True, seed=seed, **kw)
+            sys.stdout.write("\n")
+        else:
+            outs = generate_text(model, [a.prompt], num_return_sequences=n, seed=seed, **kw)
+            for j, text in enumerate(outs):
+                if n > 1:
+                    print(f"--- sample {j + 1} ---")
+                print(text)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="prepare Shakespeare, train a small GPT for ~5 minutes, report and sample")
+    p.add_argument("--max-time", default="5m", help="training time (default 5m)")
+    p.add_argument("--data", default="data/shakespeare-char")
+    p.add_argument("--out", default=None, help="run directory (default: runs/demo, or the next free name)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .apps.demo import run_demo
+    from .utils import parse_duration
+
+    run_demo(data=a.data, out=a.out, max_time=parse_duration(a.max_time) or 300.0, progress=not a.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Build, train, evaluate and run language models: "
+                                     "n-grams, LSTMs, GPTs and seq2seq Transformers.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub)
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    try:
+        from .apps import ngram_cli
+
+        ngram_cli.add_ngram_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    return f"lmforge: warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning  # type: ignore[assignment]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LMForgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nlmforge: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug, not bad input: one line unless asked for the traceback
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
+        print(f"lmforge: internal error: {type(e).__name__}: {e} (set LMFORGE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

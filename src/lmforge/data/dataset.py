@@ -1,0 +1,118 @@
+"""Reading prepared token data: memory-mapped shards and random training batches."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LMForgeError
+from ..tokenizers import Tokenizer, load_tokenizer
+from ..utils import read_json
+from .prepare import FORMAT
+
+
+class TokenSplit:
+    """One split (train/val/test) as a sequence of token ids backed by memory-mapped shards."""
+
+    def __init__(self, paths: list[Path], dtype: np.dtype) -> None:
+        self.arrays = []
+        for p in paths:
+            if not p.exists():
+                raise LMForgeError(f"missing token shard {p}; re-run lmforge prepare")
+            if p.stat().st_size % dtype.itemsize:
+                raise LMForgeError(f"token shard {p} is truncated; re-run lmforge prepare")
+            self.arrays.append(np.memmap(p, dtype=dtype, mode="r") if p.stat().st_size else
+                               np.zeros(0, dtype=dtype))
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) as int64, spanning shards when needed."""
+        out = np.empty(length, dtype=np.int64)
+        pos, filled = start, 0
+        while filled < length:
+            k = int(np.searchsorted(self.offsets, pos, side="right") - 1)
+            a = self.arrays[k]
+            local = pos - int(self.offsets[k])
+            take = min(length - filled, len(a) - local)
+            out[filled:filled + take] = a[local:local + take]
+            filled += take
+            pos += take
+        return out
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """A (len(starts), length) int64 matrix of windows; vectorised for a single shard."""
+        if len(self.arrays) == 1:
+            idx = starts[:, None] + np.arange(length)[None, :]
+            return self.arrays[0][idx].astype(np.int64)
+        return np.stack([self.read(int(s), length) for s in starts])
+
+
+class TokenData:
+    """A prepared data directory (see :mod:`lmforge.data.prepare`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise LMForgeError(f"data directory {self.path} does not exist; create it with lmforge prepare")
+        self.meta = read_json(self.path / "meta.json", "data meta")
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            raise LMForgeError(f"{self.path} is not an lmforge data directory (bad meta.json); "
+                               "re-run lmforge prepare")
+        self.dtype = np.dtype(self.meta["dtype"])
+        self._splits: dict[str, TokenSplit] = {}
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.path)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+    def has_split(self, name: str) -> bool:
+        return name in self.meta["splits"] and self.meta["splits"][name]["tokens"] > 0
+
+    def split(self, name: str) -> TokenSplit:
+        if name not in self.meta["splits"]:
+            raise LMForgeError(f"unknown split {name!r}; choose train, val or test")
+        if name not in self._splits:
+            info = self.meta["splits"][name]
+            if info["tokens"] == 0:
+                raise LMForgeError(f"split {name!r} of {self.path} is empty (prepared with a zero fraction); "
+                                   "choose another split or re-run lmforge prepare")
+            self._splits[name] = TokenSplit([self.path / s for s in info["shards"]], self.dtype)
+        return self._splits[name]
+
+    def bytes_per_token(self, name: str) -> float:
+        info = self.meta["splits"][name]
+        return info["bytes"] / max(info["tokens"], 1)
+
+
+class BatchSampler:
+    """Random contiguous windows (nanoGPT's ``get_batch``) from a split, driven by its own seeded
+    generator whose state is saved in checkpoints, so a resumed run sees the same batches."""
+
+    def __init__(self, split: TokenSplit, batch_size: int, block_size: int, seed: int) -> None:
+        if len(split) < block_size + 2:
+            raise LMForgeError(f"block size {block_size} is larger than the data ({len(split)} tokens); "
+                               "use a smaller --block-size or more data")
+        self.split, self.batch_size, self.block_size = split, batch_size, block_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        hi = len(self.split) - self.block_size - 1
+        starts = torch.randint(0, hi + 1, (self.batch_size,), generator=self.generator).numpy()
+        w = torch.from_numpy(self.split.windows(starts, self.block_size + 1))
+        return w[:, :-1], w[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

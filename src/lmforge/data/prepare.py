@@ -1,0 +1,213 @@
+"""``lmforge prepare``: corpus -> tokenizer -> memory-mapped token shards + meta.json.
+
+Layout of a prepared data directory (read by :class:`lmforge.data.TokenData`)::
+
+    meta.json            tokenizer kind/vocab, dtype, corpus name and sha256, per-split counts
+    tokenizer.json       the tokenizer (trained on the train split only)
+    train-00000.bin ...  raw little-endian uint16 (vocab <= 65536) or uint32 token ids
+    val-00000.bin
+    test-00000.bin
+
+Documents are assigned to splits by a seeded permutation, so the split is deterministic and a
+document never straddles two splits. A single long text (one file) is split contiguously
+instead: the first (1 - val - test) of its characters train, then val, then test, which is
+exactly nanoGPT's split for Tiny Shakespeare with ``--val-frac 0.1 --test-frac 0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import LMForgeError
+from ..tokenizers import BPETokenizer, CharTokenizer, Tokenizer
+from ..utils import atomic_write_json, read_json
+from .corpora import Corpus, load_corpus
+
+FORMAT = "lmforge-data"
+SHARD_TOKENS = 1 << 28  # 256M tokens per shard file
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PrepareConfig:
+    corpus: str
+    out: str
+    tokenizer: str = "char"
+    vocab_size: int = 8192
+    seed: int = 1337
+    val_frac: float = 0.05
+    test_frac: float = 0.05
+    split: str = "auto"  # auto | document | contiguous
+    errors: str = "strict"
+    # word tokenizer options (n-gram models)
+    word_pattern: str | None = None
+    min_count: int = 1
+    lowercase: bool = False
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        meta = out / "meta.json"
+        if not (out.is_dir() and meta.exists()):
+            raise LMForgeError(f"refusing to overwrite {out}: it exists and is not an lmforge data directory; "
+                               "choose another --out")
+        try:
+            ok = read_json(meta).get("format") == FORMAT
+        except LMForgeError:
+            ok = False
+        if not ok:
+            raise LMForgeError(f"refusing to overwrite {out}: its meta.json is not lmforge's; choose another --out")
+
+
+def _assign_splits(corpus: Corpus, cfg: PrepareConfig) -> tuple[str, dict[str, list[int]]]:
+    mode = cfg.split if cfg.split != "auto" else corpus.default_split
+    n = len(corpus)
+    if mode == "document" and n < 3 and (cfg.val_frac > 0 or cfg.test_frac > 0):
+        mode = "contiguous"
+    if mode == "contiguous":
+        return mode, {s: list(range(n)) for s in SPLITS}
+    if mode != "document":
+        raise LMForgeError(f"--split must be auto, document or contiguous, not {cfg.split!r}")
+    rng = np.random.default_rng(cfg.seed)
+    perm = rng.permutation(n).tolist()
+    n_val = max(1, round(cfg.val_frac * n)) if cfg.val_frac > 0 else 0
+    n_test = max(1, round(cfg.test_frac * n)) if cfg.test_frac > 0 else 0
+    if n - n_val - n_test < 1:
+        raise LMForgeError(f"corpus {corpus.name} has only {n} documents: too few for the val/test fractions")
+    return mode, {"val": sorted(perm[:n_val]), "test": sorted(perm[n_val:n_val + n_test]),
+                  "train": sorted(perm[n_val + n_test:])}
+
+
+def _contiguous_bounds(length: int, cfg: PrepareConfig) -> dict[str, tuple[int, int]]:
+    n_train = int(length * (1 - cfg.val_frac - cfg.test_frac))
+    n_val = int(length * cfg.val_frac)
+    return {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, length)}
+
+
+def _split_texts(corpus: Corpus, mode: str, assign: dict[str, list[int]], cfg: PrepareConfig,
+                 split: str) -> Iterator[str]:
+    for i in assign[split]:
+        text = corpus.documents[i].text
+        if mode == "contiguous":
+            a, b = _contiguous_bounds(len(text), cfg)[split]
+            text = text[a:b]
+        if text:
+            yield text
+
+
+def _train_tokenizer(cfg: PrepareConfig, texts: Iterator[str]) -> Tokenizer:
+    if cfg.tokenizer == "char":
+        return CharTokenizer.train(texts)
+    if cfg.tokenizer == "bpe":
+        return BPETokenizer.train(texts, cfg.vocab_size)
+    if cfg.tokenizer == "word":
+        from ..tokenizers.word import WordTokenizer
+
+        return WordTokenizer.train(texts, pattern=cfg.word_pattern, min_count=cfg.min_count,
+                                   lowercase=cfg.lowercase)
+    raise LMForgeError(f"unknown tokenizer {cfg.tokenizer!r}; choose char, bpe or word")
+
+
+class _ShardWriter:
+    def __init__(self, directory: Path, split: str, dtype: np.dtype) -> None:
+        self.directory, self.split, self.dtype = directory, split, dtype
+        self.shards: list[str] = []
+        self.tokens = 0
+        self._f = None
+        self._in_shard = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = ids.astype(self.dtype, copy=False)
+        while len(ids):
+            if self._f is None or self._in_shard >= SHARD_TOKENS:
+                self._open()
+            take = min(len(ids), SHARD_TOKENS - self._in_shard)
+            ids[:take].tofile(self._f)
+            self._in_shard += take
+            self.tokens += take
+            ids = ids[take:]
+
+    def _open(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self.shards.append(name)
+        self._f = open(self.directory / name, "wb")
+        self._in_shard = 0
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        if not self.shards:  # an empty split still gets a (zero-length) shard file
+            self._open()
+            self._f.close()
+
+
+def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
+    """Prepare a corpus; returns the meta dictionary written to ``meta.json``."""
+    if not 0 <= cfg.val_frac < 1 or not 0 <= cfg.test_frac < 1 or cfg.val_frac + cfg.test_frac >= 1:
+        raise LMForgeError("--val-frac and --test-frac must be in [0, 1) and sum to less than 1")
+    t0 = time.time()
+    out = Path(cfg.out)
+    _check_out(out)
+    corpus = load_corpus(cfg.corpus, errors=cfg.errors)
+    mode, assign = _assign_splits(corpus, cfg)
+    tokenizer = _train_tokenizer(cfg, _split_texts(corpus, mode, assign, cfg, "train"))
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        sha = hashlib.sha256()
+        splits: dict[str, dict] = {}
+        total_docs = sum(len(v) for v in assign.values())
+        bar = tqdm(total=total_docs, desc=f"prepare {corpus.name}", unit="doc", disable=not progress,
+                   dynamic_ncols=True)
+        for split in SPLITS:
+            writer = _ShardWriter(tmp, split, dtype)
+            n_bytes = n_docs = n_chars = 0
+            for text in _split_texts(corpus, mode, assign, cfg, split):
+                data = text.encode("utf-8")
+                sha.update(data)
+                ids = tokenizer.encode_array(text)
+                if mode == "document":
+                    ids = np.append(ids, tokenizer.eot_id)  # document separator (GPT-2 convention)
+                writer.write(ids)
+                n_bytes += len(data)
+                n_chars += len(text)
+                n_docs += 1
+                bar.update(1)
+            writer.close()
+            splits[split] = {"shards": writer.shards, "tokens": writer.tokens, "bytes": n_bytes,
+                             "characters": n_chars, "documents": n_docs}
+        bar.close()
+        if splits["train"]["tokens"] == 0:
+            raise LMForgeError(f"corpus {cfg.corpus} produced no training tokens (is it empty?)")
+        tokenizer.save(tmp)
+        meta = {
+            "format": FORMAT, "version": 1,
+            "corpus": {"name": corpus.name, "spec": str(cfg.corpus), "description": corpus.description,
+                       "documents": len(corpus), "sha256": sha.hexdigest()},
+            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+                          "eot_id": tokenizer.eot_id, "lossless": tokenizer.lossless},
+            "dtype": dtype.name, "split_mode": mode, "seed": cfg.seed,
+            "val_frac": cfg.val_frac, "test_frac": cfg.test_frac, "splits": splits,
+            "prepare_seconds": round(time.time() - t0, 2),
+        }
+        atomic_write_json(tmp / "meta.json", meta)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta

@@ -1,0 +1,115 @@
+"""Evaluation written once for every model family: loss, perplexity, bits per byte.
+
+For a token stream x_1..x_N the model's cross-entropy is
+
+    H = -(1/N) sum_t ln p(x_t | x_<t)        (nats/token),   perplexity = exp(H),
+
+and bits per byte divides the total information by the UTF-8 size of the text instead,
+
+    bpb = (N * H / ln 2) / bytes,
+
+which does not depend on the tokenizer, so a character-level LSTM, a BPE GPT and a word-level
+n-gram can be compared on the same text.
+
+Models with a bounded context (Transformers) are scored on consecutive non-overlapping windows of
+their context length (nanoGPT's convention; ``stride`` < context gives sliding windows where each
+token is scored with more context). Models that carry state (RNNs, n-grams) read the split as a
+few long parallel streams, carrying their state from chunk to chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data import TokenData
+from ..errors import LMForgeError
+from ..models.base import LanguageModel
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "val", batch_size: int = 16,
+             max_tokens: int | None = None, stride: int | None = None, progress: bool = False,
+             chunk: int = 512) -> dict[str, Any]:
+    if not isinstance(data, TokenData):
+        data = TokenData(data)
+    if data.vocab_size != model.vocab_size:
+        raise LMForgeError(f"data {data.path} has vocab {data.vocab_size} but the model has {model.vocab_size}: "
+                           "evaluate on data prepared with the model's tokenizer")
+    tokens = data.split(split)
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
+    if n < 2:
+        raise LMForgeError(f"split {split!r} has fewer than 2 tokens")
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    unk = getattr(model.tokenizer, "unk_id", None) if model.tokenizer is not None else None
+    total_nll, total_n, oov_n, oov_nll = 0.0, 0, 0, 0.0
+    ctx = model.context_length
+
+    def accumulate(logp: torch.Tensor, tgt: torch.Tensor, weight: torch.Tensor) -> None:
+        nonlocal total_nll, total_n, oov_n, oov_nll
+        lp = logp.double() * weight
+        total_nll -= lp.sum().item()
+        total_n += int(weight.sum().item())
+        if unk is not None:
+            m = (tgt == unk) & weight.bool()
+            oov_n += int(m.sum().item())
+            oov_nll -= logp.double()[m].sum().item()
+
+    if ctx:
+        stride = min(stride or ctx, ctx)
+        # Window w covers inputs [s, s+ctx) and scores only its last `stride` targets (all of them
+        # for the first window), so each token is scored exactly once.
+        starts = list(range(0, n - 1, stride))
+        bar = tqdm(total=len(starts), desc=f"eval {split}", unit="win", disable=not progress)
+        for b in range(0, len(starts), batch_size):
+            group = starts[b:b + batch_size]
+            L = min(ctx, n - 1)
+            lo = [max(0, min(s + stride, n - 1) - L) for s in group]  # window start so it ends at s+stride
+            ends = [min(s + stride, n - 1) for s in group]
+            win = np.stack([tokens.read(a, L + 1) for a in lo])
+            x, y = torch.from_numpy(win[:, :-1]), torch.from_numpy(win[:, 1:])
+            logp, _ = model.score(x, y, None)
+            weight = torch.zeros_like(logp)
+            for i, (a, s, e) in enumerate(zip(lo, group, ends)):
+                weight[i, s - a:e - a] = 1.0  # targets s+1..e are scored here
+            accumulate(logp, y, weight)
+            bar.update(len(group))
+        bar.close()
+    else:
+        streams = max(1, min(batch_size, (n - 1) // max(chunk, 1)))
+        per = (n - 1) // streams
+        state = model.init_state(streams, per + 1)
+        bar = tqdm(total=per, desc=f"eval {split}", unit="tok", unit_scale=streams, disable=not progress)
+        for off in range(0, per, chunk):
+            length = min(chunk, per - off)
+            win = np.stack([tokens.read(i * per + off, length + 1) for i in range(streams)])
+            x, y = torch.from_numpy(win[:, :-1]), torch.from_numpy(win[:, 1:])
+            logp, state = model.score(x, y, state)
+            accumulate(logp, y, torch.ones_like(logp))
+            bar.update(length)
+        bar.close()
+    loss = total_nll / max(total_n, 1)
+    bytes_per_token = data.bytes_per_token(split)
+    result: dict[str, Any] = {
+        "split": split, "tokens": total_n, "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "bits_per_token": loss / math.log(2),
+        "bits_per_byte": loss / math.log(2) / bytes_per_token if bytes_per_token else float("nan"),
+        "bytes_per_token": bytes_per_token,
+    }
+    if data.meta["tokenizer"]["kind"] == "char":
+        result["bits_per_char"] = loss / math.log(2)
+    if unk is not None:
+        result["oov_tokens"] = oov_n
+        kept = total_n - oov_n
+        ex = (total_nll - oov_nll) / max(kept, 1)
+        result["perplexity_excluding_oov"] = math.exp(ex) if ex < 700 else float("inf")
+    if not math.isfinite(loss):
+        result["note"] = "some tokens have zero probability under this model (unsmoothed?): perplexity is infinite"
+    return result

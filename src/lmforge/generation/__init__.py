@@ -1,0 +1,211 @@
+"""Decoding written once for every model family (through the LanguageModel protocol).
+
+At each step the model gives next-token logits z; decoding turns them into a token:
+
+* greedy:          argmax z                    (``temperature=0``)
+* temperature:     sample from softmax(z / T)
+* top-k:           keep the k largest logits   (Fan et al. 2018)
+* top-p (nucleus): keep the smallest set whose probability mass reaches p (Holtzman et al. 2019)
+* repetition penalty: logits of tokens already present are divided by r (if positive) or
+  multiplied by r (if negative), as in CTRL and Hugging Face.
+
+With ``use_cache`` the model's state (a Transformer's KV cache) is carried, so each step feeds one
+token; without it the whole (context-cropped) sequence is re-fed, and the two agree exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import LMForgeError
+from ..models.base import LanguageModel
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    eos_token_id: int | None = None    # default: the tokenizer's end-of-text token
+    ignore_eos: bool = False
+    seed: int | None = None
+    num_return_sequences: int = 1
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise LMForgeError("--max-new-tokens must be >= 0")
+        if self.temperature < 0:
+            raise LMForgeError("--temperature must be >= 0 (0 means greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise LMForgeError("--top-k must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise LMForgeError("--top-p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise LMForgeError("--repetition-penalty must be positive")
+        if self.num_return_sequences < 1:
+            raise LMForgeError("--num-return-sequences must be >= 1")
+
+
+def process_logits(logits: torch.Tensor, seqs: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """Apply repetition penalty, temperature, top-k and top-p to (B, V) logits."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0:
+        prev = logits.gather(1, seqs)
+        prev = torch.where(prev > 0, prev / cfg.repetition_penalty, prev * cfg.repetition_penalty)
+        logits = logits.scatter(1, seqs, prev)
+    if cfg.temperature == 0:
+        return logits
+    logits = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass strictly before it already reaches p (the top token always stays)
+        drop = (probs.cumsum(-1) - probs) >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return logits
+
+
+def choose(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model: LanguageModel, prompt_ids: list[int], cfg: GenerationConfig,
+                 on_token: Callable[[torch.Tensor], bool | None] | None = None) -> list[list[int]]:
+    """Generate ``cfg.num_return_sequences`` continuations of one prompt; returns the new ids only.
+
+    ``on_token(ids_so_far)`` is called after each step with the (B, t) tensor of new tokens (used
+    for streaming and stop strings); returning True stops generation.
+    """
+    cfg.validate()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    ctx = model.context_length
+    prompt = list(prompt_ids)
+    if not prompt:
+        eot = getattr(model.tokenizer, "eot_id", None) if model.tokenizer is not None else None
+        if eot is None:
+            raise LMForgeError("empty prompt and the model has no end-of-text token to start from")
+        prompt = [eot]
+    if ctx and len(prompt) > ctx - 1:
+        warnings.warn(f"prompt of {len(prompt)} tokens is longer than the context ({ctx}); keeping the last "
+                      f"{ctx - 1}", stacklevel=2)
+        prompt = prompt[-(ctx - 1):]
+    B = cfg.num_return_sequences
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    seqs = torch.tensor([prompt] * B, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    eos = cfg.eos_token_id
+    if eos is None and not cfg.ignore_eos and model.tokenizer is not None:
+        eos = model.tokenizer.eot_id
+    if cfg.ignore_eos:
+        eos = None
+    total = len(prompt) + cfg.max_new_tokens
+    state = model.init_state(B, min(total, ctx) if ctx else total) if cfg.use_cache else None
+    logits, state = model.forward_logits(seqs, state)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), cfg.max_new_tokens, dtype=torch.long)
+    for t in range(cfg.max_new_tokens):
+        nxt = choose(process_logits(logits[:, -1, :], seqs, cfg), cfg, generator)
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        if eos is not None:
+            newly = (nxt == eos) & ~finished
+            lengths[newly.cpu()] = t  # exclude the end-of-text token itself
+            finished |= nxt == eos
+        if on_token is not None and on_token(seqs[:, len(prompt):]):
+            lengths = torch.minimum(lengths, torch.full_like(lengths, t + 1))
+            break
+        if bool(finished.all()) or t == cfg.max_new_tokens - 1:
+            break
+        if state is not None and not (ctx and seqs.size(1) > ctx):
+            logits, state = model.forward_logits(nxt[:, None], state)
+        elif state is not None:  # the cache is full: rebuild it from the last `ctx` tokens
+            state = model.init_state(B, ctx)
+            logits, state = model.forward_logits(seqs[:, -ctx:], state)
+        else:
+            logits, _ = model.forward_logits(seqs[:, -ctx:] if ctx else seqs, None)
+    new = seqs[:, len(prompt):].tolist()
+    return [row[: int(n)] for row, n in zip(new, lengths.tolist())]
+
+
+class TextStreamer:
+    """Print newly decoded text of sequence 0 as it is produced, holding back incomplete UTF-8."""
+
+    def __init__(self, tokenizer: Any, out: Any = None) -> None:
+        self.tokenizer, self.out, self.printed = tokenizer, out or sys.stdout, 0
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def __call__(self, new_ids: torch.Tensor) -> None:
+        text = self.tokenizer.decode(new_ids[0].tolist())
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate_text(model: LanguageModel, prompt: str | list[str], max_new_tokens: int = 100,
+                  return_full_text: bool = True, stream: bool | Any = False, **kwargs: Any) -> str | list[str]:
+    """Hugging Face-style text generation: ``model.generate("ROMEO:", max_new_tokens=50, top_k=50)``.
+
+    Returns one string per prompt (a list when ``num_return_sequences > 1`` or prompts is a list).
+    """
+    if model.tokenizer is None:
+        raise LMForgeError("this model has no tokenizer; pass token ids to generate_ids instead")
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, **kwargs)
+    cfg.validate()
+    tok = model.tokenizer
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    results: list[str] = []
+    for p in prompts:
+        streamer = None
+        if stream:
+            streamer = TextStreamer(tok, None if stream is True else stream)
+
+        def on_token(new: torch.Tensor, streamer: TextStreamer | None = streamer) -> bool:
+            stop_all = False
+            if cfg.stop:
+                texts = [tok.decode(r) for r in new.tolist()]
+                stop_all = all(_cut_at_stop(t, cfg.stop)[1] for t in texts)
+                if streamer is not None and _cut_at_stop(texts[0], cfg.stop)[1]:
+                    return stop_all
+            if streamer is not None:
+                streamer(new)
+            return stop_all
+
+        outs = generate_ids(model, tok.encode(p), cfg, on_token)
+        for ids in outs:
+            text = tok.decode(ids)
+            if cfg.stop:
+                text = _cut_at_stop(text, cfg.stop)[0]
+            results.append(p + text if return_full_text else text)
+    if isinstance(prompt, str) and cfg.num_return_sequences == 1:
+        return results[0]
+    return results
+
+
+__all__ = ["GenerationConfig", "generate_ids", "generate_text", "process_logits", "TextStreamer"]

@@ -1,0 +1,1 @@
+"""Import and export: safetensors checkpoints, ARPA files, Hugging Face and GGUF formats."""

@@ -1,0 +1,99 @@
+"""The one protocol that joins every model family.
+
+Every language model factorises the probability of a token sequence by the chain rule,
+
+    log p(x_1..x_T) = sum_t log p(x_t | x_<t),
+
+so every family (n-gram, RNN/LSTM, GPT, ...) exposes the same two operations:
+
+* ``forward_logits(input_ids, state)``: next-token logits (log-probabilities up to a constant)
+  at every position, continuing from ``state`` (a KV cache, an RNN hidden state, an n-gram
+  history) and returning the updated state. ``state=None`` means "no prefix, no cache".
+* ``score(input_ids, targets, state)``: ``log p(targets[t] | prefix, input_ids[..t])``. The default
+  derives it from the logits; a family can override it with something cheaper (n-grams).
+
+Evaluation (``lmforge.evaluate``) and decoding (``lmforge.generation``) are written once against
+this protocol and never branch on the family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..tokenizers import Tokenizer
+
+
+class LanguageModel:
+    """Mixin/base class for all lmforge models.
+
+    Attributes every model sets:
+      model_type:     registry name written to config.json ("gpt", "ngram", "lstm", ...)
+      vocab_size:     size of the output distribution
+      context_length: the most tokens the model can condition on at once (a Transformer's block
+                      size), or None when its state summarises an unbounded prefix (RNN, n-gram)
+      tokenizer:      attached by ``lmforge.load`` / ``from_pretrained`` when the run has one
+    """
+
+    model_type: str = "base"
+    tokenizer: Tokenizer | None = None
+
+    # --- the protocol -------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def context_length(self) -> int | None:
+        return None
+
+    def init_state(self, batch_size: int, max_length: int) -> Any:
+        """A fresh state for incremental decoding of ``batch_size`` sequences of at most
+        ``max_length`` tokens (a pre-allocated KV cache for Transformers). None when the model
+        has no incremental state (then callers re-feed the whole sequence)."""
+        return None
+
+    def forward_logits(self, input_ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        """Logits of shape (B, T, V) for the token after each input position."""
+        raise NotImplementedError
+
+    def score(self, input_ids: torch.Tensor, targets: torch.Tensor,
+              state: Any = None) -> tuple[torch.Tensor, Any]:
+        """Log-probabilities (natural log, shape (B, T)) of ``targets`` given the inputs."""
+        logits, state = self.forward_logits(input_ids, state)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), state
+
+    def state_select(self, state: Any, index: torch.Tensor) -> Any:
+        """Reorder/select batch rows of a state (beam search); default for tensor tuples."""
+        if state is None:
+            return None
+        raise NotImplementedError(f"{type(self).__name__} does not support state reordering")
+
+    # --- persistence --------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> LanguageModel:
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        if isinstance(self, torch.nn.Module):
+            return sum(p.numel() for p in self.parameters())
+        return 0
+
+    # --- conveniences (Hugging Face style) ----------------------------------------------------
+    def generate(self, prompt: str | list[str], **kwargs: Any) -> str | list[str]:
+        """Decode text from ``prompt``; see :func:`lmforge.generation.generate` for arguments."""
+        from ..generation import generate_text
+
+        return generate_text(self, prompt, **kwargs)
+
+    def evaluate(self, data: str | Path, split: str = "val", **kwargs: Any) -> dict[str, float]:
+        from ..evaluate import evaluate
+
+        return evaluate(self, data, split=split, **kwargs)

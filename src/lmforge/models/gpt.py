@@ -1,0 +1,240 @@
+"""A decoder-only Transformer language model (GPT-2 / Llama style), written from scratch.
+
+    p(x_1..x_T) = prod_t p(x_t | x_<t),   p(. | x_<t) = softmax(h_t W_vocab^T)
+
+where h_t is the output of n_layer pre-norm blocks of causal self-attention and MLP over the token
+embeddings (plus position information). One config dataclass covers GPT-2 (learned positions,
+LayerNorm, GELU, tied embeddings) and Llama-style models (RoPE, RMSNorm, SwiGLU, grouped-query
+attention, untied head); see ``PRESETS``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LMForgeError
+from .base import LanguageModel
+from .layers import Block, KVCache, make_norm, rope_tables, sinusoidal_table
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 256            # context length (tokens)
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int | None = None     # None = n_head (multi-head); fewer = grouped-query attention
+    n_embd: int = 384
+    mlp_hidden: int | None = None    # None = 4*n_embd (gelu) or ~8/3*n_embd rounded to 64 (swiglu)
+    mlp: str = "gelu"                # gelu | swiglu
+    norm: str = "layernorm"          # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    pos: str = "learned"             # learned | sinusoidal | rope
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    bias: bool = False               # biases in Linear and LayerNorm
+    qkv_bias: bool | None = None     # Qwen2 has QKV biases only; None = same as bias
+    tie_embeddings: bool = True      # share the token embedding with the output head
+    dropout: float = 0.0
+    extra: dict = field(default_factory=dict)  # free-form (e.g. imported model's name)
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise LMForgeError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise LMForgeError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        for name, value, allowed in (("mlp", self.mlp, ("gelu", "swiglu")),
+                                     ("norm", self.norm, ("layernorm", "rmsnorm")),
+                                     ("pos", self.pos, ("learned", "sinusoidal", "rope"))):
+            if value not in allowed:
+                raise LMForgeError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise LMForgeError("rope needs an even head dimension (n_embd / n_head)")
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 4 * self.n_embd
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Presets. `tiny` is the demo recipe (tuned for ~5 CPU minutes on Tiny Shakespeare, see
+# docs/demo.md); `nano` is nanoGPT's CPU recipe; `small` is nanoGPT's shakespeare_char "baby GPT";
+# `gpt2` is GPT-2 124M's shape.
+PRESETS: dict[str, dict[str, Any]] = {
+    "nano": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
+    "tiny": dict(n_layer=4, n_head=4, n_embd=192, block_size=128, pos="rope", norm="rmsnorm", mlp="gelu",
+                 tie_embeddings=False),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, vocab_size=50257),
+}
+
+
+class GPT(nn.Module, LanguageModel):
+    model_type = "gpt"
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)  # token embedding
+        if c.pos == "learned":
+            self.wpe = nn.Embedding(c.block_size, c.n_embd)
+        elif c.pos == "sinusoidal":
+            self.register_buffer("pe", sinusoidal_table(c.block_size, c.n_embd), persistent=False)
+        else:
+            cos, sin = rope_tables(c.block_size, c.n_embd // c.n_head, c.rope_theta, c.rope_scaling)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.n_embd, c.n_head, c.n_kv_head, c.hidden, c.mlp, c.norm, c.norm_eps, c.bias, c.qkv_bias,
+                  c.dropout, i) for i in range(c.n_layer))
+        self.ln_f = make_norm(c.norm, c.n_embd, c.bias, c.norm_eps)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> GPT:
+        preset = preset or "tiny"
+        if preset not in PRESETS:
+            raise LMForgeError(f"unknown gpt preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        names = {f.name for f in fields(GPTConfig)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise LMForgeError(f"unknown gpt option(s) {', '.join(sorted(unknown))}")
+        return cls(GPTConfig(**{**PRESETS[preset], **overrides, "vocab_size": vocab_size}))
+
+    # --- the model -----------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and, given targets, the mean cross-entropy loss (nats/token)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
+                             f"{self.config.block_size}")
+        x = self.wte(idx)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        elif self.config.pos == "sinusoidal":
+            x = x + self.pe[start:start + T]
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+            return logits, loss
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x), None
+
+    # --- LanguageModel protocol ----------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        return self.config.block_size
+
+    def init_state(self, batch_size: int, max_length: int) -> KVCache:
+        c = self.config
+        p = self.lm_head.weight
+        dtype = p.dtype if p.dtype != torch.float32 else torch.float32
+        return KVCache(c.n_layer, batch_size, c.n_kv_head or c.n_head, min(max_length, c.block_size),
+                       c.n_embd // c.n_head, dtype=dtype, device=p.device)
+
+    def forward_logits(self, input_ids: torch.Tensor, state: KVCache | None = None,
+                       last_only: bool = False) -> tuple[torch.Tensor, KVCache | None]:
+        logits, _ = self(input_ids, cache=state, last_only=last_only)
+        return logits, state
+
+    def state_select(self, state: KVCache | None, index: torch.Tensor) -> KVCache | None:
+        return None if state is None else state.select(index)
+
+    # --- optimisation --------------------------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on matrices (embeddings, Linear weights) only, not on norms and biases."""
+        decay, no_decay = [], []
+        seen: set[int] = set()
+        for p in self.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, 6N + 12 L T d (Kaplan et al. 2020; PaLM appendix B)."""
+        c = self.config
+        n = self.num_parameters() - (self.wpe.weight.numel() if c.pos == "learned" else 0)
+        return 6 * n + 12 * c.n_layer * c.block_size * c.n_embd
+
+    # --- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
+        from ..hub.checkpoint import save_weights
+        from ..utils import atomic_write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_weights(self, directory / "model.safetensors")
+        atomic_write_json(directory / "config.json", {"model_type": self.model_type, **self.config.to_dict()})
+        if save_tokenizer and self.tokenizer is not None:
+            self.tokenizer.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> GPT:
+        from ..hub.checkpoint import load_weights
+        from ..tokenizers import load_tokenizer
+        from ..utils import read_json
+
+        directory = Path(directory)
+        cfg = read_json(directory / "config.json", "model config")
+        model = cls(GPTConfig.from_dict(cfg))
+        load_weights(model, directory / "model.safetensors")
+        model.eval()
+        if (directory / "tokenizer.json").exists():
+            model.tokenizer = load_tokenizer(directory)
+        return model

@@ -1,0 +1,222 @@
+"""Transformer building blocks shared by the decoder-only GPT and the encoder-decoder models.
+
+The math, as in the textbooks:
+
+* scaled dot-product attention   Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V
+  (M = 0 where a query may look, -inf where it may not: the causal mask for a decoder);
+* multi-head attention           MultiHead(X) = Concat(head_1..head_h) W^O,  head_i = Attention(X W^Q_i, X W^K_i, X W^V_i)
+  (grouped-query attention shares each K/V head between n_head / n_kv_head query heads);
+* position information           learned embeddings, fixed sinusoids (Vaswani et al. 2017), or
+                                 rotary embeddings (RoPE, Su et al. 2021) that rotate Q and K;
+* position-wise MLP              GELU(x W_1) W_2, or SwiGLU: (SiLU(x W_g) * x W_u) W_d;
+* pre-norm residual block        x + Attn(Norm(x)), then x + MLP(Norm(x)), LayerNorm or RMSNorm.
+
+The fast path uses ``F.scaled_dot_product_attention`` (fused kernels); :func:`attention_reference`
+spells the formula out and the tests check that the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g   (Zhang & Sennrich 2019; no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's always has one; GPT-2 uses it, many newer models don't)."""
+
+    def __init__(self, dim: int, bias: bool = True, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def make_norm(kind: str, dim: int, bias: bool, eps: float) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    if kind == "layernorm":
+        return LayerNorm(dim, bias, eps)
+    raise ValueError(f"unknown norm {kind!r}; choose layernorm or rmsnorm")
+
+
+def sinusoidal_table(length: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """PE[pos, 2i] = sin(pos / base^(2i/d)),  PE[pos, 2i+1] = cos(pos / base^(2i/d))."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    inv = torch.exp(-math.log(base) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(pos * inv)
+    pe[:, 1::2] = torch.cos(pos * inv)[:, : dim // 2]
+    return pe
+
+
+def rope_tables(length: int, head_dim: int, theta: float = 10000.0,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (length, head_dim) for rotary embeddings.
+
+    Frequencies theta^(-2i/d) for i < d/2 (the "rotate-half" layout used by Llama and Hugging Face).
+    ``scaling`` supports {"type": "linear", "factor": f} (positions divided by f).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    pos = torch.arange(length, dtype=torch.float64)
+    if scaling and scaling.get("type") == "linear":
+        pos = pos / float(scaling["factor"])
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle: x*cos + rotate_half(x)*sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_k)) V, written out. ``mask`` is True where attention is allowed."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+class KVCache:
+    """A pre-allocated (static) key/value cache for incremental decoding.
+
+    Keys and values of every layer live in two tensors of shape
+    (n_layer, batch, n_kv_head, max_length, head_dim) that are written in place, so decoding a
+    token allocates nothing and never concatenates. ``pos`` is how many positions are filled.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_length: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (n_layer, batch, n_kv_head, max_length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = 0
+        self.max_length = max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values at [pos, pos+T) and return the filled prefix [0, pos+T)."""
+        t = k.shape[2]
+        end = self.pos + t
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: {end} > {self.max_length}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select(self, index: torch.Tensor) -> KVCache:
+        """Keep/reorder batch rows (beam search)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        return self
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (optionally grouped-query) causal self-attention with an optional KV cache."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, bias: bool = False,
+                 qkv_bias: bool | None = None, dropout: float = 0.0, layer_idx: int = 0) -> None:
+        super().__init__()
+        n_kv_head = n_kv_head or n_head
+        assert d_model % n_head == 0 and n_head % n_kv_head == 0
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        self.layer_idx = layer_idx
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        # W^Q, W^K, W^V fused in one matmul: output is [Q | K | V].
+        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)  # W^O
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer_idx, k, v)
+        gqa = self.n_kv_head != self.n_head
+        p = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa)
+        elif T == 1:  # one new token attends to every cached position
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
+        else:  # a chunk after a cached prefix: query i sees keys j <= past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, C)  # concatenate heads
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: GELU (GPT-2) or SwiGLU (Llama)."""
+
+    def __init__(self, d_model: int, hidden: int, kind: str = "gelu", bias: bool = False,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "gelu":
+            self.fc = nn.Linear(d_model, hidden, bias=bias)
+        elif kind == "swiglu":
+            self.fc = nn.Linear(d_model, 2 * hidden, bias=bias)  # [gate | up] fused
+        else:
+            raise ValueError(f"unknown mlp {kind!r}; choose gelu or swiglu")
+        self.proj = nn.Linear(hidden, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gelu":
+            h = F.gelu(self.fc(x), approximate="tanh")
+        else:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer decoder block: x + Attn(Norm(x)); x + MLP(Norm(x))."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int | None, mlp_hidden: int, mlp: str,
+                 norm: str, norm_eps: float, bias: bool, qkv_bias: bool | None, dropout: float,
+                 layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(norm, d_model, bias, norm_eps)
+        self.attn = CausalSelfAttention(d_model, n_head, n_kv_head, bias, qkv_bias, dropout, layer_idx)
+        self.ln_2 = make_norm(norm, d_model, bias, norm_eps)
+        self.mlp = MLP(d_model, mlp_hidden, mlp, bias, dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))

@@ -1,0 +1,42 @@
+"""Tokenizers: character level (with byte fallback), byte-level BPE, and word level (n-grams)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import LMForgeError
+from .base import EOT, Tokenizer
+from .bpe import BPETokenizer
+from .char import CharTokenizer
+
+__all__ = ["EOT", "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer", "TOKENIZER_KINDS"]
+
+TOKENIZER_KINDS = ("char", "bpe", "word")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load ``tokenizer.json`` from a file or a directory that contains one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+        obj = json.loads(text)
+    except FileNotFoundError:
+        raise LMForgeError(f"no tokenizer.json at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LMForgeError(f"tokenizer file {path} is corrupted ({e})") from None
+    kind = obj.get("type")
+    if kind == "char":
+        return CharTokenizer.from_json(obj)
+    if kind == "word":
+        from .word import WordTokenizer
+
+        return WordTokenizer.from_json(obj)
+    if "model" in obj:  # Hugging Face tokenizers format
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_str(text))
+    raise LMForgeError(f"unrecognised tokenizer file {path}: expected lmforge char/word or a Hugging Face "
+                       "tokenizer.json")

@@ -1,0 +1,52 @@
+"""The tokenizer interface shared by every model family.
+
+A tokenizer maps text to integer ids and back. Every lmforge tokenizer has a document
+separator token (``<|endoftext|>``, GPT-2's name for it) so that documents can be packed into
+one token stream, and saves itself as ``tokenizer.json`` inside a run or data directory.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+EOT = "<|endoftext|>"
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. Subclasses: CharTokenizer, BPETokenizer, WordTokenizer."""
+
+    kind: str = "base"
+    #: True when ``decode(encode(text)) == text`` for every string (char and byte-level BPE).
+    lossless: bool = True
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def eot_id(self) -> int:
+        """Id of the end-of-text / document-separator token."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: list[int] | np.ndarray) -> str: ...
+
+    @abstractmethod
+    def save(self, directory: str | Path) -> Path:
+        """Write ``tokenizer.json`` into ``directory`` and return its path."""
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Encode to a numpy array (subclasses override with a vectorised path)."""
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def id_to_token(self, i: int) -> str:
+        return self.decode([i])
+
+    def describe(self) -> str:
+        return f"{self.kind} (vocab {self.vocab_size})"

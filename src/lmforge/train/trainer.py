@@ -1,0 +1,302 @@
+"""The training loop, shared by every gradient-trained family.
+
+nanoGPT's loop with the production parts a user needs: AdamW with weight-decay groups (fused when
+PyTorch has it), warmup + cosine/linear schedule over a step or wall-clock budget, gradient
+accumulation and clipping, bf16 autocast, optional torch.compile, periodic validation, a progress
+bar with loss, tokens/s and ETA, ``metrics.jsonl`` + ``loss_curve.png``, and atomic checkpoints
+that resume on exactly the same trajectory (weights, optimizer moments, RNG and data-sampler
+state are all restored). Ctrl-C saves a checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..data import BatchSampler, TokenData
+from ..errors import LMForgeError
+from ..models import create_model, model_class
+from ..utils import atomic_write_json, atomic_write_text, human, read_json
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .schedule import learning_rate
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C once the checkpoint is safely on disk."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved. Continue with: "
+                         f"lmforge train --resume {run_dir}")
+        self.run_dir, self.step = run_dir, step
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens_seen: int
+    train_time: float
+    train_loss: float
+    val_loss: float | None
+    tokens_per_second: float
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.data = TokenData(cfg.data)
+        self.tokenizer = self.data.tokenizer
+        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise LMForgeError(f"run directory {self.run_dir} already exists; continue it with "
+                               f"lmforge train --resume {self.run_dir}, or choose another --out")
+        torch.manual_seed(cfg.seed)
+        model_class(cfg.model)  # validates the family name early
+        n_train = len(self.data.split("train"))
+        block = cfg.model_args.get("block_size")
+        if block is not None and block + 2 > n_train:  # checked before allocating a huge model
+            raise LMForgeError(f"block size {block} is larger than the data ({n_train} training tokens); "
+                               "use a smaller --block-size or more data")
+        self.model = create_model(cfg.model, self.data.vocab_size, cfg.preset, **cfg.model_args)
+        self.model.tokenizer = self.tokenizer
+        self.block_size = getattr(self.model, "context_length", None) or 256
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.train_sampler = BatchSampler(self.data.split("train"), cfg.batch_size, self.block_size, cfg.seed)
+        self.has_val = self.data.has_split("val")
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_time = 0.0
+        self.time_budget_total: float | None = None
+        self.best_val: float | None = None
+        self.last_val: float | None = None
+        self.last_loss = float("nan")
+        if resume:
+            self._resume()
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+    # --- resume --------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        ckpt = find_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise LMForgeError(f"{self.run_dir} has no checkpoint to resume from")
+        state, rng = load_checkpoint(ckpt, self.model, self.optimizer)
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.train_time = state["train_time"]
+        self.best_val = state.get("best_val")
+        self.last_val = state.get("last_val")
+        torch.set_rng_state(rng["torch"])
+        self.train_sampler.load_state_dict({"generator": rng["sampler"]})
+        # A time budget given on resume is extra time on top of what was already spent.
+        if self.cfg.max_time is not None:
+            self.time_budget_total = self.train_time + self.cfg.max_time
+
+    @staticmethod
+    def config_for_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise LMForgeError(f"cannot resume: {run_dir} is not a directory")
+        ckpt = find_checkpoint(run_dir)
+        if ckpt is None:
+            raise LMForgeError(f"cannot resume: {run_dir} is not a run directory with a checkpoint")
+        state = read_json(ckpt / "state.json", "checkpoint state")
+        d = dict(state["config"])
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        if "max_time" in overrides and overrides["max_time"] is not None and "max_steps" not in overrides:
+            d["max_steps"] = None
+        d["out"] = str(run_dir)
+        return TrainConfig.from_dict(d)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.dtype == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def progress(self) -> float:
+        """Share of the budget used, in [0, 1]: the larger of steps and time."""
+        p = 0.0
+        if self.cfg.max_steps:
+            p = max(p, self.step / self.cfg.max_steps)
+        total = self.time_budget_total or self.cfg.max_time
+        if total:
+            p = max(p, self.train_time / total)
+        return min(p, 1.0)
+
+    def done(self) -> bool:
+        if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
+            return True
+        total = self.time_budget_total or self.cfg.max_time
+        return total is not None and self.train_time >= total
+
+    @torch.no_grad()
+    def estimate_loss(self, split: str = "val") -> float:
+        """Mean loss over ``eval_iters`` fixed batches (same batches every time: smooth curves)."""
+        sampler = BatchSampler(self.data.split(split), self.cfg.batch_size, self.block_size, seed=12345)
+        self.model.eval()
+        losses = []
+        with self._autocast():
+            for _ in range(self.cfg.eval_iters):
+                x, y = sampler.next()
+                _, loss = self.forward(x, y)
+                losses.append(loss.item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(self) -> None:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "train_time": self.train_time,
+                 "best_val": self.best_val, "last_val": self.last_val, "train_loss": self.last_loss,
+                 "config": self.cfg.to_dict()}
+        rng = {"torch": torch.get_rng_state(), "sampler": self.train_sampler.generator.get_state()}
+        save_checkpoint(self.run_dir, self.model, self.optimizer, rng, state)
+        # The top level is a loadable model (Hugging Face's save_pretrained layout).
+        self.model.save_pretrained(self.run_dir)
+        atomic_write_json(self.run_dir / "data.json", {"data": str(Path(self.cfg.data).resolve()),
+                                                       "corpus_sha256": self.data.meta["corpus"]["sha256"]})
+        atomic_write_text(self.run_dir / "train_config.yaml", self.cfg.to_yaml())
+
+    # --- the loop ------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.step == 0:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            self._log({"event": "start", "params": self.model.num_parameters(), "config": cfg.to_dict()})
+            self.save()  # a run directory is loadable from the first moment
+        else:
+            self._truncate_metrics()
+        self.model.train()
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.block_size
+        ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
+        min_lr = cfg.lr * cfg.min_lr_ratio
+        by_time = cfg.max_steps is None
+        total = self.time_budget_total or cfg.max_time
+        bar = tqdm(total=round(total) if by_time else cfg.max_steps,
+                   initial=round(self.train_time) if by_time else self.step,
+                   unit="s" if by_time else "step", desc=f"train {self.run_dir.name}", disable=not cfg.progress,
+                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] "
+                   "{postfix}")
+        window_tokens, window_time = 0, 0.0
+        try:
+            while not self.done():
+                t0 = time.perf_counter()
+                lr = learning_rate(self.step, self.progress(), cfg.lr, min_lr, cfg.warmup_steps, cfg.schedule,
+                                   cfg.cooldown_frac)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                self.last_loss = self.train_step()
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.train_time += dt
+                self.tokens_seen += tokens_per_step
+                if not math.isfinite(self.last_loss):
+                    raise LMForgeError(f"loss became {self.last_loss} at step {self.step}; lower --lr "
+                                       "(the last good checkpoint is kept)")
+                window_tokens += tokens_per_step
+                window_time += dt
+                if self.step % cfg.log_interval == 0 or self.step == 1:
+                    tps = window_tokens / max(window_time, 1e-9)
+                    self._log({"step": self.step, "loss": round(self.last_loss, 5), "lr": lr,
+                               "tokens": self.tokens_seen, "time": round(self.train_time, 3),
+                               "tokens_per_s": round(tps, 1)})
+                    bar.set_postfix_str(f"loss {self.last_loss:.4f} | {human(tps)} tok/s | lr {lr:.2e}"
+                                        + (f" | val {self.last_val:.4f}" if self.last_val is not None else ""))
+                    window_tokens, window_time = 0, 0.0
+                if self.has_val and self.step % cfg.eval_interval == 0:
+                    self._validate()
+                if self.step % ckpt_every == 0:
+                    self.save()
+                if by_time:
+                    bar.n = min(round(self.train_time), bar.total)
+                    bar.refresh()
+                else:
+                    bar.update(1)
+        except KeyboardInterrupt:
+            bar.close()
+            self.save()
+            self._plot()
+            raise TrainingInterrupted(self.run_dir, self.step) from None
+        bar.close()
+        if self.has_val and (self.last_val is None or self.step % cfg.eval_interval):
+            self._validate()
+        self.save()
+        self._plot()
+        return TrainResult(self.run_dir, self.step, self.tokens_seen, self.train_time, self.last_loss,
+                           self.last_val, self.tokens_seen / max(self.train_time, 1e-9))
+
+    def train_step(self) -> float:
+        """One optimizer step (with gradient accumulation); returns the mean training loss."""
+        cfg = self.cfg
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = self.train_sampler.next()
+            with self._autocast():
+                _, loss = self.forward(x, y)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / cfg.grad_accum
+
+    def _validate(self) -> None:
+        self.last_val = self.estimate_loss("val")
+        self.best_val = self.last_val if self.best_val is None else min(self.best_val, self.last_val)
+        self._log({"step": self.step, "val_loss": round(self.last_val, 5), "time": round(self.train_time, 3),
+                   "tokens": self.tokens_seen})
+
+    def _truncate_metrics(self) -> None:
+        """On resume, drop log lines written after the checkpoint (they will be re-run)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) <= self.step:
+                keep.append(line)
+        atomic_write_text(path, "\n".join(keep) + ("\n" if keep else ""))
+        self._log({"event": "resume", "step": self.step})
+
+    def _plot(self) -> None:
+        try:
+            from ..viz.plots import plot_loss_curve
+
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png",
+                            title=f"{self.run_dir.name}: {self.cfg.model} on {Path(self.cfg.data).name}")
+        except Exception as e:  # a plot must never cost a finished run
+            print(f"lmforge: warning: could not draw the loss curve ({e})")
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    return Trainer(cfg, resume=resume).train()

@@ -1,0 +1,86 @@
+"""Small shared helpers: atomic file writes, duration parsing, human-readable numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import LMForgeError
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Write a file atomically: ``write(tmp_path)`` fills a temporary file beside ``path``,
+    which is fsynced and then renamed over ``path``. A crash leaves either the old file or the
+    new one, never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    def _w(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, _w)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise LMForgeError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LMForgeError(f"{what} {path} is corrupted ({e}); restore or recreate it") from None
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(ms|s|sec|m|min|h|hr|d)?\s*$")
+_UNIT_SECONDS = {None: 1.0, "s": 1.0, "sec": 1.0, "ms": 1e-3, "m": 60.0, "min": 60.0,
+                 "h": 3600.0, "hr": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """Parse '5m', '90s', '1.5h', '300' (seconds) into seconds."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    total = 0.0
+    parts = re.findall(r"\d+(?:\.\d*)?\s*[a-z]*", text.strip().lower())
+    if not parts or "".join(p.replace(" ", "") for p in parts) != text.strip().lower().replace(" ", ""):
+        raise LMForgeError(f"cannot parse duration {text!r}; use e.g. 90s, 5m, 1h30m")
+    for p in parts:
+        m = _DURATION.match(p)
+        if not m or m.group(2) not in _UNIT_SECONDS:
+            raise LMForgeError(f"cannot parse duration {text!r}; use e.g. 90s, 5m, 1h30m")
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if total <= 0:
+        raise LMForgeError(f"duration {text!r} must be positive")
+    return total
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny corpora, prepared data and a briefly trained run, all built offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.data import PrepareConfig, prepare
+from lmforge.train import TrainConfig, train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY_SHAKESPEARE = SHARED / "tinyshakespeare.txt"
+
+FALLBACK_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+)
+
+
+def sample_text(n_chars: int = 60_000) -> str:
+    if TINY_SHAKESPEARE.exists():
+        return TINY_SHAKESPEARE.read_text(encoding="utf-8")[:n_chars]
+    return (FALLBACK_TEXT * (n_chars // len(FALLBACK_TEXT) + 1))[:n_chars]
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 12 small 'documents' cut from Shakespeare."""
+    d = tmp_path_factory.mktemp("corpus")
+    text = sample_text(60_000)
+    step = len(text) // 12
+    for i in range(12):
+        (d / f"doc{i:02d}.txt").write_text(text[i * step:(i + 1) * step], encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("data") / "char"
+    prepare(PrepareConfig(corpus=str(corpus_dir), out=str(out), tokenizer="char", val_frac=0.1, test_frac=0.1),
+            progress=False)
+    return out
+
+
+def tiny_train_config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), preset="nano", batch_size=4, max_steps=12, eval_interval=6,
+                eval_iters=2, log_interval=1, warmup_steps=3, lr=3e-3, progress=False,
+                model_args=dict(n_layer=2, n_head=2, n_embd=32, block_size=32))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, char_data: Path) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(tiny_train_config(char_data, out, max_steps=30))
+    return out

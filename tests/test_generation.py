@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from lmforge import load
+from lmforge.generation import GenerationConfig, generate_ids, generate_text, process_logits
+from lmforge.models.gpt import GPT, GPTConfig
+
+
+def small(pos: str = "rope") -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, pos=pos)).eval()
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_equals_uncached(pos: str, temperature: float) -> None:
+    m = small(pos)
+    # 40 new tokens > block size 16: also exercises the cache rebuild when the context is full
+    kw = dict(max_new_tokens=40, temperature=temperature, seed=7, num_return_sequences=3, ignore_eos=True)
+    a = generate_ids(m, [1, 2, 3], GenerationConfig(use_cache=True, **kw))
+    b = generate_ids(m, [1, 2, 3], GenerationConfig(use_cache=False, **kw))
+    assert a == b and len(a) == 3 and all(len(r) == 40 for r in a)
+
+
+def test_greedy_is_argmax_of_full_forward() -> None:
+    m = small()
+    out = generate_ids(m, [5, 6], GenerationConfig(max_new_tokens=5, temperature=0, ignore_eos=True))[0]
+    seq = [5, 6]
+    for _ in range(5):
+        logits, _ = m(torch.tensor([seq]))
+        seq.append(int(logits[0, -1].argmax()))
+    assert out == seq[2:]
+
+
+def test_seed_reproducible_and_varies() -> None:
+    m = small()
+    cfg = lambda s: GenerationConfig(max_new_tokens=20, seed=s, ignore_eos=True)  # noqa: E731
+    assert generate_ids(m, [1], cfg(3)) == generate_ids(m, [1], cfg(3))
+    assert generate_ids(m, [1], cfg(3)) != generate_ids(m, [1], cfg(4))
+
+
+def test_top_k_top_p_filtering() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    seqs = torch.zeros(1, 1, dtype=torch.long)
+    k = process_logits(logits, seqs, GenerationConfig(top_k=2))
+    assert torch.isfinite(k).sum() == 2 and torch.isfinite(k[0, :2]).all()
+    p = process_logits(logits, seqs, GenerationConfig(top_p=0.8))  # 0.5+0.2 < 0.8 <= 0.5+0.2+0.15
+    assert torch.isfinite(p[0]).tolist() == [True, True, True, False, False]
+    p1 = process_logits(logits, seqs, GenerationConfig(top_p=0.3))  # the top token always stays
+    assert torch.isfinite(p1[0]).tolist() == [True, False, False, False, False]
+    t = process_logits(logits, seqs, GenerationConfig(temperature=0.5))
+    torch.testing.assert_close(t, logits / 0.5)
+
+
+def test_repetition_penalty() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    seqs = torch.tensor([[0, 1]])
+    out = process_logits(logits, seqs, GenerationConfig(repetition_penalty=2.0, temperature=1.0))
+    torch.testing.assert_close(out, torch.tensor([[1.0, -2.0, 0.5]]))
+
+
+def test_text_generation_on_trained_run(trained_run) -> None:
+    m = load(trained_run)
+    out = m.generate("ROMEO:", max_new_tokens=30, temperature=0.8, top_k=50, top_p=0.95, seed=1)
+    assert out.startswith("ROMEO:") and len(out) > len("ROMEO:")
+    many = m.generate("ROMEO:", max_new_tokens=10, seed=1, num_return_sequences=2, return_full_text=False)
+    assert isinstance(many, list) and len(many) == 2
+    buf = io.StringIO()
+    streamed = generate_text(m, "KING:", max_new_tokens=25, seed=2, stream=buf, return_full_text=False,
+                             ignore_eos=True)
+    assert buf.getvalue() == streamed
+
+
+def test_stop_strings(trained_run) -> None:
+    m = load(trained_run)
+    full = m.generate("A", max_new_tokens=60, temperature=0, return_full_text=False, ignore_eos=True)
+    stop = full[10:12]
+    cut = m.generate("A", max_new_tokens=60, temperature=0, return_full_text=False, ignore_eos=True, stop=[stop])
+    assert cut == full[: full.find(stop)]
+
+
+def test_long_prompt_truncated_from_left_with_warning(trained_run) -> None:
+    m = load(trained_run)
+    with pytest.warns(UserWarning, match="longer than the context"):
+        out = m.generate("x" * 100, max_new_tokens=3, return_full_text=False)
+    assert isinstance(out, str)

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import load
+from lmforge.errors import LMForgeError
+from lmforge.train import Trainer, TrainingInterrupted, train
+from lmforge.train.schedule import learning_rate
+
+from .conftest import tiny_train_config
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def test_run_directory_is_a_loadable_model(trained_run: Path) -> None:
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss_curve.png",
+                 "train_config.yaml", "checkpoint/optimizer.pt", "checkpoint/state.json"):
+        assert (trained_run / name).exists(), name
+    assert (trained_run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    m = load(trained_run)
+    assert m.model_type == "gpt" and m.tokenizer is not None
+    recs = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in recs)
+    tr = losses(trained_run)
+    assert tr[30] < tr[1]  # it learns
+
+
+def test_resume_continues_the_same_trajectory(tmp_path: Path, char_data: Path) -> None:
+    full = tmp_path / "full"
+    # dropout > 0 so that the restored RNG state matters too
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.1)
+    train(tiny_train_config(char_data, full, max_steps=16, model_args=shape))
+    part = tmp_path / "part"
+    cfg = tiny_train_config(char_data, part, max_steps=16, checkpoint_interval=4, model_args=shape)
+    trainer = Trainer(cfg)
+    orig = trainer.train_step
+    calls = {"n": 0}
+
+    def crash_after_10() -> float:
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of step 11
+        return orig()
+
+    trainer.train_step = crash_after_10  # type: ignore[method-assign]
+    with pytest.raises(TrainingInterrupted, match="lmforge train --resume"):
+        trainer.train()
+    state = json.loads((part / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 10  # Ctrl-C saved a checkpoint at the last finished step
+    r = train(Trainer.config_for_resume(part, {}), resume=True)
+    assert r.step == 16
+    a, b = losses(full), losses(part)
+    assert set(a) == set(b)
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-6), step
+    wa, wb = load(full).state_dict(), load(part).state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-6)
+
+
+def test_resume_from_old_checkpoint_after_crash_mid_swap(tmp_path: Path, char_data: Path) -> None:
+    run = tmp_path / "r"
+    train(tiny_train_config(char_data, run, max_steps=6))
+    (run / "checkpoint").rename(run / "checkpoint.old")  # a crash between the two renames
+    (run / "checkpoint.tmp").mkdir()  # and a half-written new one
+    cfg = Trainer.config_for_resume(run, {"max_steps": 8})
+    assert train(cfg, resume=True).step == 8
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, char_data: Path) -> None:
+    run = tmp_path / "r"
+    train(tiny_train_config(char_data, run, max_steps=4))
+    w = run / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(LMForgeError, match="truncated or corrupted"):
+        load(run)
+    o = run / "checkpoint" / "optimizer.pt"
+    o.write_bytes(o.read_bytes()[:50])
+    with pytest.raises(LMForgeError, match="truncated or corrupted"):
+        Trainer(Trainer.config_for_resume(run, {"max_steps": 6}), resume=True)
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path, char_data: Path) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(LMForgeError, match="already exists"):
+        Trainer(tiny_train_config(char_data, run))
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_block_size_larger_than_data(tmp_path: Path, char_data: Path) -> None:
+    cfg = tiny_train_config(char_data, tmp_path / "r", model_args=dict(n_layer=1, n_head=1, n_embd=8,
+                                                                       block_size=10 ** 6))
+    with pytest.raises(LMForgeError, match="larger than the data"):
+        Trainer(cfg)
+
+
+def test_bf16_grad_accum_and_time_budget(tmp_path: Path, char_data: Path) -> None:
+    r = train(tiny_train_config(char_data, tmp_path / "r", dtype="bf16", grad_accum=2, max_steps=None,
+                                max_time=2.0, schedule="linear"))
+    assert r.step >= 1 and r.train_time >= 2.0 and r.tokens_seen == r.step * 2 * 4 * 32
+
+
+def test_schedule_shapes() -> None:
+    assert learning_rate(0, 0.0, 1.0, 0.1, 10, "cosine") == pytest.approx(0.1)
+    assert learning_rate(50, 0.5, 1.0, 0.1, 10, "cosine") == pytest.approx(0.55)
+    assert learning_rate(99, 1.0, 1.0, 0.1, 10, "cosine") == pytest.approx(0.1)
+    assert learning_rate(50, 0.5, 1.0, 0.1, 10, "linear", 0.2) == 1.0
+    assert learning_rate(90, 0.9, 1.0, 0.1, 10, "linear", 0.2) == pytest.approx(0.55)
+
+
+def test_no_budget_is_an_error(tmp_path: Path, char_data: Path) -> None:
+    with pytest.raises(LMForgeError, match="budget"):
+        Trainer(tiny_train_config(char_data, tmp_path / "r", max_steps=None))
