@@ -80,7 +80,7 @@ def main() -> None:
         ref = NanoGPT(65, blk, s["n_layer"], s["n_head"], s["n_embd"])
         opt = ref.optimizer()
         data65 = np.minimum(raw, 64).astype(np.uint16)
-        dt, k = timed(lambda: train_step(ref, opt, data65, bs, blk), args.seconds, warm)
+        dt, k = timed(lambda ref=ref, opt=opt, d=data65, b=bs, t=blk: train_step(ref, opt, d, b, t), args.seconds, warm)
         n_params = sum(p.numel() for p in ref.parameters()) - ref.wpe.weight.numel()
         flops_tok = 6 * n_params + 12 * s["n_layer"] * blk * s["n_embd"]
         base = tokens / dt

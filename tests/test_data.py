@@ -132,3 +132,23 @@ def test_data_errors(tmp_path: Path, char_data: Path) -> None:
         TokenData(tmp_path / "x")
     with pytest.raises(LMForgeError, match="unknown split"):
         TokenData(char_data).split("dev")
+
+
+def test_long_texts_are_encoded_in_pieces_with_identical_tokens() -> None:
+    from lmforge.data.prepare import encode_long, text_pieces
+    from lmforge.tokenizers import BPETokenizer
+
+    text = ("To be, or not to be, that is the question:\n  Whether 'tis nobler in the mind to suffer\n\n" * 400)
+    pieces = text_pieces(text, size=1000)
+    assert len(pieces) > 10 and "".join(pieces) == text
+    tok = BPETokenizer.train([text], vocab_size=300)
+    import importlib
+
+    prep = importlib.import_module("lmforge.data.prepare")
+
+    old = prep.PIECE_CHARS
+    try:
+        prep.PIECE_CHARS = 1000
+        assert encode_long(tok, text).tolist() == tok.encode(text)
+    finally:
+        prep.PIECE_CHARS = old

@@ -44,8 +44,7 @@ def naive_gpt_logits(m: GPT, idx: torch.Tensor) -> torch.Tensor:
             qi, ki, vi = q[..., i * hd:(i + 1) * hd], k[..., j * hd:(j + 1) * hd], v[..., j * hd:(j + 1) * hd]
             if c.pos == "rope":
                 cos, sin = rope_tables(T, hd)
-                rot = lambda t: t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin  # noqa: E731
-                qi, ki = rot(qi), rot(ki)
+                qi, ki = (t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin for t in (qi, ki))
             heads.append(attention_reference(qi, ki, vi, mask))
         x = x + blk.attn.proj(torch.cat(heads, dim=-1))  # Concat(head_1..head_h) W^O
         x = x + blk.mlp(blk.ln_2(x))

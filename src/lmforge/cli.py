@@ -20,7 +20,7 @@ TRAIN_OPTIONS = {  # flag dest -> TrainConfig field (None default = "not given")
     "checkpoint_interval": int, "sample_tokens": int, "dtype": str, "threads": int, "seed": int,
 }
 MODEL_OPTIONS = {"n_layer": int, "n_head": int, "n_kv_head": int, "n_embd": int, "block_size": int,
-                 "dropout": float, "pos": str, "norm": str, "mlp": str, "mlp_hidden": int}
+                 "dropout": float, "pos": str, "norm": str, "mlp": str, "mlp_hidden": int, "hidden": int}
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -62,13 +62,14 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (gpt, ngram) or resume a run",
+    p = sub.add_parser("train", help="train a model (gpt, lstm, gru, rnn, ngram) or resume a run",
                        description="Train a language model on prepared data. Options override --config YAML, "
                                    "which overrides the preset's defaults.")
-    p.add_argument("--model", default=None, help="model family: gpt (default) or ngram")
+    p.add_argument("--model", default=None, help="model family: gpt (default), lstm, gru, rnn or ngram")
     p.add_argument("--data", default=None, help="prepared data directory (lmforge prepare)")
     p.add_argument("--out", default=None, help="run directory to create")
-    p.add_argument("--preset", default=None, help="model preset (gpt: nano, tiny, small, gpt2)")
+    p.add_argument("--preset", default=None, help="model preset (gpt: nano, tiny, small, gpt2; "
+                   "lstm/gru/rnn: tiny, small, medium)")
     p.add_argument("--config", default=None, help="YAML file of training options (litgpt style)")
     p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in RUN from its checkpoint")
     p.add_argument("--max-time", default=None, help="training time budget, e.g. 90s, 5m, 1h")
@@ -256,6 +257,33 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="train and compare model families on the same data and budget",
+                       description="Train (or load) each model with the same wall-clock budget, evaluate all on "
+                                   "the same split, and write a table (terminal, JSON, CSV) and a chart (PNG).")
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--budget", default="5m", help="training time per model (default 5m)")
+    p.add_argument("--models", nargs="+", required=True, metavar="FAMILY:ARG",
+                   help="e.g. ngram:3 ngram:6 lstm:small gpt:tiny")
+    p.add_argument("--out", required=True, help="report directory (runs are kept in OUT/runs)")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--eval-max-tokens", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .apps.compare import ModelSpec, compare
+    from .utils import parse_duration
+
+    budget = parse_duration(a.budget)
+    for m in a.models:  # fail fast, before any training
+        ModelSpec.parse(m)
+    compare(a.data, budget or 300.0, a.models, a.out, split=a.split, progress=not a.no_progress,
+            eval_max_tokens=a.eval_max_tokens)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Build, train, evaluate and run language models: "
                                      "n-grams, LSTMs, GPTs and seq2seq Transformers.")
@@ -266,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_compare(sub)
     try:
         from .apps import ngram_cli
 

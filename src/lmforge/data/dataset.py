@@ -116,3 +116,41 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+    @property
+    def wrapped(self) -> bool:
+        return False
+
+
+class StreamSampler:
+    """Consecutive windows for truncated back-propagation through time (stateful models).
+
+    The split is cut into ``batch_size`` equal, contiguous streams (Zaremba et al.'s batching);
+    step k returns window k of every stream, so row b of one batch continues row b of the last
+    and the model's hidden state can be carried across steps. At the end the streams wrap around
+    (``wrapped`` tells the trainer to reset the carried state)."""
+
+    def __init__(self, split: TokenSplit, batch_size: int, block_size: int, seed: int = 0) -> None:
+        self.stream_len = (len(split) - 1) // batch_size
+        if self.stream_len < block_size + 1:
+            raise LMForgeError(f"block size {block_size} is larger than the data: {len(split)} tokens make "
+                               f"{batch_size} streams of only {self.stream_len}; use a smaller --block-size or "
+                               "--batch-size")
+        self.split, self.batch_size, self.block_size = split, batch_size, block_size
+        self.pos = 0
+        self.wrapped = False
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.wrapped = False
+        if self.pos + self.block_size + 1 > self.stream_len:
+            self.pos, self.wrapped = 0, True
+        starts = np.arange(self.batch_size, dtype=np.int64) * self.stream_len + self.pos
+        w = torch.from_numpy(self.split.windows(starts, self.block_size + 1))
+        self.pos += self.block_size
+        return w[:, :-1], w[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"pos": torch.tensor(self.pos)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = int(state["pos"])

@@ -117,6 +117,33 @@ def _train_tokenizer(cfg: PrepareConfig, texts: Iterator[str]) -> Tokenizer:
     raise LMForgeError(f"unknown tokenizer {cfg.tokenizer!r}; choose char, bpe or word")
 
 
+PIECE_CHARS = 1 << 20
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """Cut a long text into ~``size``-character pieces at line starts that are not whitespace, so
+    that tokenizing the pieces separately gives the same tokens as tokenizing the whole (byte-level
+    BPE's pre-tokenizer never joins across such a boundary), with bounded memory."""
+    if len(text) <= size:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = start + size
+        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+            cut += 1
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return [p for p in pieces if p]
+
+
+def encode_long(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    pieces = text_pieces(text, PIECE_CHARS)
+    if len(pieces) == 1:
+        return tokenizer.encode_array(text)
+    return np.concatenate([tokenizer.encode_array(p) for p in pieces])
+
+
 class _ShardWriter:
     def __init__(self, directory: Path, split: str, dtype: np.dtype) -> None:
         self.directory, self.split, self.dtype = directory, split, dtype
@@ -178,8 +205,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
             for text in _split_texts(corpus, mode, assign, cfg, split):
                 data = text.encode("utf-8")
                 sha.update(data)
-                ids = tokenizer.encode_array(text)
-                if mode == "document":
+                ids = encode_long(tokenizer, text)
+                if mode == "document" and not (len(ids) and ids[-1] == tokenizer.eot_id):
                     ids = np.append(ids, tokenizer.eot_id)  # document separator (GPT-2 convention)
                 writer.write(ids)
                 n_bytes += len(data)

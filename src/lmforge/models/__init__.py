@@ -13,6 +13,9 @@ from .base import LanguageModel
 MODEL_REGISTRY: dict[str, str] = {
     "gpt": "lmforge.models.gpt:GPT",
     "ngram": "lmforge.models.ngram:NGramModel",
+    "lstm": "lmforge.models.rnn:LSTMLM",
+    "gru": "lmforge.models.rnn:GRULM",
+    "rnn": "lmforge.models.rnn:RNNLM",
 }
 
 

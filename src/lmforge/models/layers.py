@@ -4,7 +4,8 @@ The math, as in the textbooks:
 
 * scaled dot-product attention   Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V
   (M = 0 where a query may look, -inf where it may not: the causal mask for a decoder);
-* multi-head attention           MultiHead(X) = Concat(head_1..head_h) W^O,  head_i = Attention(X W^Q_i, X W^K_i, X W^V_i)
+* multi-head attention           MultiHead(X) = Concat(head_1..head_h) W^O,
+                                 head_i = Attention(X W^Q_i, X W^K_i, X W^V_i)
   (grouped-query attention shares each K/V head between n_head / n_kv_head query heads);
 * position information           learned embeddings, fixed sinusoids (Vaswani et al. 2017), or
                                  rotary embeddings (RoPE, Su et al. 2021) that rotate Q and K;
@@ -160,6 +161,21 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        out_dtype = q.dtype
+        if out_dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+            # PyTorch's CPU flash-attention backward is about 4x slower in bf16 than in fp32 (1.05 vs
+            # 4.3 ms for nanoGPT's CPU shape), and RoPE on mixed bf16/fp32 operands is slow too, so
+            # under bf16 autocast training, RoPE and attention run in fp32 (autocast, which would
+            # cast attention back to bf16, is disabled here); the matmuls around them stay bf16.
+            with torch.autocast("cpu", enabled=False):
+                y = self._attend(q.float(), k.float(), v.float(), rope, cache, T)
+        else:
+            y = self._attend(q, k, v, rope, cache, T)
+        y = y.to(out_dtype).transpose(1, 2).reshape(B, T, C)  # concatenate heads
+        return self.resid_dropout(self.proj(y))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None, T: int) -> torch.Tensor:
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
@@ -173,10 +189,9 @@ class CausalSelfAttention(nn.Module):
         elif T == 1:  # one new token attends to every cached position
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
         else:  # a chunk after a cached prefix: query i sees keys j <= past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, C)  # concatenate heads
-        return self.resid_dropout(self.proj(y))
+        return y
 
 
 class MLP(nn.Module):

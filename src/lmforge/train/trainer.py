@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..data import BatchSampler, TokenData
+from ..data import BatchSampler, StreamSampler, TokenData
 from ..errors import LMForgeError
 from ..models import create_model, model_class
 from ..utils import atomic_write_json, atomic_write_text, human, read_json
@@ -81,9 +81,15 @@ class Trainer:
                                "use a smaller --block-size or more data")
         self.model = create_model(cfg.model, self.data.vocab_size, cfg.preset, **cfg.model_args)
         self.model.tokenizer = self.tokenizer
-        self.block_size = getattr(self.model, "context_length", None) or 256
+        self.block_size = (getattr(self.model, "context_length", None)
+                           or getattr(getattr(self.model, "config", None), "block_size", 256))
         self.optimizer = make_optimizer(self.model, cfg)
-        self.train_sampler = BatchSampler(self.data.split("train"), cfg.batch_size, self.block_size, cfg.seed)
+        # Stateful models (RNNs) read consecutive windows and carry their hidden state (TBPTT);
+        # Transformers read random windows (nanoGPT's get_batch).
+        self.stateful = bool(getattr(self.model, "stateful", False))
+        sampler_cls = StreamSampler if self.stateful else BatchSampler
+        self.train_sampler = sampler_cls(self.data.split("train"), cfg.batch_size, self.block_size, cfg.seed)
+        self.carry: Any = None  # the carried recurrent state
         self.has_val = self.data.has_split("val")
         self.step = 0
         self.tokens_seen = 0
@@ -108,7 +114,10 @@ class Trainer:
         self.best_val = state.get("best_val")
         self.last_val = state.get("last_val")
         torch.set_rng_state(rng["torch"])
-        self.train_sampler.load_state_dict({"generator": rng["sampler"]})
+        self.train_sampler.load_state_dict(rng["sampler"])
+        if rng.get("carry") is not None:
+            carry = rng["carry"]
+            self.carry = tuple(carry) if isinstance(carry, list) else carry
         # A time budget given on resume is extra time on top of what was already spent.
         if self.cfg.max_time is not None:
             self.time_budget_total = self.train_time + self.cfg.max_time
@@ -154,6 +163,14 @@ class Trainer:
     @torch.no_grad()
     def estimate_loss(self, split: str = "val") -> float:
         """Mean loss over ``eval_iters`` fixed batches (same batches every time: smooth curves)."""
+        if self.stateful:  # read a fixed prefix of the split as streams, carrying the state
+            from ..evaluate import evaluate
+
+            n = self.cfg.eval_iters * self.cfg.batch_size * self.block_size
+            res = evaluate(self.model, self.data, split, batch_size=self.cfg.batch_size, max_tokens=n,
+                           chunk=self.block_size)
+            self.model.train()
+            return res["loss"]
         sampler = BatchSampler(self.data.split(split), self.cfg.batch_size, self.block_size, seed=12345)
         self.model.eval()
         losses = []
@@ -173,7 +190,8 @@ class Trainer:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "train_time": self.train_time,
                  "best_val": self.best_val, "last_val": self.last_val, "train_loss": self.last_loss,
                  "config": self.cfg.to_dict()}
-        rng = {"torch": torch.get_rng_state(), "sampler": self.train_sampler.generator.get_state()}
+        carry = list(self.carry) if isinstance(self.carry, tuple) else self.carry
+        rng = {"torch": torch.get_rng_state(), "sampler": self.train_sampler.state_dict(), "carry": carry}
         save_checkpoint(self.run_dir, self.model, self.optimizer, rng, state)
         # The top level is a loadable model (Hugging Face's save_pretrained layout).
         self.model.save_pretrained(self.run_dir)
@@ -257,7 +275,13 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             x, y = self.train_sampler.next()
             with self._autocast():
-                _, loss = self.forward(x, y)
+                if self.stateful:
+                    if self.train_sampler.wrapped:
+                        self.carry = None
+                    _, loss, carry = self.forward(x, y, state=self.carry)
+                    self.carry = self.model.detach_state(carry)  # truncate BPTT at the window edge
+                else:
+                    _, loss = self.forward(x, y)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
         if cfg.grad_clip > 0:

@@ -46,3 +46,35 @@ def plot_loss_curve(metrics: str | Path, png: str | Path, title: str = "loss") -
     plt.close(fig)
     tmp.replace(png)
     return png
+
+
+def plot_comparison(rows: list[dict], png: str | Path, title: str = "") -> Path:
+    """Left: bits per byte by model (lower is better). Right: validation loss over wall-clock time."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, gridspec_kw={"width_ratios": [1, 1.3]})
+    names = [r["model"] for r in rows]
+    vals = [r["bits_per_byte"] for r in rows]
+    colors = {"ngram": "#8c8c8c", "lstm": "#4c72b0", "gru": "#55a868", "rnn": "#c44e52", "gpt": "#dd8452"}
+    bars = a.bar(names, vals, color=[colors.get(r["family"], "#777") for r in rows])
+    for bar, v in zip(bars, vals):
+        a.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    a.set_ylabel("bits per byte (test)")
+    a.set_title("compression (lower is better)", fontsize=10)
+    a.tick_params(axis="x", rotation=30)
+    for r in rows:
+        curve = r.get("val_curve") or []
+        if curve:
+            b.plot(*zip(*curve), "o-", ms=2, label=r["model"], color=colors.get(r["family"]))
+    b.set_xlabel("training time (s)")
+    b.set_ylabel("validation loss (nats/token)")
+    b.set_title("validation curves", fontsize=10)
+    b.grid(alpha=0.3)
+    if any(r.get("val_curve") for r in rows):
+        b.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    png = Path(png)
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png)
+    return png

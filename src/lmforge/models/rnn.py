@@ -1,0 +1,250 @@
+"""Recurrent language models: Elman RNN (tanh), GRU and LSTM (Mikolov 2010; Zaremba et al. 2014).
+
+    e_t = E x_t                                  (embedding, dropout)
+    h_t^l = Cell^l(h_t^{l-1}, h_{t-1}^l)          (stacked recurrent layers, dropout between them)
+    p(x_{t+1} | x_<=t) = softmax(W h_t^L + b)     (linear head, optionally tied to E)
+
+The recurrent state summarises the whole prefix, so there is no context limit: training uses
+truncated back-propagation through time (TBPTT) over the packed token stream, carrying the hidden
+state from one window to the next (detached), and resetting it where a document ends. The fused
+``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` kernels run the recurrence; :class:`LSTMCellRef` spells out
+the LSTM equations for the tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LMForgeError
+from .base import LanguageModel
+
+RNNState = Any  # (h, c) for LSTM, h for GRU/RNN; h of shape (n_layer, B, hidden)
+
+
+@dataclass
+class RNNConfig:
+    vocab_size: int = 256
+    cell: str = "lstm"            # rnn | gru | lstm
+    n_layer: int = 2
+    n_embd: int = 256             # embedding width
+    hidden: int = 512             # recurrent state width
+    block_size: int = 128         # TBPTT window (tokens per training sequence)
+    dropout_emb: float = 0.1
+    dropout: float = 0.2          # between recurrent layers
+    dropout_out: float = 0.2      # before the head
+    tie_embeddings: bool = False  # needs n_embd == hidden (or a projection, added automatically)
+
+    def __post_init__(self) -> None:
+        if self.cell not in ("rnn", "gru", "lstm"):
+            raise LMForgeError(f"unknown cell {self.cell!r}; choose rnn, gru or lstm")
+        if self.n_layer < 1 or self.hidden < 1 or self.n_embd < 1:
+            raise LMForgeError("n_layer, n_embd and hidden must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RNNConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=1, n_embd=64, hidden=128, block_size=64, dropout=0.0, dropout_emb=0.0, dropout_out=0.0),
+    "small": dict(n_layer=2, n_embd=128, hidden=384, block_size=128, dropout=0.1, dropout_emb=0.0,
+                  dropout_out=0.1),
+    "medium": dict(n_layer=2, n_embd=256, hidden=650, block_size=256, dropout=0.5, dropout_emb=0.1,
+                   dropout_out=0.5),  # Zaremba et al.'s medium model
+}
+
+
+class LSTMCellRef(nn.Module):
+    """The LSTM equations, one step (Hochreiter & Schmidhuber 1997, with a forget gate):
+
+        i, f, g, o = sigma(W_i x + U_i h + b_i), sigma(.), tanh(.), sigma(.)
+        c' = f * c + i * g
+        h' = o * tanh(c')
+
+    Gate order (i, f, g, o) and weight layout match ``nn.LSTM``, so its weights can be loaded here."""
+
+    def __init__(self, input_size: int, hidden: int) -> None:
+        super().__init__()
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden, hidden))
+        self.bias_ih = nn.Parameter(torch.zeros(4 * hidden))
+        self.bias_hh = nn.Parameter(torch.zeros(4 * hidden))
+        nn.init.uniform_(self.weight_ih, -hidden ** -0.5, hidden ** -0.5)
+        nn.init.uniform_(self.weight_hh, -hidden ** -0.5, hidden ** -0.5)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        h, c = state
+        outs = []
+        for t in range(x.size(1)):
+            gates = x[:, t] @ self.weight_ih.T + self.bias_ih + h @ self.weight_hh.T + self.bias_hh
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        return torch.stack(outs, dim=1), (h, c)
+
+
+class RNNLM(nn.Module, LanguageModel):
+    model_type = "rnn"
+    stateful = True  # the trainer carries the state across windows (TBPTT)
+
+    def __init__(self, config: RNNConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.embedding = nn.Embedding(c.vocab_size, c.n_embd)
+        rnn_cls = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[c.cell]
+        self.rnn = rnn_cls(c.n_embd, c.hidden, num_layers=c.n_layer, batch_first=True,
+                           dropout=c.dropout if c.n_layer > 1 else 0.0)
+        self.drop_emb, self.drop_out = nn.Dropout(c.dropout_emb), nn.Dropout(c.dropout_out)
+        self.proj = nn.Linear(c.hidden, c.n_embd, bias=False) if c.tie_embeddings and c.hidden != c.n_embd \
+            else None
+        self.head = nn.Linear(c.n_embd if self.proj is not None else c.hidden, c.vocab_size)
+        if c.tie_embeddings:
+            self.head.weight = self.embedding.weight
+        nn.init.normal_(self.embedding.weight, std=0.05)
+        self.eot_id: int | None = None  # set from the tokenizer: where the state is reset
+
+    @classmethod
+    def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> RNNLM:
+        preset = preset or "small"
+        if preset not in PRESETS:
+            raise LMForgeError(f"unknown {cls.model_type} preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        names = {f.name for f in fields(RNNConfig)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise LMForgeError(f"unknown {cls.model_type} option(s) {', '.join(sorted(unknown))}")
+        cell = {"lstm": "lstm", "gru": "gru", "rnn": "rnn"}[cls.model_type]
+        return cls(RNNConfig(**{**PRESETS[preset], "cell": cell, **overrides, "vocab_size": vocab_size}))
+
+    # --- state ---------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, max_length: int = 0) -> RNNState:
+        c = self.config
+        p = self.head.weight
+        h = torch.zeros(c.n_layer, batch_size, c.hidden, device=p.device, dtype=p.dtype)
+        return (h, h.clone()) if c.cell == "lstm" else h
+
+    @staticmethod
+    def _map_state(state: RNNState, fn: Any) -> RNNState:
+        return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
+
+    def detach_state(self, state: RNNState) -> RNNState:
+        return self._map_state(state, lambda s: s.detach())
+
+    def state_select(self, state: RNNState, index: torch.Tensor) -> RNNState:
+        return self._map_state(state, lambda s: s.index_select(1, index))
+
+    def _reset_rows(self, state: RNNState, rows: torch.Tensor) -> RNNState:
+        keep = (~rows).to(self.head.weight.dtype)[None, :, None]
+        return self._map_state(state, lambda s: s * keep)
+
+    # --- the model -----------------------------------------------------------------------------
+    def _run(self, x: torch.Tensor, idx: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
+        """Run the recurrence; where an input token is end-of-text, the state after it is reset, so
+        no information flows from one document into the next. Windows are split only at such
+        positions (rare), so the fused kernel still does almost all the work."""
+        if self.eot_id is None:
+            return self.rnn(x, state)
+        is_eot = idx == self.eot_id
+        cuts = torch.nonzero(is_eot[:, :-1].any(0)).flatten().tolist()
+        if not cuts:
+            y, state = self.rnn(x, state)
+            return y, self._reset_rows(state, is_eot[:, -1]) if bool(is_eot[:, -1].any()) else state
+        outs, start = [], 0
+        for p in cuts + [x.size(1) - 1]:
+            y, state = self.rnn(x[:, start:p + 1], state)
+            outs.append(y)
+            if bool(is_eot[:, p].any()):
+                state = self._reset_rows(state, is_eot[:, p])
+            start = p + 1
+        return torch.cat(outs, dim=1), state
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, state: RNNState = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, RNNState]:
+        if state is None:
+            state = self.init_state(idx.size(0))
+        x = self.drop_emb(self.embedding(idx))
+        y, state = self._run(x, idx, state)
+        y = self.drop_out(y)
+        if self.proj is not None:
+            y = self.proj(y)
+        logits = self.head(y)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss, state
+
+    # --- LanguageModel protocol ----------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def context_length(self) -> None:
+        return None
+
+    def forward_logits(self, input_ids: torch.Tensor, state: RNNState = None) -> tuple[torch.Tensor, RNNState]:
+        logits, _, state = self(input_ids, state=state)
+        return logits, state
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        decay, no_decay, seen = [], [], set()
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 and "rnn." not in name else no_decay).append(p)
+        # Recurrent matrices are not decayed: weight decay on U shrinks the memory of the state.
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def flops_per_token(self) -> float:
+        return 6.0 * self.num_parameters()
+
+    # --- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
+        from ..hub.checkpoint import save_weights
+        from ..utils import atomic_write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_weights(self, directory / "model.safetensors")
+        atomic_write_json(directory / "config.json", {"model_type": self.model_type, **self.config.to_dict()})
+        if save_tokenizer and self.tokenizer is not None:
+            self.tokenizer.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> RNNLM:
+        from ..hub.checkpoint import load_weights
+        from ..tokenizers import load_tokenizer
+        from ..utils import read_json
+
+        directory = Path(directory)
+        model = cls(RNNConfig.from_dict(read_json(directory / "config.json", "model config")))
+        load_weights(model, directory / "model.safetensors")
+        model.eval()
+        if (directory / "tokenizer.json").exists():
+            model.tokenizer = load_tokenizer(directory)
+        return model
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "tokenizer" and value is not None:
+            super().__setattr__("eot_id", value.eot_id)
+
+
+class LSTMLM(RNNLM):
+    model_type = "lstm"
+
+
+class GRULM(RNNLM):
+    model_type = "gru"
