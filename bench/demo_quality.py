@@ -43,8 +43,9 @@ def nanogpt_baseline(data: Path) -> dict:
     opt = model.optimizer(lr=1e-3)
     t0 = time.perf_counter()
     for it in range(2000):
-        lr = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + np.cos(np.pi * min(it, 2000) / 2000)) if it >= 100 else \
-            1e-3 * (it + 1) / 100
+        # nanoGPT's get_lr: linear warmup (100 iters), cosine decay to min_lr 1e-4 at lr_decay_iters 2000
+        lr = 1e-3 * (it + 1) / 101 if it < 100 else \
+            1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + np.cos(np.pi * (it - 100) / (2000 - 100)))
         for g in opt.param_groups:
             g["lr"] = lr
         train_step(model, opt, train_arr, 12, 64)
@@ -60,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--baseline", action="store_true", help="also run nanoGPT's CPU recipe")
+    ap.add_argument("--baseline-only", action="store_true", help="run only nanoGPT's CPU recipe")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--set", nargs="*", default=[], help="override recipe entries, e.g. lr=2e-3")
     args = ap.parse_args()
@@ -69,6 +71,10 @@ def main() -> None:
     data = tmp / "tinyshakespeare-char"
     prepare(PrepareConfig(corpus=str(TINY), out=str(data), split="contiguous", val_frac=0.1, test_frac=0.0),
             progress=False)
+    if args.baseline_only:
+        b = nanogpt_baseline(data)
+        print(f"nanoGPT CPU recipe: val loss {b['val_loss']:.4f} after {b['seconds']:.0f}s")
+        return
     recipe = dict(DEMO_RECIPE)
     model_args = dict(recipe.pop("model_args", {}))
     for kv in args.set:

@@ -41,6 +41,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--word-pattern", default=None, help="word tokenizer: regex of a token (default whitespace)")
     p.add_argument("--min-count", type=int, default=1, help="word tokenizer: rarer words become <unk>")
     p.add_argument("--lowercase", action="store_true", help="word tokenizer: lowercase the text")
+    p.add_argument("--no-byte-fallback", action="store_true",
+                   help="char tokenizer: no byte tokens (nanoGPT's vocabulary; unseen characters then fail)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
@@ -51,7 +53,8 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     meta = prepare(PrepareConfig(corpus=a.corpus, out=a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                                  seed=a.seed, val_frac=a.val_frac, test_frac=a.test_frac, split=a.split,
                                  errors=a.errors, word_pattern=a.word_pattern, min_count=a.min_count,
-                                 lowercase=a.lowercase), progress=not a.no_progress)
+                                 lowercase=a.lowercase, byte_fallback=not a.no_byte_fallback),
+                   progress=not a.no_progress)
     s = meta["splits"]
     print(f"prepared {meta['corpus']['description']} -> {a.out}")
     print(f"  tokenizer {meta['tokenizer']['kind']} (vocab {meta['tokenizer']['vocab_size']}), {meta['dtype']} "

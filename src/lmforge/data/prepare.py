@@ -52,6 +52,8 @@ class PrepareConfig:
     word_pattern: str | None = None
     min_count: int = 1
     lowercase: bool = False
+    # char tokenizer: add 256 byte tokens so unseen characters still encode (exact round trip)
+    byte_fallback: bool = True
 
 
 def _check_out(out: Path) -> None:
@@ -106,7 +108,7 @@ def _split_texts(corpus: Corpus, mode: str, assign: dict[str, list[int]], cfg: P
 
 def _train_tokenizer(cfg: PrepareConfig, texts: Iterator[str]) -> Tokenizer:
     if cfg.tokenizer == "char":
-        return CharTokenizer.train(texts)
+        return CharTokenizer.train(texts, byte_fallback=cfg.byte_fallback)
     if cfg.tokenizer == "bpe":
         return BPETokenizer.train(texts, cfg.vocab_size)
     if cfg.tokenizer == "word":

@@ -33,7 +33,7 @@ class GPTConfig:
     n_kv_head: int | None = None     # None = n_head (multi-head); fewer = grouped-query attention
     n_embd: int = 384
     mlp_hidden: int | None = None    # None = 4*n_embd (gelu) or ~8/3*n_embd rounded to 64 (swiglu)
-    mlp: str = "gelu"                # gelu | swiglu
+    mlp: str = "gelu"                # gelu (exact) | gelu_tanh (GPT-2's approximation) | swiglu
     norm: str = "layernorm"          # layernorm | rmsnorm
     norm_eps: float = 1e-5
     pos: str = "learned"             # learned | sinusoidal | rope
@@ -50,7 +50,7 @@ class GPTConfig:
             raise LMForgeError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise LMForgeError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
-        for name, value, allowed in (("mlp", self.mlp, ("gelu", "swiglu")),
+        for name, value, allowed in (("mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu")),
                                      ("norm", self.norm, ("layernorm", "rmsnorm")),
                                      ("pos", self.pos, ("learned", "sinusoidal", "rope"))):
             if value not in allowed:
@@ -80,10 +80,11 @@ class GPTConfig:
 # `gpt2` is GPT-2 124M's shape.
 PRESETS: dict[str, dict[str, Any]] = {
     "nano": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
-    "tiny": dict(n_layer=4, n_head=4, n_embd=192, block_size=128, pos="rope", norm="rmsnorm", mlp="gelu",
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, pos="rope", norm="rmsnorm", mlp="gelu",
                  tie_embeddings=False),
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, vocab_size=50257),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, vocab_size=50257,
+                 mlp="gelu_tanh"),
 }
 
 

@@ -195,24 +195,25 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: GELU (GPT-2) or SwiGLU (Llama)."""
+    """Position-wise feed-forward network: GELU (exact, as nanoGPT), GELU with GPT-2's tanh approximation
+    (``gelu_tanh``; twice as slow on a CPU, kept for checkpoint parity), or SwiGLU (Llama)."""
 
     def __init__(self, d_model: int, hidden: int, kind: str = "gelu", bias: bool = False,
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.kind = kind
-        if kind == "gelu":
+        if kind in ("gelu", "gelu_tanh"):
             self.fc = nn.Linear(d_model, hidden, bias=bias)
         elif kind == "swiglu":
             self.fc = nn.Linear(d_model, 2 * hidden, bias=bias)  # [gate | up] fused
         else:
-            raise ValueError(f"unknown mlp {kind!r}; choose gelu or swiglu")
+            raise ValueError(f"unknown mlp {kind!r}; choose gelu, gelu_tanh or swiglu")
         self.proj = nn.Linear(hidden, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "gelu":
-            h = F.gelu(self.fc(x), approximate="tanh")
+        if self.kind != "swiglu":
+            h = F.gelu(self.fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
         else:
             gate, up = self.fc(x).chunk(2, dim=-1)
             h = F.silu(gate) * up

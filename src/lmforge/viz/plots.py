@@ -34,6 +34,8 @@ def plot_loss_curve(metrics: str | Path, png: str | Path, title: str = "loss") -
         best = min(v for _, v in va)
         ax.axhline(best, color="gray", ls=":", lw=0.8)
         ax.text(0.99, 0.97, f"best val {best:.4f}", transform=ax.transAxes, ha="right", va="top", fontsize=9)
+    if va and tr:  # zoom on the interesting part: the first steps' loss would flatten everything else
+        ax.set_ylim(min(min(v for _, v in tr), min(v for _, v in va)) * 0.95, max(v for _, v in va) * 1.3)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title, fontsize=10)
