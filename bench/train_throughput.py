@@ -58,6 +58,7 @@ def timed(step, seconds: float, warmup: int) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=20.0, help="timed seconds per configuration")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median counts)")
     ap.add_argument("--shapes", default="A,B")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile")
     ap.add_argument("--out", default="bench/out/train_throughput.json")
@@ -71,22 +72,18 @@ def main() -> None:
     # compute the same output layer
     prepare(PrepareConfig(corpus=str(TINY), out=str(tmp / "data"), split="contiguous", val_frac=0.1,
                           test_frac=0.0, byte_fallback=False), progress=False)
-    raw = np.memmap(tmp / "data" / "train-00000.bin", dtype=np.uint16, mode="r")
+    raw = np.memmap(tmp / "data" / "train-00000.bin", dtype=np.uint16, mode="r").astype(np.uint16)
     results = []
     for name in args.shapes.split(","):
         s = SHAPES[name]
         bs, blk = s["batch"], s["block_size"]
         tokens = bs * blk
-        warm = 3 if name == "A" else 2
-        # nanoGPT baseline (its model uses vocab 65 for shakespeare_char; ours has 65 chars + byte fallback)
-        ref = NanoGPT(65, blk, s["n_layer"], s["n_head"], s["n_embd"])
+        # nanoGPT baseline (vocabulary 65 + <|endoftext|>, as ours here)
+        ref = NanoGPT(66, blk, s["n_layer"], s["n_head"], s["n_embd"])
         opt = ref.optimizer()
-        data65 = np.minimum(raw, 64).astype(np.uint16)
-        dt, k = timed(lambda ref=ref, opt=opt, d=data65, b=bs, t=blk: train_step(ref, opt, d, b, t), args.seconds, warm)
         n_params = sum(p.numel() for p in ref.parameters()) - ref.wpe.weight.numel()
-        flops_tok = 6 * n_params + 12 * s["n_layer"] * blk * s["n_embd"]
-        base = tokens / dt
-        rows = [("nanoGPT eager fp32", dt, base, flops_tok * base / peak32)]
+        configs = {"nanoGPT eager fp32": (lambda ref=ref, opt=opt, b=bs, t=blk: train_step(ref, opt, raw, b, t),
+                                          6 * n_params + 12 * s["n_layer"] * blk * s["n_embd"], "fp32")}
         variants = [("lmforge fp32", "fp32", False), ("lmforge bf16", "bf16", False)]
         if args.compile:
             variants += [("lmforge compile fp32", "fp32", True), ("lmforge compile bf16", "bf16", True)]
@@ -96,10 +93,22 @@ def main() -> None:
                               progress=False, model_args=dict(n_layer=s["n_layer"], n_head=s["n_head"],
                                                                n_embd=s["n_embd"], block_size=blk))
             tr = Trainer(cfg)
-            dt, k = timed(tr.train_step, args.seconds, warm + (2 if comp else 0))
-            fl = tr.model.flops_per_token()
+            for _ in range(3 if comp else 1):  # compile happens here, outside the timing
+                tr.train_step()
+            configs[label] = (tr.train_step, tr.model.flops_per_token(), dtype)
+        # Interleave: every configuration is timed in each of `rounds` rounds, and the median round counts,
+        # so a slow patch of the machine hits all of them alike.
+        times: dict[str, list[float]] = {k: [] for k in configs}
+        for _ in range(args.rounds):
+            for label, (step, _, _) in configs.items():
+                dt, _ = timed(step, args.seconds / args.rounds, 1)
+                times[label].append(dt)
+        rows = []
+        for label, (_, fl, dtype) in configs.items():
+            dt = float(np.median(times[label]))
             tps = tokens / dt
             rows.append((label, dt, tps, fl * tps / (peak16 if dtype == "bf16" else peak32)))
+        base = rows[0][2]
         print(f"\nshape {name}: {s['n_layer']}L/{s['n_head']}H/{s['n_embd']}d block {blk} batch {bs}")
         print(f"  {'config':24s} {'ms/iter':>8s} {'tokens/s':>10s} {'MFU':>6s} {'vs nanoGPT':>10s}")
         for label, dt, tps, mfu in rows:
