@@ -60,7 +60,8 @@ def test_contiguous_split_matches_nanogpt(tmp_path: Path) -> None:
 def test_bpe_prepare(tmp_path: Path, corpus_dir: Path) -> None:
     meta = prepare(PrepareConfig(corpus=str(corpus_dir), out=str(tmp_path / "bpe"), tokenizer="bpe",
                                  vocab_size=400), progress=False)
-    assert meta["tokenizer"]["kind"] == "bpe" and meta["tokenizer"]["vocab_size"] == 400
+    # at most the asked size (fewer when the text has fewer pairs worth merging twice)
+    assert meta["tokenizer"]["kind"] == "bpe" and 257 < meta["tokenizer"]["vocab_size"] <= 400
     assert meta["splits"]["train"]["tokens"] < meta["splits"]["train"]["bytes"]  # merges compress
 
 
