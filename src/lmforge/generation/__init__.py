@@ -197,9 +197,12 @@ def generate_text(model: LanguageModel, prompt: str | list[str], max_new_tokens:
                 streamer(new)
             return stop_all
 
-        outs = generate_ids(model, tok.encode(p), cfg, on_token)
+        prompt_ids = tok.encode(p)
+        head = tok.decode(prompt_ids)
+        outs = generate_ids(model, prompt_ids, cfg, on_token)
         for ids in outs:
-            text = tok.decode(ids)
+            # decode with the prompt, then drop it: word-level tokenizers put the space between them
+            text = tok.decode(prompt_ids + ids)[len(head):] if prompt_ids else tok.decode(ids)
             if cfg.stop:
                 text = _cut_at_stop(text, cfg.stop)[0]
             results.append(p + text if return_full_text else text)

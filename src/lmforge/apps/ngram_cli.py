@@ -1,0 +1,150 @@
+"""Command-line pieces for n-gram models: training, ARPA export/import, and KenLM-style query."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data import TokenData
+from ..errors import LMForgeError
+from ..models.ngram import SMOOTHINGS, NGramModel
+from ..utils import atomic_write_json
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("n-gram models (--model ngram)")
+    g.add_argument("--order", type=int, default=3, help="n-gram order (default 3)")
+    g.add_argument("--smoothing", default="modified-kneser-ney", help=f"one of {', '.join(SMOOTHINGS)}")
+    g.add_argument("--add-k", type=float, default=1.0, help="k for add-k smoothing (default 1: Laplace)")
+    g.add_argument("--discount-fallback", action="store_true",
+                   help="use discounts 0.5 1 1.5 when they cannot be estimated (KenLM's --discount_fallback)")
+
+
+def train_ngram(data_dir: str, out: str, order: int = 3, smoothing: str = "modified-kneser-ney",
+                k: float = 1.0, discount_fallback: bool = False, verbose: bool = True) -> dict[str, Any]:
+    """Count and smooth on the train split, save the run directory, report val perplexity."""
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise LMForgeError(f"run directory {out_dir} already exists; choose another --out")
+    td = TokenData(data_dir)
+    tok = td.tokenizer
+    t0 = time.perf_counter()
+    stream = np.asarray(td.split("train").read(0, len(td.split("train"))))
+    model = NGramModel.train(stream, order, tok.vocab_size, eos=tok.eot_id, bos=getattr(tok, "bos_id", None),
+                             unk=getattr(tok, "unk_id", None), smoothing=smoothing, k=k,
+                             discount_fallback=discount_fallback)
+    secs = time.perf_counter() - t0
+    model.tokenizer = tok
+    model.save_pretrained(out_dir)
+    metrics: dict[str, Any] = {"build_seconds": secs, "train_tokens": int(len(stream)),
+                               "ngram_counts": model.meta["counts"], "discounts": model.meta["discounts"]}
+    if td.has_split("val"):
+        res = model.evaluate(td, split="val")
+        metrics.update(val_loss=res["loss"], val_perplexity=res["perplexity"], val_bits_per_byte=res["bits_per_byte"])
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / "data.json", {"data": str(Path(data_dir).resolve()),
+                                              "corpus_sha256": td.meta["corpus"]["sha256"]})
+    if verbose:
+        counts = ", ".join(f"{n + 1}-grams {c:,}" for n, c in enumerate(model.meta["counts"]))
+        print(f"built a {order}-gram {smoothing} model in {secs:.2f}s from {len(stream):,} tokens: {counts}")
+        if "val_perplexity" in metrics:
+            print(f"val perplexity {metrics['val_perplexity']:.3f}, {metrics['val_bits_per_byte']:.4f} bits/byte")
+        print(f"saved {out_dir}")
+    return metrics
+
+
+def train_ngram_from_args(a: argparse.Namespace) -> dict[str, Any]:
+    return train_ngram(a.data, a.out, order=a.order, smoothing=a.smoothing, k=a.add_k,
+                       discount_fallback=a.discount_fallback)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from ..hub.arpa import export_arpa
+    from ..models import load_model
+
+    model = load_model(a.run)
+    if not isinstance(model, NGramModel):
+        raise LMForgeError(f"{a.run} is a {model.model_type} model, not an n-gram model")
+    export_arpa(model, a.file)
+    print(f"wrote {a.file}")
+    return 0
+
+
+def cmd_import(a: argparse.Namespace) -> int:
+    from ..hub.arpa import import_arpa
+    from ..tokenizers import load_tokenizer
+
+    tok = load_tokenizer(a.tokenizer_from) if a.tokenizer_from else None
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        raise LMForgeError(f"{out} already exists; choose another --out")
+    model = import_arpa(a.file, tok)
+    model.save_pretrained(out)
+    print(f"imported a {model.order}-gram model ({', '.join(map(str, model.meta['counts']))} n-grams) -> {out}")
+    return 0
+
+
+def cmd_query(a: argparse.Namespace) -> int:
+    """Like KenLM's query: per-sentence log10 probability with the n-gram length used per word."""
+    import torch
+
+    from ..models import load_model
+
+    model = load_model(a.run)
+    if not isinstance(model, NGramModel) or model.tokenizer is None:
+        raise LMForgeError(f"{a.run} is not an n-gram model with a tokenizer")
+    tok = model.tokenizer
+    total = total_oov = 0.0
+    n_tokens = n_oov = 0
+    unk = getattr(tok, "unk_id", None)
+    for line in sys.stdin:
+        ids = tok.encode(line.rstrip("\n") + "\n")  # every query line is a sentence: </s> is scored
+        if not ids:
+            continue
+        ctx = np.concatenate([[model.eos], ids[:-1]]) if len(ids) > 1 else np.array([model.eos])
+        hist = model.init_state(1).numpy()[0]
+        lp, matched = model.score_stream(np.concatenate([hist, ctx]), np.array(ids))
+        lp10 = lp / math.log(10)
+        parts = []
+        oov = 0
+        for i, (w, l, n) in enumerate(zip(ids, lp10, matched)):
+            word = "</s>" if w == model.eos else tok.id_to_token(w)
+            if w == unk:
+                word, oov = line.split()[i] if tok.kind == "word" and i < len(line.split()) else "<unk>", oov + 1
+                total_oov += l
+            parts.append(f"{word}={w if w != unk else 0} {n} {l:.7g}")
+        s = float(lp10.sum())
+        print("\t".join(parts) + f"\tTotal: {s:.7g} OOV: {oov}")
+        total += s
+        n_tokens += len(ids)
+        n_oov += oov
+    if n_tokens:
+        print(f"Perplexity including OOVs:\t{10 ** (-total / n_tokens):.7g}")
+        kept = n_tokens - n_oov
+        print(f"Perplexity excluding OOVs:\t{10 ** (-(total - total_oov) / max(kept, 1)):.7g}")
+        print(f"OOVs:\t{n_oov}\nTokens:\t{n_tokens}")
+    del torch
+    return 0
+
+
+def add_ngram_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ngram", help="n-gram tools: ARPA export/import, KenLM-style query")
+    s = p.add_subparsers(dest="ngram_command", metavar="ACTION", required=True)
+    e = s.add_parser("export", help="write an n-gram run as an ARPA file")
+    e.add_argument("run")
+    e.add_argument("file")
+    e.set_defaults(func=cmd_export)
+    i = s.add_parser("import", help="read an ARPA file into a run directory")
+    i.add_argument("file")
+    i.add_argument("--out", required=True)
+    i.add_argument("--tokenizer-from", default=None, help="a data or run directory whose tokenizer the ARPA uses")
+    i.set_defaults(func=cmd_import)
+    q = s.add_parser("query", help="score sentences from standard input, like KenLM's query")
+    q.add_argument("run")
+    q.set_defaults(func=cmd_query)
