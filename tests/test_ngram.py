@@ -223,3 +223,31 @@ def test_modified_kn_discount_estimator() -> None:
     a = np.array([1] * 10 + [2] * 5 + [3] * 3 + [4] * 2 + [7] * 4, dtype=float)
     # Y = 10 / (10 + 2*5) = 0.5;  D1 = 1 - 2Y*5/10 = 0.5;  D2 = 2 - 3Y*3/5 = 1.1;  D3+ = 3 - 4Y*2/3
     assert modified_kn_discounts(a, 2, False) == pytest.approx((0.5, 1.1, 3 - 4 * 0.5 * 2 / 3))
+
+
+def _lmplz() -> str | None:
+    import os
+    import shutil
+
+    return os.environ.get("LMPLZ") or shutil.which("lmplz")
+
+
+@pytest.mark.skipif(_lmplz() is None, reason="KenLM's lmplz is not installed (set LMPLZ=/path/to/lmplz)")
+def test_same_probabilities_as_lmplz(tmp_path: Path, tiny_text: str) -> None:
+    import subprocess
+
+    kenlm = pytest.importorskip("kenlm")
+    lines = [" ".join(ln.split()) for ln in tiny_text.splitlines() if ln.split()]
+    train, test = "\n".join(lines[:900]) + "\n", lines[900:]
+    (tmp_path / "train.txt").write_text(train)
+    with open(tmp_path / "train.txt") as src, open(tmp_path / "lmplz.arpa", "w") as dst:
+        subprocess.run([_lmplz(), "-o", "3", "-S", "200M", "--discount_fallback"], stdin=src, stdout=dst,
+                       stderr=subprocess.DEVNULL, check=True)
+    k = kenlm.Model(str(tmp_path / "lmplz.arpa"))
+    m = build(3, "modified-kneser-ney", text=train, discount_fallback=True)
+    tok = m.tokenizer
+    for line in test:
+        ids = np.array(tok.encode(line + "\n"))
+        ctx = np.concatenate([[tok.eot_id], ids[:-1]])
+        ours = m.score(torch.from_numpy(ctx[None]), torch.from_numpy(ids[None]))[0].sum().item() / math.log(10)
+        assert ours == pytest.approx(k.score(line, bos=True, eos=True), abs=1e-4)
