@@ -74,12 +74,36 @@ class LanguageModel:
         raise NotImplementedError(f"{type(self).__name__} does not support state reordering")
 
     # --- persistence --------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
-        raise NotImplementedError
+    #: the config dataclass of a torch model (with to_dict/from_dict); families without one override
+    #: save_pretrained/from_pretrained (n-grams)
+    config_class: Any = None
+
+    def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
+        """config.json (model_type + config), model.safetensors and tokenizer.json, like Hugging Face."""
+        from ..hub.checkpoint import save_weights
+        from ..utils import atomic_write_json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_weights(self, directory / "model.safetensors")  # type: ignore[arg-type]
+        atomic_write_json(directory / "config.json",
+                          {"model_type": self.model_type, **self.config.to_dict()})  # type: ignore[attr-defined]
+        if save_tokenizer and self.tokenizer is not None:
+            self.tokenizer.save(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanguageModel:
-        raise NotImplementedError
+        from ..hub.checkpoint import load_weights
+        from ..tokenizers import load_tokenizer
+        from ..utils import read_json
+
+        directory = Path(directory)
+        model = cls(cls.config_class.from_dict(read_json(directory / "config.json", "model config")))  # type: ignore
+        load_weights(model, directory / "model.safetensors")  # type: ignore[arg-type]
+        model.eval()  # type: ignore[attr-defined]
+        if (directory / "tokenizer.json").exists():
+            model.tokenizer = load_tokenizer(directory)
+        return model
 
     def num_parameters(self) -> int:
         if isinstance(self, torch.nn.Module):

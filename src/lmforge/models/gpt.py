@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,6 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class GPT(nn.Module, LanguageModel):
     model_type = "gpt"
+    config_class = GPTConfig
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -212,30 +212,3 @@ class GPT(nn.Module, LanguageModel):
         c = self.config
         n = self.num_parameters() - (self.wpe.weight.numel() if c.pos == "learned" else 0)
         return 6 * n + 12 * c.n_layer * c.block_size * c.n_embd
-
-    # --- persistence ---------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
-        from ..hub.checkpoint import save_weights
-        from ..utils import atomic_write_json
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_weights(self, directory / "model.safetensors")
-        atomic_write_json(directory / "config.json", {"model_type": self.model_type, **self.config.to_dict()})
-        if save_tokenizer and self.tokenizer is not None:
-            self.tokenizer.save(directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> GPT:
-        from ..hub.checkpoint import load_weights
-        from ..tokenizers import load_tokenizer
-        from ..utils import read_json
-
-        directory = Path(directory)
-        cfg = read_json(directory / "config.json", "model config")
-        model = cls(GPTConfig.from_dict(cfg))
-        load_weights(model, directory / "model.safetensors")
-        model.eval()
-        if (directory / "tokenizer.json").exists():
-            model.tokenizer = load_tokenizer(directory)
-        return model

@@ -14,7 +14,6 @@ the LSTM equations for the tests and the benchmark.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,6 +96,7 @@ class LSTMCellRef(nn.Module):
 
 class RNNLM(nn.Module, LanguageModel):
     model_type = "rnn"
+    config_class = RNNConfig
     stateful = True  # the trainer carries the state across windows (TBPTT)
 
     def __init__(self, config: RNNConfig) -> None:
@@ -210,32 +210,6 @@ class RNNLM(nn.Module, LanguageModel):
 
     def flops_per_token(self) -> float:
         return 6.0 * self.num_parameters()
-
-    # --- persistence ---------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
-        from ..hub.checkpoint import save_weights
-        from ..utils import atomic_write_json
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_weights(self, directory / "model.safetensors")
-        atomic_write_json(directory / "config.json", {"model_type": self.model_type, **self.config.to_dict()})
-        if save_tokenizer and self.tokenizer is not None:
-            self.tokenizer.save(directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> RNNLM:
-        from ..hub.checkpoint import load_weights
-        from ..tokenizers import load_tokenizer
-        from ..utils import read_json
-
-        directory = Path(directory)
-        model = cls(RNNConfig.from_dict(read_json(directory / "config.json", "model config")))
-        load_weights(model, directory / "model.safetensors")
-        model.eval()
-        if (directory / "tokenizer.json").exists():
-            model.tokenizer = load_tokenizer(directory)
-        return model
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)

@@ -11,6 +11,17 @@ matplotlib.use("Agg")  # headless: write PNG files, never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig: plt.Figure, png: str | Path) -> Path:
+    """Write the figure atomically (a half-written PNG never replaces a good one)."""
+    fig.tight_layout()
+    png = Path(png)
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png)
+    return png
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     out = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
@@ -41,13 +52,7 @@ def plot_loss_curve(metrics: str | Path, png: str | Path, title: str = "loss") -
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    png = Path(png)
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    return _save(fig, png)
 
 
 def plot_comparison(rows: list[dict], png: str | Path, title: str = "") -> Path:
@@ -73,10 +78,4 @@ def plot_comparison(rows: list[dict], png: str | Path, title: str = "") -> Path:
     if any(r.get("val_curve") for r in rows):
         b.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    png = Path(png)
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    return _save(fig, png)
