@@ -124,3 +124,13 @@ def test_schedule_shapes() -> None:
 def test_no_budget_is_an_error(tmp_path: Path, char_data: Path) -> None:
     with pytest.raises(LMForgeError, match="budget"):
         Trainer(tiny_train_config(char_data, tmp_path / "r", max_steps=None))
+
+
+@pytest.mark.slow
+def test_torch_compile_option(tmp_path: Path, char_data: Path) -> None:
+    """--compile runs the same model through torch.compile (inductor builds C++ kernels: slow to start)."""
+    shape = dict(n_layer=1, n_head=2, n_embd=16, block_size=16)
+    a = train(tiny_train_config(char_data, tmp_path / "a", max_steps=3, eval_interval=3, model_args=shape))
+    b = train(tiny_train_config(char_data, tmp_path / "b", max_steps=3, eval_interval=3, model_args=shape,
+                                compile=True))
+    assert b.step == 3 and b.train_loss == pytest.approx(a.train_loss, rel=1e-3)
