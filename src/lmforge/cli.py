@@ -289,7 +289,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Build, train, evaluate and run language models: "
-                                     "n-grams, LSTMs, GPTs and seq2seq Transformers.")
+                                     "n-grams, RNNs/LSTMs and GPTs.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(sub)

@@ -218,7 +218,7 @@ class Trainer:
         bar = tqdm(total=round(total) if by_time else cfg.max_steps,
                    initial=round(self.train_time) if by_time else self.step,
                    unit="s" if by_time else "step", desc=f"train {self.run_dir.name}", disable=not cfg.progress,
-                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] "
+                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}]"
                    "{postfix}")
         window_tokens, window_time = 0, 0.0
         try:
