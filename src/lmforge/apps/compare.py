@@ -52,8 +52,9 @@ class ModelSpec:
             return cls(family, arg)
         from ..models import model_class
 
-        presets = getattr(__import__(model_class(family).__module__, fromlist=["PRESETS"]), "PRESETS", {})
-        arg = arg or next(iter(presets), "")
+        cls_ = model_class(family)
+        presets = cls_.presets
+        arg = arg or cls_.default_preset
         if arg not in presets:
             raise LMForgeError(f"unknown {family} preset {arg!r} in --models {text!r}; choose from "
                                f"{', '.join(presets)}")
@@ -111,7 +112,7 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
         model = load_model(run)
         res = model.evaluate(td, split=split, max_tokens=eval_max_tokens)
         rows.append({
-            "model": spec.name, "family": spec.family, "parameters": _n_params(model, run),
+            "model": spec.name, "family": spec.family, "parameters": model.num_parameters(),
             "train_seconds": round(train_info["train_seconds"], 1), "tokens_seen": train_info["tokens_seen"],
             "test_loss": res["loss"], "test_perplexity": res["perplexity"], "bits_per_byte": res["bits_per_byte"],
             "train_tokens_per_s": train_info["tokens_per_s"], "gen_tokens_per_s": generation_speed(model),
@@ -120,15 +121,6 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
         print(f"   {spec.name}: {res['bits_per_byte']:.4f} bits/byte on {split}")
     write_reports(rows, out_dir, Path(data).name, budget)
     return rows
-
-
-def _n_params(model: Any, run: Path) -> int:
-    n = model.num_parameters()
-    if n:
-        return n
-    cfg = json.loads((run / "config.json").read_text())
-    counts = cfg.get("counts") or cfg.get("ngram_counts") or []
-    return int(sum(counts)) if isinstance(counts, list) else 0
 
 
 def _existing_train_info(run: Path) -> dict[str, Any]:

@@ -92,8 +92,6 @@ def cmd_import(a: argparse.Namespace) -> int:
 
 def cmd_query(a: argparse.Namespace) -> int:
     """Like KenLM's query: per-sentence log10 probability with the n-gram length used per word."""
-    import torch
-
     from ..models import load_model
 
     model = load_model(a.run)
@@ -129,7 +127,6 @@ def cmd_query(a: argparse.Namespace) -> int:
         kept = n_tokens - n_oov
         print(f"Perplexity excluding OOVs:\t{10 ** (-(total - total_oov) / max(kept, 1)):.7g}")
         print(f"OOVs:\t{n_oov}\nTokens:\t{n_tokens}")
-    del torch
     return 0
 
 

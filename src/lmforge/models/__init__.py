@@ -29,7 +29,7 @@ def model_class(model_type: str) -> type[LanguageModel]:
 def create_model(model_type: str, vocab_size: int, preset: str | None = None, **overrides) -> LanguageModel:
     """A freshly initialised model of a family from a preset plus overrides (``None`` values ignored)."""
     cls = model_class(model_type)
-    if not hasattr(cls, "from_preset"):
+    if not cls.presets:
         raise LMForgeError(f"model type {model_type!r} is not trained by gradient descent; see lmforge train --help")
     return cls.from_preset(preset, vocab_size, **{k: v for k, v in overrides.items() if v is not None})
 

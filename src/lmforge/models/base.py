@@ -78,6 +78,31 @@ class LanguageModel:
     #: save_pretrained/from_pretrained (n-grams)
     config_class: Any = None
 
+    #: named configurations (``--preset``) and the one used when none is given
+    presets: dict[str, dict[str, Any]] = {}
+    default_preset: str = ""
+
+    @classmethod
+    def preset_fields(cls) -> dict[str, Any]:
+        """Config fields fixed by the class itself (e.g. the recurrent cell of LSTMLM)."""
+        return {}
+
+    @classmethod
+    def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> LanguageModel:
+        """A fresh model: the preset's config, then ``overrides``, for a vocabulary of ``vocab_size``."""
+        from dataclasses import fields
+
+        from ..errors import LMForgeError
+
+        preset = preset or cls.default_preset
+        if preset not in cls.presets:
+            raise LMForgeError(f"unknown {cls.model_type} preset {preset!r}; choose one of {', '.join(cls.presets)}")
+        unknown = set(overrides) - {f.name for f in fields(cls.config_class)}
+        if unknown:
+            raise LMForgeError(f"unknown {cls.model_type} option(s) {', '.join(sorted(unknown))}")
+        cfg = {**cls.presets[preset], **cls.preset_fields(), **overrides, "vocab_size": vocab_size}
+        return cls(cls.config_class(**cfg))  # type: ignore[call-arg]
+
     def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
         """config.json (model_type + config), model.safetensors and tokenizer.json, like Hugging Face."""
         from ..hub.checkpoint import save_weights

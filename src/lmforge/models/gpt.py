@@ -90,6 +90,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 class GPT(nn.Module, LanguageModel):
     model_type = "gpt"
     config_class = GPTConfig
+    presets = PRESETS
+    default_preset = "tiny"
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -127,17 +129,6 @@ class GPT(nn.Module, LanguageModel):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
-
-    @classmethod
-    def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> GPT:
-        preset = preset or "tiny"
-        if preset not in PRESETS:
-            raise LMForgeError(f"unknown gpt preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        names = {f.name for f in fields(GPTConfig)}
-        unknown = set(overrides) - names
-        if unknown:
-            raise LMForgeError(f"unknown gpt option(s) {', '.join(sorted(unknown))}")
-        return cls(GPTConfig(**{**PRESETS[preset], **overrides, "vocab_size": vocab_size}))
 
     # --- the model -----------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,

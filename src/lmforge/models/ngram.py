@@ -122,7 +122,6 @@ class NGramModel(LanguageModel):
             first.append(np.flatnonzero(valid)[first_idx])
         counts = [np.bincount(ids[n][ids[n] >= 0], minlength=len(keys[n])).astype(np.float64)
                   for n in range(order)]
-        counts[0][bos] = counts[0][bos]  # <s> is counted (as a context) but never predicted
         # adjusted counts for Kneser-Ney (continuation counts), see the module docstring
         adj = [c.copy() for c in counts]
         if kn:

@@ -97,6 +97,8 @@ class LSTMCellRef(nn.Module):
 class RNNLM(nn.Module, LanguageModel):
     model_type = "rnn"
     config_class = RNNConfig
+    presets = PRESETS
+    default_preset = "small"
     stateful = True  # the trainer carries the state across windows (TBPTT)
 
     def __init__(self, config: RNNConfig) -> None:
@@ -117,16 +119,8 @@ class RNNLM(nn.Module, LanguageModel):
         self.eot_id: int | None = None  # set from the tokenizer: where the state is reset
 
     @classmethod
-    def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> RNNLM:
-        preset = preset or "small"
-        if preset not in PRESETS:
-            raise LMForgeError(f"unknown {cls.model_type} preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        names = {f.name for f in fields(RNNConfig)}
-        unknown = set(overrides) - names
-        if unknown:
-            raise LMForgeError(f"unknown {cls.model_type} option(s) {', '.join(sorted(unknown))}")
-        cell = {"lstm": "lstm", "gru": "gru", "rnn": "rnn"}[cls.model_type]
-        return cls(RNNConfig(**{**PRESETS[preset], "cell": cell, **overrides, "vocab_size": vocab_size}))
+    def preset_fields(cls) -> dict[str, Any]:
+        return {"cell": cls.model_type}  # rnn | gru | lstm
 
     # --- state ---------------------------------------------------------------------------------
     def init_state(self, batch_size: int, max_length: int = 0) -> RNNState:
