@@ -53,7 +53,10 @@ class ModelSpec:
         from ..models import model_class
 
         cls_ = model_class(family)
-        presets = cls_.presets
+        presets = getattr(cls_, "presets", {})
+        if not presets:
+            raise LMForgeError(f"--models {text!r}: {family} checkpoints are loaded, not trained; compare trains "
+                               "gpt, lstm, gru, rnn and ngram")
         arg = arg or cls_.default_preset
         if arg not in presets:
             raise LMForgeError(f"unknown {family} preset {arg!r} in --models {text!r}; choose from "

@@ -16,6 +16,11 @@ MODEL_REGISTRY: dict[str, str] = {
     "lstm": "lmforge.models.rnn:LSTMLM",
     "gru": "lmforge.models.rnn:GRULM",
     "rnn": "lmforge.models.rnn:RNNLM",
+    # Hugging Face checkpoint directories, read into lmforge's GPT
+    "gpt2": "lmforge.hub.hf:HFCheckpoint",
+    "llama": "lmforge.hub.hf:HFCheckpoint",
+    "mistral": "lmforge.hub.hf:HFCheckpoint",
+    "qwen2": "lmforge.hub.hf:HFCheckpoint",
 }
 
 
@@ -29,7 +34,7 @@ def model_class(model_type: str) -> type[LanguageModel]:
 def create_model(model_type: str, vocab_size: int, preset: str | None = None, **overrides) -> LanguageModel:
     """A freshly initialised model of a family from a preset plus overrides (``None`` values ignored)."""
     cls = model_class(model_type)
-    if not cls.presets:
+    if not getattr(cls, "presets", None):
         raise LMForgeError(f"model type {model_type!r} is not trained by gradient descent; see lmforge train --help")
     return cls.from_preset(preset, vocab_size, **{k: v for k, v in overrides.items() if v is not None})
 

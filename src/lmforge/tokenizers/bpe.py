@@ -22,12 +22,13 @@ MIN_VOCAB = 256 + 1 + 1  # the byte alphabet, <|endoftext|>, and at least one me
 class BPETokenizer(Tokenizer):
     kind = "bpe"
 
-    def __init__(self, hf: HFTokenizer) -> None:
+    def __init__(self, hf: HFTokenizer, eot: str | int | None = None) -> None:
+        """``eot``: the end-of-text token (text or id); default ``<|endoftext|>`` (lmforge's and GPT-2's)."""
         self.hf = hf
-        eot = hf.token_to_id(EOT)
-        if eot is None:
-            raise LMForgeError(f"BPE tokenizer has no {EOT} token; retrain it with lmforge prepare")
-        self._eot = eot
+        eot_id = eot if isinstance(eot, int) else hf.token_to_id(eot or EOT)
+        if eot_id is None:
+            raise LMForgeError(f"BPE tokenizer has no {eot or EOT} token; retrain it with lmforge prepare")
+        self._eot = eot_id
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2,

@@ -1,0 +1,181 @@
+"""Hugging Face checkpoint directories (GPT-2 and Llama-family) loaded into lmforge's own GPT.
+
+No ``transformers`` at run time: ``config.json`` is mapped onto :class:`GPTConfig` and the safetensors
+weights (single file or sharded with an index) are renamed onto lmforge's modules:
+
+* GPT-2: learned positions, LayerNorm with biases, GELU (tanh approximation), tied head; its ``Conv1D``
+  weights are stored (in, out) and are transposed.
+* Llama, Mistral, Qwen2 (and SmolLM, which is Llama): RoPE (theta, linear scaling), RMSNorm (eps),
+  SwiGLU (gate and up projections fused into one matrix), grouped-query attention, tied or untied head,
+  Qwen2's QKV biases. Hugging Face's RoPE convention ("rotate half") is lmforge's, so q/k need no permutation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LMForgeError
+from ..models.gpt import GPT, GPTConfig
+from ..utils import read_json
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+SUPPORTED = ("gpt2", *LLAMA_LIKE)
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(read_json(index, "safetensors index")["weight_map"].values()))
+    elif (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise LMForgeError(f"{directory} has no model.safetensors (nor a sharded index); only safetensors "
+                           "checkpoints are read")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not (directory / f).exists():
+            raise LMForgeError(f"{directory}: weight shard {f} named in the index is missing")
+        try:
+            out.update(load_file(str(directory / f)))
+        except (SafetensorError, OSError) as e:
+            raise LMForgeError(f"{directory / f} is truncated or corrupted ({str(e)[:80]})") from None
+    return out
+
+
+def gpt_config_from_hf(cfg: dict[str, Any]) -> GPTConfig:
+    mt = cfg.get("model_type")
+    if mt == "gpt2":
+        act = cfg.get("activation_function", "gelu_new")
+        return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg.get("n_positions", 1024),
+                         n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], bias=True,
+                         mlp="gelu" if act == "gelu" else "gelu_tanh", norm="layernorm",
+                         norm_eps=cfg.get("layer_norm_epsilon", 1e-5), pos="learned",
+                         tie_embeddings=cfg.get("tie_word_embeddings", True), extra={"hf_model_type": mt})
+    if mt in LLAMA_LIKE:
+        d, h = cfg["hidden_size"], cfg["num_attention_heads"]
+        if cfg.get("head_dim") not in (None, d // h):
+            raise LMForgeError(f"unsupported: head_dim {cfg['head_dim']} != hidden_size / heads ({d // h})")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise LMForgeError(f"unsupported activation {act!r} (only SwiGLU with silu)")
+        scaling = cfg.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "default"):
+            raise LMForgeError(f"unsupported rope_scaling {scaling!r} (linear only)")
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
+            scaling = {"type": "linear", "factor": scaling["factor"]}
+        else:
+            scaling = None
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg.get("max_position_embeddings", 2048),
+                         n_layer=cfg["num_hidden_layers"], n_head=h,
+                         n_kv_head=cfg.get("num_key_value_heads") or h, n_embd=d,
+                         mlp_hidden=cfg["intermediate_size"], mlp="swiglu", norm="rmsnorm",
+                         norm_eps=cfg.get("rms_norm_eps", 1e-6), pos="rope", rope_theta=float(theta),
+                         rope_scaling=scaling, bias=False,
+                         qkv_bias=True if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
+                         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                         extra={"hf_model_type": mt})
+    raise LMForgeError(f"unsupported architecture {mt!r}; lmforge reads {', '.join(SUPPORTED)}")
+
+
+def _strip(t: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in t.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v
+    return out
+
+
+def gpt_state_dict_from_hf(cfg: GPTConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    mt = cfg.extra["hf_model_type"]
+    sd: dict[str, torch.Tensor] = {}
+
+    def need(key: str) -> torch.Tensor:
+        if key not in t:
+            raise LMForgeError(f"checkpoint is missing tensor {key!r} for a {mt} model")
+        return t[key].float()
+
+    if mt == "gpt2":
+        t = _strip(t, ("transformer.",))
+        sd["wte.weight"], sd["wpe.weight"] = need("wte.weight"), need("wpe.weight")
+        for i in range(cfg.n_layer):
+            p, q = f"h.{i}.", f"blocks.{i}."
+            for a, b in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
+                sd[q + b + ".weight"], sd[q + b + ".bias"] = need(p + a + ".weight"), need(p + a + ".bias")
+            for a, b in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"),
+                         ("mlp.c_proj", "mlp.proj")):
+                sd[q + b + ".weight"] = need(p + a + ".weight").t().contiguous()  # Conv1D is (in, out)
+                sd[q + b + ".bias"] = need(p + a + ".bias")
+        sd["ln_f.weight"], sd["ln_f.bias"] = need("ln_f.weight"), need("ln_f.bias")
+        if not cfg.tie_embeddings:
+            sd["lm_head.weight"] = need("lm_head.weight")
+        return sd
+    lm_head = t.get("lm_head.weight")
+    t = _strip(t, ("model.",))
+    sd["wte.weight"] = need("embed_tokens.weight")
+    for i in range(cfg.n_layer):
+        p, q = f"layers.{i}.", f"blocks.{i}."
+        sd[q + "ln_1.weight"] = need(p + "input_layernorm.weight")
+        sd[q + "ln_2.weight"] = need(p + "post_attention_layernorm.weight")
+        sd[q + "attn.qkv.weight"] = torch.cat([need(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        if cfg.qkv_bias:
+            sd[q + "attn.qkv.bias"] = torch.cat([need(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+        sd[q + "attn.proj.weight"] = need(p + "self_attn.o_proj.weight")
+        sd[q + "mlp.fc.weight"] = torch.cat([need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight")])
+        sd[q + "mlp.proj.weight"] = need(p + "mlp.down_proj.weight")
+    sd["ln_f.weight"] = need("norm.weight")
+    if not cfg.tie_embeddings:
+        if lm_head is None:
+            raise LMForgeError("checkpoint has untied embeddings but no lm_head.weight")
+        sd["lm_head.weight"] = lm_head.float()
+    return sd
+
+
+def load_hf_tokenizer(directory: Path):  # noqa: ANN201
+    from ..tokenizers.bpe import BPETokenizer
+
+    if not (directory / "tokenizer.json").exists():
+        return None
+    from tokenizers import Tokenizer as HFTokenizer
+
+    eos = None
+    for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
+        p = directory / name
+        if p.exists():
+            c = json.loads(p.read_text(encoding="utf-8"))
+            tok = c.get("eos_token")
+            eos = (tok.get("content") if isinstance(tok, dict) else tok) if tok else None
+            if eos is None and isinstance(c.get("eos_token_id"), int):
+                eos = c["eos_token_id"]
+            if eos is not None:
+                break
+    return BPETokenizer(HFTokenizer.from_file(str(directory / "tokenizer.json")), eot=eos)
+
+
+class HFCheckpoint:
+    """Registry entry for Hugging Face model types: ``from_pretrained`` returns an lmforge GPT."""
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> GPT:
+        directory = Path(directory)
+        cfg = gpt_config_from_hf(read_json(directory / "config.json", "model config"))
+        model = GPT(cfg)
+        sd = gpt_state_dict_from_hf(cfg, read_safetensors(directory))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
+        if missing or unexpected:
+            raise LMForgeError(f"{directory}: weights do not match the config (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+        model.eval()
+        model.tokenizer = load_hf_tokenizer(directory)
+        return model

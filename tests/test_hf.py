@@ -1,0 +1,64 @@
+"""Hugging Face checkpoints (GPT-2, Llama, Qwen2) into lmforge's GPT: logits within 1e-4 and identical
+greedy decoding, against transformers (a dev dependency only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import load
+from lmforge.errors import LMForgeError
+from lmforge.generation import GenerationConfig, generate_ids
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_hf(kind: str):  # noqa: ANN201
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+        return transformers.GPT2LMHeadModel(cfg)
+    common = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=5000.0)
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False))
+    if kind == "llama-tied":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=True))
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-tied", "qwen2"])
+def test_logits_and_greedy_match_transformers(tmp_path: Path, kind: str) -> None:
+    hf = tiny_hf(kind).eval()
+    with torch.no_grad():  # random biases so Qwen2's QKV biases matter
+        for n, p in hf.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.02)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = load(tmp_path)
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        got, _ = ours(idx)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    prompt = idx[0, :5]
+    with torch.no_grad():
+        hf_out = hf.generate(prompt[None], max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                             pad_token_id=0)[0, 5:].tolist()
+    our_out = generate_ids(ours, prompt.tolist(), GenerationConfig(max_new_tokens=20, temperature=0,
+                                                                   ignore_eos=True))[0]
+    assert our_out == hf_out
+
+
+def test_missing_and_unsupported(tmp_path: Path) -> None:
+    hf = tiny_hf("gpt2")
+    hf.save_pretrained(tmp_path / "ok", safe_serialization=True)
+    (tmp_path / "ok" / "model.safetensors").unlink()
+    with pytest.raises(LMForgeError, match="no model.safetensors"):
+        load(tmp_path / "ok")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"model_type": "falcon"}')
+    with pytest.raises(LMForgeError, match="unknown model type 'falcon'"):
+        load(tmp_path / "odd")
