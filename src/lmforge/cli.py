@@ -287,6 +287,23 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a GPT run to Hugging Face format")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--format", default="hf", choices=["hf"], help="hf: loads in transformers' Auto classes")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .hub.export import export_hf
+    from .models import load_model
+
+    out = export_hf(load_model(a.run), a.out)  # type: ignore[arg-type]
+    print(f"exported {a.run} -> {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Build, train, evaluate and run language models: "
                                      "n-grams, RNNs/LSTMs and GPTs.")
@@ -298,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_generate(sub)
     _add_compare(sub)
+    _add_export(sub)
     try:
         from .apps import ngram_cli
 

@@ -63,8 +63,11 @@ def gpt_config_from_hf(cfg: dict[str, Any]) -> GPTConfig:
         if cfg.get("head_dim") not in (None, d // h):
             raise LMForgeError(f"unsupported: head_dim {cfg['head_dim']} != hidden_size / heads ({d // h})")
         act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise LMForgeError(f"unsupported activation {act!r} (only SwiGLU with silu)")
+        gelu = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
+        if act != "silu" and not (gelu and cfg.get("mlp_bias")):
+            raise LMForgeError(f"unsupported activation {act!r} (SwiGLU with silu, or lmforge's own GELU export)")
+        if act == "silu" and cfg.get("mlp_bias"):
+            raise LMForgeError("unsupported: biases in a SwiGLU MLP (mlp_bias)")
         scaling = cfg.get("rope_scaling")
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "default"):
             raise LMForgeError(f"unsupported rope_scaling {scaling!r} (linear only)")
@@ -76,7 +79,7 @@ def gpt_config_from_hf(cfg: dict[str, Any]) -> GPTConfig:
         return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg.get("max_position_embeddings", 2048),
                          n_layer=cfg["num_hidden_layers"], n_head=h,
                          n_kv_head=cfg.get("num_key_value_heads") or h, n_embd=d,
-                         mlp_hidden=cfg["intermediate_size"], mlp="swiglu", norm="rmsnorm",
+                         mlp_hidden=cfg["intermediate_size"], mlp=gelu or "swiglu", norm="rmsnorm",
                          norm_eps=cfg.get("rms_norm_eps", 1e-6), pos="rope", rope_theta=float(theta),
                          rope_scaling=scaling, bias=False,
                          qkv_bias=True if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
@@ -131,7 +134,14 @@ def gpt_state_dict_from_hf(cfg: GPTConfig, t: dict[str, torch.Tensor]) -> dict[s
         if cfg.qkv_bias:
             sd[q + "attn.qkv.bias"] = torch.cat([need(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
         sd[q + "attn.proj.weight"] = need(p + "self_attn.o_proj.weight")
-        sd[q + "mlp.fc.weight"] = torch.cat([need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight")])
+        if cfg.mlp == "swiglu":
+            sd[q + "mlp.fc.weight"] = torch.cat([need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight")])
+        else:  # lmforge's GELU MLP written as gelu(gate x) * (0 x + 1): check the "up" really is constant 1
+            up_w, up_b = need(p + "mlp.up_proj.weight"), need(p + "mlp.up_proj.bias")
+            if up_w.abs().max() > 0 or not torch.all(up_b == 1) or need(p + "mlp.gate_proj.bias").abs().max() > 0 \
+                    or need(p + "mlp.down_proj.bias").abs().max() > 0:
+                raise LMForgeError("unsupported: a gated GELU MLP (only lmforge's own ungated GELU export reads back)")
+            sd[q + "mlp.fc.weight"] = need(p + "mlp.gate_proj.weight")
         sd[q + "mlp.proj.weight"] = need(p + "mlp.down_proj.weight")
     sd["ln_f.weight"] = need("norm.weight")
     if not cfg.tie_embeddings:

@@ -1,0 +1,152 @@
+"""Export lmforge GPT runs to Hugging Face format (``AutoModelForCausalLM`` / ``AutoTokenizer`` load them).
+
+* learned positions + LayerNorm + GELU  -> GPT-2 (zero biases where lmforge has none; Conv1D (in, out) layout)
+* RoPE + RMSNorm                        -> Llama. SwiGLU maps directly; a plain GELU MLP is written exactly as
+  Llama's gated MLP with ``hidden_act="gelu"``, ``mlp_bias=True``, gate = lmforge's fc, and an "up"
+  projection with zero weights and bias 1 (so act(gate x) * 1), down = lmforge's projection.
+
+Tokenizers: byte-level BPE is already a ``tokenizer.json``; the character tokenizer becomes a Hugging Face BPE
+with no merges and ``byte_fallback`` (the same ids, the same <0xNN> fallback for unseen characters).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import LMForgeError
+from ..models.gpt import GPT
+from ..tokenizers import EOT, BPETokenizer, CharTokenizer
+from ..utils import atomic_write, atomic_write_json
+
+
+def hf_config_and_weights(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
+    c = model.config
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    hd = c.n_embd // c.n_head
+
+    def zeros(n: int) -> torch.Tensor:
+        return torch.zeros(n)
+
+    if c.pos == "learned" and c.norm == "layernorm" and c.mlp in ("gelu", "gelu_tanh"):
+        if (c.n_kv_head or c.n_head) != c.n_head:
+            raise LMForgeError("GPT-2 format has no grouped-query attention")
+        cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+               "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+               "activation_function": "gelu_new" if c.mlp == "gelu_tanh" else "gelu",
+               "layer_norm_epsilon": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
+               "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        w = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"]}
+        for i in range(c.n_layer):
+            p, q = f"blocks.{i}.", f"transformer.h.{i}."
+            for a in ("ln_1", "ln_2"):
+                w[q + a + ".weight"] = sd[p + a + ".weight"]
+                w[q + a + ".bias"] = sd.get(p + a + ".bias", zeros(c.n_embd))
+            for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
+                         ("mlp.proj", "mlp.c_proj")):
+                wt = sd[p + a + ".weight"]
+                w[q + b + ".weight"] = wt.t().contiguous()
+                w[q + b + ".bias"] = sd.get(p + a + ".bias", zeros(wt.shape[0]))
+        w["transformer.ln_f.weight"] = sd["ln_f.weight"]
+        w["transformer.ln_f.bias"] = sd.get("ln_f.bias", zeros(c.n_embd))
+        if not c.tie_embeddings:
+            w["lm_head.weight"] = sd["lm_head.weight"]
+        return cfg, w
+    if c.pos == "rope" and c.norm == "rmsnorm":
+        if c.rope_scaling:
+            raise LMForgeError("export of RoPE scaling is not supported")
+        kv = c.n_kv_head or c.n_head
+        gated = c.mlp == "swiglu"
+        cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": c.vocab_size,
+               "hidden_size": c.n_embd, "intermediate_size": c.hidden, "num_hidden_layers": c.n_layer,
+               "num_attention_heads": c.n_head, "num_key_value_heads": kv, "head_dim": hd,
+               "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+               "tie_word_embeddings": c.tie_embeddings, "attention_bias": bool(c.qkv_bias or c.bias),
+               "mlp_bias": (not gated) or c.bias,
+               "hidden_act": "silu" if gated else ("gelu_pytorch_tanh" if c.mlp == "gelu_tanh" else "gelu")}
+        w = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
+        for i in range(c.n_layer):
+            p, q = f"blocks.{i}.", f"model.layers.{i}."
+            w[q + "input_layernorm.weight"] = sd[p + "ln_1.weight"]
+            w[q + "post_attention_layernorm.weight"] = sd[p + "ln_2.weight"]
+            qw, kw, vw = sd[p + "attn.qkv.weight"].split([c.n_head * hd, kv * hd, kv * hd])
+            w[q + "self_attn.q_proj.weight"], w[q + "self_attn.k_proj.weight"] = qw, kw
+            w[q + "self_attn.v_proj.weight"] = vw
+            w[q + "self_attn.o_proj.weight"] = sd[p + "attn.proj.weight"]
+            if cfg["attention_bias"]:
+                qb = sd.get(p + "attn.qkv.bias", zeros((c.n_head + 2 * kv) * hd))
+                for x, t in zip("qkv", qb.split([c.n_head * hd, kv * hd, kv * hd])):
+                    w[q + f"self_attn.{x}_proj.bias"] = t
+                w[q + "self_attn.o_proj.bias"] = sd.get(p + "attn.proj.bias", zeros(c.n_embd))
+            fc = sd[p + "mlp.fc.weight"]
+            if gated:
+                gate, up = fc.chunk(2, dim=0)
+            else:  # act(gate x) * up(x) with up(x) = 0 x + 1
+                gate, up = fc, torch.zeros_like(fc)
+            w[q + "mlp.gate_proj.weight"], w[q + "mlp.up_proj.weight"] = gate, up
+            w[q + "mlp.down_proj.weight"] = sd[p + "mlp.proj.weight"]
+            if cfg["mlp_bias"]:
+                fb = sd.get(p + "mlp.fc.bias")
+                w[q + "mlp.gate_proj.bias"] = fb.chunk(2)[0] if (fb is not None and gated) else \
+                    (fb if fb is not None else zeros(c.hidden))
+                w[q + "mlp.up_proj.bias"] = fb.chunk(2)[1] if (fb is not None and gated) else \
+                    (zeros(c.hidden) if gated else torch.ones(c.hidden))
+                w[q + "mlp.down_proj.bias"] = sd.get(p + "mlp.proj.bias", zeros(c.n_embd))
+        if not c.tie_embeddings:
+            w["lm_head.weight"] = sd["lm_head.weight"]
+        return cfg, w
+    raise LMForgeError(f"no Hugging Face architecture matches pos={c.pos}, norm={c.norm}, mlp={c.mlp}; "
+                       "GPT-2 (learned + layernorm + gelu) and Llama (rope + rmsnorm) are supported")
+
+
+def char_tokenizer_to_hf(tok: CharTokenizer):  # noqa: ANN201
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {EOT: 0}
+    for i, ch in enumerate(tok.chars):
+        vocab[ch] = i + 1
+    if tok.byte_fallback:
+        for b in range(256):
+            vocab[f"<0x{b:02X}>"] = tok._byte_offset + b
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=tok.byte_fallback, unk_token=None,
+                              ignore_merges=True))
+    hf.add_special_tokens([EOT])
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return hf
+
+
+def export_hf(model: GPT, out: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    if not isinstance(model, GPT):
+        raise LMForgeError(f"only GPT models export to Hugging Face format, not {model.model_type}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise LMForgeError(f"{out} already exists; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, weights = hf_config_and_weights(model)
+    tok = model.tokenizer
+    if tok is not None:
+        cfg["eos_token_id"] = cfg["bos_token_id"] = tok.eot_id
+    atomic_write_json(out / "config.json", cfg)
+    atomic_write(out / "model.safetensors",
+                 lambda tmp: save_file({k: v.contiguous() for k, v in weights.items()}, tmp,
+                                       metadata={"format": "pt"}))
+    atomic_write_json(out / "generation_config.json", {"eos_token_id": tok.eot_id if tok else None})
+    if tok is not None:
+        if isinstance(tok, BPETokenizer):
+            hf = tok.hf
+        elif isinstance(tok, CharTokenizer):
+            hf = char_tokenizer_to_hf(tok)
+        else:
+            raise LMForgeError(f"the {tok.kind} tokenizer has no Hugging Face form")
+        atomic_write(out / "tokenizer.json", lambda tmp: hf.save(tmp))
+        eot = tok.id_to_token(tok.eot_id)
+        atomic_write_json(out / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eot, "bos_token": eot,
+            "model_max_length": model.config.block_size, "clean_up_tokenization_spaces": False})
+    (out / "README.md").write_text(f"Exported by lmforge from a {model.config.n_layer}-layer GPT "
+                                   f"({json.dumps(cfg['model_type'])}).\n", encoding="utf-8")
+    return out
