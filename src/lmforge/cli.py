@@ -214,6 +214,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole context at every step")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--chat", default=None, metavar="MESSAGE", help="one chat turn through the chat template")
+    p.add_argument("--system", default=None, help="system prompt for --chat")
     p.set_defaults(func=cmd_generate)
 
 
@@ -225,6 +227,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               repetition_penalty=a.repetition_penalty, stop=a.stop, ignore_eos=a.ignore_eos,
               use_cache=not a.no_cache)
+    if a.chat is not None:
+        from .apps.chat import ChatSession
+
+        session = ChatSession(model, system=a.system, seed=a.seed, **kw)
+        print(session.ask(a.chat))
+        return 0
     n = a.num_return_sequences
     for i in range(n if a.stream else 1):
         if n > 1:
@@ -287,6 +295,33 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a model (REPL, or one shot with --chat)")
+    p.add_argument("model", help="run directory, Hugging Face directory, .gguf file, or smollm2")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--chat", default=None, metavar="MESSAGE", help="one message, print the reply, exit")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from .apps.chat import ChatSession, repl
+    from .models import load_model
+
+    model = load_model(a.model)
+    session = ChatSession(model, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                          top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    if a.chat is not None:
+        print(session.ask(a.chat))
+    else:
+        repl(session)
+    return 0
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a GPT run to Hugging Face format")
     p.add_argument("run", help="run directory")
@@ -316,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_compare(sub)
     _add_export(sub)
+    _add_chat(sub)
     try:
         from .apps import ngram_cli
 

