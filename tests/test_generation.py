@@ -88,3 +88,12 @@ def test_long_prompt_truncated_from_left_with_warning(trained_run) -> None:
     with pytest.warns(UserWarning, match="longer than the context"):
         out = m.generate("x" * 100, max_new_tokens=3, return_full_text=False)
     assert isinstance(out, str)
+
+
+def test_bf16_decoding(trained_run, capsys) -> None:
+    from lmforge.cli import main
+
+    assert main(["generate", str(trained_run), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--dtype", "bf16",
+                 "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ROMEO:") and len(out.rstrip("\n")) > len("ROMEO:")
