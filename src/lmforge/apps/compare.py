@@ -23,11 +23,12 @@ from ..models import MODEL_REGISTRY, load_model
 
 NEURAL_RECIPES: dict[str, dict[str, Any]] = {
     # the demo recipe for Transformers; recurrent nets like the same learning rate and less weight decay
-    # (bf16 autocast is also 1.6x faster than fp32 for the fused CPU LSTM: 18.7k vs 11.9k tokens/s)
-    "gpt": dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=50, dtype="bf16", weight_decay=0.1),
-    "lstm": dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="bf16", weight_decay=0.01),
-    "gru": dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="bf16", weight_decay=0.01),
-    "rnn": dict(batch_size=32, lr=1e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="bf16", weight_decay=0.01),
+    # (bf16 autocast, where the CPU has it natively, is 1.6x faster than fp32 for the fused CPU LSTM: 18.7k vs
+    # 11.9k tokens/s; `auto` falls back to fp32 elsewhere)
+    "gpt": dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=50, dtype="auto", weight_decay=0.1),
+    "lstm": dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="auto", weight_decay=0.01),
+    "gru": dict(batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="auto", weight_decay=0.01),
+    "rnn": dict(batch_size=32, lr=1e-3, min_lr_ratio=0.05, warmup_steps=20, dtype="auto", weight_decay=0.01),
 }
 
 
@@ -53,6 +54,10 @@ class ModelSpec:
         from ..models import model_class
 
         cls_ = model_class(family)
+        if getattr(cls_, "is_seq2seq", False):
+            raise LMForgeError(f"--models {text!r}: seq2seq models learn from (source, target) pairs, not from one "
+                               "text; compare language models (gpt, lstm, gru, rnn, ngram) here and score seq2seq "
+                               "runs with lmforge eval")
         presets = getattr(cls_, "presets", {})
         if not presets:
             raise LMForgeError(f"--models {text!r}: {family} checkpoints are loaded, not trained; compare trains "
@@ -96,12 +101,19 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
     specs = [ModelSpec.parse(m) for m in models]  # every spec is checked before any training
     if not specs:
         raise LMForgeError("give at least one model in --models, e.g. ngram:3 lstm:small gpt:tiny")
-    td = TokenData(data)
+    from ..data.parallel import ParallelData, load_data
+
+    td = load_data(data)
+    if isinstance(td, ParallelData):
+        raise LMForgeError(f"{data} holds parallel (source, target) pairs for seq2seq models; compare needs a text "
+                           "corpus prepared for language models (lmforge prepare --corpus ...)")
+    out_dir = Path(out)
+    for spec in specs:  # an existing run must have been trained with this data's tokenizer
+        _check_existing_run(out_dir / "runs" / spec.name, td)
     if not td.has_split(split):
         split = "val"
     if td.meta["tokenizer"]["kind"] == "word" and any(s.family != "ngram" for s in specs):
         print("lmforge: note: neural models on word-level data use the word vocabulary (<unk> included)")
-    out_dir = Path(out)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     rows = []
     for spec in specs:
@@ -124,6 +136,24 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
         print(f"   {spec.name}: {res['bits_per_byte']:.4f} bits/byte on {split}")
     write_reports(rows, out_dir, Path(data).name, budget)
     return rows
+
+
+def _check_existing_run(run: Path, data: TokenData) -> None:
+    """A run kept from an earlier comparison is reused only if it reads this data's tokens: a model
+    whose tokenizer differs would score ids that mean other strings (silently wrong numbers)."""
+    if not (run / "config.json").exists():
+        return
+    from ..tokenizers import load_tokenizer
+
+    if not (run / "tokenizer.json").exists():
+        raise LMForgeError(f"{run} has no tokenizer.json; delete it so that compare retrains it")
+    tok = load_tokenizer(run)
+    kind, vocab = data.meta["tokenizer"]["kind"], data.vocab_size
+    same = json.loads((run / "tokenizer.json").read_text(encoding="utf-8")) == \
+        json.loads((data.path / "tokenizer.json").read_text(encoding="utf-8"))
+    if not same:
+        raise LMForgeError(f"{run} was trained with another tokenizer ({tok.kind}, vocab {tok.vocab_size}) than "
+                           f"{data.path} ({kind}, vocab {vocab}); delete the run or choose another --out")
 
 
 def _existing_train_info(run: Path) -> dict[str, Any]:

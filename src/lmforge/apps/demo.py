@@ -14,7 +14,7 @@ from ..errors import LMForgeError
 
 DEMO_RECIPE: dict = dict(
     model="gpt", preset="tiny", batch_size=32, lr=3e-3, min_lr_ratio=0.05, weight_decay=0.1, beta2=0.99,
-    warmup_steps=50, schedule="cosine", grad_clip=1.0, dtype="bf16", eval_interval=250, eval_iters=20,
+    warmup_steps=50, schedule="cosine", grad_clip=1.0, dtype="auto", eval_interval=250, eval_iters=20,
 )
 # Why these (measured here, docs/demo.md): at ~25k tokens/s the budget buys ~7.5M tokens; a 0.87M-parameter
 # model (4 layers, width 128) trained on all of them beats a 1.9M one (width 192) on half as many (val 1.56

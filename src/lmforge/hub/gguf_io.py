@@ -102,6 +102,9 @@ def load_gguf(path: str | Path) -> GPT:
         raise LMForgeError(f"{path}: tensors do not match the metadata ({missing[:3]}, {unexpected[:3]})")
     model.eval()
     model.tokenizer = gguf_tokenizer(reader, tokens)
+    from .hf import check_tokenizer_fits
+
+    check_tokenizer_fits(model.tokenizer, cfg.vocab_size, str(path))
     model.chat_template = _field(reader, "tokenizer.chat_template")
     return model
 

@@ -152,11 +152,14 @@ def gpt_state_dict_from_hf(cfg: GPTConfig, t: dict[str, torch.Tensor]) -> dict[s
 
 
 def load_hf_tokenizer(directory: Path):  # noqa: ANN201
+    from tokenizers import Tokenizer as HFTokenizer
+
     from ..tokenizers.bpe import BPETokenizer
 
-    if not (directory / "tokenizer.json").exists():
+    has_json = (directory / "tokenizer.json").exists()
+    has_bpe_files = (directory / "vocab.json").exists() and (directory / "merges.txt").exists()
+    if not has_json and not has_bpe_files:
         return None
-    from tokenizers import Tokenizer as HFTokenizer
 
     eos = None
     for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
@@ -169,7 +172,34 @@ def load_hf_tokenizer(directory: Path):  # noqa: ANN201
                 eos = c["eos_token_id"]
             if eos is not None:
                 break
-    return BPETokenizer(HFTokenizer.from_file(str(directory / "tokenizer.json")), eot=eos)
+    if has_json:
+        try:
+            hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise LMForgeError(f"{directory / 'tokenizer.json'} cannot be read by the tokenizers library "
+                               f"({e})") from None
+    else:  # GPT-2's original files: byte-level BPE from vocab.json + merges.txt
+        from tokenizers import decoders, models, pre_tokenizers
+
+        try:
+            hf = HFTokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+        except Exception as e:
+            raise LMForgeError(f"{directory}: vocab.json/merges.txt are not a byte-level BPE tokenizer ({e})") from None
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        if isinstance(eos, str) and hf.token_to_id(eos) is not None:
+            from tokenizers import AddedToken
+
+            hf.add_special_tokens([AddedToken(eos, special=True, normalized=False)])
+    return BPETokenizer(hf, eot=eos)
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:  # noqa: ANN001
+    """A tokenizer whose ids run past the model's embedding would index rows that do not exist (or,
+    worse, silently wrong ones); refuse it with the two sizes."""
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise LMForgeError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                           f"has only {vocab_size}; this tokenizer belongs to another model")
 
 
 class HFCheckpoint:
@@ -188,4 +218,5 @@ class HFCheckpoint:
                                f"unexpected {unexpected[:3]})")
         model.eval()
         model.tokenizer = load_hf_tokenizer(directory)
+        check_tokenizer_fits(model.tokenizer, cfg.vocab_size, str(directory))
         return model

@@ -16,6 +16,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "lstm": "lmforge.models.rnn:LSTMLM",
     "gru": "lmforge.models.rnn:GRULM",
     "rnn": "lmforge.models.rnn:RNNLM",
+    "seq2seq": "lmforge.models.seq2seq:Seq2Seq",
     # Hugging Face checkpoint directories, read into lmforge's GPT
     "gpt2": "lmforge.hub.hf:HFCheckpoint",
     "llama": "lmforge.hub.hf:HFCheckpoint",

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import LMForgeError
 from .base import LanguageModel
-from .layers import Block, KVCache, make_norm, rope_tables, sinusoidal_table
+from .layers import Block, KVCache, decay_param_groups, init_weights, make_norm, rope_tables, sinusoidal_table
 
 
 @dataclass
@@ -121,14 +121,7 @@ class GPT(nn.Module, LanguageModel):
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+    _init_weights = staticmethod(init_weights)
 
     # --- the model -----------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -188,15 +181,7 @@ class GPT(nn.Module, LanguageModel):
 
     # --- optimisation --------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Weight decay on matrices (embeddings, Linear weights) only, not on norms and biases."""
-        decay, no_decay = [], []
-        seen: set[int] = set()
-        for p in self.parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return decay_param_groups(self, weight_decay)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token, 6N + 12 L T d (Kaplan et al. 2020; PaLM appendix B)."""

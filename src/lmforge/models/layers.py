@@ -50,6 +50,28 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+def init_weights(m: nn.Module) -> None:
+    """GPT-2's initialisation: N(0, 0.02) for Linear and Embedding weights, zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+
+def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (embeddings, Linear weights) only, not on norms and biases."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def make_norm(kind: str, dim: int, bias: bool, eps: float) -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(dim, eps)
@@ -137,11 +159,15 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head (optionally grouped-query) causal self-attention with an optional KV cache."""
+    """Multi-head (optionally grouped-query) self-attention with an optional KV cache.
+
+    Causal (a decoder: position t sees positions <= t) unless ``causal=False`` (an encoder, which
+    sees the whole sequence; ``attn_mask`` then hides padding keys)."""
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, bias: bool = False,
-                 qkv_bias: bool | None = None, dropout: float = 0.0, layer_idx: int = 0) -> None:
+                 qkv_bias: bool | None = None, dropout: float = 0.0, layer_idx: int = 0, causal: bool = True) -> None:
         super().__init__()
+        self.causal = causal
         n_kv_head = n_kv_head or n_head
         assert d_model % n_head == 0 and n_head % n_kv_head == 0
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
@@ -154,7 +180,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
@@ -168,14 +194,15 @@ class CausalSelfAttention(nn.Module):
             # under bf16 autocast training, RoPE and attention run in fp32 (autocast, which would
             # cast attention back to bf16, is disabled here); the matmuls around them stay bf16.
             with torch.autocast("cpu", enabled=False):
-                y = self._attend(q.float(), k.float(), v.float(), rope, cache, T)
+                y = self._attend(q.float(), k.float(), v.float(), rope, cache, T, attn_mask)
         else:
-            y = self._attend(q, k, v, rope, cache, T)
+            y = self._attend(q, k, v, rope, cache, T, attn_mask)
         y = y.to(out_dtype).transpose(1, 2).reshape(B, T, C)  # concatenate heads
         return self.resid_dropout(self.proj(y))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None, T: int) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None, T: int,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
@@ -184,6 +211,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         gqa = self.n_kv_head != self.n_head
         p = self.dropout if self.training else 0.0
+        if not self.causal:  # an encoder: every position sees every (non-padding) position
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, enable_gqa=gqa)
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa)
         elif T == 1:  # one new token attends to every cached position
@@ -221,18 +250,54 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer decoder block: x + Attn(Norm(x)); x + MLP(Norm(x))."""
+    """Pre-norm Transformer block: x + Attn(Norm(x)); x + MLP(Norm(x)). A decoder block (causal
+    self-attention) by default; with ``causal=False`` an encoder block."""
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None, mlp_hidden: int, mlp: str,
                  norm: str, norm_eps: float, bias: bool, qkv_bias: bool | None, dropout: float,
-                 layer_idx: int) -> None:
+                 layer_idx: int, causal: bool = True) -> None:
         super().__init__()
         self.ln_1 = make_norm(norm, d_model, bias, norm_eps)
-        self.attn = CausalSelfAttention(d_model, n_head, n_kv_head, bias, qkv_bias, dropout, layer_idx)
+        self.attn = CausalSelfAttention(d_model, n_head, n_kv_head, bias, qkv_bias, dropout, layer_idx, causal)
         self.ln_2 = make_norm(norm, d_model, bias, norm_eps)
         self.mlp = MLP(d_model, mlp_hidden, mlp, bias, dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache)
+                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
+
+
+class CrossAttention(nn.Module):
+    """Encoder-decoder attention: queries from the decoder, keys and values from the encoder output
+    ("memory"), so every target position can look at every source position (Vaswani et al. 2017).
+
+    The memory's keys/values do not change while decoding, so :meth:`memory_kv` computes them once
+    per source and decoding steps reuse them (the cross-attention half of the KV cache)."""
+
+    def __init__(self, d_model: int, n_head: int, bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        assert d_model % n_head == 0
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.q = nn.Linear(d_model, d_model, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=bias)  # [K | V] fused
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = memory.shape
+        k, v = self.kv(memory).view(B, S, 2, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v  # each (B, H, S, hd)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: (B, 1, 1, S) bool, True for real (non-padding) source positions."""
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = kv
+        p = self.dropout if self.training else 0.0
+        if q.dtype != k.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))

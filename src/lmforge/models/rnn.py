@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LMForgeError
+from ..utils import native_bf16
 from .base import LanguageModel
 
 RNNState = Any  # (h, c) for LSTM, h for GRU/RNN; h of shape (n_layer, B, hidden)
@@ -144,20 +145,29 @@ class RNNLM(nn.Module, LanguageModel):
         return self._map_state(state, lambda s: s * keep)
 
     # --- the model -----------------------------------------------------------------------------
+    def _recur(self, x: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
+        """The fused recurrent kernel; under bf16 autocast on a CPU without native bf16 (where oneDNN's
+        LSTM has no bf16 kernel at all) it runs in fp32."""
+        if torch.is_autocast_enabled("cpu") and not native_bf16():
+            with torch.autocast("cpu", enabled=False):
+                st = self._map_state(state, lambda s: s.float()) if state is not None else None
+                return self.rnn(x.float(), st)
+        return self.rnn(x, state)
+
     def _run(self, x: torch.Tensor, idx: torch.Tensor, state: RNNState) -> tuple[torch.Tensor, RNNState]:
         """Run the recurrence; where an input token is end-of-text, the state after it is reset, so
         no information flows from one document into the next. Windows are split only at such
         positions (rare), so the fused kernel still does almost all the work."""
         if self.eot_id is None:
-            return self.rnn(x, state)
+            return self._recur(x, state)
         is_eot = idx == self.eot_id
         cuts = torch.nonzero(is_eot[:, :-1].any(0)).flatten().tolist()
         if not cuts:
-            y, state = self.rnn(x, state)
+            y, state = self._recur(x, state)
             return y, self._reset_rows(state, is_eot[:, -1]) if bool(is_eot[:, -1].any()) else state
         outs, start = [], 0
         for p in cuts + [x.size(1) - 1]:
-            y, state = self.rnn(x[:, start:p + 1], state)
+            y, state = self._recur(x[:, start:p + 1], state)
             outs.append(y)
             if bool(is_eot[:, p].any()):
                 state = self._reset_rows(state, is_eot[:, p])

@@ -40,7 +40,7 @@ class TrainConfig:
     checkpoint_interval: int | None = None  # default: every eval
     sample_tokens: int = 300
     # numerics and speed
-    dtype: str = "fp32"                # fp32 | bf16 (autocast)
+    dtype: str = "fp32"                # fp32 | bf16 (autocast) | auto (bf16 where the CPU has it natively)
     compile: bool = False
     threads: int | None = None
     seed: int = 1337
@@ -51,8 +51,8 @@ class TrainConfig:
             raise LMForgeError("give a training budget: --max-steps or --max-time")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise LMForgeError(f"unknown --schedule {self.schedule!r}; choose cosine, linear or constant")
-        if self.dtype not in ("fp32", "bf16"):
-            raise LMForgeError(f"unknown --dtype {self.dtype!r}; choose fp32 or bf16")
+        if self.dtype not in ("fp32", "bf16", "auto"):
+            raise LMForgeError(f"unknown --dtype {self.dtype!r}; choose fp32, bf16 or auto")
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise LMForgeError(f"--{name.replace('_', '-')} must be at least 1")

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..data import BatchSampler, StreamSampler, TokenData
+from ..data import BatchSampler, StreamSampler
+from ..data.parallel import ParallelBatchSampler, ParallelData, load_data
 from ..errors import LMForgeError
 from ..models import create_model, model_class
-from ..utils import atomic_write_json, atomic_write_text, human, read_json
+from ..utils import atomic_write_json, atomic_write_text, human, native_bf16, read_json, resolve_dtype
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .schedule import learning_rate
@@ -67,31 +68,50 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.data = TokenData(cfg.data)
+        if cfg.dtype == "bf16" and not native_bf16():
+            import warnings
+
+            warnings.warn("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slower than fp32; "
+                          "use --dtype auto or fp32", stacklevel=2)
+        self.data = load_data(cfg.data)
         self.tokenizer = self.data.tokenizer
         if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise LMForgeError(f"run directory {self.run_dir} already exists; continue it with "
                                f"lmforge train --resume {self.run_dir}, or choose another --out")
         torch.manual_seed(cfg.seed)
-        model_class(cfg.model)  # validates the family name early
-        n_train = len(self.data.split("train"))
-        block = cfg.model_args.get("block_size")
-        if block is not None and block + 2 > n_train:  # checked before allocating a huge model
-            raise LMForgeError(f"block size {block} is larger than the data ({n_train} training tokens); "
-                               "use a smaller --block-size or more data")
-        self.model = create_model(cfg.model, self.data.vocab_size, cfg.preset, **cfg.model_args)
+        # Encoder-decoder models learn from parallel pairs, language models from token streams.
+        self.seq2seq = bool(getattr(model_class(cfg.model), "is_seq2seq", False))  # validates the name early
+        parallel = isinstance(self.data, ParallelData)
+        if self.seq2seq and not parallel:
+            raise LMForgeError(f"--model {cfg.model} needs parallel data: prepare it from a parallel corpus (de-en, "
+                               f"code-doc, a .tsv, or --target-file); {cfg.data} holds a token stream")
+        if parallel and not self.seq2seq:
+            raise LMForgeError(f"{cfg.data} holds parallel (source, target) pairs, which only --model seq2seq can "
+                               f"learn from; prepare a text corpus for --model {cfg.model}")
+        model_args = dict(cfg.model_args)
+        if parallel:
+            model_args.setdefault("source_vocab_size", self.data.source_vocab_size)
+        else:
+            n_train = len(self.data.split("train"))
+            block = cfg.model_args.get("block_size")
+            if block is not None and block + 2 > n_train:  # checked before allocating a huge model
+                raise LMForgeError(f"block size {block} is larger than the data ({n_train} training tokens); "
+                                   "use a smaller --block-size or more data")
+        self.model = create_model(cfg.model, self.data.vocab_size, cfg.preset, **model_args)
         self.model.tokenizer = self.tokenizer
+        if parallel:
+            self.model.source_tokenizer = self.data.source_tokenizer
         self.block_size = (getattr(self.model, "context_length", None)
                            or getattr(getattr(self.model, "config", None), "block_size", 256))
         self.optimizer = make_optimizer(self.model, cfg)
         # Stateful models (RNNs) read consecutive windows and carry their hidden state (TBPTT);
         # Transformers read random windows (nanoGPT's get_batch).
         self.stateful = bool(getattr(self.model, "stateful", False))
-        sampler_cls = StreamSampler if self.stateful else BatchSampler
-        self.train_sampler = sampler_cls(self.data.split("train"), cfg.batch_size, self.block_size, cfg.seed)
+        self.train_sampler = self._sampler("train", cfg.seed)
         self.carry: Any = None  # the carried recurrent state
         self.has_val = self.data.has_split("val")
         self.step = 0
+        self.step_tokens = 0
         self.tokens_seen = 0
         self.train_time = 0.0
         self.time_budget_total: float | None = None
@@ -139,8 +159,17 @@ class Trainer:
         return TrainConfig.from_dict(d)
 
     # --- helpers -------------------------------------------------------------------------------
+    def _sampler(self, split: str, seed: int, warn: bool = True) -> Any:
+        if self.seq2seq:
+            c = self.model.config  # type: ignore[attr-defined]
+            return ParallelBatchSampler(self.data.split(split), self.cfg.batch_size, c.max_source_length,
+                                        c.max_target_length, self.tokenizer.eot_id,
+                                        self.data.source_tokenizer.eot_id, seed, warn=warn)
+        sampler_cls = StreamSampler if self.stateful else BatchSampler
+        return sampler_cls(self.data.split(split), self.cfg.batch_size, self.block_size, seed)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.dtype == "bf16":
+        if resolve_dtype(self.cfg.dtype) == "bf16":
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -171,7 +200,7 @@ class Trainer:
                            chunk=self.block_size)
             self.model.train()
             return res["loss"]
-        sampler = BatchSampler(self.data.split(split), self.cfg.batch_size, self.block_size, seed=12345)
+        sampler = self._sampler(split, 12345, warn=False)
         self.model.eval()
         losses = []
         with self._autocast():
@@ -232,11 +261,12 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.step += 1
                 self.train_time += dt
-                self.tokens_seen += tokens_per_step
+                step_tokens = self.step_tokens or tokens_per_step
+                self.tokens_seen += step_tokens
                 if not math.isfinite(self.last_loss):
                     raise LMForgeError(f"loss became {self.last_loss} at step {self.step}; lower --lr "
                                        "(the last good checkpoint is kept)")
-                window_tokens += tokens_per_step
+                window_tokens += step_tokens
                 window_time += dt
                 if self.step % cfg.log_interval == 0 or self.step == 1:
                     tps = window_tokens / max(window_time, 1e-9)
@@ -272,8 +302,10 @@ class Trainer:
         """One optimizer step (with gradient accumulation); returns the mean training loss."""
         cfg = self.cfg
         loss_sum = 0.0
+        self.step_tokens = 0  # tokens actually trained on (target tokens of a seq2seq batch), 0 = fixed windows
         for _ in range(cfg.grad_accum):
             x, y = self.train_sampler.next()
+            self.step_tokens += getattr(self.train_sampler, "last_tokens", 0)
             with self._autocast():
                 if self.stateful:
                     if self.train_sampler.wrapped:
