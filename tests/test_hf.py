@@ -24,12 +24,15 @@ def tiny_hf(kind: str):  # noqa: ANN201
                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=5000.0)
     if kind == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False))
+    if kind == "mistral-window":  # sequences longer than the window: sliding-window attention matters
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=6,
+                                                                          tie_word_embeddings=False))
     if kind == "llama-tied":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=True))
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-tied", "qwen2", "mistral-window"])
 def test_logits_and_greedy_match_transformers(tmp_path: Path, kind: str) -> None:
     hf = tiny_hf(kind).eval()
     with torch.no_grad():  # random biases so Qwen2's QKV biases matter

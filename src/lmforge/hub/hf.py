@@ -76,6 +76,8 @@ def gpt_config_from_hf(cfg: dict[str, Any]) -> GPTConfig:
         else:
             scaling = None
         theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        # Mistral attends to the last `sliding_window` positions only; Qwen2 only with use_sliding_window
+        window = cfg.get("sliding_window") if (mt == "mistral" or cfg.get("use_sliding_window")) else None
         return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg.get("max_position_embeddings", 2048),
                          n_layer=cfg["num_hidden_layers"], n_head=h,
                          n_kv_head=cfg.get("num_key_value_heads") or h, n_embd=d,
@@ -84,7 +86,7 @@ def gpt_config_from_hf(cfg: dict[str, Any]) -> GPTConfig:
                          rope_scaling=scaling, bias=False,
                          qkv_bias=True if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
                          tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                         extra={"hf_model_type": mt})
+                         sliding_window=int(window) if window else None, extra={"hf_model_type": mt})
     raise LMForgeError(f"unsupported architecture {mt!r}; lmforge reads {', '.join(SUPPORTED)}")
 
 

@@ -41,6 +41,7 @@ class GPTConfig:
     bias: bool = False               # biases in Linear and LayerNorm
     qkv_bias: bool | None = None     # Qwen2 has QKV biases only; None = same as bias
     tie_embeddings: bool = True      # share the token embedding with the output head
+    sliding_window: int | None = None  # attend to the last `sliding_window` positions only (Mistral)
     dropout: float = 0.0
     extra: dict = field(default_factory=dict)  # free-form (e.g. imported model's name)
 
@@ -109,7 +110,7 @@ class GPT(nn.Module, LanguageModel):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
             Block(c.n_embd, c.n_head, c.n_kv_head, c.hidden, c.mlp, c.norm, c.norm_eps, c.bias, c.qkv_bias,
-                  c.dropout, i) for i in range(c.n_layer))
+                  c.dropout, i, sliding_window=c.sliding_window) for i in range(c.n_layer))
         self.ln_f = make_norm(c.norm, c.n_embd, c.bias, c.norm_eps)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:

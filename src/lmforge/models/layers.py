@@ -165,9 +165,11 @@ class CausalSelfAttention(nn.Module):
     sees the whole sequence; ``attn_mask`` then hides padding keys)."""
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, bias: bool = False,
-                 qkv_bias: bool | None = None, dropout: float = 0.0, layer_idx: int = 0, causal: bool = True) -> None:
+                 qkv_bias: bool | None = None, dropout: float = 0.0, layer_idx: int = 0, causal: bool = True,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         self.causal = causal
+        self.sliding_window = sliding_window
         n_kv_head = n_kv_head or n_head
         assert d_model % n_head == 0 and n_head % n_kv_head == 0
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
@@ -213,6 +215,13 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if not self.causal:  # an encoder: every position sees every (non-padding) position
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, enable_gqa=gqa)
+        W = self.sliding_window
+        if W is not None and past + T > W:
+            # sliding-window attention (Mistral): query at position i sees keys j with i - W < j <= i
+            qpos = torch.arange(past, past + T, device=q.device)[:, None]
+            kpos = torch.arange(past + T, device=q.device)[None, :]
+            mask = (kpos <= qpos) & (kpos > qpos - W)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa)
         elif T == 1:  # one new token attends to every cached position
@@ -255,10 +264,11 @@ class Block(nn.Module):
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None, mlp_hidden: int, mlp: str,
                  norm: str, norm_eps: float, bias: bool, qkv_bias: bool | None, dropout: float,
-                 layer_idx: int, causal: bool = True) -> None:
+                 layer_idx: int, causal: bool = True, sliding_window: int | None = None) -> None:
         super().__init__()
         self.ln_1 = make_norm(norm, d_model, bias, norm_eps)
-        self.attn = CausalSelfAttention(d_model, n_head, n_kv_head, bias, qkv_bias, dropout, layer_idx, causal)
+        self.attn = CausalSelfAttention(d_model, n_head, n_kv_head, bias, qkv_bias, dropout, layer_idx, causal,
+                                        sliding_window)
         self.ln_2 = make_norm(norm, d_model, bias, norm_eps)
         self.mlp = MLP(d_model, mlp_hidden, mlp, bias, dropout)
 
