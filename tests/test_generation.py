@@ -97,3 +97,49 @@ def test_bf16_decoding(trained_run, capsys) -> None:
                  "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ROMEO:") and len(out.rstrip("\n")) > len("ROMEO:")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_decoding_layouts(dtype: str) -> None:
+    """prepare_for_decoding: transposed fp32 gives the same logits and greedy tokens; bf16 and weight-only
+    int8 stay close to fp32 (same top token for most positions)."""
+    import copy
+
+    from lmforge.generation.fast import DecodeLinear, prepare_for_decoding
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=48, n_layer=2, n_head=4, n_embd=64, pos="rope",
+                          norm="rmsnorm", mlp="swiglu", tie_embeddings=True, bias=True)).eval()
+    fast = prepare_for_decoding(copy.deepcopy(model), dtype)
+    assert all(not isinstance(m, torch.nn.Linear) for m in fast.modules())
+    assert any(isinstance(m, DecodeLinear) for m in fast.modules())
+    idx = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        ref, _ = model(idx)
+        got, _ = fast(idx)
+    if dtype == "fp32":
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    else:
+        agree = (got.float().argmax(-1) == ref.argmax(-1)).float().mean().item()
+        assert agree > 0.8 and (got.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    cfg = GenerationConfig(max_new_tokens=15, temperature=0, ignore_eos=True)
+    out = generate_ids(fast, [1, 2, 3], cfg)[0]
+    assert len(out) == 15
+    if dtype == "fp32":
+        assert out == generate_ids(model, [1, 2, 3], cfg)[0]
+
+
+def test_int8_cli_and_families_without_it(trained_run, tmp_path, capsys) -> None:
+    from lmforge.cli import main
+
+    assert main(["generate", str(trained_run), "--prompt", "ROMEO:", "--max-new-tokens", "8", "--dtype", "int8",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    from lmforge.models.rnn import LSTMLM
+
+    tok = load(trained_run).tokenizer
+    lstm = LSTMLM.from_preset("tiny", vocab_size=tok.vocab_size)
+    lstm.tokenizer = tok
+    lstm.save_pretrained(tmp_path / "lstm")
+    assert main(["generate", str(tmp_path / "lstm"), "--dtype", "int8", "--max-new-tokens", "3"]) == 2
+    assert "applies to Transformer models" in capsys.readouterr().err

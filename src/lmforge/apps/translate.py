@@ -64,7 +64,7 @@ def decode_batch(model: Any, sources: list[np.ndarray], beam: int = 1, length_pe
     model.eval()
     src_tok = getattr(model, "source_tokenizer", None) or model.tokenizer
     eos = model.tokenizer.eot_id
-    device = model.lm_head.weight.device
+    device = model.embed.weight.device
     src = pad_batch(sources, src_tok.eot_id).to(device)
     mask = torch.zeros_like(src, dtype=torch.bool)
     for i, s in enumerate(sources):

@@ -218,7 +218,7 @@ class Seq2Seq(nn.Module, LanguageModel):
         """Encode a padded source batch once; the returned state conditions ``forward_logits``."""
         memory = self.encode(src, src_mask)
         c = self.config
-        p = self.lm_head.weight
+        p = self.embed.weight
         length = min(max_length or c.max_target_length, c.max_target_length)
         cache = KVCache(c.n_decoder_layer, src.shape[0], c.n_head, length, c.n_embd // c.n_head, dtype=p.dtype,
                         device=p.device)
