@@ -122,8 +122,7 @@ def parse_trans(text: str) -> list[tuple[str, str]]:
         if len(des) != len(ens):
             continue
         for d, e in zip(des, ens):
-            # "A; B" lists variants of one entry: keep the first variant of each side
-            d, e = _ANNOTATION.sub("", d).split("; ")[0].strip(), _ANNOTATION.sub("", e).split("; ")[0].strip()
+            d, e = _ANNOTATION.sub("", d).strip(), _ANNOTATION.sub("", e).strip()
             if not (d.endswith(_END) and e.endswith(_END)) or len(d.split()) < 4 or len(e.split()) < 4:
                 continue
             if d in seen_src:  # one translation per source sentence: the first
