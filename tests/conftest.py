@@ -20,9 +20,18 @@ FALLBACK_TEXT = (
 
 
 def sample_text(n_chars: int = 60_000) -> str:
+    """Real English text: Tiny Shakespeare from ../shared/data when the checkout sits beside it, else the
+    installed `shakespeare` package's plays (make setup installs it), else a repeated snippet."""
     if TINY_SHAKESPEARE.exists():
         return TINY_SHAKESPEARE.read_text(encoding="utf-8")[:n_chars]
-    return (FALLBACK_TEXT * (n_chars // len(FALLBACK_TEXT) + 1))[:n_chars]
+    try:
+        from lmforge.data.corpora import shakespeare_corpus
+
+        text = "".join(d.text for d in shakespeare_corpus().documents[:3])
+        start = text.find("ACT I")  # skip the Gutenberg header
+        return text[max(start, 0):][:n_chars]
+    except Exception:
+        return (FALLBACK_TEXT * (n_chars // len(FALLBACK_TEXT) + 1))[:n_chars]
 
 
 @pytest.fixture(autouse=True)
