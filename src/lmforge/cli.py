@@ -430,7 +430,7 @@ def cmd_translate(a: argparse.Namespace) -> int:
         from .data.corpora import read_text_file
 
         raw = sys.stdin.read() if a.input == "-" else read_text_file(Path(a.input))
-        texts = [line for line in raw.splitlines()]
+        texts = raw.splitlines()
         empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
         if empty:
             raise LMForgeError(f"{a.input} line {empty[0]} is empty; give one source per line")

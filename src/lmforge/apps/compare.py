@@ -20,6 +20,7 @@ import torch
 from ..data import TokenData
 from ..errors import LMForgeError
 from ..models import MODEL_REGISTRY, load_model
+from ..utils import read_json
 
 NEURAL_RECIPES: dict[str, dict[str, Any]] = {
     # the demo recipe for Transformers; recurrent nets like the same learning rate and less weight decay
@@ -147,13 +148,11 @@ def _check_existing_run(run: Path, data: TokenData) -> None:
 
     if not (run / "tokenizer.json").exists():
         raise LMForgeError(f"{run} has no tokenizer.json; delete it so that compare retrains it")
-    tok = load_tokenizer(run)
-    kind, vocab = data.meta["tokenizer"]["kind"], data.vocab_size
-    same = json.loads((run / "tokenizer.json").read_text(encoding="utf-8")) == \
-        json.loads((data.path / "tokenizer.json").read_text(encoding="utf-8"))
-    if not same:
+    if read_json(run / "tokenizer.json") != read_json(data.path / "tokenizer.json"):
+        tok = load_tokenizer(run)
         raise LMForgeError(f"{run} was trained with another tokenizer ({tok.kind}, vocab {tok.vocab_size}) than "
-                           f"{data.path} ({kind}, vocab {vocab}); delete the run or choose another --out")
+                           f"{data.path} ({data.meta['tokenizer']['kind']}, vocab {data.vocab_size}); delete the "
+                           "run or choose another --out")
 
 
 def _existing_train_info(run: Path) -> dict[str, Any]:

@@ -59,16 +59,13 @@ def encode_sources(model: Any, texts: list[str], on_long: str = "truncate") -> l
 def decode_batch(model: Any, sources: list[np.ndarray], beam: int = 1, length_penalty: float = 1.0,
                  early_stopping: bool = True, n_best: int = 1, max_new_tokens: int | None = None
                  ) -> list[list[Hypothesis]]:
-    from ..data.parallel import pad_batch
+    from ..data.parallel import source_batch
 
     model.eval()
     src_tok = getattr(model, "source_tokenizer", None) or model.tokenizer
     eos = model.tokenizer.eot_id
     device = model.embed.weight.device
-    src = pad_batch(sources, src_tok.eot_id).to(device)
-    mask = torch.zeros_like(src, dtype=torch.bool)
-    for i, s in enumerate(sources):
-        mask[i, :len(s)] = True
+    src, mask = (t.to(device) for t in source_batch(sources, src_tok.eot_id))
     c = model.config
     longest = max(len(s) for s in sources)
     limit = c.max_target_length - 1

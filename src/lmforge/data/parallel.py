@@ -40,14 +40,13 @@ import numpy as np
 import torch
 
 from ..errors import LMForgeError
-from ..tokenizers import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
-from ..utils import atomic_write_json, read_json
+from ..tokenizers import SOURCE_TOKENIZER, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from ..utils import atomic_directory, atomic_write_json, read_json
 from .corpora import read_text_file, stdlib_files
 
 FORMAT = "lmforge-data"
 SPLITS = ("train", "val", "test")
 TRANS_DE_EN = Path("/usr/share/trans/de-en")
-SOURCE_TOKENIZER = "source_tokenizer.json"
 
 
 @dataclass
@@ -333,9 +332,7 @@ def prepare_parallel(corpus_spec: str, out: str | Path, tokenizer: str = "bpe", 
     else:
         src_tok = tgt_tok = _train_tokenizer(tokenizer, train_src + train_tgt, vocab_size)
     dtype = np.dtype(np.uint16 if max(src_tok.vocab_size, tgt_tok.vocab_size) <= 65536 else np.uint32)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         sha = hashlib.sha256()
         splits = {}
         for s in SPLITS:
@@ -354,12 +351,9 @@ def prepare_parallel(corpus_spec: str, out: str | Path, tokenizer: str = "bpe", 
                          "tgt_bytes": sum(len(b.encode()) for _, b in pairs),
                          "src_max_tokens": max((len(x) for x in src_ids), default=0),
                          "tgt_max_tokens": max((len(x) for x in tgt_ids), default=0)}
-            splits[s]["tokens"] = splits[s]["tgt_tokens"]
         tgt_tok.save(tmp)
         if separate_vocab:
-            src_tok.save(tmp / "src")
-            (tmp / "src" / "tokenizer.json").rename(tmp / SOURCE_TOKENIZER)
-            (tmp / "src").rmdir()
+            src_tok.save(tmp, SOURCE_TOKENIZER)
         meta = {
             "format": FORMAT, "version": 1, "task": "seq2seq",
             "corpus": {"name": corpus.name, "spec": str(corpus_spec), "description": corpus.description,
@@ -372,12 +366,6 @@ def prepare_parallel(corpus_spec: str, out: str | Path, tokenizer: str = "bpe", 
             "seed": seed, "splits": splits, "prepare_seconds": round(time.time() - t0, 2),
         }
         atomic_write_json(tmp / "meta.json", meta)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
@@ -472,6 +460,13 @@ def pad_batch(seqs: list[np.ndarray] | list[list[int]], pad: int) -> torch.Tenso
     return out
 
 
+def source_batch(src: list[np.ndarray], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded source ids (B, S) and the mask of real tokens (True) that the encoder attends to."""
+    ids = pad_batch(src, pad)
+    mask = torch.arange(ids.shape[1])[None, :] < torch.tensor([len(s) for s in src])[:, None]
+    return ids, mask
+
+
 def make_batch(src: list[np.ndarray], tgt: list[np.ndarray], eot: int, src_eot: int,
                max_source: int, max_target: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Teacher forcing: the decoder reads ``<eot> y_1 .. y_n`` and predicts ``y_1 .. y_n <eot>``.
@@ -481,10 +476,7 @@ def make_batch(src: list[np.ndarray], tgt: list[np.ndarray], eot: int, src_eot: 
     """
     src = [s[:max_source] if len(s) else np.array([src_eot]) for s in src]
     tgt = [t[:max_target - 1] for t in tgt]
-    src_ids = pad_batch(src, src_eot)
-    src_mask = torch.zeros_like(src_ids, dtype=torch.bool)
-    for i, s in enumerate(src):
-        src_mask[i, :len(s)] = True
+    src_ids, src_mask = source_batch(src, src_eot)
     dec_in = pad_batch([np.concatenate([[eot], t]) for t in tgt], eot)
     labels = pad_batch([np.concatenate([t, [eot]]) for t in tgt], -100)
     return {"src": src_ids, "src_mask": src_mask, "tgt": dec_in}, labels

@@ -17,8 +17,6 @@ exactly nanoGPT's split for Tiny Shakespeare with ``--val-frac 0.1 --test-frac 0
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from tqdm import tqdm
 
 from ..errors import LMForgeError
 from ..tokenizers import BPETokenizer, CharTokenizer, Tokenizer
-from ..utils import atomic_write_json, read_json
+from ..utils import atomic_directory, atomic_write_json, read_json
 from .corpora import Corpus, load_corpus
 
 FORMAT = "lmforge-data"
@@ -193,9 +191,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     tokenizer = _train_tokenizer(cfg, _split_texts(corpus, mode, assign, cfg, "train"))
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         sha = hashlib.sha256()
         splits: dict[str, dict] = {}
         total_docs = sum(len(v) for v in assign.values())
@@ -233,10 +229,4 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
             "prepare_seconds": round(time.time() - t0, 2),
         }
         atomic_write_json(tmp / "meta.json", meta)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta

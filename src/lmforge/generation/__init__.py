@@ -15,7 +15,6 @@ token; without it the whole (context-cropped) sequence is re-fed, and the two ag
 
 from __future__ import annotations
 
-import inspect
 import sys
 import warnings
 from collections.abc import Callable
@@ -120,10 +119,7 @@ def generate_ids(model: LanguageModel, prompt_ids: list[int], cfg: GenerationCon
         eos = None
     total = len(prompt) + cfg.max_new_tokens
     state = model.init_state(B, min(total, ctx) if ctx else total) if cfg.use_cache else None
-    # the prompt's logits are needed at its last position only (a (B, T, V) head product saved)
-    last_only = "last_only" in inspect.signature(model.forward_logits).parameters
-    logits, state = model.forward_logits(seqs, state, last_only=True) if last_only else \
-        model.forward_logits(seqs, state)
+    logits, state = model.forward_logits(seqs, state, last_only=True)  # the prompt's last position only
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), cfg.max_new_tokens, dtype=torch.long)
     for t in range(cfg.max_new_tokens):

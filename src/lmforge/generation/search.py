@@ -93,7 +93,6 @@ def beam_search(model: LanguageModel, state: Any, start_ids: torch.Tensor, eos_i
         new_scores = torch.full((B, K), float("-inf"), device=device)
         new_src = torch.zeros(B, K, dtype=torch.long)
         new_tok = torch.full((B, K), eos_id, dtype=torch.long)
-        seq_list = seqs.tolist()
         for b in range(B):
             if done[b]:
                 new_src[b] = b * K  # keep a dummy row (its score is -inf)
@@ -106,7 +105,7 @@ def beam_search(model: LanguageModel, state: Any, start_ids: torch.Tensor, eos_i
                 row = b * K + beam
                 if tok == eos_id:
                     if r < K:  # only hypotheses that rank among the top K may finish
-                        finished[b].append(Hypothesis(list(seq_list[row]),
+                        finished[b].append(Hypothesis(seqs[row].tolist(),
                                                       norm(score, t + 1), score))
                     continue
                 new_scores[b, filled], new_src[b, filled], new_tok[b, filled] = score, row, tok

@@ -56,8 +56,10 @@ class LanguageModel:
         has no incremental state (then callers re-feed the whole sequence)."""
         return None
 
-    def forward_logits(self, input_ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
-        """Logits of shape (B, T, V) for the token after each input position."""
+    def forward_logits(self, input_ids: torch.Tensor, state: Any = None,
+                       last_only: bool = False) -> tuple[torch.Tensor, Any]:
+        """Logits of shape (B, T, V) for the token after each input position; (B, 1, V) for the last
+        position only with ``last_only`` (a prompt's prefill needs no more)."""
         raise NotImplementedError
 
     def score(self, input_ids: torch.Tensor, targets: torch.Tensor,

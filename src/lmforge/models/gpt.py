@@ -168,9 +168,8 @@ class GPT(nn.Module, LanguageModel):
     def init_state(self, batch_size: int, max_length: int) -> KVCache:
         c = self.config
         p = self.wte.weight  # (the head may have been rewritten for decoding: generation/fast.py)
-        dtype = p.dtype
         return KVCache(c.n_layer, batch_size, c.n_kv_head or c.n_head, min(max_length, c.block_size),
-                       c.n_embd // c.n_head, dtype=dtype, device=p.device)
+                       c.n_embd // c.n_head, dtype=p.dtype, device=p.device)
 
     def forward_logits(self, input_ids: torch.Tensor, state: KVCache | None = None,
                        last_only: bool = False) -> tuple[torch.Tensor, KVCache | None]:

@@ -298,16 +298,18 @@ class NGramModel(LanguageModel):
         with np.errstate(divide="ignore"):
             return np.log(dist)
 
-    def forward_logits(self, input_ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_logits(self, input_ids: torch.Tensor, state: Any = None,
+                       last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = input_ids.shape
         hist = self._history(state, B)
         full = np.concatenate([hist, input_ids.numpy()], axis=1)
         H = self.order - 1
         V = self.vocab_size
-        out = np.empty((B, T, V))
+        positions = [T - 1] if last_only else range(T)
+        out = np.empty((B, len(positions), V))
         for b in range(B):
-            for t in range(T):
-                out[b, t] = self.distribution(full[b, : H + t + 1].tolist())[:V]
+            for i, t in enumerate(positions):
+                out[b, i] = self.distribution(full[b, : H + t + 1].tolist())[:V]
         new_state = torch.from_numpy(full[:, full.shape[1] - H:]) if H else self.init_state(B)
         return torch.from_numpy(out).float(), new_state
 

@@ -198,9 +198,10 @@ class RNNLM(nn.Module, LanguageModel):
     def context_length(self) -> None:
         return None
 
-    def forward_logits(self, input_ids: torch.Tensor, state: RNNState = None) -> tuple[torch.Tensor, RNNState]:
+    def forward_logits(self, input_ids: torch.Tensor, state: RNNState = None,
+                       last_only: bool = False) -> tuple[torch.Tensor, RNNState]:
         logits, _, state = self(input_ids, state=state)
-        return logits, state
+        return (logits[:, -1:] if last_only else logits), state
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         decay, no_decay, seen = [], [], set()

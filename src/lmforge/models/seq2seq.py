@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LMForgeError
+from ..tokenizers import SOURCE_TOKENIZER
 from .base import LanguageModel
 from .layers import Block, CrossAttention, KVCache, decay_param_groups, init_weights, make_norm, sinusoidal_table
 
@@ -229,12 +230,13 @@ class Seq2Seq(nn.Module, LanguageModel):
         raise LMForgeError("a seq2seq model decodes from a source sentence: use lmforge translate (or "
                            "model.translate) rather than generate")
 
-    def forward_logits(self, input_ids: torch.Tensor, state: Seq2SeqState | None = None
-                       ) -> tuple[torch.Tensor, Seq2SeqState]:
+    def forward_logits(self, input_ids: torch.Tensor, state: Seq2SeqState | None = None,
+                       last_only: bool = False) -> tuple[torch.Tensor, Seq2SeqState]:
         if not isinstance(state, Seq2SeqState):
             raise LMForgeError("a seq2seq model needs an encoded source (model.encode_source) to score targets; "
                                "use lmforge translate")
-        return self.decode(input_ids, state.memory_kv, state.memory_mask, state.cache), state
+        logits = self.decode(input_ids, state.memory_kv, state.memory_mask, state.cache)
+        return (logits[:, -1:] if last_only else logits), state
 
     def state_select(self, state: Seq2SeqState, index: torch.Tensor) -> Seq2SeqState:
         """Keep/reorder batch rows (beam search): the memory's keys/values, its mask and the cache."""
@@ -262,17 +264,10 @@ class Seq2Seq(nn.Module, LanguageModel):
     source_tokenizer: Any = None
 
     def save_pretrained(self, directory: Any, save_tokenizer: bool = True) -> None:
-        from pathlib import Path
-
-        from ..utils import atomic_write
-
         super().save_pretrained(directory, save_tokenizer)
         src_tok = self.source_tokenizer
         if save_tokenizer and src_tok is not None and src_tok is not self.tokenizer:
-            src_tok.save(Path(directory) / ".src_tok")
-            atomic_write(Path(directory) / "source_tokenizer.json",
-                         lambda tmp: Path(directory, ".src_tok", "tokenizer.json").replace(tmp))
-            Path(directory, ".src_tok").rmdir()
+            src_tok.save(directory, SOURCE_TOKENIZER)
 
     @classmethod
     def from_pretrained(cls, directory: Any) -> Seq2Seq:
@@ -281,6 +276,6 @@ class Seq2Seq(nn.Module, LanguageModel):
         from ..tokenizers import load_tokenizer
 
         model = super().from_pretrained(directory)
-        p = Path(directory) / "source_tokenizer.json"
+        p = Path(directory) / SOURCE_TOKENIZER
         model.source_tokenizer = load_tokenizer(p) if p.exists() else model.tokenizer  # type: ignore[attr-defined]
         return model  # type: ignore[return-value]

@@ -10,9 +10,11 @@ from .base import EOT, Tokenizer
 from .bpe import BPETokenizer
 from .char import CharTokenizer
 
-__all__ = ["EOT", "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer", "TOKENIZER_KINDS"]
+__all__ = ["EOT", "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer", "TOKENIZER_KINDS",
+           "SOURCE_TOKENIZER"]
 
 TOKENIZER_KINDS = ("char", "bpe", "word")
+SOURCE_TOKENIZER = "source_tokenizer.json"  # a seq2seq model's source-side tokenizer, when vocabularies differ
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -38,8 +38,8 @@ class Tokenizer(ABC):
     def decode(self, ids: list[int] | np.ndarray) -> str: ...
 
     @abstractmethod
-    def save(self, directory: str | Path) -> Path:
-        """Write ``tokenizer.json`` into ``directory`` and return its path."""
+    def save(self, directory: str | Path, name: str = "tokenizer.json") -> Path:
+        """Write ``name`` (``tokenizer.json``) into ``directory`` and return its path."""
 
     def encode_array(self, text: str) -> np.ndarray:
         """Encode to a numpy array (subclasses override with a vectorised path)."""

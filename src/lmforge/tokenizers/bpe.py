@@ -68,8 +68,8 @@ class BPETokenizer(Tokenizer):
     def id_to_token(self, i: int) -> str:
         return self.hf.id_to_token(int(i)) or ""
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / "tokenizer.json"
+    def save(self, directory: str | Path, name: str = "tokenizer.json") -> Path:
+        path = Path(directory) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         from ..utils import atomic_write
 

@@ -102,8 +102,8 @@ class CharTokenizer(Tokenizer):
             return self.chars[i - 1]
         return f"<0x{i - self._byte_offset:02X}>"
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / "tokenizer.json"
+    def save(self, directory: str | Path, name: str = "tokenizer.json") -> Path:
+        path = Path(directory) / name
         obj = {"type": "char", "version": 1, "special_tokens": [EOT],
                "byte_fallback": self.byte_fallback, "chars": "".join(self.chars)}
         atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")

@@ -90,8 +90,8 @@ class WordTokenizer(Tokenizer):
     def id_to_token(self, i: int) -> str:
         return self.words[int(i)]
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / "tokenizer.json"
+    def save(self, directory: str | Path, name: str = "tokenizer.json") -> Path:
+        path = Path(directory) / name
         obj = {"type": "word", "version": 1, "pattern": self.pattern, "lowercase": self.lowercase,
                "words": self.words}
         atomic_write_text(path, json.dumps(obj, ensure_ascii=False) + "\n")

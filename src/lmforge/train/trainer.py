@@ -73,6 +73,7 @@ class Trainer:
 
             warnings.warn("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slower than fp32; "
                           "use --dtype auto or fp32", stacklevel=2)
+        self.bf16 = resolve_dtype(cfg.dtype) == "bf16"  # `auto` decided once, not at every step
         self.data = load_data(cfg.data)
         self.tokenizer = self.data.tokenizer
         if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
@@ -169,7 +170,7 @@ class Trainer:
         return sampler_cls(self.data.split(split), self.cfg.batch_size, self.block_size, seed)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if resolve_dtype(self.cfg.dtype) == "bf16":
+        if self.bf16:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
