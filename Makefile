@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 	# isolation that takes ~40 s instead of building cmake itself from source. Tests skip it if it fails.
 	$(BIN)/python -m pip install -q setuptools wheel
 	$(BIN)/python -m pip install -q --no-build-isolation kenlm || echo "warning: kenlm did not build; KenLM parity tests will be skipped"
+	# A real browser for the web-page tests (serve, inspect): Debian's Chromium, driven by Playwright with
+	# executable_path (Playwright's own browser download is unreachable here). Tests skip without it.
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || echo "warning: chromium not installed; browser tests will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)
