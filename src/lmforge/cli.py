@@ -112,6 +112,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tie-embeddings", dest="tie_embeddings", action="store_false")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--no-progress", action="store_true")
+    _add_config_fields(p, ("device", "strategy", "backend", "global_batch"))
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="start N processes on this machine through torchrun (the same as torchrun "
+                        "--standalone --nproc-per-node N -m lmforge train ...)")
     try:
         from .apps import ngram_cli
 
@@ -119,6 +123,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     except ImportError:
         pass
     p.set_defaults(func=cmd_train)
+
+
+def _add_config_fields(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """Flags for TrainConfig fields, with the help and choices declared on the fields."""
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    declared = {f.name: f for f in fields(TrainConfig)}
+    for name in names:
+        f = declared[name]
+        typ = int if "int" in str(f.type) else str
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f.metadata["help"],
+                       choices=f.metadata.get("choices"))
+        TRAIN_OPTIONS.setdefault(name, typ)
 
 
 def train_config_from_args(a: argparse.Namespace) -> tuple[Any, bool]:
@@ -160,14 +179,21 @@ def cmd_train(a: argparse.Namespace) -> int:
             raise LMForgeError("give --data and --out")
         ngram_cli.train_ngram_from_args(a)
         return 0
+    if a.nproc is not None:
+        from .train.launch import launch_torchrun
+
+        return launch_torchrun(a.nproc, a.argv)
     from .train import TrainingInterrupted, train
 
     cfg, resume = train_config_from_args(a)
     try:
         r = train(cfg, resume=resume)
     except TrainingInterrupted as e:
-        print(f"\nlmforge: {e}", file=sys.stderr)
-        return 130
+        if e.is_main:
+            print(f"\nlmforge: {e}", file=sys.stderr)
+        return 128 + e.signum
+    if not r.is_main:
+        return 0
     val = f", val loss {r.val_loss:.4f}" if r.val_loss is not None else ""
     print(f"trained {r.step} steps, {r.tokens_seen:,} tokens in {r.train_time:.0f}s "
           f"({r.tokens_per_second:,.0f} tokens/s): train loss {r.train_loss:.4f}{val}")
@@ -185,6 +211,11 @@ def _data_for_run(run: str, data: str | None) -> str:
     if p.exists():
         d = read_json(p, "run data pointer")["data"]
         if Path(d).exists():
+            from .data import check_run_data
+
+            problem = check_run_data(run, d)
+            if problem:
+                warnings.warn(f"{problem}; the figures below are for the new data", stacklevel=1)
             return d
         raise LMForgeError(f"the data this run was trained on ({d}) is gone; pass --data")
     raise LMForgeError(f"{run} does not record its data directory; pass --data")
@@ -504,16 +535,26 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    exit_file = os.environ.get("LMFORGE_EXIT_FILE")  # set by `lmforge train --nproc` (train/launch.py)
+    if exit_file and os.environ.get("RANK", "0") == "0":
+        Path(exit_file).write_text(str(code))
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning  # type: ignore[assignment]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except LMForgeError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the error; rank 0 says it
+            print(f"lmforge: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("\nlmforge: interrupted", file=sys.stderr)

@@ -13,7 +13,15 @@ so every family (n-gram, RNN/LSTM, GPT, ...) exposes the same two operations:
   derives it from the logits; a family can override it with something cheaper (n-grams).
 
 Evaluation (``lmforge.evaluate``) and decoding (``lmforge.generation``) are written once against
-this protocol and never branch on the family.
+this protocol and never branch on the family. What a family may offer beyond it is *declared* below
+(``is_seq2seq``, ``stateful``, ``source_tokenizer``, ``chat_template``, ``decode_dtype``,
+``param_groups``) with a default, so callers read an attribute instead of probing with getattr/hasattr.
+
+Training has one more operation, written once in ``lmforge.train`` for every gradient-trained family:
+
+* ``loss(batch, state)``: the mean cross-entropy over the target positions of ``batch = (inputs,
+  labels)`` (labels of -100 are not targets: padding, prompts, packed-document boundaries), the
+  number of target positions, and the state to carry into the next window (stateful models).
 """
 
 from __future__ import annotations
@@ -25,6 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from ..tokenizers import Tokenizer
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                         label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy (nats) over positions whose label is not -100, and their number. A batch
+    without targets gives loss 0 (not nan), so it adds nothing to an accumulated step."""
+    n = (labels != -100).sum()
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
+                            reduction="sum", label_smoothing=label_smoothing)
+    return total / n.clamp(min=1), n
 
 
 class LanguageModel:
@@ -40,6 +58,20 @@ class LanguageModel:
 
     model_type: str = "base"
     tokenizer: Tokenizer | None = None
+
+    # --- declared capabilities (a family overrides what it offers) ----------------------------
+    #: an encoder-decoder: conditions on a source sequence (``lmforge translate``), not a prompt
+    is_seq2seq: bool = False
+    #: the trainer reads consecutive windows and carries ``state`` across them (truncated BPTT, RNNs)
+    stateful: bool = False
+    #: the tokenizer of the source side (seq2seq with separate vocabularies); None = ``tokenizer``
+    source_tokenizer: Tokenizer | None = None
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups; the default decays every trainable parameter (families override it
+        to exempt biases, norms and embeddings)."""
+        params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        return [{"params": params, "weight_decay": weight_decay}]
 
     # --- the protocol -------------------------------------------------------------------------
     @property
@@ -75,6 +107,32 @@ class LanguageModel:
             return None
         raise NotImplementedError(f"{type(self).__name__} does not support state reordering")
 
+    # --- training ---------------------------------------------------------------------------
+    def loss(self, batch: tuple[Any, torch.Tensor], state: Any = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Teacher-forced loss on ``batch = (inputs, labels)``: ``(mean_loss, n_targets, state)``.
+
+        ``inputs`` is what the family reads (token ids (B, T); a dict of tensors for seq2seq), ``labels``
+        (B, T) the token to predict at each position, -100 where nothing is predicted. ``mean_loss`` is
+        the mean cross-entropy over the ``n_targets`` positions with a label (a 0-dim tensor each), so
+        the trainer can weight micro-batches and ranks by their share of the global batch's targets.
+        The default reads ``forward_logits``; families override it to fuse or smooth."""
+        inputs, labels = batch
+        logits, state = self.forward_logits(inputs, state)
+        return (*masked_cross_entropy(logits, labels), state)
+
+    def detach_state(self, state: Any) -> Any:
+        """The state cut from the autograd graph (truncated back-propagation through time)."""
+        if state is None:
+            return None
+        if isinstance(state, torch.Tensor):
+            return state.detach()
+        return type(state)(self.detach_state(s) for s in state)
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        """Sub-modules that FSDP shards one by one (the Transformer blocks); the root shards the rest.
+        Empty for families FSDP does not suit (``--strategy fsdp`` then refuses them)."""
+        return []
+
     # --- persistence --------------------------------------------------------------------------
     #: the config dataclass of a torch model (with to_dict/from_dict); families without one override
     #: save_pretrained/from_pretrained (n-grams)
@@ -105,14 +163,16 @@ class LanguageModel:
         cfg = {**cls.presets[preset], **cls.preset_fields(), **overrides, "vocab_size": vocab_size}
         return cls(cls.config_class(**cfg))  # type: ignore[call-arg]
 
-    def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
-        """config.json (model_type + config), model.safetensors and tokenizer.json, like Hugging Face."""
+    def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True,
+                        weights: dict[str, torch.Tensor] | None = None) -> None:
+        """config.json (model_type + config), model.safetensors and tokenizer.json, like Hugging Face.
+        ``weights``: the full tensors to write instead of the module's own (gathered from FSDP shards)."""
         from ..hub.checkpoint import save_weights
         from ..utils import atomic_write_json
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_weights(self, directory / "model.safetensors")  # type: ignore[arg-type]
+        save_weights(self, directory / "model.safetensors", weights)  # type: ignore[arg-type]
         atomic_write_json(directory / "config.json",
                           {"model_type": self.model_type, **self.config.to_dict()})  # type: ignore[attr-defined]
         if save_tokenizer and self.tokenizer is not None:

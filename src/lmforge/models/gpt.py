@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LMForgeError
-from .base import LanguageModel
+from .base import LanguageModel, masked_cross_entropy
 from .layers import Block, KVCache, decay_param_groups, init_weights, make_norm, rope_tables, sinusoidal_table
 
 
@@ -182,6 +182,15 @@ class GPT(nn.Module, LanguageModel):
     # --- optimisation --------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
         return decay_param_groups(self, weight_decay)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        idx, labels = batch                                   # (B, T) each; labels -100 = no target
+        logits, _ = self(idx)                                 # (B, T, V)
+        return (*masked_cross_entropy(logits, labels), None)
+
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.blocks)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token, 6N + 12 L T d (Kaplan et al. 2020; PaLM appendix B)."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import LMForgeError
 from ..tokenizers import SOURCE_TOKENIZER
-from .base import LanguageModel
+from .base import LanguageModel, masked_cross_entropy
 from .layers import Block, CrossAttention, KVCache, decay_param_groups, init_weights, make_norm, sinusoidal_table
 
 
@@ -259,6 +259,16 @@ class Seq2Seq(nn.Module, LanguageModel):
     # --- optimisation --------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
         return decay_param_groups(self, weight_decay)
+
+    def loss(self, batch: tuple[dict[str, torch.Tensor], torch.Tensor], state: None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        inputs, labels = batch                                # {src, src_mask, tgt}, (B, T) with -100 at padding
+        logits, _ = self(inputs)                              # (B, T, V)
+        smoothing = self.config.label_smoothing if self.training else 0.0
+        return (*masked_cross_entropy(logits, labels, smoothing), None)
+
+    def shard_units(self) -> list[nn.Module]:
+        return [*self.encoder, *self.decoder]
 
     # --- persistence: the source tokenizer too, when the vocabularies are separate -------------
     source_tokenizer: Any = None

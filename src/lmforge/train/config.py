@@ -40,19 +40,43 @@ class TrainConfig:
     checkpoint_interval: int | None = None  # default: every eval
     sample_tokens: int = 300
     # numerics and speed
-    dtype: str = "fp32"                # fp32 | bf16 (autocast) | auto (bf16 where the CPU has it natively)
+    dtype: str = field(default="fp32", metadata={
+        "help": "autocast precision: fp32, bf16, fp16 (with a gradient scaler) or auto (CUDA: bf16 where "
+                "supported, else fp16; CPU: bf16 where the CPU has it natively, else fp32)",
+        "choices": ["fp32", "bf16", "fp16", "auto"]})
     compile: bool = False
     threads: int | None = None
     seed: int = 1337
     progress: bool = True
+    # devices and processes
+    device: str = field(default="auto", metadata={
+        "help": "where to train: auto (CUDA when present, one GPU per process), cpu, cuda, cuda:N or mps",
+        "choices": None})
+    strategy: str = field(default="auto", metadata={
+        "help": "how processes share the work under torchrun: ddp (replicate the model, average gradients; the "
+                "default when WORLD_SIZE > 1), fsdp (FSDP2: shard parameters, gradients and optimizer state per "
+                "block) or none (one process)",
+        "choices": ["auto", "none", "ddp", "fsdp"]})
+    backend: str = field(default="auto", metadata={
+        "help": "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo",
+        "choices": ["auto", "nccl", "gloo"]})
+    global_batch: int | None = field(default=None, metadata={
+        "help": "sequences per optimizer step over all processes; fixes the global batch, and --grad-accum is "
+                "derived as global_batch / (batch_size x world size). Default: batch_size x grad_accum x world"})
 
     def validate(self) -> None:
         if self.max_steps is None and self.max_time is None:
             raise LMForgeError("give a training budget: --max-steps or --max-time")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise LMForgeError(f"unknown --schedule {self.schedule!r}; choose cosine, linear or constant")
-        if self.dtype not in ("fp32", "bf16", "auto"):
-            raise LMForgeError(f"unknown --dtype {self.dtype!r}; choose fp32, bf16 or auto")
+        if self.dtype not in ("fp32", "bf16", "fp16", "auto"):
+            raise LMForgeError(f"unknown --dtype {self.dtype!r}; choose fp32, bf16, fp16 or auto")
+        if self.strategy not in ("auto", "none", "ddp", "fsdp"):
+            raise LMForgeError(f"unknown --strategy {self.strategy!r}; choose ddp, fsdp or none")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise LMForgeError(f"unknown --backend {self.backend!r}; choose nccl or gloo")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise LMForgeError("--global-batch must be at least 1")
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise LMForgeError(f"--{name.replace('_', '-')} must be at least 1")
