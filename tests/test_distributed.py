@@ -175,27 +175,30 @@ def test_signal_on_any_rank_saves_once_and_exits(tmp_path: Path, char_data: Path
     saved = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
     assert f"{name} at step {saved};" in err
     assert max(step_losses(run)) == saved  # the checkpoint is the last step trained
-    assert "Traceback" not in err.split("torch.distributed.elastic")[0]
+    assert "src/lmforge" not in err  # no traceback through lmforge (torchrun's own Ctrl-C report aside)
+    if how != "ctrl-c":
+        assert proc.returncode == 0 and "Traceback" not in err  # a saved stop is a clean exit for torchrun
     r = lmforge_train(1, "--resume", str(run), "--max-steps", str(saved + 2))
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-@pytest.mark.timeout(180)
-def test_bad_setups_are_one_line_errors_on_rank_0(tmp_path: Path, char_data: Path) -> None:
-    cases = [
-        (["--global-batch", "12", *GPT], "does not divide among 2 process(es)"),
-        (["--strategy", "fsdp", *LSTM], "--strategy fsdp shards Transformer blocks"),
-        (["--backend", "nccl", *GPT], "--backend nccl needs CUDA devices"),
-    ]
-    for extra, message in cases:
-        run = tmp_path / f"r{len(extra)}"
-        r = subprocess.run([sys.executable, "-m", "lmforge", "train", "--nproc", "2", "--data", str(char_data),
-                            "--out", str(run), *COMMON, "--max-steps", "5", *extra], env=env(), capture_output=True,
-                           text=True, timeout=TIMEOUT)
-        assert r.returncode == 2, (extra, r.stderr[-2000:])
-        errors = [line for line in r.stderr.splitlines() if line.startswith("lmforge: error:")]
-        assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
-        assert not run.exists()
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("extra,message", [
+    (["--global-batch", "12", *GPT], "does not divide among 2 process(es)"),
+    (["--strategy", "fsdp", *LSTM], "--strategy fsdp shards Transformer blocks"),
+    (["--backend", "nccl", *GPT], "--backend nccl needs CUDA devices"),
+], ids=["global-batch", "fsdp-lstm", "nccl-on-cpu"])
+def test_bad_setups_are_one_line_errors_on_rank_0(tmp_path: Path, char_data: Path, extra: list[str],
+                                                   message: str) -> None:
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "lmforge", "train", "--nproc", "2", "--data", str(char_data),
+                        "--out", str(run), *COMMON, "--max-steps", "5", *extra], env=env(), capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert r.returncode == 2, (extra, r.stderr[-2000:])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("lmforge: error:")]
+    assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr[-2000:]
+    assert not run.exists()
 
 
 def _free_port() -> int:

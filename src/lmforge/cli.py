@@ -191,6 +191,11 @@ def cmd_train(a: argparse.Namespace) -> int:
     except TrainingInterrupted as e:
         if e.is_main:
             print(f"\nlmforge: {e}", file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # A clean, saved stop: exit 0 so torchrun does not report the workers as failed; the
+            # `--nproc` launcher still returns 130/143 (rank 0's code, handed over in LMFORGE_EXIT_FILE).
+            _REPORTED_CODE[0] = 128 + e.signum
+            return 0
         return 128 + e.signum
     if not r.is_main:
         return 0
@@ -221,6 +226,9 @@ def _data_for_run(run: str, data: str | None) -> str:
     raise LMForgeError(f"{run} does not record its data directory; pass --data")
 
 
+DEVICE_HELP = "where to run: auto (CUDA when present), cpu, cuda, cuda:N or mps"
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a split")
     p.add_argument("run", help="run directory")
@@ -233,6 +241,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0, help="seq2seq: beam length penalty")
     p.add_argument("--max-pairs", type=int, default=None, help="seq2seq: evaluate the first N pairs only")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_eval)
 
 
@@ -258,9 +267,9 @@ def cmd_eval_seq2seq(a: argparse.Namespace, model: Any) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .models import load_model
+    from .models import load_model, on_device
 
-    model = load_model(a.run)
+    model = on_device(load_model(a.run), a.device)
     if getattr(model, "is_seq2seq", False):
         return cmd_eval_seq2seq(a, model)
     res = evaluate(model, _data_for_run(a.run, a.data), split=a.split, batch_size=a.batch_size,
@@ -301,6 +310,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt for --chat")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
                    help="weights for decoding: bf16 halves and int8 quarters the bytes read per token")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_generate)
 
 
@@ -321,9 +331,9 @@ def _with_dtype(model: Any, dtype: str) -> Any:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generation import generate_text
-    from .models import load_model
+    from .models import load_model, on_device
 
-    model = _with_dtype(load_model(a.run), a.dtype)
+    model = _with_dtype(on_device(load_model(a.run), a.device), a.dtype)
     if getattr(model, "is_seq2seq", False):
         raise LMForgeError(f"{a.run} is a seq2seq (encoder-decoder) model: it needs a source; use "
                            f"lmforge translate {a.run} \"TEXT\"")
@@ -383,6 +393,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--eval-max-tokens", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_compare)
 
 
@@ -394,7 +405,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     for m in a.models:  # fail fast, before any training
         ModelSpec.parse(m)
     compare(a.data, budget or 300.0, a.models, a.out, split=a.split, progress=not a.no_progress,
-            eval_max_tokens=a.eval_max_tokens)
+            eval_max_tokens=a.eval_max_tokens, device=a.device)
     return 0
 
 
@@ -409,14 +420,15 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"], help="weights for decoding")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
     from .apps.chat import ChatSession, repl
-    from .models import load_model
+    from .models import load_model, on_device
 
-    model = _with_dtype(load_model(a.model), a.dtype)
+    model = _with_dtype(on_device(load_model(a.model), a.device), a.dtype)
     session = ChatSession(model, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     if a.chat is not None:
@@ -443,6 +455,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-long", default="truncate", choices=["truncate", "error"],
                    help="a source longer than the model's context: cut it with a warning, or stop")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"], help="weights for decoding")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_translate)
 
 
@@ -450,11 +463,11 @@ def cmd_translate(a: argparse.Namespace) -> int:
     import time
 
     from .apps.translate import require_seq2seq, translate
-    from .models import load_model
+    from .models import load_model, on_device
 
     if bool(a.text) == bool(a.input):
         raise LMForgeError("give the source text as arguments or --input FILE (not both)")
-    model = load_model(a.run)
+    model = on_device(load_model(a.run), a.device)
     require_seq2seq(model, a.run)
     model = _with_dtype(model, a.dtype)
     if a.input:
@@ -534,11 +547,17 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
     return f"lmforge: warning: {message}\n"
 
 
+_REPORTED_CODE: list[int | None] = [None]  # the exit code to report to the `--nproc` launcher, if not the own
+
+
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
     exit_file = os.environ.get("LMFORGE_EXIT_FILE")  # set by `lmforge train --nproc` (train/launch.py)
-    if exit_file and os.environ.get("RANK", "0") == "0":
-        Path(exit_file).write_text(str(code))
+    if exit_file:
+        if os.environ.get("RANK", "0") == "0":
+            Path(exit_file).write_text(str(_REPORTED_CODE[0] or code))
+        if code == 2:  # an error every rank agreed on, already said in one line: the launcher returns 2,
+            return 0   # and torchrun need not add its report of failed workers
     return code
 
 

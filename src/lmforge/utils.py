@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import LMForgeError
 
 
@@ -174,3 +176,26 @@ def human(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
+
+
+def resolve_device(spec: str | None, local_rank: int = 0) -> torch.device:
+    """``auto``: CUDA when present (GPU ``local_rank`` under torchrun), else CPU."""
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise LMForgeError(f"--device {spec}: no CUDA GPU is visible (PyTorch {torch.__version__}, {build}); "
+                               "use --device cpu")
+        index = int(spec.split(":", 1)[1]) if ":" in spec else local_rank
+        if index >= torch.cuda.device_count():
+            raise LMForgeError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    if spec == "mps":
+        if not torch.backends.mps.is_available():
+            raise LMForgeError("--device mps: Apple's Metal backend is not available here; use --device cpu")
+        return torch.device("mps")
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise LMForgeError(f"unknown --device {spec!r}; choose auto, cpu, cuda, cuda:N or mps")

@@ -19,7 +19,7 @@ import torch
 
 from ..data import TokenData
 from ..errors import LMForgeError
-from ..models import MODEL_REGISTRY, load_model
+from ..models import MODEL_REGISTRY, load_model, on_device
 from ..utils import read_json
 
 NEURAL_RECIPES: dict[str, dict[str, Any]] = {
@@ -98,7 +98,7 @@ def generation_speed(model: Any, n_tokens: int = 100) -> float:
 
 
 def compare(data: str, budget: float, models: list[str], out: str, split: str = "test",
-            progress: bool = True, eval_max_tokens: int | None = None) -> list[dict[str, Any]]:
+            progress: bool = True, eval_max_tokens: int | None = None, device: str = "auto") -> list[dict[str, Any]]:
     specs = [ModelSpec.parse(m) for m in models]  # every spec is checked before any training
     if not specs:
         raise LMForgeError("give at least one model in --models, e.g. ngram:3 lstm:small gpt:tiny")
@@ -124,8 +124,8 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
             train_info = _existing_train_info(run)
         else:
             print(f"== {spec.name}: training for {budget:.0f}s")
-            train_info = _train(spec, data, str(run), budget, progress)
-        model = load_model(run)
+            train_info = _train(spec, data, str(run), budget, progress, device)
+        model = on_device(load_model(run), device if spec.family != "ngram" else "cpu")
         res = model.evaluate(td, split=split, max_tokens=eval_max_tokens)
         rows.append({
             "model": spec.name, "family": spec.family, "parameters": model.num_parameters(),
@@ -168,7 +168,8 @@ def _existing_train_info(run: Path) -> dict[str, Any]:
     return {"train_seconds": secs, "tokens_seen": toks, "tokens_per_s": toks / max(secs, 1e-9)}
 
 
-def _train(spec: ModelSpec, data: str, run: str, budget: float, progress: bool) -> dict[str, Any]:
+def _train(spec: ModelSpec, data: str, run: str, budget: float, progress: bool,
+           device: str = "auto") -> dict[str, Any]:
     if spec.family == "ngram":
         from .ngram_cli import train_ngram
 
@@ -183,7 +184,7 @@ def _train(spec: ModelSpec, data: str, run: str, budget: float, progress: bool) 
 
     recipe = dict(NEURAL_RECIPES.get(spec.family, NEURAL_RECIPES["lstm"]))
     cfg = TrainConfig(data=data, out=run, model=spec.family, preset=spec.arg, max_time=budget,
-                      eval_interval=100, eval_iters=10, progress=progress, **recipe)
+                      eval_interval=100, eval_iters=10, progress=progress, device=device, **recipe)
     r = train(cfg)
     return {"train_seconds": r.train_time, "tokens_seen": r.tokens_seen, "tokens_per_s": r.tokens_per_second}
 

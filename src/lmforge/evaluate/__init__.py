@@ -50,6 +50,7 @@ def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "v
     unk = getattr(model.tokenizer, "unk_id", None) if model.tokenizer is not None else None
     total_nll, total_n, oov_n, oov_nll = 0.0, 0, 0, 0.0
     ctx = model.context_length
+    device = model.device  # inputs go where the weights are (--device)
 
     def accumulate(logp: torch.Tensor, tgt: torch.Tensor, weight: torch.Tensor) -> None:
         nonlocal total_nll, total_n, oov_n, oov_nll
@@ -73,7 +74,7 @@ def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "v
             lo = [max(0, min(s + stride, n - 1) - L) for s in group]  # window start so it ends at s+stride
             ends = [min(s + stride, n - 1) for s in group]
             win = np.stack([tokens.read(a, L + 1) for a in lo])
-            x, y = torch.from_numpy(win[:, :-1]), torch.from_numpy(win[:, 1:])
+            x, y = torch.from_numpy(win[:, :-1]).to(device), torch.from_numpy(win[:, 1:]).to(device)
             logp, _ = model.score(x, y, None)
             weight = torch.zeros_like(logp)
             for i, (a, s, e) in enumerate(zip(lo, group, ends)):
@@ -89,7 +90,7 @@ def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "v
         for off in range(0, per, chunk):
             length = min(chunk, per - off)
             win = np.stack([tokens.read(i * per + off, length + 1) for i in range(streams)])
-            x, y = torch.from_numpy(win[:, :-1]), torch.from_numpy(win[:, 1:])
+            x, y = torch.from_numpy(win[:, :-1]).to(device), torch.from_numpy(win[:, 1:]).to(device)
             logp, state = model.score(x, y, state)
             accumulate(logp, y, torch.ones_like(logp))
             bar.update(length)

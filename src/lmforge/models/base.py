@@ -128,6 +128,15 @@ class LanguageModel:
             return state.detach()
         return type(state)(self.detach_state(s) for s in state)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: callers put inputs there."""
+        if isinstance(self, torch.nn.Module):
+            p = next(self.parameters(), None)
+            if p is not None:
+                return p.device
+        return torch.device("cpu")
+
     def shard_units(self) -> list[torch.nn.Module]:
         """Sub-modules that FSDP shards one by one (the Transformer blocks); the root shards the rest.
         Empty for families FSDP does not suit (``--strategy fsdp`` then refuses them)."""

@@ -19,29 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import LMForgeError
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto``: CUDA when present (GPU ``local_rank`` under torchrun), else CPU."""
-    spec = (spec or "auto").lower()
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
-            raise LMForgeError(f"--device {spec}: no CUDA GPU is visible (PyTorch {torch.__version__}, {build}); "
-                               "use --device cpu")
-        index = int(spec.split(":", 1)[1]) if ":" in spec else local_rank
-        if index >= torch.cuda.device_count():
-            raise LMForgeError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-        return torch.device("cuda", index)
-    if spec == "mps":
-        if not torch.backends.mps.is_available():
-            raise LMForgeError("--device mps: Apple's Metal backend is not available here; use --device cpu")
-        return torch.device("mps")
-    if spec == "cpu":
-        return torch.device("cpu")
-    raise LMForgeError(f"unknown --device {spec!r}; choose auto, cpu, cuda, cuda:N or mps")
+from ..utils import resolve_device
 
 
 def autocast_dtype(dtype: str, device: torch.device, native_cpu_bf16: bool) -> torch.dtype | None:
