@@ -551,7 +551,11 @@ _REPORTED_CODE: list[int | None] = [None]  # the exit code to report to the `--n
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # while parsing or importing, before the command's own handling
+        print("\nlmforge: interrupted", file=sys.stderr)
+        code = 130
     exit_file = os.environ.get("LMFORGE_EXIT_FILE")  # set by `lmforge train --nproc` (train/launch.py)
     if exit_file:
         if os.environ.get("RANK", "0") == "0":
