@@ -152,15 +152,18 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, limit: float = 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("how", ["sigterm-rank1", "ctrl-c"])
 def test_signal_on_any_rank_saves_once_and_exits(tmp_path: Path, char_data: Path, how: str) -> None:
+    """SIGTERM to one rank of a torchrun job; Ctrl-C to `lmforge train --nproc 2` (the terminal signals the
+    launcher's process group; the launcher hands the signal to the workers)."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "lmforge",
-           "train", "--data", str(char_data), "--out", str(run), *GPT, *COMMON, "--max-steps", "100000",
-           "--eval-interval", "100000"]
+    launch = ["torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "lmforge", "train"] \
+        if how != "ctrl-c" else ["lmforge", "train", "--nproc", "2"]
+    cmd = [sys.executable, "-m", *launch, "--data", str(char_data), "--out", str(run), *GPT, *COMMON,
+           "--max-steps", "100000", "--eval-interval", "100000"]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         _wait_for_step(run, 3, proc)
-        if how == "ctrl-c":  # a terminal sends SIGINT to the whole foreground process group
+        if how == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)
         else:
             workers = sorted(_children(proc.pid))
@@ -175,9 +178,9 @@ def test_signal_on_any_rank_saves_once_and_exits(tmp_path: Path, char_data: Path
     saved = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
     assert f"{name} at step {saved};" in err
     assert max(step_losses(run)) == saved  # the checkpoint is the last step trained
-    assert "src/lmforge" not in err  # no traceback through lmforge (torchrun's own Ctrl-C report aside)
-    if how != "ctrl-c":
-        assert proc.returncode == 0 and "Traceback" not in err  # a saved stop is a clean exit for torchrun
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-2000:]
+    # A saved stop is a clean exit for torchrun; the launcher reports the signal as one process would.
+    assert proc.returncode == (130 if how == "ctrl-c" else 0)
     r = lmforge_train(1, "--resume", str(run), "--max-steps", str(saved + 2))
     assert r.returncode == 0, r.stderr[-2000:]
 
