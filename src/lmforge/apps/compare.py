@@ -19,7 +19,8 @@ import torch
 
 from ..data import TokenData
 from ..errors import LMForgeError
-from ..models import MODEL_REGISTRY, load_model
+from ..evaluate import evaluate
+from ..models import MODEL_REGISTRY, load_model, model_class
 from ..utils import read_json
 
 NEURAL_RECIPES: dict[str, dict[str, Any]] = {
@@ -52,14 +53,12 @@ class ModelSpec:
             if not arg.isdigit() or int(arg) < 1:
                 raise LMForgeError(f"--models {text!r}: give the n-gram order, e.g. ngram:3")
             return cls(family, arg)
-        from ..models import model_class
-
         cls_ = model_class(family)
-        if getattr(cls_, "is_seq2seq", False):
+        if cls_.is_seq2seq:
             raise LMForgeError(f"--models {text!r}: seq2seq models learn from (source, target) pairs, not from one "
                                "text; compare language models (gpt, lstm, gru, rnn, ngram) here and score seq2seq "
                                "runs with lmforge eval")
-        presets = getattr(cls_, "presets", {})
+        presets = cls_.presets
         if not presets:
             raise LMForgeError(f"--models {text!r}: {family} checkpoints are loaded, not trained; compare trains "
                                "gpt, lstm, gru, rnn and ngram")
@@ -126,7 +125,7 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
             print(f"== {spec.name}: training for {budget:.0f}s")
             train_info = _train(spec, data, str(run), budget, progress)
         model = load_model(run)
-        res = model.evaluate(td, split=split, max_tokens=eval_max_tokens)
+        res = evaluate(model, td, split=split, max_tokens=eval_max_tokens)
         rows.append({
             "model": spec.name, "family": spec.family, "parameters": model.num_parameters(),
             "train_seconds": round(train_info["train_seconds"], 1), "tokens_seen": train_info["tokens_seen"],

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..data import TokenData
 from ..errors import LMForgeError
+from ..evaluate import evaluate
 from ..models.ngram import SMOOTHINGS, NGramModel
 from ..utils import atomic_write_json
 
@@ -45,7 +46,7 @@ def train_ngram(data_dir: str, out: str, order: int = 3, smoothing: str = "modif
     metrics: dict[str, Any] = {"build_seconds": secs, "train_tokens": int(len(stream)),
                                "ngram_counts": model.meta["counts"], "discounts": model.meta["discounts"]}
     if td.has_split("val"):
-        res = model.evaluate(td, split="val")
+        res = evaluate(model, td, split="val")
         metrics.update(val_loss=res["loss"], val_perplexity=res["perplexity"], val_bits_per_byte=res["bits_per_byte"])
     atomic_write_json(out_dir / "metrics.json", metrics)
     atomic_write_json(out_dir / "data.json", {"data": str(Path(data_dir).resolve()),

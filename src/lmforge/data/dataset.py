@@ -98,6 +98,9 @@ class BatchSampler:
     """Random contiguous windows (nanoGPT's ``get_batch``) from a split, driven by its own seeded
     generator whose state is saved in checkpoints, so a resumed run sees the same batches."""
 
+    #: tokens trained on in the last batch when they vary (seq2seq); 0 = fixed windows of batch x block
+    last_tokens: int = 0
+
     def __init__(self, split: TokenSplit, batch_size: int, block_size: int, seed: int) -> None:
         if len(split) < block_size + 2:
             raise LMForgeError(f"block size {block_size} is larger than the data ({len(split)} tokens); "
@@ -129,6 +132,8 @@ class StreamSampler:
     step k returns window k of every stream, so row b of one batch continues row b of the last
     and the model's hidden state can be carried across steps. At the end the streams wrap around
     (``wrapped`` tells the trainer to reset the carried state)."""
+
+    last_tokens: int = 0  # fixed windows (see BatchSampler)
 
     def __init__(self, split: TokenSplit, batch_size: int, block_size: int, seed: int = 0) -> None:
         self.stream_len = (len(split) - 1) // batch_size

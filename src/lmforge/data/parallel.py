@@ -43,6 +43,7 @@ from ..errors import LMForgeError
 from ..tokenizers import SOURCE_TOKENIZER, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from ..utils import atomic_directory, atomic_write_json, read_json
 from .corpora import read_text_file, stdlib_files
+from .prepare import check_out_dir
 
 FORMAT = "lmforge-data"
 SPLITS = ("train", "val", "test")
@@ -299,13 +300,11 @@ def prepare_parallel(corpus_spec: str, out: str | Path, tokenizer: str = "bpe", 
                      target_file: str | None = None, separate_vocab: bool = False, errors: str = "strict",
                      progress: bool = True) -> dict:
     """Tokenize a parallel corpus: one tokenizer shared by both sides (default) or one per side."""
-    from .prepare import _check_out
-
     t0 = time.time()
     if tokenizer not in ("bpe", "char"):
         _train_tokenizer(tokenizer, [], vocab_size)  # raises the one-line error before any work
     out = Path(out)
-    _check_out(out)
+    check_out_dir(out)
     corpus = load_parallel_corpus(corpus_spec, target_file, errors)
     if corpus.fixed_split is not None:
         split_of = corpus.fixed_split

@@ -54,7 +54,8 @@ class PrepareConfig:
     byte_fallback: bool = True
 
 
-def _check_out(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
+    """Refuse an --out that exists and is not an lmforge data directory (its files are the user's)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         meta = out / "meta.json"
         if not (out.is_dir() and meta.exists()):
@@ -185,7 +186,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         raise LMForgeError("--val-frac and --test-frac must be in [0, 1) and sum to less than 1")
     t0 = time.time()
     out = Path(cfg.out)
-    _check_out(out)
+    check_out_dir(out)
     corpus = load_corpus(cfg.corpus, errors=cfg.errors)
     mode, assign = _assign_splits(corpus, cfg)
     tokenizer = _train_tokenizer(cfg, _split_texts(corpus, mode, assign, cfg, "train"))

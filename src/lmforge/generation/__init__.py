@@ -170,7 +170,7 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 
 def generate_text(model: LanguageModel, prompt: str | list[str], max_new_tokens: int = 100,
                   return_full_text: bool = True, stream: bool | Any = False, **kwargs: Any) -> str | list[str]:
-    """Hugging Face-style text generation: ``model.generate("ROMEO:", max_new_tokens=50, top_k=50)``.
+    """Hugging Face-style text generation: ``lmforge.generate(model, "ROMEO:", max_new_tokens=50, top_k=50)``.
 
     Returns one string per prompt (a list when ``num_return_sequences > 1`` or prompts is a list).
     """

@@ -67,7 +67,7 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "fp32") -> nn.Module:
         from ..errors import LMForgeError
 
         raise LMForgeError(f"unknown decoding dtype {dtype!r}; choose {', '.join(DECODE_DTYPES)}")
-    if getattr(model, "decode_dtype", None) is not None:
+    if model.decode_dtype is not None:
         return model
     model.eval()
     for parent in list(model.modules()):  # quantize/transposes from the original (fp32) weights

@@ -13,18 +13,24 @@ so every family (n-gram, RNN/LSTM, GPT, ...) exposes the same two operations:
   derives it from the logits; a family can override it with something cheaper (n-grams).
 
 Evaluation (``lmforge.evaluate``) and decoding (``lmforge.generation``) are written once against
-this protocol and never branch on the family.
+this protocol and never branch on the family. What a family may offer beyond it is *declared* below
+(``is_seq2seq``, ``stateful``, ``source_tokenizer``, ``chat_template``, ``decode_dtype``,
+``param_groups``) with a default, so callers read an attribute instead of probing with getattr/hasattr.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..tokenizers import Tokenizer
+from ..errors import LMForgeError
+from ..tokenizers import Tokenizer, load_tokenizer
+from ..utils import atomic_write_json, read_json
+from .weights import load_weights, save_weights
 
 
 class LanguageModel:
@@ -40,6 +46,29 @@ class LanguageModel:
 
     model_type: str = "base"
     tokenizer: Tokenizer | None = None
+
+    # --- declared capabilities (a family overrides what it offers) ----------------------------
+    #: an encoder-decoder: conditions on a source sequence (``lmforge translate``), not a prompt
+    is_seq2seq: bool = False
+    #: the trainer reads consecutive windows and carries ``state`` across them (truncated BPTT, RNNs)
+    stateful: bool = False
+    #: the tokenizer of the source side (seq2seq with separate vocabularies); None = ``tokenizer``
+    source_tokenizer: Tokenizer | None = None
+    #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json); None = none
+    chat_template: str | None = None
+    #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8); None = training layout
+    decode_dtype: str | None = None
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups; the default decays every trainable parameter (families override it
+        to exempt biases, norms and embeddings)."""
+        params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        return [{"params": params, "weight_decay": weight_decay}]
+
+    @property
+    def encoder_tokenizer(self) -> Tokenizer | None:
+        """The tokenizer of the model's input side: ``source_tokenizer`` when separate, else ``tokenizer``."""
+        return self.source_tokenizer or self.tokenizer
 
     # --- the protocol -------------------------------------------------------------------------
     @property
@@ -92,10 +121,6 @@ class LanguageModel:
     @classmethod
     def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> LanguageModel:
         """A fresh model: the preset's config, then ``overrides``, for a vocabulary of ``vocab_size``."""
-        from dataclasses import fields
-
-        from ..errors import LMForgeError
-
         preset = preset or cls.default_preset
         if preset not in cls.presets:
             raise LMForgeError(f"unknown {cls.model_type} preset {preset!r}; choose one of {', '.join(cls.presets)}")
@@ -107,9 +132,6 @@ class LanguageModel:
 
     def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
         """config.json (model_type + config), model.safetensors and tokenizer.json, like Hugging Face."""
-        from ..hub.checkpoint import save_weights
-        from ..utils import atomic_write_json
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_weights(self, directory / "model.safetensors")  # type: ignore[arg-type]
@@ -120,10 +142,6 @@ class LanguageModel:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanguageModel:
-        from ..hub.checkpoint import load_weights
-        from ..tokenizers import load_tokenizer
-        from ..utils import read_json
-
         directory = Path(directory)
         model = cls(cls.config_class.from_dict(read_json(directory / "config.json", "model config")))  # type: ignore
         load_weights(model, directory / "model.safetensors")  # type: ignore[arg-type]
@@ -136,15 +154,3 @@ class LanguageModel:
         if isinstance(self, torch.nn.Module):
             return sum(p.numel() for p in self.parameters())
         return 0
-
-    # --- conveniences (Hugging Face style) ----------------------------------------------------
-    def generate(self, prompt: str | list[str], **kwargs: Any) -> str | list[str]:
-        """Decode text from ``prompt``; see :func:`lmforge.generation.generate` for arguments."""
-        from ..generation import generate_text
-
-        return generate_text(self, prompt, **kwargs)
-
-    def evaluate(self, data: str | Path, split: str = "val", **kwargs: Any) -> dict[str, float]:
-        from ..evaluate import evaluate
-
-        return evaluate(self, data, split=split, **kwargs)

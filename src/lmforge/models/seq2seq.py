@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LMForgeError
-from ..tokenizers import SOURCE_TOKENIZER
+from ..tokenizers import SOURCE_TOKENIZER, load_tokenizer
 from .base import LanguageModel
 from .layers import Block, CrossAttention, KVCache, decay_param_groups, init_weights, make_norm, sinusoidal_table
 
@@ -245,24 +246,11 @@ class Seq2Seq(nn.Module, LanguageModel):
         state.cache.select(index)
         return state
 
-    def translate(self, texts: str | list[str], **kwargs: Any) -> str | list[str]:
-        """Translate (or summarise) text; see :func:`lmforge.apps.translate.translate` for arguments."""
-        from ..apps.translate import translate
-
-        single = isinstance(texts, str)
-        out = translate(self, [texts] if single else texts, **kwargs)
-        return out[0] if single else out
-
-    def generate(self, prompt: str | list[str], **kwargs: Any) -> str | list[str]:
-        return self.translate(prompt, **kwargs)
-
     # --- optimisation --------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
         return decay_param_groups(self, weight_decay)
 
     # --- persistence: the source tokenizer too, when the vocabularies are separate -------------
-    source_tokenizer: Any = None
-
     def save_pretrained(self, directory: Any, save_tokenizer: bool = True) -> None:
         super().save_pretrained(directory, save_tokenizer)
         src_tok = self.source_tokenizer
@@ -271,10 +259,6 @@ class Seq2Seq(nn.Module, LanguageModel):
 
     @classmethod
     def from_pretrained(cls, directory: Any) -> Seq2Seq:
-        from pathlib import Path
-
-        from ..tokenizers import load_tokenizer
-
         model = super().from_pretrained(directory)
         p = Path(directory) / SOURCE_TOKENIZER
         model.source_tokenizer = load_tokenizer(p) if p.exists() else model.tokenizer  # type: ignore[attr-defined]

@@ -52,8 +52,7 @@ class TrainResult:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups") else \
-        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+    groups = model.param_groups(cfg.weight_decay)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
@@ -81,7 +80,7 @@ class Trainer:
                                f"lmforge train --resume {self.run_dir}, or choose another --out")
         torch.manual_seed(cfg.seed)
         # Encoder-decoder models learn from parallel pairs, language models from token streams.
-        self.seq2seq = bool(getattr(model_class(cfg.model), "is_seq2seq", False))  # validates the name early
+        self.seq2seq = model_class(cfg.model).is_seq2seq  # validates the name early
         parallel = isinstance(self.data, ParallelData)
         if self.seq2seq and not parallel:
             raise LMForgeError(f"--model {cfg.model} needs parallel data: prepare it from a parallel corpus (de-en, "
@@ -102,12 +101,11 @@ class Trainer:
         self.model.tokenizer = self.tokenizer
         if parallel:
             self.model.source_tokenizer = self.data.source_tokenizer
-        self.block_size = (getattr(self.model, "context_length", None)
-                           or getattr(getattr(self.model, "config", None), "block_size", 256))
+        self.block_size = self.model.context_length or self.model.config.block_size  # RNNs: the TBPTT window
         self.optimizer = make_optimizer(self.model, cfg)
         # Stateful models (RNNs) read consecutive windows and carry their hidden state (TBPTT);
         # Transformers read random windows (nanoGPT's get_batch).
-        self.stateful = bool(getattr(self.model, "stateful", False))
+        self.stateful = self.model.stateful
         self.train_sampler = self._sampler("train", cfg.seed)
         self.carry: Any = None  # the carried recurrent state
         self.has_val = self.data.has_split("val")
@@ -306,7 +304,7 @@ class Trainer:
         self.step_tokens = 0  # tokens actually trained on (target tokens of a seq2seq batch), 0 = fixed windows
         for _ in range(cfg.grad_accum):
             x, y = self.train_sampler.next()
-            self.step_tokens += getattr(self.train_sampler, "last_tokens", 0)
+            self.step_tokens += self.train_sampler.last_tokens
             with self._autocast():
                 if self.stateful:
                     if self.train_sampler.wrapped:
