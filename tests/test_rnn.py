@@ -63,7 +63,7 @@ def test_state_resets_at_document_boundary() -> None:
 def test_tied_embeddings_with_projection() -> None:
     m = small(tie_embeddings=True)
     assert m.head.weight is m.embedding.weight and m.proj is not None
-    with pytest.raises(LMForgeError, match="unknown cell"):
+    with pytest.raises(LMForgeError, match="cell must be one of rnn, gru, lstm"):
         RNNConfig(cell="transformer")
 
 

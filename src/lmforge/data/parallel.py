@@ -43,9 +43,9 @@ from ..errors import LMForgeError
 from ..tokenizers import SOURCE_TOKENIZER, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from ..utils import atomic_directory, atomic_write_json, read_json
 from .corpora import read_text_file, stdlib_files
-from .prepare import check_out_dir
+from .dataset import TokenData
+from .prepare import FORMAT, PARALLEL_FORMAT, check_out_dir
 
-FORMAT = "lmforge-data"
 SPLITS = ("train", "val", "test")
 TRANS_DE_EN = Path("/usr/share/trans/de-en")
 
@@ -354,7 +354,7 @@ def prepare_parallel(corpus_spec: str, out: str | Path, tokenizer: str = "bpe", 
         if separate_vocab:
             src_tok.save(tmp, SOURCE_TOKENIZER)
         meta = {
-            "format": FORMAT, "version": 1, "task": "seq2seq",
+            "format": PARALLEL_FORMAT, "version": 1, "task": "seq2seq",
             "corpus": {"name": corpus.name, "spec": str(corpus_spec), "description": corpus.description,
                        "documents": len(corpus), "sha256": sha.hexdigest()},
             "tokenizer": {"kind": tgt_tok.kind, "vocab_size": tgt_tok.vocab_size, "eot_id": tgt_tok.eot_id,
@@ -414,7 +414,7 @@ class ParallelData:
     def __init__(self, path: str | Path, meta: dict | None = None) -> None:
         self.path = Path(path)
         self.meta = meta if meta is not None else read_json(self.path / "meta.json", "data meta")
-        if self.meta.get("task") != "seq2seq":
+        if not is_parallel_meta(self.meta):
             raise LMForgeError(f"{self.path} is not parallel data; prepare one from a parallel corpus (de-en, "
                                "code-doc, a .tsv, or --target-file)")
         self.dtype = np.dtype(self.meta["dtype"])
@@ -542,14 +542,19 @@ class ParallelBatchSampler:
         self._batches = self._plan()
 
 
-def load_data(path: str | Path):  # -> TokenData | ParallelData
-    """A prepared data directory of either kind (language modelling or parallel)."""
-    from .dataset import TokenData
+def is_parallel_meta(meta: object) -> bool:
+    """Parallel data: ``format: lmforge-parallel-data`` (older directories: ``lmforge-data`` with
+    ``task: seq2seq``)."""
+    return isinstance(meta, dict) and (meta.get("format") == PARALLEL_FORMAT or
+                                       (meta.get("format") == FORMAT and meta.get("task") == "seq2seq"))
 
+
+def load_data(path: str | Path) -> TokenData | ParallelData:
+    """A prepared data directory of either kind (language modelling or parallel)."""
     p = Path(path)
     if p.is_dir() and (p / "meta.json").exists():
         meta = read_json(p / "meta.json", "data meta")
-        if isinstance(meta, dict) and meta.get("task") == "seq2seq":
+        if is_parallel_meta(meta):
             return ParallelData(p, meta)
     return TokenData(p)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -14,7 +15,29 @@ from tqdm import tqdm
 from ..data.parallel import source_batch
 from ..errors import LMForgeError
 from ..models.base import LanguageModel
+from ..options import Options, option
 from .search import Hypothesis, beam_search, greedy_search
+
+
+@dataclass
+class TranslateConfig(Options):
+    """The decoding options of ``lmforge translate`` (and of :func:`translate`)."""
+
+    beam: int = option(1, ge=1, le=256, help="beam size (1 = greedy)")
+    batch_size: int = option(32, ge=1, le=1 << 20, help="sources decoded together")
+    length_penalty: float = option(1.0, ge=-10, le=10, help="beam length penalty (score / length^p)")
+    early_stopping: bool = option(True, help="stop a beam once num_beams hypotheses finish "
+                                  "(--no-early-stopping keeps searching)")
+    n_best: int = option(1, ge=1, le=256, help="return the N best translations with scores")
+    max_new_tokens: int | None = option(None, ge=1, le=1 << 20, help="longest translation (tokens)",
+                                        default_text="2 x the source + 10, at most the model's target length")
+    on_long: Literal["truncate", "error"] = option(
+        "truncate", help="a source longer than the model's context: cut it with a warning, or stop")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_best > self.beam:
+            raise LMForgeError(f"--n-best {self.n_best} needs --beam of at least {self.n_best}")
 
 
 def require_seq2seq(model: LanguageModel, where: str = "") -> None:
@@ -25,8 +48,6 @@ def require_seq2seq(model: LanguageModel, where: str = "") -> None:
 
 def encode_sources(model: Any, texts: list[str], on_long: str = "truncate") -> list[np.ndarray]:
     """Token ids of each source text, cut to the model's source context (or an error, on request)."""
-    if on_long not in ("truncate", "error"):
-        raise LMForgeError(f"--on-long must be truncate or error, not {on_long!r}")
     tok = model.encoder_tokenizer
     if tok is None:
         raise LMForgeError("the model has no tokenizer; load it from a run directory")
@@ -75,10 +96,8 @@ def translate(model: Any, texts: list[str], beam: int = 1, batch_size: int = 32,
     """Translate ``texts``; batches are formed from sources of similar length and the output keeps
     the input order. With ``n_best > 1`` or ``return_scores`` each item is a list of (text, score)."""
     require_seq2seq(model)
-    if beam < 1 or batch_size < 1 or n_best < 1:
-        raise LMForgeError("--beam, --batch-size and --n-best must be at least 1")
-    if n_best > beam:
-        raise LMForgeError(f"--n-best {n_best} needs --beam of at least {n_best}")
+    TranslateConfig(beam=beam, batch_size=batch_size, length_penalty=length_penalty, early_stopping=early_stopping,
+                    n_best=n_best, max_new_tokens=max_new_tokens, on_long=on_long)  # type: ignore[arg-type]
     sources = encode_sources(model, texts, on_long)
     order = np.argsort([len(s) for s in sources], kind="stable")
     results: list[Any] = [None] * len(texts)

@@ -173,9 +173,9 @@ def import_arpa(path: str | Path, tokenizer=None) -> NGramModel:  # noqa: ANN001
         bos, eos, unk, V = tokenizer.bos_id, tokenizer.eot_id, tokenizer.unk_id, tokenizer.vocab_size
     else:
         V0 = tokenizer.vocab_size
-        has_bos = getattr(tokenizer, "bos_id", None) is not None
+        has_bos = tokenizer.bos_id is not None
         bos = tokenizer.bos_id if has_bos else V0
-        eos, unk, V = tokenizer.eot_id, getattr(tokenizer, "unk_id", None), V0 + (0 if has_bos else 1)
+        eos, unk, V = tokenizer.eot_id, tokenizer.unk_id, V0 + (0 if has_bos else 1)
         index = {escape(tokenizer.id_to_token(j)) if tokenizer.kind != "word" else tokenizer.id_to_token(j): j
                  for j in range(V0)}
         index["<s>"], index["</s>"] = bos, eos

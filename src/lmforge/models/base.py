@@ -32,6 +32,13 @@ from ..tokenizers import Tokenizer, load_tokenizer
 from ..utils import atomic_write_json, read_json
 from .weights import load_weights, save_weights
 
+# Bounds of model options: far beyond any CPU model, small enough to refuse typos before allocating.
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 30
+MAX_LAYERS = 4096
+MAX_WIDTH = 1 << 16
+PRESET = "from the preset"
+
 
 class LanguageModel:
     """Mixin/base class for all lmforge models.
@@ -119,16 +126,29 @@ class LanguageModel:
         return {}
 
     @classmethod
-    def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> LanguageModel:
-        """A fresh model: the preset's config, then ``overrides``, for a vocabulary of ``vocab_size``."""
+    def config_for(cls, preset: str | None, vocab_size: int | None = None, **overrides: Any) -> Any:
+        """The preset's config, then ``overrides`` (validated by the config's field declarations)."""
         preset = preset or cls.default_preset
         if preset not in cls.presets:
             raise LMForgeError(f"unknown {cls.model_type} preset {preset!r}; choose one of {', '.join(cls.presets)}")
         unknown = set(overrides) - {f.name for f in fields(cls.config_class)}
         if unknown:
             raise LMForgeError(f"unknown {cls.model_type} option(s) {', '.join(sorted(unknown))}")
-        cfg = {**cls.presets[preset], **cls.preset_fields(), **overrides, "vocab_size": vocab_size}
-        return cls(cls.config_class(**cfg))  # type: ignore[call-arg]
+        cfg = {**cls.presets[preset], **cls.preset_fields(), **overrides}
+        if vocab_size is not None:
+            cfg["vocab_size"] = vocab_size
+        return cls.config_class(**cfg)  # type: ignore[call-arg]
+
+    @classmethod
+    def check_overrides(cls, preset: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+        """``overrides`` converted and checked with the preset (cross-field rules too), before any data."""
+        cfg = cls.config_for(preset, **overrides)
+        return {k: getattr(cfg, k) for k in overrides}
+
+    @classmethod
+    def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> LanguageModel:
+        """A fresh model: the preset's config, then ``overrides``, for a vocabulary of ``vocab_size``."""
+        return cls(cls.config_for(preset, vocab_size, **overrides))  # type: ignore[call-arg]
 
     def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
         """config.json (model_type + config), model.safetensors and tokenizer.json, like Hugging Face."""
@@ -143,7 +163,8 @@ class LanguageModel:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanguageModel:
         directory = Path(directory)
-        model = cls(cls.config_class.from_dict(read_json(directory / "config.json", "model config")))  # type: ignore
+        cfg = cls.config_class.from_dict(read_json(directory / "config.json", "model config"), strict=False)
+        model = cls(cfg)  # type: ignore[call-arg]
         load_weights(model, directory / "model.safetensors")  # type: ignore[arg-type]
         model.eval()  # type: ignore[attr-defined]
         if (directory / "tokenizer.json").exists():

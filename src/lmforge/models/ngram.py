@@ -32,16 +32,31 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
 from ..errors import LMForgeError
+from ..options import Options, option
 from .base import LanguageModel
 
-SMOOTHINGS = ("mle", "add-k", "witten-bell", "kneser-ney", "modified-kneser-ney")
+Smoothing = Literal["mle", "add-k", "witten-bell", "kneser-ney", "modified-kneser-ney"]
+SMOOTHINGS: tuple[str, ...] = get_args(Smoothing)
+MAX_ORDER = 64
+
+
+@dataclass
+class NGramConfig(Options):
+    """How an n-gram model is counted and smoothed (``lmforge train --model ngram``)."""
+
+    order: int = option(3, ge=1, le=MAX_ORDER, help="n-gram order")
+    smoothing: Smoothing = option("modified-kneser-ney", help="smoothing of the counts")
+    add_k: float = option(1.0, gt=0, le=1e6, help="k for add-k smoothing (1 = Laplace)")
+    discount_fallback: bool = option(False, help="use discounts 0.5 1 1.5 when they cannot be estimated "
+                                     "(KenLM's --discount_fallback)")
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # KenLM's --discount_fallback defaults
 NEG_INF = float("-inf")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,25 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_batch_fits(batch_size: int, block_size: int, vocab_size: int) -> None:
+    """Refuse a batch whose logits alone (fp32 logits, their softmax and gradient: 12 bytes per entry, a lower
+    bound of what a step allocates) exceed the machine's memory, before any file is written."""
+    need, have = 12 * batch_size * block_size * vocab_size, physical_memory()
+    if have and need > have:
+        raise LMForgeError(f"--batch-size {batch_size} cannot fit in memory: its logits alone ({batch_size} x "
+                           f"{block_size} tokens x {vocab_size} vocab) need {need / 2**30:.0f} GiB and this machine "
+                           f"has {have / 2**30:.0f} GiB; use a smaller --batch-size (--grad-accum keeps the "
+                           "effective batch)")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         cfg.validate()
@@ -102,6 +122,7 @@ class Trainer:
         if parallel:
             self.model.source_tokenizer = self.data.source_tokenizer
         self.block_size = self.model.context_length or self.model.config.block_size  # RNNs: the TBPTT window
+        check_batch_fits(cfg.batch_size, self.block_size, self.data.vocab_size)
         self.optimizer = make_optimizer(self.model, cfg)
         # Stateful models (RNNs) read consecutive windows and carry their hidden state (TBPTT);
         # Transformers read random windows (nanoGPT's get_batch).
@@ -155,7 +176,7 @@ class Trainer:
         if "max_time" in overrides and overrides["max_time"] is not None and "max_steps" not in overrides:
             d["max_steps"] = None
         d["out"] = str(run_dir)
-        return TrainConfig.from_dict(d)
+        return TrainConfig.from_dict(d, strict=False)  # runs of older versions may record retired options
 
     # --- helpers -------------------------------------------------------------------------------
     def _sampler(self, split: str, seed: int, warn: bool = True) -> Any:
@@ -256,7 +277,14 @@ class Trainer:
                                    cfg.cooldown_frac)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                self.last_loss = self.train_step()
+                try:
+                    self.last_loss = self.train_step()
+                except (MemoryError, RuntimeError) as e:  # a failed allocation: bad input, not a bug
+                    if isinstance(e, RuntimeError) and "allocate" not in str(e):
+                        raise
+                    raise LMForgeError(f"out of memory in a training step at --batch-size {cfg.batch_size} x "
+                                       f"{self.block_size} tokens; use a smaller --batch-size (--grad-accum keeps "
+                                       "the effective batch)") from None
                 dt = time.perf_counter() - t0
                 self.step += 1
                 self.train_time += dt
