@@ -1,4 +1,4 @@
-"""lmforge: build, train, evaluate, run and serve every family of language model.
+"""lmforge: build, train, evaluate and run every family of language model.
 
     >>> import lmforge
     >>> m = lmforge.load("runs/shk")
