@@ -9,7 +9,6 @@ byte, which does not depend on the tokenizer. Results go to the terminal, JSON, 
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from ..data import TokenData
 from ..errors import LMForgeError
 from ..evaluate import evaluate
 from ..models import MODEL_REGISTRY, load_model, model_class
-from ..utils import read_json
+from ..utils import read_json, read_jsonl
 
 NEURAL_RECIPES: dict[str, dict[str, Any]] = {
     # the demo recipe for Transformers; recurrent nets like the same learning rate and less weight decay
@@ -70,18 +69,7 @@ class ModelSpec:
 
 
 def _val_curve(run: Path) -> list[tuple[float, float]]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "val_loss" in r:
-            out.append((r["time"], r["val_loss"]))
-    return out
+    return [(r["time"], r["val_loss"]) for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
 
 
 @torch.no_grad()
@@ -157,11 +145,11 @@ def _check_existing_run(run: Path, data: TokenData) -> None:
 def _existing_train_info(run: Path) -> dict[str, Any]:
     state = run / "checkpoint" / "state.json"
     if state.exists():
-        s = json.loads(state.read_text())
+        s = read_json(state, "checkpoint state")
         return {"train_seconds": s["train_time"], "tokens_seen": s["tokens_seen"],
                 "tokens_per_s": s["tokens_seen"] / max(s["train_time"], 1e-9)}
     m = run / "metrics.json"
-    info = json.loads(m.read_text()) if m.exists() else {}
+    info = read_json(m, "run metrics") if m.exists() else {}
     secs = float(info.get("build_seconds", info.get("train_seconds", 0.0)))
     toks = int(info.get("train_tokens", info.get("tokens", 0)))
     return {"train_seconds": secs, "tokens_seen": toks, "tokens_per_s": toks / max(secs, 1e-9)}

@@ -17,7 +17,7 @@ from ..errors import LMForgeError
 from ..evaluate import evaluate
 from ..models.ngram import NGramConfig, NGramModel
 from ..options import add_options, given
-from ..utils import atomic_write_json
+from ..utils import atomic_write_json, refuse_nonempty
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> list[str]:
@@ -29,8 +29,7 @@ def train_ngram(data_dir: str, out: str, order: int = 3, smoothing: str = "modif
     """Count and smooth on the train split, save the run directory, report val perplexity."""
     NGramConfig(order=order, smoothing=smoothing, add_k=k, discount_fallback=discount_fallback)  # type: ignore
     out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise LMForgeError(f"run directory {out_dir} already exists; choose another --out")
+    refuse_nonempty(out_dir)
     td = TokenData(data_dir)
     tok = td.tokenizer
     t0 = time.perf_counter()
@@ -82,8 +81,7 @@ def cmd_import(a: argparse.Namespace) -> int:
 
     tok = load_tokenizer(a.tokenizer_from) if a.tokenizer_from else None
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()):
-        raise LMForgeError(f"{out} already exists; choose another --out")
+    refuse_nonempty(out)
     model = import_arpa(a.file, tok)
     model.save_pretrained(out)
     print(f"imported a {model.order}-gram model ({', '.join(map(str, model.meta['counts']))} n-grams) -> {out}")

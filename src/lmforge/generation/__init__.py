@@ -155,9 +155,6 @@ class TextStreamer:
     def __init__(self, tokenizer: Any, out: Any = None) -> None:
         self.tokenizer, self.out, self.printed = tokenizer, out or sys.stdout, 0
 
-    def text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
-
     def __call__(self, new_ids: torch.Tensor) -> None:
         text = self.tokenizer.decode(new_ids[0].tolist())
         if text.endswith("\ufffd"):

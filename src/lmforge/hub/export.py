@@ -19,7 +19,7 @@ import torch
 from ..errors import LMForgeError
 from ..models.gpt import GPT
 from ..tokenizers import EOT, BPETokenizer, CharTokenizer
-from ..utils import atomic_write, atomic_write_json
+from ..utils import atomic_write, atomic_write_json, refuse_nonempty
 
 
 def hf_config_and_weights(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -123,8 +123,7 @@ def export_hf(model: GPT, out: str | Path) -> Path:
     if not isinstance(model, GPT):
         raise LMForgeError(f"only GPT models export to Hugging Face format, not {model.model_type}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise LMForgeError(f"{out} already exists; choose another --out")
+    refuse_nonempty(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg, weights = hf_config_and_weights(model)
     tok = model.tokenizer

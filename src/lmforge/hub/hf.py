@@ -12,7 +12,6 @@ weights (single file or sharded with an index) are renamed onto lmforge's module
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +166,9 @@ def load_hf_tokenizer(directory: Path):  # noqa: ANN201
     for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
         p = directory / name
         if p.exists():
-            c = json.loads(p.read_text(encoding="utf-8"))
+            c = read_json(p, "tokenizer settings")
+            if not isinstance(c, dict):
+                continue
             tok = c.get("eos_token")
             eos = (tok.get("content") if isinstance(tok, dict) else tok) if tok else None
             if eos is None and isinstance(c.get("eos_token_id"), int):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,16 @@ from ..data import BatchSampler, StreamSampler
 from ..data.parallel import ParallelBatchSampler, ParallelData, load_data
 from ..errors import LMForgeError
 from ..models import create_model, model_class
-from ..utils import atomic_write_json, atomic_write_text, human, native_bf16, read_json, resolve_dtype
+from ..utils import (
+    atomic_write_json,
+    atomic_write_text,
+    human,
+    native_bf16,
+    read_json,
+    read_jsonl,
+    refuse_nonempty,
+    resolve_dtype,
+)
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .schedule import learning_rate
@@ -88,16 +98,14 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.dtype == "bf16" and not native_bf16():
-            import warnings
-
             warnings.warn("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slower than fp32; "
                           "use --dtype auto or fp32", stacklevel=2)
         self.bf16 = resolve_dtype(cfg.dtype) == "bf16"  # `auto` decided once, not at every step
         self.data = load_data(cfg.data)
         self.tokenizer = self.data.tokenizer
-        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise LMForgeError(f"run directory {self.run_dir} already exists; continue it with "
-                               f"lmforge train --resume {self.run_dir}, or choose another --out")
+        if not resume:
+            refuse_nonempty(self.run_dir, f"continue it with lmforge train --resume {self.run_dir}, or choose "
+                            "another --out")
         torch.manual_seed(cfg.seed)
         # Encoder-decoder models learn from parallel pairs, language models from token streams.
         self.seq2seq = model_class(cfg.model).is_seq2seq  # validates the name early
@@ -140,6 +148,12 @@ class Trainer:
         self.last_loss = float("nan")
         if resume:
             self._resume()
+        if cfg.compile:
+            # torch.compile's inductor imports torch.fx.experimental.optimization -> torch.utils.mkldnn, whose
+            # classes use the deprecated @torch.jit.script_method: a warning from inside torch (2.13) about
+            # torch's own code, once per compiled graph, that a user can do nothing about.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated",
+                                    category=DeprecationWarning)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
     # --- resume --------------------------------------------------------------------------------
@@ -360,14 +374,7 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step", 0) <= self.step:
-                keep.append(line)
+        keep = [json.dumps(rec) for rec in read_jsonl(path) if rec.get("step", 0) <= self.step]
         atomic_write_text(path, "\n".join(keep) + ("\n" if keep else ""))
         self._log({"event": "resume", "step": self.step})
 
