@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# The functions below import their rooms when called: `import lmforge` stays light (no torch) until used.
 if TYPE_CHECKING:
     from .models.base import LanguageModel
 

@@ -25,16 +25,34 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .apps import ngram_cli
+from .apps.chat import ChatSession, repl
+from .apps.compare import ModelSpec, compare
+from .apps.demo import run_demo
+from .data import PrepareConfig, prepare
+from .data.corpora import read_text_file
+from .data.parallel import is_parallel_spec, prepare_parallel
 from .errors import LMForgeError
+from .evaluate import EvalConfig, evaluate
+from .evaluate.seq2seq import evaluate_seq2seq
+from .generation import GenerationConfig, generate_text
+from .generation.fast import prepare_for_decoding
+from .generation.seq2seq import TranslateConfig, require_seq2seq, translate
+from .hub import load_model
+from .hub.export import export_hf
+from .models.gpt import GPT, GPTConfig
+from .models.rnn import RNNConfig
+from .models.seq2seq import Seq2Seq, Seq2SeqConfig
 from .options import add_options, given
+from .train import TrainConfig, Trainer, TrainingInterrupted, train
+from .utils import atomic_write_text, parse_duration, read_json
 
-# Each command imports its room when it runs: `lmforge --help` stays fast (torch takes ~1 s to import).
+# The flags are built from the config dataclasses of every room, so the parser imports them all (torch
+# included): function-local imports here would save no start-up time.
 DECODE_DTYPES = ["fp32", "bf16", "int8"]
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    from .data.prepare import PrepareConfig
-
     p = sub.add_parser("prepare", help="tokenize a corpus into memory-mapped shards",
                        description="Tokenize a built-in corpus (shakespeare, python-stdlib, peoples-daily), a "
                                    "file/folder of UTF-8 text, or a parallel corpus into train/val/test shards.")
@@ -43,9 +61,6 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from .data import PrepareConfig, prepare
-    from .data.parallel import is_parallel_spec, prepare_parallel
-
     opts = given(a, a.options)
     if "corpus" not in opts or "out" not in opts:
         raise LMForgeError("give --corpus and --out")
@@ -76,12 +91,6 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .apps import ngram_cli
-    from .models.gpt import GPTConfig
-    from .models.rnn import RNNConfig
-    from .models.seq2seq import Seq2SeqConfig
-    from .train import TrainConfig
-
     p = sub.add_parser("train", help="train a model (gpt, lstm, gru, rnn, seq2seq, ngram) or resume a run",
                        description="Train a language model on prepared data. Options override --config YAML, "
                                    "which overrides the preset's defaults.")
@@ -102,8 +111,6 @@ FIXED_ON_RESUME = ("data", "out", "model", "preset")
 
 
 def train_config_from_args(a: argparse.Namespace) -> tuple[Any, bool]:
-    from .train import TrainConfig, Trainer
-
     overrides = given(a, a.train_options)
     model_args = given(a, a.model_options)
     if a.resume:
@@ -126,13 +133,11 @@ def train_config_from_args(a: argparse.Namespace) -> tuple[Any, bool]:
 
 def cmd_train(a: argparse.Namespace) -> int:
     if a.model == "ngram":
-        from .apps import ngram_cli
 
         if not a.data or not a.out:
             raise LMForgeError("give --data and --out")
         ngram_cli.train_ngram_from_args(a)
         return 0
-    from .train import TrainingInterrupted, train
 
     cfg, resume = train_config_from_args(a)
     try:
@@ -149,8 +154,6 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def _data_for_run(run: str, data: str | None) -> str:
-    from .utils import read_json
-
     if data:
         return data
     p = Path(run) / "data.json"
@@ -163,8 +166,6 @@ def _data_for_run(run: str, data: str | None) -> str:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    from .evaluate import EvalConfig
-
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte on a split (BLEU/chrF for seq2seq)")
     p.add_argument("run", help="run directory (or Hugging Face directory / .gguf file)")
     p.add_argument("--data", default=None, metavar="DIR", help="prepared data (default: the run's own)")
@@ -173,8 +174,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval_seq2seq(a: argparse.Namespace, model: Any, c: Any) -> int:
-    from .evaluate.seq2seq import evaluate_seq2seq
-
     res = evaluate_seq2seq(model, _data_for_run(a.run, a.data), split=c.split, beam=c.beam, batch_size=c.batch_size,
                            length_penalty=c.length_penalty, max_pairs=c.max_pairs, progress=not a.json)
     if a.json:
@@ -192,9 +191,6 @@ def cmd_eval_seq2seq(a: argparse.Namespace, model: Any, c: Any) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .evaluate import EvalConfig, evaluate
-    from .hub import load_model
-
     c = EvalConfig(**given(a, a.options))  # refuse bad values before loading anything
     model = load_model(a.run)
     if model.is_seq2seq:
@@ -224,7 +220,6 @@ CHAT_DEFAULTS = {"max_new_tokens": 256, "temperature": 0.0}
 
 def _add_decoding_options(p: argparse.ArgumentParser, defaults: dict[str, Any],
                           only: tuple[str, ...] | None = None) -> None:
-    from .generation import GenerationConfig
 
     p.set_defaults(options=add_options(p, GenerationConfig, only=only, defaults=defaults), defaults=defaults)
     p.add_argument("--dtype", default="fp32", choices=DECODE_DTYPES,
@@ -233,7 +228,6 @@ def _add_decoding_options(p: argparse.ArgumentParser, defaults: dict[str, Any],
 
 def _generation_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     """The decoding options given, over the command's defaults, checked by GenerationConfig."""
-    from .generation import GenerationConfig
 
     kw = {**a.defaults, **given(a, a.options)}
     cfg = GenerationConfig(**kw)  # converts, and refuses bad values before the model is loaded
@@ -254,9 +248,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _with_dtype(model: Any, dtype: str) -> Any:
     """Lay out a Transformer's weights for decoding (bound by the bytes of weight read per token):
     transposed fp32, bf16 or weight-only int8 (lmforge.generation.fast)."""
-    from .generation.fast import prepare_for_decoding
-    from .models.gpt import GPT
-    from .models.seq2seq import Seq2Seq
 
     if isinstance(model, (GPT, Seq2Seq)):
         return prepare_for_decoding(model, dtype)
@@ -267,9 +258,6 @@ def _with_dtype(model: Any, dtype: str) -> Any:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from .generation import generate_text
-    from .hub import load_model
-
     kw = _generation_kwargs(a)
     model = _with_dtype(load_model(a.run), a.dtype)
     if model.is_seq2seq:
@@ -278,7 +266,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
     n = kw.pop("num_return_sequences", 1)
     seed0 = kw.pop("seed", None)
     if a.chat is not None:
-        from .apps.chat import ChatSession
 
         session = ChatSession(model, system=a.system, seed=seed0, **kw)
         print(session.ask(a.chat))
@@ -311,9 +298,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .apps.demo import run_demo
-    from .utils import parse_duration
-
     run_demo(data=a.data, out=a.out, max_time=parse_duration(a.max_time) or 300.0, progress=not a.no_progress)
     return 0
 
@@ -334,9 +318,6 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from .apps.compare import ModelSpec, compare
-    from .utils import parse_duration
-
     budget = parse_duration(a.budget)
     for m in a.models:  # fail fast, before any training
         ModelSpec.parse(m)
@@ -356,9 +337,6 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
-    from .apps.chat import ChatSession, repl
-    from .hub import load_model
-
     kw = _generation_kwargs(a)
     model = _with_dtype(load_model(a.model), a.dtype)
     session = ChatSession(model, system=a.system, **kw)
@@ -370,8 +348,6 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 
 def _add_translate(sub: argparse._SubParsersAction) -> None:
-    from .generation.seq2seq import TranslateConfig
-
     p = sub.add_parser("translate", help="translate (or summarise) with a seq2seq model",
                        description="Decode with greedy or beam search. Give sentences as arguments, or --input "
                                    "FILE (one source per line; - for stdin).")
@@ -387,9 +363,6 @@ TRANSLATE_DEFAULTS = {"beam": 4}
 
 
 def cmd_translate(a: argparse.Namespace) -> int:
-    from .generation.seq2seq import TranslateConfig, require_seq2seq, translate
-    from .hub import load_model
-
     if bool(a.text) == bool(a.input):
         raise LMForgeError("give the source text as arguments or --input FILE (not both)")
     c = TranslateConfig(**{**TRANSLATE_DEFAULTS, **given(a, a.options)})
@@ -397,7 +370,6 @@ def cmd_translate(a: argparse.Namespace) -> int:
     require_seq2seq(model, a.run)
     model = _with_dtype(model, a.dtype)
     if a.input:
-        from .data.corpora import read_text_file
 
         raw = sys.stdin.read() if a.input == "-" else read_text_file(Path(a.input))
         texts = raw.splitlines()
@@ -418,7 +390,6 @@ def cmd_translate(a: argparse.Namespace) -> int:
         else:
             lines.append(o)
     if a.output:
-        from .utils import atomic_write_text
 
         atomic_write_text(a.output, "\n".join(lines) + "\n")
         print(f"translated {len(texts)} sentences in {dt:.1f}s ({len(texts) / max(dt, 1e-9):.1f} sentences/s) "
@@ -437,9 +408,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .hub import load_model
-    from .hub.export import export_hf
-
     out = export_hf(load_model(a.run), a.out)  # type: ignore[arg-type]
     print(f"exported {a.run} -> {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
@@ -459,7 +427,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_chat(sub)
     _add_translate(sub)
-    from .apps import ngram_cli
 
     ngram_cli.add_ngram_parser(sub)
     return parser

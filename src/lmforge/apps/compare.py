@@ -17,10 +17,15 @@ from typing import Any
 import torch
 
 from ..data import TokenData
+from ..data.parallel import ParallelData, load_data
 from ..errors import LMForgeError
 from ..evaluate import evaluate
+from ..generation import GenerationConfig, generate_ids
 from ..models import MODEL_REGISTRY, load_model, model_class
-from ..utils import read_json, read_jsonl
+from ..tokenizers import load_tokenizer
+from ..train import TrainConfig, train
+from ..utils import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .ngram_cli import train_ngram
 
 NEURAL_RECIPES: dict[str, dict[str, Any]] = {
     # the demo recipe for Transformers; recurrent nets like the same learning rate and less weight decay
@@ -74,8 +79,6 @@ def _val_curve(run: Path) -> list[tuple[float, float]]:
 
 @torch.no_grad()
 def generation_speed(model: Any, n_tokens: int = 100) -> float:
-    from ..generation import GenerationConfig, generate_ids
-
     prompt = [model.tokenizer.eot_id] if model.tokenizer is not None else [0]
     cfg = GenerationConfig(max_new_tokens=n_tokens, temperature=1.0, seed=0, ignore_eos=True)
     generate_ids(model, prompt, GenerationConfig(max_new_tokens=5, seed=0, ignore_eos=True))  # warm-up
@@ -89,7 +92,6 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
     specs = [ModelSpec.parse(m) for m in models]  # every spec is checked before any training
     if not specs:
         raise LMForgeError("give at least one model in --models, e.g. ngram:3 lstm:small gpt:tiny")
-    from ..data.parallel import ParallelData, load_data
 
     td = load_data(data)
     if isinstance(td, ParallelData):
@@ -131,7 +133,6 @@ def _check_existing_run(run: Path, data: TokenData) -> None:
     whose tokenizer differs would score ids that mean other strings (silently wrong numbers)."""
     if not (run / "config.json").exists():
         return
-    from ..tokenizers import load_tokenizer
 
     if not (run / "tokenizer.json").exists():
         raise LMForgeError(f"{run} has no tokenizer.json; delete it so that compare retrains it")
@@ -157,7 +158,6 @@ def _existing_train_info(run: Path) -> dict[str, Any]:
 
 def _train(spec: ModelSpec, data: str, run: str, budget: float, progress: bool) -> dict[str, Any]:
     if spec.family == "ngram":
-        from .ngram_cli import train_ngram
 
         t0 = time.perf_counter()
         # small vocabularies (characters) often give counts-of-counts without valid discounts at low
@@ -166,7 +166,6 @@ def _train(spec: ModelSpec, data: str, run: str, budget: float, progress: bool) 
         secs = time.perf_counter() - t0
         toks = len(TokenData(data).split("train"))
         return {"train_seconds": secs, "tokens_seen": toks, "tokens_per_s": toks / max(secs, 1e-9)}
-    from ..train import TrainConfig, train
 
     recipe = dict(NEURAL_RECIPES.get(spec.family, NEURAL_RECIPES["lstm"]))
     cfg = TrainConfig(data=data, out=run, model=spec.family, preset=spec.arg, max_time=budget,
@@ -193,8 +192,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_reports(rows: list[dict[str, Any]], out_dir: Path, data_name: str, budget: float) -> None:
-    from ..utils import atomic_write_json, atomic_write_text
-
     table = format_table(rows)
     print("\n" + table)
     atomic_write_text(out_dir / "table.txt", table + "\n")
@@ -204,7 +201,7 @@ def write_reports(rows: list[dict[str, Any]], out_dir: Path, data_name: str, bud
         w.writerow([k for k, _, _ in COLUMNS] + ["split"])
         for r in rows:
             w.writerow([r[k] for k, _, _ in COLUMNS] + [r["split"]])
-    from ..viz.plots import plot_comparison
+    from ..viz.plots import plot_comparison  # matplotlib costs ~0.5 s; only the final chart needs it
 
     plot_comparison(rows, out_dir / "compare.png", title=f"{data_name}: {budget / 60:.1f} min per model")
     print(f"\nwrote {out_dir}/table.txt, compare.json, compare.csv, compare.png")

@@ -15,8 +15,11 @@ import numpy as np
 from ..data import TokenData
 from ..errors import LMForgeError
 from ..evaluate import evaluate
+from ..hub.arpa import export_arpa, import_arpa
+from ..models import load_model
 from ..models.ngram import NGramConfig, NGramModel
 from ..options import add_options, given
+from ..tokenizers import load_tokenizer
 from ..utils import atomic_write_json, refuse_nonempty
 
 
@@ -64,9 +67,6 @@ def train_ngram_from_args(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from ..hub.arpa import export_arpa
-    from ..models import load_model
-
     model = load_model(a.run)
     if not isinstance(model, NGramModel):
         raise LMForgeError(f"{a.run} is a {model.model_type} model, not an n-gram model")
@@ -76,9 +76,6 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_import(a: argparse.Namespace) -> int:
-    from ..hub.arpa import import_arpa
-    from ..tokenizers import load_tokenizer
-
     tok = load_tokenizer(a.tokenizer_from) if a.tokenizer_from else None
     out = Path(a.out)
     refuse_nonempty(out)
@@ -90,7 +87,6 @@ def cmd_import(a: argparse.Namespace) -> int:
 
 def cmd_query(a: argparse.Namespace) -> int:
     """Like KenLM's query: per-sentence log10 probability with the n-gram length used per word."""
-    from ..models import load_model
 
     model = load_model(a.run)
     if not isinstance(model, NGramModel) or model.tokenizer is None:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..errors import LMForgeError
 from ..options import INT64_MAX, Options, option
 from ..tokenizers import BPETokenizer, CharTokenizer, Tokenizer
+from ..tokenizers.word import WordTokenizer
 from ..utils import atomic_directory, atomic_write_json, read_json
 from .corpora import Corpus, load_corpus
 
@@ -134,7 +135,6 @@ def _train_tokenizer(cfg: PrepareConfig, texts: Iterator[str]) -> Tokenizer:
     if cfg.tokenizer == "bpe":
         return BPETokenizer.train(texts, cfg.vocab_size)
     if cfg.tokenizer == "word":
-        from ..tokenizers.word import WordTokenizer
 
         return WordTokenizer.train(texts, pattern=cfg.word_pattern, min_count=cfg.min_count,
                                    lowercase=cfg.lowercase)

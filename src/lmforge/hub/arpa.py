@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import LMForgeError
 from ..models.ngram import NGramModel
+from ..tokenizers.word import WordTokenizer
 from ..utils import atomic_write
 
 LOG10 = math.log(10)
@@ -166,7 +167,6 @@ def import_arpa(path: str | Path, tokenizer=None) -> NGramModel:  # noqa: ANN001
         raise err("missing \\end\\ (file truncated?)")
     unigrams = [w[0] for _, w, _ in entries[0]]
     if tokenizer is None:
-        from ..tokenizers.word import WordTokenizer
 
         tokenizer = WordTokenizer([w for w in unigrams if w not in ("<s>", "</s>", "<unk>")])
         index = tokenizer.index

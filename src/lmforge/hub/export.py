@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models
 
 from ..errors import LMForgeError
 from ..models.gpt import GPT
@@ -89,7 +91,6 @@ def hf_config_and_weights(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def char_tokenizer_to_hf(tok: CharTokenizer):  # noqa: ANN201
-    from tokenizers import Tokenizer, decoders, models
 
     vocab = {EOT: 0}
     for i, ch in enumerate(tok.chars):
@@ -105,8 +106,6 @@ def char_tokenizer_to_hf(tok: CharTokenizer):  # noqa: ANN201
 
 
 def export_hf(model: GPT, out: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     if not isinstance(model, GPT):
         raise LMForgeError(f"only GPT models export to Hugging Face format, not {model.model_type}")
     out = Path(out)

@@ -14,9 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from ..errors import LMForgeError
 from ..models.gpt import GPT, GPTConfig
+from ..tokenizers.bpe import BPETokenizer
+from .hf import check_tokenizer_fits
 from .weight_maps import LLAMA, rows
 
 
@@ -42,7 +45,7 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def load_gguf(path: str | Path) -> GPT:
-    import gguf
+    import gguf  # the gguf package costs start-up time; only GGUF files need it
 
     path = Path(path)
     if not path.exists():
@@ -97,7 +100,6 @@ def load_gguf(path: str | Path) -> GPT:
         raise LMForgeError(f"{path}: tensors do not match the metadata ({missing[:3]}, {unexpected[:3]})")
     model.eval()
     model.tokenizer = gguf_tokenizer(reader, tokens)
-    from .hf import check_tokenizer_fits
 
     check_tokenizer_fits(model.tokenizer, cfg.vocab_size, str(path))
     model.chat_template = _field(reader, "tokenizer.chat_template")
@@ -110,9 +112,7 @@ def gguf_tokenizer(reader: Any, tokens: list[str]):  # noqa: ANN201
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise LMForgeError(f"unsupported GGUF tokenizer {kind!r} (GPT-2-style byte-level BPE only)")
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from ..tokenizers.bpe import BPETokenizer
 
     merges = [tuple(m.split(" ", 1)) for m in (_field(reader, "tokenizer.ggml.merges") or [])]
     hf = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))

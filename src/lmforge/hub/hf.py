@@ -16,9 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import LMForgeError
 from ..models.gpt import GPT, GPTConfig
+from ..tokenizers.bpe import BPETokenizer
 from ..utils import read_json
 from .weight_maps import GPT2, GPT2_PREFIX, LLAMA, LLAMA_PREFIX, rows
 
@@ -27,9 +32,6 @@ SUPPORTED = ("gpt2", *LLAMA_LIKE)
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     index = directory / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(read_json(index, "safetensors index")["weight_map"].values()))
@@ -133,9 +135,7 @@ def gpt_state_dict_from_hf(cfg: GPTConfig, t: dict[str, torch.Tensor]) -> dict[s
 
 
 def load_hf_tokenizer(directory: Path):  # noqa: ANN201
-    from tokenizers import Tokenizer as HFTokenizer
 
-    from ..tokenizers.bpe import BPETokenizer
 
     has_json = (directory / "tokenizer.json").exists()
     has_bpe_files = (directory / "vocab.json").exists() and (directory / "merges.txt").exists()
@@ -162,7 +162,6 @@ def load_hf_tokenizer(directory: Path):  # noqa: ANN201
             raise LMForgeError(f"{directory / 'tokenizer.json'} cannot be read by the tokenizers library "
                                f"({e})") from None
     else:  # GPT-2's original files: byte-level BPE from vocab.json + merges.txt
-        from tokenizers import decoders, models, pre_tokenizers
 
         try:
             hf = HFTokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
@@ -171,7 +170,6 @@ def load_hf_tokenizer(directory: Path):  # noqa: ANN201
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
         if isinstance(eos, str) and hf.token_to_id(eos) is not None:
-            from tokenizers import AddedToken
 
             hf.add_special_tokens([AddedToken(eos, special=True, normalized=False)])
     return BPETokenizer(hf, eot=eos)

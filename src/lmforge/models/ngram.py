@@ -38,9 +38,13 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from ..errors import LMForgeError
 from ..options import Options, option
+from ..tokenizers import load_tokenizer
+from ..utils import atomic_write, atomic_write_json, read_json
 from .base import LanguageModel
 
 Smoothing = Literal["mle", "add-k", "witten-bell", "kneser-ney", "modified-kneser-ney"]
@@ -336,10 +340,6 @@ class NGramModel(LanguageModel):
 
     # --- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
-        from safetensors.numpy import save_file
-
-        from ..utils import atomic_write, atomic_write_json
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -356,12 +356,6 @@ class NGramModel(LanguageModel):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> NGramModel:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        from ..tokenizers import load_tokenizer
-        from ..utils import read_json
-
         directory = Path(directory)
         cfg = read_json(directory / "config.json", "model config")
         path = directory / "model.safetensors"

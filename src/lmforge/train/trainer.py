@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..data import BatchSampler, StreamSampler
 from ..data.parallel import ParallelBatchSampler, ParallelData, load_data
 from ..errors import LMForgeError
+from ..evaluate import evaluate
 from ..models import create_model, model_class
 from ..utils import (
     atomic_write_json,
@@ -227,7 +228,6 @@ class Trainer:
     def estimate_loss(self, split: str = "val") -> float:
         """Mean loss over ``eval_iters`` fixed batches (same batches every time: smooth curves)."""
         if self.stateful:  # read a fixed prefix of the split as streams, carrying the state
-            from ..evaluate import evaluate
 
             n = self.cfg.eval_iters * self.cfg.batch_size * self.block_size
             res = evaluate(self.model, self.data, split, batch_size=self.cfg.batch_size, max_tokens=n,
@@ -380,7 +380,7 @@ class Trainer:
 
     def _plot(self) -> None:
         try:
-            from ..viz.plots import plot_loss_curve
+            from ..viz.plots import plot_loss_curve  # matplotlib costs ~0.5 s; only the end-of-run plot needs it
 
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png",
                             title=f"{self.run_dir.name}: {self.cfg.model} on {Path(self.cfg.data).name}")
