@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -102,14 +102,20 @@ def _assign_splits(corpus: Corpus, cfg: PrepareConfig) -> tuple[str, dict[str, l
         return mode, {s: list(range(n)) for s in SPLITS}
     if mode != "document":
         raise LMForgeError(f"--split must be auto, document or contiguous, not {cfg.split!r}")
-    rng = np.random.default_rng(cfg.seed)
-    perm = rng.permutation(n).tolist()
-    n_val = max(1, round(cfg.val_frac * n)) if cfg.val_frac > 0 else 0
-    n_test = max(1, round(cfg.test_frac * n)) if cfg.test_frac > 0 else 0
-    if n - n_val - n_test < 1:
+    assign = seeded_split(n, cfg.val_frac, cfg.test_frac, cfg.seed)
+    if not assign["train"]:
         raise LMForgeError(f"corpus {corpus.name} has only {n} documents: too few for the val/test fractions")
-    return mode, {"val": sorted(perm[:n_val]), "test": sorted(perm[n_val:n_val + n_test]),
-                  "train": sorted(perm[n_val + n_test:])}
+    return mode, assign
+
+
+def seeded_split(n: int, val_frac: float, test_frac: float, seed: int) -> dict[str, list[int]]:
+    """Item indices per split from one seeded permutation (at least one item for a non-zero fraction);
+    shared by text corpora (documents) and parallel corpora (pairs)."""
+    perm = np.random.default_rng(seed).permutation(n).tolist()
+    n_val = max(1, round(val_frac * n)) if val_frac > 0 else 0
+    n_test = max(1, round(test_frac * n)) if test_frac > 0 else 0
+    return {"val": sorted(perm[:n_val]), "test": sorted(perm[n_val:n_val + n_test]),
+            "train": sorted(perm[n_val + n_test:])}
 
 
 def _contiguous_bounds(length: int, cfg: PrepareConfig) -> dict[str, tuple[int, int]]:
@@ -129,16 +135,21 @@ def _split_texts(corpus: Corpus, mode: str, assign: dict[str, list[int]], cfg: P
             yield text
 
 
-def _train_tokenizer(cfg: PrepareConfig, texts: Iterator[str]) -> Tokenizer:
-    if cfg.tokenizer == "char":
-        return CharTokenizer.train(texts, byte_fallback=cfg.byte_fallback)
-    if cfg.tokenizer == "bpe":
-        return BPETokenizer.train(texts, cfg.vocab_size)
-    if cfg.tokenizer == "word":
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int = 8192, byte_fallback: bool = True,
+                    word_pattern: str | None = None, min_count: int = 1, lowercase: bool = False) -> Tokenizer:
+    """The tokenizer of a prepared data directory, trained on its training texts (both prepares)."""
+    if kind == "char":
+        return CharTokenizer.train(texts, byte_fallback=byte_fallback)
+    if kind == "bpe":
+        return BPETokenizer.train(texts, vocab_size)
+    if kind == "word":
+        return WordTokenizer.train(texts, pattern=word_pattern, min_count=min_count, lowercase=lowercase)
+    raise LMForgeError(f"unknown tokenizer {kind!r}; choose char, bpe or word")
 
-        return WordTokenizer.train(texts, pattern=cfg.word_pattern, min_count=cfg.min_count,
-                                   lowercase=cfg.lowercase)
-    raise LMForgeError(f"unknown tokenizer {cfg.tokenizer!r}; choose char, bpe or word")
+
+def _train_tokenizer(cfg: PrepareConfig, texts: Iterator[str]) -> Tokenizer:
+    return train_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.byte_fallback, cfg.word_pattern, cfg.min_count,
+                           cfg.lowercase)
 
 
 PIECE_CHARS = 1 << 20
