@@ -34,7 +34,7 @@ from ..utils import atomic_directory, atomic_write_json, read_json
 from .corpora import Corpus, load_corpus
 
 FORMAT = "lmforge-data"                    # token streams (language models)
-PARALLEL_FORMAT = "lmforge-parallel-data"  # (source, target) pairs (seq2seq); see data/parallel.py
+PARALLEL_FORMAT = "lmforge-parallel-data"  # (source, target) pairs (seq2seq); see data/parallel/
 SHARD_TOKENS = 1 << 28  # 256M tokens per shard file
 SPLITS = ("train", "val", "test")
 
