@@ -4,6 +4,7 @@ is written or changed."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -191,3 +192,21 @@ def test_good_values_are_converted_once(char_data: Path) -> None:
     assert (c.lr, c.max_time, c.batch_size) == (1e-3, 90.0, 8)
     assert c.model_args == {"n_layer": 2, "dropout": 0.1}
     assert GenerationConfig(temperature=0, top_k="5").top_k == 5
+
+
+def test_parallel_data_where_a_token_stream_is_needed(tmp_path: Path, trained_run: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """Parallel data given to a language model: one line naming the kind of data and the command that fits
+    (it was `KeyError: 'tokens'`)."""
+    from lmforge.data import TokenData
+    from lmforge.data.parallel import prepare_parallel
+
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("".join(f"ein satz {i}\ta sentence {i}\n" for i in range(40)), encoding="utf-8")
+    prepare_parallel(str(tsv), tmp_path / "par", tokenizer="char", progress=False)
+    meta = json.loads((tmp_path / "par" / "meta.json").read_text())
+    assert meta["format"] == "lmforge-parallel-data"
+    with pytest.raises(LMForgeError, match="holds parallel .source, target. pairs.*--model seq2seq"):
+        TokenData(tmp_path / "par")
+    err = cli_error(capsys, "eval", str(trained_run), "--data", str(tmp_path / "par"))
+    assert "parallel (source, target) pairs" in err and "lmforge train --model seq2seq" in err
