@@ -225,3 +225,71 @@ def test_no_template(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFi
         ChatSession(model, template=str(tmp_path / "evil.jinja")).prompt()
     with pytest.raises(LMForgeError, match="not a built-in template"):
         ChatSession(model, template="nope")
+
+
+def _read_until(fd: int, buf: bytearray, pattern: bytes, timeout: float = 60.0, at_least: int = 0) -> str:
+    """Read the terminal into ``buf`` until ``pattern`` appears after what was already there (and at least
+    ``at_least`` bytes came)."""
+    import os
+    import select
+    import time
+
+    start, deadline = len(buf), time.monotonic() + timeout
+    while pattern not in buf[start:] or len(buf) - start < at_least:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {pattern!r} on the terminal within {timeout}s; got {bytes(buf[start:])!r}")
+        if select.select([fd], [], [], left)[0]:
+            try:
+                buf += os.read(fd, 4096)
+            except OSError:  # the other side closed
+                raise AssertionError(f"terminal closed before {pattern!r}; got {bytes(buf[start:])!r}") from None
+    return buf[start:].decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+@pytest.mark.slow
+def test_repl_in_a_terminal_ctrl_c_and_save(tmp_path: Path) -> None:
+    """Drive ``lmforge chat`` through a pseudo-terminal: Ctrl-C stops a reply that would run for 100k tokens and
+    leaves the REPL running; /save writes what was shown and refuses to overwrite."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    import termios
+
+    model_dir = tiny_smollm2(tmp_path / "model", never_end=True)
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:  # so that Ctrl-C on the terminal sends SIGINT to the REPL
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "TERM": "dumb"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "chat", str(model_dir), "--max-new-tokens",
+                             "100000"], stdin=slave, stdout=slave, stderr=slave, cwd=tmp_path, env=env,
+                            start_new_session=True, preexec_fn=controlling_terminal)
+    os.close(slave)
+    buf = bytearray()
+    try:
+        _read_until(master, buf, b"/exit quits.\r\n> ")
+        os.write(master, b"Hi\r")
+        _read_until(master, buf, b"Hi\r\n")
+        start = len(buf)
+        _read_until(master, buf, b"", at_least=40)  # the reply is streaming
+        os.write(master, b"\x03")
+        _read_until(master, buf, b"(stopped)\r\n> ")
+        shown = buf[start:].decode("utf-8", "replace").replace("\r\n", "\n").replace("^C", "")
+        assert proc.poll() is None  # still in the REPL
+        os.write(master, b"/save conv.json\r")
+        assert "(saved 2 messages to conv.json)" in _read_until(master, buf, b"> ")
+        messages = json.loads((tmp_path / "conv.json").read_text())
+        assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Hi"
+        assert messages[1]["content"] and shown.startswith(messages[1]["content"] + "\n(stopped)")
+        os.write(master, b"/save conv.json\r")
+        assert "conv.json exists; not overwritten" in _read_until(master, buf, b"> ")
+        os.write(master, b"/exit\r")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        os.close(master)
