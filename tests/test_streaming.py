@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmforge import load
-from lmforge.apps.chat import ChatSession, repl
+from lmforge.apps.chat import ChatSession, open_session, repl
 from lmforge.cli import main
 from lmforge.errors import LMForgeError
 from lmforge.generation import GenerationConfig, TextStream, generate_ids, generate_text
@@ -214,17 +214,17 @@ def test_no_template(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert "no chat template" in err and f"lmforge generate {trained_run} --prompt TEXT" in err
     assert main(["chat", str(trained_run), "--chat", "ROMEO:", "--max-new-tokens", "5"]) == 0
     assert "no chat template" in capsys.readouterr().err
-    chatml = ChatSession(model, template="chatml", max_new_tokens=5)
+    chatml = open_session(model, "chatml", max_new_tokens=5)
     assert chatml.chat and chatml.prompt().endswith("<|im_start|>assistant\n") and "<|im_end|>" in chatml.gen["stop"]
     (tmp_path / "t.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}>")
-    custom = ChatSession(model, template=str(tmp_path / "t.jinja"))
+    custom = open_session(model, str(tmp_path / "t.jinja"))
     custom.messages.append({"role": "user", "content": "x"})
     assert custom.prompt() == "[x]>"
     (tmp_path / "evil.jinja").write_text("{{ cycler.__init__.__globals__.os }}")
     with pytest.raises(LMForgeError, match="unsafe"):
-        ChatSession(model, template=str(tmp_path / "evil.jinja")).prompt()
+        open_session(model, str(tmp_path / "evil.jinja")).prompt()
     with pytest.raises(LMForgeError, match="not a built-in template"):
-        ChatSession(model, template="nope")
+        open_session(model, "nope")
 
 
 def _read_until(fd: int, buf: bytearray, pattern: bytes, timeout: float = 60.0, at_least: int = 0) -> str:

@@ -308,9 +308,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
               repetition_penalty=a.repetition_penalty, stop=a.stop, ignore_eos=a.ignore_eos,
               use_cache=not a.no_cache)
     if a.chat is not None:
-        from .apps.chat import ChatSession, no_template_message
+        from .apps.chat import no_template_message, open_session
 
-        session = ChatSession(model, system=a.system, template=a.template, seed=a.seed, **kw)
+        session = open_session(model, a.template, system=a.system, seed=a.seed, **kw)
         if not session.chat:
             raise LMForgeError(no_template_message(a.run))
         reply = session.ask(a.chat, on_text=_print_piece if a.stream else None)
@@ -396,12 +396,12 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
-    from .apps.chat import ChatSession, no_template_message, repl
+    from .apps.chat import no_template_message, open_session, repl
     from .models import load_model
 
     model = _with_dtype(load_model(a.model), a.dtype)
-    session = ChatSession(model, system=a.system, template=a.template, max_new_tokens=a.max_new_tokens,
-                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    session = open_session(model, a.template, system=a.system, max_new_tokens=a.max_new_tokens,
+                           temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     if not session.chat:
         print(f"lmforge: {no_template_message(a.model)}; meanwhile the model continues each message",
               file=sys.stderr)

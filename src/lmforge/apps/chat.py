@@ -64,6 +64,14 @@ def load_template(spec: str) -> tuple[ChatTemplate, list[str]]:
     return ChatTemplate(text, f"template file {spec}"), []
 
 
+def open_session(model: Any, template: str | None = None, **kwargs: Any) -> ChatSession:
+    """A ChatSession with ``--template NAME|FILE`` resolved (a built-in adds its end-of-turn stop strings)."""
+    if template is None:
+        return ChatSession(model, **kwargs)
+    tpl, stop = load_template(template)
+    return ChatSession(model, template=tpl, **{**kwargs, "stop": list(kwargs.get("stop") or []) + stop})
+
+
 def no_template_message(name: str) -> str:
     return (f"{name} has no chat template (a base model): continue text with `lmforge generate {name} --prompt "
             f"TEXT`, or give it one with --template chatml|simple|FILE")
@@ -72,27 +80,27 @@ def no_template_message(name: str) -> str:
 class ChatSession:
     """A conversation with a model: its messages, rendered by the chat template, answered by streamed decoding.
 
-    ``template``: a built-in name or a Jinja file (``--template``); default the model's own. A model with
-    neither is used as base models are: each message is a prompt to continue (``self.chat`` is False).
+    ``template``: Jinja text or a compiled :class:`ChatTemplate` (see :func:`open_session` for ``--template
+    NAME|FILE``); default the model's own. A model with neither is used as base models are: each message is a
+    prompt to continue (``self.chat`` is False).
     ``messages`` holds exactly the replies shown (stripped of surrounding whitespace, as they are shown).
     """
 
-    def __init__(self, model: Any, system: str | None = None, template: str | None = None,
+    def __init__(self, model: Any, system: str | None = None, template: str | ChatTemplate | None = None,
                  **gen: Any) -> None:
         if model.tokenizer is None:
             raise LMForgeError("this model has no tokenizer to chat with")
-        self.model, self.system = model, system
-        stop: list[str] = []
-        if template is not None:
-            self.template: ChatTemplate | None
-            self.template, stop = load_template(template)
-        elif model.chat_template:
-            # Templates come from model files: rendered sandboxed, never as trusted code.
-            self.template = ChatTemplate(model.chat_template, "the model's chat template")
+        self.model, self.system, self.gen = model, system, gen
+        # Templates come from model files or users: rendered sandboxed, never as trusted code.
+        self.template: ChatTemplate | None
+        if isinstance(template, ChatTemplate):
+            self.template = template
+        elif template or model.chat_template:
+            self.template = ChatTemplate(template or model.chat_template,
+                                         "the chat template" if template else "the model's chat template")
         else:
             self.template = None
         self.chat = self.template is not None
-        self.gen = {**gen, "stop": list(gen.get("stop") or []) + stop}
         self.interrupted = False
         self.last_tokens, self.last_seconds = 0, 0.0
         self.reset()
