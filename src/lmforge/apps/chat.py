@@ -270,7 +270,7 @@ def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.s
         elif text:
             session.ask(text, on_text=write, interruptible=True)
             stdout.write("\n(stopped)\n" if session.interrupted else "\n")
-            if stats and session.last_seconds > 0:
+            if stats and session.last_tokens and session.last_seconds > 0:
                 stdout.write(f"({session.last_tokens} tokens in {session.last_seconds:.2f}s, "
                              f"{session.last_tokens / session.last_seconds:.1f} tokens/s)\n")
         stdout.flush()
