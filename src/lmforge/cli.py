@@ -26,7 +26,7 @@ from typing import Any
 
 from . import __version__
 from .apps import ngram_cli
-from .apps.chat import ChatSession, repl
+from .apps.chat import no_template_message, open_session, repl
 from .apps.compare import ModelSpec, compare
 from .apps.demo import run_demo
 from .data import PrepareConfig, prepare
@@ -241,6 +241,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--chat", default=None, metavar="MESSAGE", help="one chat turn through the chat template")
     p.add_argument("--system", default=None, help="system prompt for --chat")
+    p.add_argument("--template", default=None, metavar="NAME|FILE",
+                   help="chat template for --chat: a built-in name (chatml, simple) or a Jinja file "
+                        "(default: the model's own)")
     _add_decoding_options(p, GENERATE_DEFAULTS)
     p.set_defaults(func=cmd_generate)
 
@@ -257,6 +260,11 @@ def _with_dtype(model: Any, dtype: str) -> Any:
     return model
 
 
+def _print_piece(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     kw = _generation_kwargs(a)
     model = _with_dtype(load_model(a.run), a.dtype)
@@ -267,8 +275,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     seed0 = kw.pop("seed", None)
     if a.chat is not None:
 
-        session = ChatSession(model, system=a.system, seed=seed0, **kw)
-        print(session.ask(a.chat))
+        session = open_session(model, a.template, system=a.system, seed=seed0, **kw)
+        if not session.chat:
+            raise LMForgeError(no_template_message(a.run))
+        reply = session.ask(a.chat, on_text=_print_piece if a.stream else None)
+        print("" if a.stream else reply)
         return 0
     for i in range(n if a.stream else 1):
         if n > 1:
@@ -330,6 +341,9 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a model (REPL, or one shot with --chat)")
     p.add_argument("model", help="run directory, Hugging Face directory, .gguf file, or smollm2")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--template", default=None, metavar="NAME|FILE",
+                   help="chat template: a built-in name (chatml, simple) or a Jinja file, rendered sandboxed "
+                        "(default: the model's own; without one the model continues your text)")
     p.add_argument("--chat", default=None, metavar="MESSAGE", help="one message, print the reply, exit")
     _add_decoding_options(p, CHAT_DEFAULTS, only=("max_new_tokens", "temperature", "top_k", "top_p",
                                                   "repetition_penalty", "seed"))
@@ -339,7 +353,10 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 def cmd_chat(a: argparse.Namespace) -> int:
     kw = _generation_kwargs(a)
     model = _with_dtype(load_model(a.model), a.dtype)
-    session = ChatSession(model, system=a.system, **kw)
+    session = open_session(model, a.template, system=a.system, **kw)
+    if not session.chat:
+        print(f"lmforge: {no_template_message(a.model)}; meanwhile the model continues each message",
+              file=sys.stderr)
     if a.chat is not None:
         print(session.ask(a.chat))
     else:
