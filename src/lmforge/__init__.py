@@ -1,8 +1,8 @@
-"""lmforge: build, train, evaluate, run and serve every family of language model.
+"""lmforge: build, train, evaluate and run every family of language model.
 
     >>> import lmforge
     >>> m = lmforge.load("runs/shk")
-    >>> print(m.generate("ROMEO:", max_new_tokens=50))
+    >>> print(lmforge.generate(m, "ROMEO:", max_new_tokens=50))
 """
 
 from __future__ import annotations
@@ -12,15 +12,34 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# The functions below import their rooms when called: `import lmforge` stays light (no torch) until used.
 if TYPE_CHECKING:
     from .models.base import LanguageModel
 
 
 def load(path: str | Path) -> LanguageModel:
-    """Load a run directory (config.json + model.safetensors + tokenizer.json) as a model."""
-    from .models import load_model
+    """Load a run directory (config.json + model.safetensors + tokenizer.json), a Hugging Face checkpoint
+    directory, a ``.gguf`` file or a shortcut (``smollm2``) as a model."""
+    from .hub import load_model
 
     return load_model(path)
+
+
+def generate(model: LanguageModel | str | Path, prompt: str | list[str], **kwargs: Any) -> str | list[str]:
+    """Decode text from ``prompt``; see :func:`lmforge.generation.generate_text` for the arguments."""
+    from .generation import generate_text
+
+    return generate_text(load(model) if isinstance(model, (str, Path)) else model, prompt, **kwargs)
+
+
+def translate(model: LanguageModel | str | Path, texts: str | list[str], **kwargs: Any) -> str | list[str]:
+    """Translate (or summarise) with a seq2seq model; see :func:`lmforge.generation.seq2seq.translate`."""
+    from .generation.seq2seq import translate as _translate
+
+    model = load(model) if isinstance(model, (str, Path)) else model
+    single = isinstance(texts, str)
+    out = _translate(model, [texts] if single else list(texts), **kwargs)
+    return out[0] if single else out
 
 
 def prepare(corpus: str, out: str, tokenizer: str = "char", **kwargs: Any) -> dict:
@@ -39,4 +58,4 @@ def evaluate(model: LanguageModel | str | Path, data: str | Path, split: str = "
     return _evaluate(model, data, split=split, **kwargs)
 
 
-__all__ = ["__version__", "load", "prepare", "evaluate"]
+__all__ = ["__version__", "load", "prepare", "evaluate", "generate", "translate"]

@@ -12,7 +12,7 @@ import torch
 from ..errors import LMForgeError
 from ..tokenizers import Tokenizer, load_tokenizer
 from ..utils import read_json
-from .prepare import FORMAT
+from .prepare import FORMAT, PARALLEL_FORMAT
 
 
 class TokenSplit:
@@ -62,6 +62,11 @@ class TokenData:
         if not self.path.is_dir():
             raise LMForgeError(f"data directory {self.path} does not exist; create it with lmforge prepare")
         self.meta = read_json(self.path / "meta.json", "data meta")
+        if isinstance(self.meta, dict) and (self.meta.get("format") == PARALLEL_FORMAT or
+                                            self.meta.get("task") == "seq2seq"):
+            raise LMForgeError(f"{self.path} holds parallel (source, target) pairs, which only seq2seq models use: "
+                               "train one with lmforge train --model seq2seq, or prepare a text corpus for this "
+                               "model")
         if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
             raise LMForgeError(f"{self.path} is not an lmforge data directory (bad meta.json); "
                                "re-run lmforge prepare")

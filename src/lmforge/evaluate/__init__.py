@@ -20,8 +20,9 @@ few long parallel streams, carrying their state from chunk to chunk.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,12 +31,31 @@ from tqdm import tqdm
 from ..data import TokenData
 from ..errors import LMForgeError
 from ..models.base import LanguageModel
+from ..options import INT64_MAX, Options, option
+
+
+@dataclass
+class EvalConfig(Options):
+    """The options of ``lmforge eval`` (and of :func:`evaluate` / ``evaluate_seq2seq``)."""
+
+    split: Literal["train", "val", "test"] = option("val", help="split to score")
+    batch_size: int = option(16, ge=1, le=1 << 20, help="sequences (or pairs) per batch")
+    max_tokens: int | None = option(None, ge=1, le=INT64_MAX, help="score at most this many tokens",
+                                    default_text="the whole split")
+    stride: int | None = option(None, ge=1, le=1 << 20, help="sliding-window stride for Transformers (smaller "
+                                "than the context: each token scored with more context)",
+                                default_text="the context length (non-overlapping windows)")
+    beam: int = option(1, ge=1, le=256, help="seq2seq: beam size for BLEU/chrF (1 = greedy)")
+    length_penalty: float = option(1.0, ge=-10, le=10, help="seq2seq: beam length penalty (score / length^p)")
+    max_pairs: int | None = option(None, ge=1, le=INT64_MAX, help="seq2seq: evaluate the first N pairs only",
+                                   default_text="all pairs")
 
 
 @torch.no_grad()
 def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "val", batch_size: int = 16,
              max_tokens: int | None = None, stride: int | None = None, progress: bool = False,
              chunk: int = 512) -> dict[str, Any]:
+    EvalConfig(split=split, batch_size=batch_size, max_tokens=max_tokens, stride=stride)  # type: ignore[arg-type]
     if not isinstance(data, TokenData):
         data = TokenData(data)
     if data.vocab_size != model.vocab_size:
@@ -47,7 +67,7 @@ def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "v
         raise LMForgeError(f"split {split!r} has fewer than 2 tokens")
     if isinstance(model, torch.nn.Module):
         model.eval()
-    unk = getattr(model.tokenizer, "unk_id", None) if model.tokenizer is not None else None
+    unk = model.tokenizer.unk_id if model.tokenizer is not None else None
     total_nll, total_n, oov_n, oov_nll = 0.0, 0, 0, 0.0
     ctx = model.context_length
     device = model.device  # inputs go where the weights are (--device)

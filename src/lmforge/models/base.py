@@ -26,13 +26,24 @@ Training has one more operation, written once in ``lmforge.train`` for every gra
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..tokenizers import Tokenizer
+from ..errors import LMForgeError
+from ..tokenizers import Tokenizer, load_tokenizer
+from ..utils import atomic_write_json, read_json
+from .weights import load_weights, save_weights
+
+# Bounds of model options: far beyond any CPU model, small enough to refuse typos before allocating.
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 30
+MAX_LAYERS = 4096
+MAX_WIDTH = 1 << 16
+PRESET = "from the preset"
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
@@ -66,12 +77,21 @@ class LanguageModel:
     stateful: bool = False
     #: the tokenizer of the source side (seq2seq with separate vocabularies); None = ``tokenizer``
     source_tokenizer: Tokenizer | None = None
+    #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json); None = none
+    chat_template: str | None = None
+    #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8); None = training layout
+    decode_dtype: str | None = None
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; the default decays every trainable parameter (families override it
         to exempt biases, norms and embeddings)."""
         params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
         return [{"params": params, "weight_decay": weight_decay}]
+
+    @property
+    def encoder_tokenizer(self) -> Tokenizer | None:
+        """The tokenizer of the model's input side: ``source_tokenizer`` when separate, else ``tokenizer``."""
+        return self.source_tokenizer or self.tokenizer
 
     # --- the protocol -------------------------------------------------------------------------
     @property
@@ -157,28 +177,34 @@ class LanguageModel:
         return {}
 
     @classmethod
-    def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> LanguageModel:
-        """A fresh model: the preset's config, then ``overrides``, for a vocabulary of ``vocab_size``."""
-        from dataclasses import fields
-
-        from ..errors import LMForgeError
-
+    def config_for(cls, preset: str | None, vocab_size: int | None = None, **overrides: Any) -> Any:
+        """The preset's config, then ``overrides`` (validated by the config's field declarations)."""
         preset = preset or cls.default_preset
         if preset not in cls.presets:
             raise LMForgeError(f"unknown {cls.model_type} preset {preset!r}; choose one of {', '.join(cls.presets)}")
         unknown = set(overrides) - {f.name for f in fields(cls.config_class)}
         if unknown:
             raise LMForgeError(f"unknown {cls.model_type} option(s) {', '.join(sorted(unknown))}")
-        cfg = {**cls.presets[preset], **cls.preset_fields(), **overrides, "vocab_size": vocab_size}
-        return cls(cls.config_class(**cfg))  # type: ignore[call-arg]
+        cfg = {**cls.presets[preset], **cls.preset_fields(), **overrides}
+        if vocab_size is not None:
+            cfg["vocab_size"] = vocab_size
+        return cls.config_class(**cfg)  # type: ignore[call-arg]
+
+    @classmethod
+    def check_overrides(cls, preset: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+        """``overrides`` converted and checked with the preset (cross-field rules too), before any data."""
+        cfg = cls.config_for(preset, **overrides)
+        return {k: getattr(cfg, k) for k in overrides}
+
+    @classmethod
+    def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> LanguageModel:
+        """A fresh model: the preset's config, then ``overrides``, for a vocabulary of ``vocab_size``."""
+        return cls(cls.config_for(preset, vocab_size, **overrides))  # type: ignore[call-arg]
 
     def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True,
                         weights: dict[str, torch.Tensor] | None = None) -> None:
         """config.json (model_type + config), model.safetensors and tokenizer.json, like Hugging Face.
         ``weights``: the full tensors to write instead of the module's own (gathered from FSDP shards)."""
-        from ..hub.checkpoint import save_weights
-        from ..utils import atomic_write_json
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_weights(self, directory / "model.safetensors", weights)  # type: ignore[arg-type]
@@ -189,12 +215,9 @@ class LanguageModel:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanguageModel:
-        from ..hub.checkpoint import load_weights
-        from ..tokenizers import load_tokenizer
-        from ..utils import read_json
-
         directory = Path(directory)
-        model = cls(cls.config_class.from_dict(read_json(directory / "config.json", "model config")))  # type: ignore
+        cfg = cls.config_class.from_dict(read_json(directory / "config.json", "model config"), strict=False)
+        model = cls(cfg)  # type: ignore[call-arg]
         load_weights(model, directory / "model.safetensors")  # type: ignore[arg-type]
         model.eval()  # type: ignore[attr-defined]
         if (directory / "tokenizer.json").exists():
@@ -205,15 +228,3 @@ class LanguageModel:
         if isinstance(self, torch.nn.Module):
             return sum(p.numel() for p in self.parameters())
         return 0
-
-    # --- conveniences (Hugging Face style) ----------------------------------------------------
-    def generate(self, prompt: str | list[str], **kwargs: Any) -> str | list[str]:
-        """Decode text from ``prompt``; see :func:`lmforge.generation.generate` for arguments."""
-        from ..generation import generate_text
-
-        return generate_text(self, prompt, **kwargs)
-
-    def evaluate(self, data: str | Path, split: str = "val", **kwargs: Any) -> dict[str, float]:
-        from ..evaluate import evaluate
-
-        return evaluate(self, data, split=split, **kwargs)

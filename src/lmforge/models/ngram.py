@@ -32,16 +32,35 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from ..errors import LMForgeError
+from ..options import Options, option
+from ..tokenizers import load_tokenizer
+from ..utils import atomic_write, atomic_write_json, read_json
 from .base import LanguageModel
 
-SMOOTHINGS = ("mle", "add-k", "witten-bell", "kneser-ney", "modified-kneser-ney")
+Smoothing = Literal["mle", "add-k", "witten-bell", "kneser-ney", "modified-kneser-ney"]
+SMOOTHINGS: tuple[str, ...] = get_args(Smoothing)
+MAX_ORDER = 64
+
+
+@dataclass
+class NGramConfig(Options):
+    """How an n-gram model is counted and smoothed (``lmforge train --model ngram``)."""
+
+    order: int = option(3, ge=1, le=MAX_ORDER, help="n-gram order")
+    smoothing: Smoothing = option("modified-kneser-ney", help="smoothing of the counts")
+    add_k: float = option(1.0, gt=0, le=1e6, help="k for add-k smoothing (1 = Laplace)")
+    discount_fallback: bool = option(False, help="use discounts 0.5 1 1.5 when they cannot be estimated "
+                                     "(KenLM's --discount_fallback)")
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # KenLM's --discount_fallback defaults
 NEG_INF = float("-inf")
 
@@ -321,10 +340,6 @@ class NGramModel(LanguageModel):
 
     # --- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
-        from safetensors.numpy import save_file
-
-        from ..utils import atomic_write, atomic_write_json
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -341,12 +356,6 @@ class NGramModel(LanguageModel):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> NGramModel:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        from ..tokenizers import load_tokenizer
-        from ..utils import read_json
-
         directory = Path(directory)
         cfg = read_json(directory / "config.json", "model config")
         path = directory / "model.safetensors"

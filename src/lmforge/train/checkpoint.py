@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import LMForgeError
-from ..hub.checkpoint import load_weights
+from ..models.weights import load_weights
 from ..utils import atomic_write_json, read_json
 from .distributed import Runtime
 

@@ -43,9 +43,9 @@ from tqdm import tqdm
 from ..data import BatchSampler, StreamSampler, check_run_data, data_fingerprint
 from ..data.parallel import ParallelBatchSampler, ParallelData, load_data
 from ..errors import LMForgeError
-from ..hub.checkpoint import state_dict_for_saving
 from ..models import create_model, model_class
-from ..utils import DirectoryLock, atomic_write_json, atomic_write_text, human, native_bf16
+from ..models.weights import state_dict_for_saving
+from ..utils import DirectoryLock, atomic_write_json, atomic_write_text, human, native_bf16, read_jsonl, refuse_nonempty
 from .checkpoint import find_checkpoint, init_optimizer_state, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import autocast_dtype, gradient_sync, setup, wrap
@@ -109,6 +109,25 @@ def make_optimizer(model: Any, cfg: TrainConfig, fused: bool) -> torch.optim.Opt
         except (RuntimeError, TypeError, ValueError):
             pass
     return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_batch_fits(batch_size: int, block_size: int, vocab_size: int) -> None:
+    """Refuse a batch whose logits alone (fp32 logits, their softmax and gradient: 12 bytes per entry, a lower
+    bound of what a step allocates) exceed the machine's memory, before any file is written."""
+    need, have = 12 * batch_size * block_size * vocab_size, physical_memory()
+    if have and need > have:
+        raise LMForgeError(f"--batch-size {batch_size} cannot fit in memory: its logits alone ({batch_size} x "
+                           f"{block_size} tokens x {vocab_size} vocab) need {need / 2**30:.0f} GiB and this machine "
+                           f"has {have / 2**30:.0f} GiB; use a smaller --batch-size (--grad-accum keeps the "
+                           "effective batch)")
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -203,6 +222,8 @@ class Trainer:
             raise LMForgeError(f"--strategy fsdp shards Transformer blocks, and a {cfg.model} model has none; use "
                                "--strategy ddp")
         self.block_size = self.model.context_length or self.model.config.block_size  # RNNs: the TBPTT window
+        if rt.device.type == "cpu":
+            check_batch_fits(cfg.batch_size, self.block_size, self.data.vocab_size)
         self.stateful = self.model.stateful
         # Stateful models (RNNs) read consecutive windows of global-batch-many streams and carry their
         # hidden state (TBPTT); Transformers read random windows (nanoGPT's get_batch).
@@ -228,6 +249,12 @@ class Trainer:
         self.last_loss = float("nan")
         self.saved_step = -1
         self.fresh = not resume
+        if cfg.compile:
+            # torch.compile's inductor imports torch.fx.experimental.optimization -> torch.utils.mkldnn, whose
+            # classes use the deprecated @torch.jit.script_method: a warning from inside torch (2.13) about
+            # torch's own code, once per compiled graph, that a user can do nothing about.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated",
+                                    category=DeprecationWarning)
         self.step_fn = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.eval_fn = torch.compile(self.loss_step) if cfg.compile and self.loss_step is not self.wrapped \
             else self.step_fn
@@ -243,9 +270,7 @@ class Trainer:
                 raise LMForgeError(f"cannot resume: {problem}; resuming would train on other tokens. Prepare the "
                                    "original data again, or start a new run")
             return
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise LMForgeError(f"run directory {out} already exists; continue it with "
-                               f"lmforge train --resume {out}, or choose another --out")
+        refuse_nonempty(out, f"continue it with lmforge train --resume {out}, or choose another --out")
         # A start killed before its first checkpoint left a hidden sibling that nobody holds: remove it.
         for stale in out.parent.glob(f".{out.name}.start-*") if out.parent.is_dir() else []:
             if not DirectoryLock.is_held(stale):
@@ -296,7 +321,7 @@ class Trainer:
         if overrides.get("batch_size") is not None and overrides.get("global_batch") is None:
             d["global_batch"] = d.get("global_batch")  # a new per-process batch keeps the run's global batch
         d["out"] = str(run_dir)
-        return TrainConfig.from_dict(d)
+        return TrainConfig.from_dict(d, strict=False)  # runs of older versions may record retired options
 
     # --- checkpoint contents beyond weights and optimizer --------------------------------------
     def _rng_states(self) -> dict[str, torch.Tensor]:
@@ -519,7 +544,14 @@ class Trainer:
                                    cfg.cooldown_frac)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                self.last_loss, step_tokens, stopped = self.train_step(stop.signum)
+                try:
+                    self.last_loss, step_tokens, stopped = self.train_step(stop.signum)
+                except (MemoryError, RuntimeError) as e:  # a failed allocation: bad input, not a bug
+                    if isinstance(e, RuntimeError) and "allocate" not in str(e) and "out of memory" not in str(e):
+                        raise
+                    raise LMForgeError(f"out of memory in a training step at --batch-size {cfg.batch_size} x "
+                                       f"{self.block_size} tokens; use a smaller --batch-size (--grad-accum or "
+                                       "--global-batch keep the effective batch)") from None
                 dt = time.perf_counter() - t0
                 self.step += 1
                 self.train_time += dt
@@ -633,14 +665,7 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step", 0) <= self.step:
-                keep.append(line)
+        keep = [json.dumps(rec) for rec in read_jsonl(path) if rec.get("step", 0) <= self.step]
         atomic_write_text(path, "\n".join(keep) + ("\n" if keep else ""))
         self._log({"event": "resume", "step": self.step, "world_size": self.rt.world,
                    "strategy": self.rt.strategy})
@@ -649,7 +674,7 @@ class Trainer:
         if not self.rt.is_main:
             return
         try:
-            from ..viz.plots import plot_loss_curve
+            from ..viz.plots import plot_loss_curve  # matplotlib costs ~0.5 s; only the end-of-run plot needs it
 
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png",
                             title=f"{self.run_dir.name}: {self.cfg.model} on {Path(self.cfg.data).name}")
