@@ -149,6 +149,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         cfg.validate()
         self.cfg = cfg
+        self.run_lock: DirectoryLock | None = None
+        self.data_lock: DirectoryLock | None = None
         self.rt = setup(cfg.device, cfg.strategy, cfg.backend)
         try:
             with self.rt.collectively():
@@ -164,8 +166,6 @@ class Trainer:
     def _build(self, resume: bool) -> None:
         cfg, rt = self.cfg, self.rt
         self.run_dir = Path(cfg.out)
-        self.run_lock: DirectoryLock | None = None
-        self.data_lock: DirectoryLock | None = None
         if not rt.is_main:
             warnings.filterwarnings("ignore")  # rank 0 speaks for all
         if cfg.threads:
@@ -334,21 +334,21 @@ class Trainer:
 
     def _carry_all(self) -> tuple[dict[str, torch.Tensor], list[Any]]:
         """The carried states of all ranks' micro-batches, by global micro-batch index, and their layout."""
-        mine = [[t.detach().cpu() for t in _leaves(c)] for c in self.carry]
+        mine = [(isinstance(c, tuple), [t.detach().cpu() for t in _leaves(c)]) for c in self.carry]
         per_rank = self.rt.all_gather(mine) if self.stateful else [mine]
         flat = [c for rank_carry in per_rank for c in rank_carry]
-        tensors = {f"{j}.{i}": t for j, c in enumerate(flat) for i, t in enumerate(c)}
-        layout = [[list(t.shape) for t in c] for c in flat]
+        tensors = {f"{j}.{i}": t for j, (_, c) in enumerate(flat) for i, t in enumerate(c)}
+        layout = [[is_tuple, [list(t.shape) for t in c]] for is_tuple, c in flat]  # a tuple (LSTM's h, c) or one tensor
         return tensors, layout
 
     def _set_carry(self, tensors: dict[str, torch.Tensor], layout: list[Any] | None) -> None:
         if not self.stateful or not layout:
             return
-        tuple_state = self.model.config.cell == "lstm"
         for k in range(self.accum):
             j = self.rt.rank * self.accum + k
-            leaves = [tensors[f"{j}.{i}"].to(self.rt.device) for i in range(len(layout[j]))]
-            self.carry[k] = None if not leaves else tuple(leaves) if tuple_state else leaves[0]
+            is_tuple, shapes = layout[j]
+            leaves = [tensors[f"{j}.{i}"].to(self.rt.device) for i in range(len(shapes))]
+            self.carry[k] = None if not leaves else tuple(leaves) if is_tuple else leaves[0]
 
     def _extra_template(self, state: dict[str, Any]) -> dict[str, Any]:
         """Tensors of the shapes a checkpoint holds, for DCP to load into."""
@@ -357,7 +357,7 @@ class Trainer:
         if "cuda_rng" in state.get("rng_devices", []) and self.rt.device.type == "cuda":
             rng["cuda"] = torch.zeros((world, torch.cuda.get_rng_state(self.rt.device).numel()), dtype=torch.uint8)
         layout = state.get("carry_layout") or []
-        carry = {f"{j}.{i}": torch.zeros(shape) for j, c in enumerate(layout) for i, shape in enumerate(c)}
+        carry = {f"{j}.{i}": torch.zeros(shape) for j, (_, c) in enumerate(layout) for i, shape in enumerate(c)}
         extra: dict[str, Any] = {"sampler": copy.deepcopy(self.train_sampler.state_dict()), "rng": rng}
         if carry:
             extra["carry"] = carry
@@ -502,7 +502,7 @@ class Trainer:
             self.rt.close()
 
     def _release(self) -> None:
-        for lock in (getattr(self, "run_lock", None), getattr(self, "data_lock", None)):
+        for lock in (self.run_lock, self.data_lock):
             if lock is not None:
                 lock.release()
 
