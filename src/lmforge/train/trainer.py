@@ -412,14 +412,16 @@ class Trainer:
                 work += [(k, b, 1.0) for k, b in enumerate(sampler.step_batches(rt.rank, rt.world, self.accum))]
         else:
             sampler = self._sampler(split, 12345, warn=False)
-            work = []
+            work, pad = [], None
             for j in range(self.cfg.eval_iters):
-                b = sampler.draw(read=j % rt.world == rt.rank)
-                if b is not None:
+                fsdp_pad = rt.strategy == "fsdp" and j == 0
+                b = sampler.draw(read=j % rt.world == rt.rank or fsdp_pad)
+                if b is not None and j % rt.world == rt.rank:
                     work.append((0, b, 1.0))
+                pad = b if fsdp_pad else pad
             rounds = -(-self.cfg.eval_iters // rt.world)
             while rt.strategy == "fsdp" and len(work) < rounds:  # FSDP: every rank takes part in every forward
-                work.append((0, work[0][1], 0.0))
+                work.append((0, pad, 0.0))  # (weight 0: it only keeps the collectives in step)
         with self._autocast():
             for k, (x, y), weight in work:
                 loss, n, state = self.eval_fn(_to(x, rt.device), _to(y, rt.device),
