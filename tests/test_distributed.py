@@ -100,7 +100,7 @@ def test_ddp_two_processes_match_one(tmp_path: Path, char_data: Path, ref: dict[
 def test_fsdp_two_processes_match_one(tmp_path: Path, char_data: Path, ref: dict[str, Path]) -> None:
     run = tmp_path / "fsdp"
     r = lmforge_train(2, "--data", str(char_data), "--out", str(run), *GPT, *COMMON, "--max-steps", "20",
-                      "--strategy", "fsdp")
+                      "--strategy", "fsdp", "--eval-iters", "3")  # odd: one rank pads its validation forwards
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_trajectory(ref["gpt"], run)
     assert files(run) == files(ref["gpt"])
