@@ -256,8 +256,9 @@ class Seq2Seq(nn.Module, LanguageModel):
         return [*self.encoder, *self.decoder]
 
     # --- persistence: the source tokenizer too, when the vocabularies are separate -------------
-    def save_pretrained(self, directory: Any, save_tokenizer: bool = True) -> None:
-        super().save_pretrained(directory, save_tokenizer)
+    def save_pretrained(self, directory: Any, save_tokenizer: bool = True,
+                        weights: dict[str, torch.Tensor] | None = None) -> None:
+        super().save_pretrained(directory, save_tokenizer, weights)
         src_tok = self.source_tokenizer
         if save_tokenizer and src_tok is not None and src_tok is not self.tokenizer:
             src_tok.save(directory, SOURCE_TOKENIZER)
