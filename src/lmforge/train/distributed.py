@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..errors import LMForgeError
 from ..utils import resolve_device
@@ -146,13 +149,8 @@ def wrap(rt: Runtime, model: torch.nn.Module) -> torch.nn.Module:
     """The training module for this strategy: plain, DDP, or FSDP2 (``fully_shard`` per block, then the root)."""
     step = LossStep(model)
     if rt.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         return DDP(step, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if rt.strategy == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         units = model.shard_units()  # type: ignore[operator]
         mesh = init_device_mesh(rt.device.type, (rt.world,))  # on CPU an explicit CPU mesh (gloo)
         for unit in units:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
 from ..data import BatchSampler, StreamSampler, check_run_data, data_fingerprint
@@ -234,8 +235,8 @@ class Trainer:
         self.save_keys = list(state_dict_for_saving(self.model))  # top-level file: tied tensors once
         self.model.to(rt.device)
         self.wrapped = wrap(rt, self.model)
-        self.loss_step = self.wrapped if rt.strategy == "fsdp" else self.wrapped.module \
-            if rt.strategy == "ddp" else self.wrapped  # evaluation needs no gradient sync (FSDP: all-gathers)
+        # Evaluation skips DDP's wrapper (no gradient sync; buffers need no broadcast); FSDP must all-gather.
+        self.loss_step = self.wrapped.module if rt.strategy == "ddp" else self.wrapped
         self.optimizer = make_optimizer(self.model, cfg, fused=rt.strategy != "fsdp")
         init_optimizer_state(self.optimizer)
         torch.manual_seed(cfg.seed + 1 + rt.rank)  # dropout masks differ between ranks
@@ -453,8 +454,6 @@ class Trainer:
         save_checkpoint(self.run_dir, rt, self.model, self.optimizer, extra, state)
         weights = None
         if rt.strategy == "fsdp":  # gather the shards into full tensors on rank 0 (collective)
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             weights = {k: full[k] for k in self.save_keys} if rt.is_main else None
         if rt.is_main:
