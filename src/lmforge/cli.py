@@ -475,6 +475,78 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by serve and batch (fields of lmforge.serve.ServeConfig)."""
+    p.add_argument("model", help="run directory, Hugging Face directory, .gguf file, or smollm2")
+    p.add_argument("--parallel", type=int, default=4,
+                   help="decoding slots: sequences decoded together in one batched forward (default 4)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait for a slot (default 64)")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context length per sequence (default: the model's, at most 4096)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
+                   help="weights for decoding (Transformers): bf16 halves, int8 quarters the bytes per token")
+    p.add_argument("--name", default=None, help="the model id clients use (default: the model's name)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file, replacing the model's own (or giving one to a model without)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for decoding (default: torch's)")
+
+
+def _serve_config(a: argparse.Namespace, **extra: Any) -> Any:
+    from .serve import ServeConfig
+
+    return ServeConfig(model=a.model, parallel=a.parallel, max_queue=a.max_queue, ctx=a.ctx, dtype=a.dtype,
+                       name=a.name, chat_template=a.chat_template, threads=a.threads, **extra)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and a web page",
+                       description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /tokenize, "
+                                   "/detokenize, /v1/models, /health, /metrics, and a chat page at /.")
+    _add_serve_options(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; another address without --api-key warns)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: the LMFORGE_API_KEY environment variable)")
+    p.add_argument("--max-body", type=int, default=1 << 20,
+                   help="largest request body in bytes (default 1 MiB; larger ones get HTTP 413)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import Server
+
+    cfg = _serve_config(a, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("LMFORGE_API_KEY") or None,
+                        max_body=a.max_body)
+    server = Server(cfg, log_level="info")
+    print(f"lmforge: serving {cfg.model} on {server.url} (web page at {server.url}/, OpenAI API at "
+          f"{server.url}/v1); loading the model...", file=sys.stderr, flush=True)
+    server.run()
+    return 0
+
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch", help="run an OpenAI batch file (JSONL requests) through the batching engine",
+                       description="Each input line is {custom_id, method, url, body} (OpenAI's batch format, url "
+                                   "/v1/completions or /v1/chat/completions). Results are appended to --output as "
+                                   "they finish; a rerun skips custom_ids already there.")
+    _add_serve_options(p)
+    p.add_argument("--input", required=True, help="requests, one JSON object per line")
+    p.add_argument("--output", required=True, help="results file (JSONL; appended to when resuming)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_batch)
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    from .serve.batch import run_batch
+
+    s = run_batch(_serve_config(a), a.input, a.output, progress=not a.no_progress)
+    print(f"{s['done']} requests done ({s['failed']} failed), {s['skipped']} already in {a.output}, "
+          f"{s['completion_tokens']:,} tokens generated in {s['seconds']:.1f}s "
+          f"({s['completion_tokens'] / max(s['seconds'], 1e-9):,.1f} tokens/s) -> {a.output}", file=sys.stderr)
+    return 0 if not s["failed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Build, train, evaluate and run language models: "
                                      "n-grams, RNNs/LSTMs, GPTs and encoder-decoder Transformers.")
@@ -489,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_chat(sub)
     _add_translate(sub)
+    _add_serve(sub)
+    _add_batch(sub)
     try:
         from .apps import ngram_cli
 
