@@ -172,8 +172,11 @@ class ModelService:
             raise APIError(400, str(e).replace("--", "").replace("-", "_")) from None
         return p
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)  # type: ignore[union-attr]
+    def encode(self, text: str, param: str = "prompt") -> list[int]:
+        try:
+            return self.tokenizer.encode(text)  # type: ignore[union-attr]
+        except (ValueError, LMForgeError) as e:  # e.g. a character tokenizer without byte fallback
+            raise APIError(400, f"the text cannot be tokenized by this model's tokenizer: {e}", param) from None
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         V = self.model.vocab_size
@@ -228,7 +231,7 @@ class ModelService:
     def chat_job(self, req: ChatCompletionRequest) -> Job:
         self.check_model(req.model)
         prompt = self.render_chat(req.messages)
-        ids = self.encode(prompt)
+        ids = self.encode(prompt, "messages")
         self._check_length(ids, "messages")
         top = req.top_logprobs or 0
         if top and not req.logprobs:
