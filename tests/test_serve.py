@@ -473,3 +473,49 @@ def test_sse_wire_format(server: Server) -> None:
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     first = json.loads(events[0][6:])
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_cli_options_and_errors(gpt_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from lmforge.cli import build_parser, serve_config_from_args
+
+    parser = build_parser()
+    for command in ("serve", "batch"):
+        sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+        assert all(a.help for a in sub._actions), [a.dest for a in sub._actions if not a.help]
+    monkeypatch.setenv("LMFORGE_API_KEY", "from-env")
+    cfg = serve_config_from_args(parser.parse_args(["serve", str(gpt_run), "--parallel", "2", "--dtype", "int8"]))
+    assert cfg.api_key == "from-env" and cfg.host == "127.0.0.1" and cfg.parallel == 2 and cfg.dtype == "int8"
+    assert serve_config_from_args(parser.parse_args(["serve", "m", "--api-key", "k"])).api_key == "k"
+    # a model that cannot be loaded: one line, exit code 2 (the server stops by itself)
+    assert main(["serve", str(gpt_run.parent / "missing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "lmforge: error:" in err and "does not exist" in err and "Traceback" not in err
+    assert main(["serve", str(gpt_run), "--port", "0", "--parallel", "0"]) == 2
+
+
+def test_int8_and_bf16_engines_decode(gpt_run: Path) -> None:
+    """The engine decodes with lmforge.generation.fast's layouts (--dtype): greedy under batching equals
+    one-at-a-time decoding of the same prepared model."""
+    from lmforge.generation.fast import prepare_for_decoding
+
+    for dtype in ("bf16", "int8"):
+        model = prepare_for_decoding(lmforge.load(gpt_run), dtype)
+        refs = [model.generate(p, max_new_tokens=10, temperature=0, return_full_text=False) for p in PROMPTS[:3]]
+        svc = load_service(ServeConfig(model=str(gpt_run), parallel=3, dtype=dtype))
+        assert svc.model.decode_dtype == dtype
+        try:
+            outs: list[str] = [""] * 3
+
+            def one(i: int, engine: Engine, tok, outs: list[str]) -> None:  # noqa: ANN001
+                outs[i] = run_engine(engine, tok, PROMPTS[i], max_tokens=10, temperature=0)[0]
+
+            threads = [threading.Thread(target=one, args=(i, svc.engine, model.tokenizer, outs)) for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert all(outs), dtype
+            # rounding differs with the batch shape in bf16/int8, so only the first tokens must agree
+            assert [o[:3] for o in outs] == [r[:3] for r in refs], dtype
+        finally:
+            svc.close()

@@ -513,12 +513,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def serve_config_from_args(a: argparse.Namespace) -> Any:
+    return _serve_config(a, host=a.host, port=a.port, max_body=a.max_body,
+                         api_key=a.api_key or os.environ.get("LMFORGE_API_KEY") or None)
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from .serve import Server
 
-    cfg = _serve_config(a, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("LMFORGE_API_KEY") or None,
-                        max_body=a.max_body)
-    server = Server(cfg, log_level="info")
+    server = Server(serve_config_from_args(a), log_level="info")
+    cfg = server.cfg
     print(f"lmforge: serving {cfg.model} on {server.url} (web page at {server.url}/, OpenAI API at "
           f"{server.url}/v1); loading the model...", file=sys.stderr, flush=True)
     server.run()

@@ -352,7 +352,8 @@ class Engine:
             self._finish(seq, "stop")
             return True
         seq.generated.append(tok)
-        text = seq.stream.push(tok)
+        # with ignore_eos an end token is generated like any other, but it has no text and must not stop the stream
+        text = "" if (p.ignore_eos and tok == self.tokenizer.eot_id) else seq.stream.push(tok)
         seq.sink(TokenEvent(tok, text, logprob, top))
         if seq.stream.stopped:
             self._finish(seq, "stop")
