@@ -120,25 +120,41 @@ def test_engine_batched_greedy_equals_generate(gpt_run: Path) -> None:
 
 
 def test_slot_cache_matches_single_sequence_cache(gpt_run: Path) -> None:
+    """Slots prefilled apart and together (right-padded), then decoded in one batch at different positions:
+    the logits of a full forward pass of each sequence."""
     model = lmforge.load(gpt_run)
     torch.manual_seed(0)
     seqs = [torch.randint(0, model.vocab_size, (n,)) for n in (9, 4, 15)]
     ref = [model(s[None])[0][0] for s in seqs]
     cache = model.init_slots(4, 32)
+    starts = (3, 2, 5)  # prompt lengths
     got: list[list[torch.Tensor]] = [[] for _ in seqs]
     with torch.no_grad():
-        for i, s in enumerate(seqs):  # prefill 3 tokens into each slot alone
-            cache.rows = slice(i, i + 1)
-            got[i].append(model(s[None, :3], cache=cache)[0][0])
-        for t in range(3, 15):  # then one batched step at a time, each row at its own position
-            cache.rows = slice(0, len(seqs))
-            logits = model(torch.tensor([[int(s[t]) if t < len(s) else 0] for s in seqs]), cache=cache)[0]
+        cache.select(slice(1, 2))  # slot 1 alone
+        got[1].append(model(seqs[1][None, :2], cache=cache)[0][0])
+        padded = torch.zeros(2, 5, dtype=torch.long)  # slots 0 and 2 together, right-padded
+        padded[0, :3], padded[1] = seqs[0][:3], seqs[2][:5]
+        cache.select(torch.tensor([0, 2]), torch.tensor([3, 5]))
+        logits = model(padded, cache=cache)[0]
+        got[0].append(logits[0, :3])
+        got[2].append(logits[1])
+        assert cache.lengths.tolist()[:3] == [3, 2, 5]
+        for t in range(15):  # then one batched step at a time, each row at its own position
+            cache.select(slice(0, 3))
+            step = [int(s[starts[i] + t]) if starts[i] + t < len(s) else 0 for i, s in enumerate(seqs)]
+            logits = model(torch.tensor(step)[:, None], cache=cache)[0]
             for i, s in enumerate(seqs):
-                if t < len(s):
+                if starts[i] + t < len(s):
                     got[i].append(logits[i])
     for i in range(len(seqs)):
-        torch.testing.assert_close(torch.cat(got[i]), ref[i], rtol=1e-5, atol=1e-5)
-    assert cache.lengths.tolist()[:3] == [15, 15, 15]
+        torch.testing.assert_close(torch.cat([g.reshape(-1, g.shape[-1]) for g in got[i]]), ref[i],
+                                   rtol=1e-5, atol=1e-5)
+    # last_only with padding: each row's last real position
+    cache = model.init_slots(2, 32)
+    cache.select(torch.tensor([0, 1]), torch.tensor([3, 5]))
+    with torch.no_grad():
+        logits, _ = model.forward_logits(padded, cache, last_only=True)
+    torch.testing.assert_close(logits[:, 0], torch.stack([ref[0][2], ref[2][4]]), rtol=1e-5, atol=1e-5)
 
 
 # --- the openai client against a live server -----------------------------------------------------------

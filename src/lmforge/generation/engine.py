@@ -4,8 +4,8 @@ One engine thread owns the model. Requests wait in a bounded queue; the engine k
 active, each in its own row of a :class:`~lmforge.models.layers.SlotKVCache` at its own length. Every step:
 
 1. cancelled sequences (a client that went away) leave their slot;
-2. waiting requests are prefilled into free slots (one forward over the prompt, into that slot's row only)
-   and sample their first token;
+2. waiting requests are prefilled into free slots (one forward over their prompts, right-padded, each into
+   its slot's row only) and sample their first token;
 3. ONE batched forward decodes one token for every active slot: the input is each row's last token, the
    positions and the causal mask are per row, so a slot 3 tokens into its answer and one 200 tokens in share
    the same matrix products;
@@ -93,6 +93,7 @@ class Finished:
 
 Sink = Callable[[Any], None]
 NO_CONTEXT_DEFAULT_TOKENS = 256  # max_tokens when neither the request nor the model's context bounds it
+PREFILL_TOKENS = 2048  # most (padded) prompt tokens prefilled in one forward; a longer prompt goes alone
 
 
 class Sequence:
@@ -250,24 +251,40 @@ class Engine:
                 self._finish(seq, "cancelled")
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots (lowest first, so the active rows stay a short prefix)."""
+        """Prefill waiting requests into free slots (lowest first, so the active rows stay a short prefix), all
+        in one forward: prompts right-padded to the longest (up to PREFILL_TOKENS padded tokens at once)."""
         assert self.cache is not None
+        new: list[Sequence] = []
         for slot in range(self.slots):
             if self._active[slot] is not None:
                 continue
+            with self._cv:
+                head = self._waiting[0] if self._waiting else None
+            longest = max([len(s.prompt_ids) for s in new] + [len(head.prompt_ids) if head else 0])
+            if head is None or (new and longest * (len(new) + 1) > PREFILL_TOKENS):
+                break
             seq = self._pop_waiting()
             if seq is None:
-                return
+                break
             seq.slot, self._active[slot] = slot, seq
-            self.cache.rows = slice(slot, slot + 1)
-            self.cache.lengths[slot] = 0
-            ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-            try:
-                logits, _ = self.model.forward_logits(ids, self.cache, last_only=True)
-            except Exception as e:
+            new.append(seq)
+        if not new:
+            return
+        T = max(len(s.prompt_ids) for s in new)
+        ids = torch.zeros(len(new), T, dtype=torch.long)
+        for b, seq in enumerate(new):
+            ids[b, :len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
+        rows = torch.tensor([s.slot for s in new])
+        self.cache.lengths[rows] = 0
+        self.cache.select(rows, torch.tensor([len(s.prompt_ids) for s in new]))
+        try:
+            logits, _ = self.model.forward_logits(ids.to(self.device), self.cache, last_only=True)
+        except Exception as e:
+            for seq in new:
                 self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
-                continue
-            self._accept(seq, logits[0, -1])
+            return
+        for b, seq in enumerate(new):
+            self._accept(seq, logits[b, -1])
 
     def _step(self) -> None:
         """One token for every active slot, in one forward pass over the rows 0 .. highest active slot."""
@@ -278,7 +295,7 @@ class Engine:
             seq = self._active[i]
             if seq is not None:
                 inp[i, 0] = seq.generated[-1]
-        self.cache.rows = slice(0, n)
+        self.cache.select(slice(0, n))
         logits, _ = self.model.forward_logits(inp.to(self.device), self.cache)
         for i in range(n):  # free rows got a dummy token: rewind them so they never fill up
             if self._active[i] is None:

@@ -173,7 +173,7 @@ class GPT(nn.Module, LanguageModel):
                                    ignore_index=-100)
             return logits, loss
         if last_only:
-            x = x[:, -1:]
+            x = cache.take_last(x) if isinstance(cache, SlotKVCache) else x[:, -1:]
         return self.lm_head(x), None
 
     # --- LanguageModel protocol ----------------------------------------------------------------

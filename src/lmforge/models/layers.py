@@ -170,8 +170,10 @@ class SlotKVCache:
     ``lengths[b] .. lengths[b] + T - 1`` and lets its queries see keys ``j <= lengths[b] + t`` only (a per-row
     causal mask over the longest row's prefix; shorter rows' stale keys beyond their length are masked out).
 
-    The decoding engine (generation/engine.py) picks ``rows`` before each forward: one slot to prefill a new
-    prompt, or the prefix ``0 .. n`` of slots to decode one token for each of them in one batched pass.
+    The decoding engine (generation/engine.py) calls :meth:`select` before each forward: the slots of new
+    prompts to prefill together (right-padded to the longest; ``valid`` says how many tokens of each row are
+    real: padding lands beyond the row's length, where causal masking hides it from the real tokens and the
+    next tokens overwrite it), or the prefix ``0 .. n`` of slots to decode one token for each in one pass.
     """
 
     def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_length: int, head_dim: int,
@@ -181,13 +183,25 @@ class SlotKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long)
         self.max_length = max_length
-        self.rows = slice(0, slots)
+        self.rows: slice | torch.Tensor = slice(0, slots)
+        self.valid: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
 
     @property
     def slots(self) -> int:
         return self.k.shape[1]
+
+    def select(self, rows: slice | torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """The rows (a slice: a view; a tensor of slot indices: a copy) the next forward reads and writes, and,
+        for right-padded prompts, the number of real tokens in each row (None: all of them)."""
+        self.rows, self.valid = rows, valid
+
+    def take_last(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, 1, C): each row's last real position (``last_only``)."""
+        if self.valid is None:
+            return x[:, -1:]
+        return x[torch.arange(x.shape[0], device=x.device), self.valid.to(x.device) - 1][:, None]
 
     def begin(self, T: int, sliding_window: int | None = None) -> torch.Tensor:
         """Positions (B, T) of the next forward's tokens, row by row; prepares the attention mask."""
@@ -208,14 +222,15 @@ class SlotKVCache:
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write (B, H, T, hd) keys/values at each row's own positions; return the rows' keys, values and mask."""
         assert self._pos is not None and self._mask is not None, "call begin() first"
-        rows = torch.arange(self.rows.start, self.rows.stop, device=self.k.device)[:, None]  # (B, 1)
+        rows = (torch.arange(self.rows.start, self.rows.stop) if isinstance(self.rows, slice)
+                else self.rows)[:, None].to(self.k.device)                             # (B, 1)
         self.k[layer, rows, :, self._pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
         self.v[layer, rows, :, self._pos] = v.transpose(1, 2)
         L = self._mask.shape[-1]
         return self.k[layer, self.rows, :, :L], self.v[layer, self.rows, :, :L], self._mask
 
     def advance(self, T: int) -> None:
-        self.lengths[self.rows] += T
+        self.lengths[self.rows] += T if self.valid is None else self.valid
         self._pos = self._mask = None
 
 
