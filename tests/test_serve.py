@@ -57,7 +57,7 @@ def template_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(gpt_run: Path, template_file: Path):
     srv = Server(ServeConfig(model=str(gpt_run), port=0, parallel=4, max_queue=64, name="tiny",
-                             chat_template=str(template_file), max_body=64 * 1024)).start(wait_ready=60)
+                             chat_template=template_file.read_text(), max_body=64 * 1024)).start(wait_ready=60)
     yield srv
     srv.stop()
 
@@ -502,6 +502,8 @@ def test_cli_options_and_errors(gpt_run: Path, monkeypatch: pytest.MonkeyPatch, 
     cfg = serve_config_from_args(parser.parse_args(["serve", str(gpt_run), "--parallel", "2", "--dtype", "int8"]))
     assert cfg.api_key == "from-env" and cfg.host == "127.0.0.1" and cfg.parallel == 2 and cfg.dtype == "int8"
     assert serve_config_from_args(parser.parse_args(["serve", "m", "--api-key", "k"])).api_key == "k"
+    builtin = serve_config_from_args(parser.parse_args(["serve", "m", "--template", "chatml"]))
+    assert "<|im_start|>" in builtin.chat_template and "<|im_end|>" in builtin.chat_stop
     # a model that cannot be loaded: one line, exit code 2 (the server stops by itself)
     assert main(["serve", str(gpt_run.parent / "missing"), "--port", "0"]) == 2
     err = capsys.readouterr().err

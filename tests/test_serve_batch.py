@@ -48,7 +48,7 @@ def test_batch_runs_resumes_and_reports_bad_lines(gpt_run: Path, template_file: 
               request("r0", "duplicate id")]
     inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     args = ["batch", str(gpt_run), "--input", str(inp), "--output", str(out), "--parallel", "3",
-            "--chat-template", str(template_file), "--no-progress"]
+            "--template", str(template_file), "--no-progress"]
     assert main(args) == 0
     assert "10 requests done (5 failed)" in capsys.readouterr().err
     res = results(out)

@@ -50,7 +50,7 @@ def long_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_chat_page_streams_stops_regenerates_and_stays_local(long_run: Path) -> None:
     cfg = ServeConfig(model=str(long_run), port=0, parallel=2, name="tiny",
-                      chat_template=str(long_run.parent / "chat.jinja"))
+                      chat_template=TEMPLATE)
     with Server(cfg) as srv, sync_api.sync_playwright() as p:
         engine = srv.app.state.lmforge["service"].engine
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)

@@ -200,7 +200,8 @@ class Engine:
         room = (self.ctx - len(prompt)) if (self.ctx and not self.is_seq2seq) else None
         want = params.max_tokens if params.max_tokens is not None else (room or NO_CONTEXT_DEFAULT_TOKENS)
         max_new = min(want, room) if room is not None else want
-        stream = TextStream(self.tokenizer, prompt if prompt_ids else (), params.stop)
+        stream = TextStream(self.tokenizer, prompt if prompt_ids else (), params.stop,
+                            end_ids=() if params.ignore_eos else None)
         seq = Sequence(prompt, params, sink, max_new, stream, text_prompt)
         with self._cv:
             while len(self._waiting) >= self.max_queue and self.busy_slots + len(self._waiting) >= self.slots:
@@ -369,8 +370,7 @@ class Engine:
             self._finish(seq, "stop")
             return True
         seq.generated.append(tok)
-        # with ignore_eos an end token is generated like any other, but it has no text and must not stop the stream
-        text = "" if (p.ignore_eos and tok == self.tokenizer.eot_id) else seq.stream.push(tok)
+        text = seq.stream.push(tok)  # special tokens (and with ignore_eos the end token) show no text
         seq.sink(TokenEvent(tok, text, logprob, top))
         if seq.stream.stopped:
             self._finish(seq, "stop")

@@ -36,7 +36,8 @@ class ServeConfig:
     dtype: str = "fp32"              # decoding weights: fp32, bf16 or int8 (Transformers)
     api_key: str | None = None       # require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY)
     name: str | None = None          # the model id clients use (default: the model's directory or file name)
-    chat_template: str | None = None  # a Jinja chat template file, replacing the model's own
+    chat_template: str | None = None  # Jinja chat template text, replacing the model's own
+    chat_stop: list[str] = field(default_factory=list)  # stop strings added to every chat request
     max_body: int = 1 << 20          # largest request body in bytes (HTTP 413 beyond)
     threads: int | None = None       # torch threads for the engine (default: torch's choice)
 
@@ -83,14 +84,8 @@ def load_service(cfg: ServeConfig, observer: EngineObserver | None = None) -> Mo
     ctx = cfg.ctx
     if ctx is None and model.context_length and model.context_length > DEFAULT_MAX_CTX:
         ctx = DEFAULT_MAX_CTX
-    template = None
-    if cfg.chat_template:
-        path = Path(cfg.chat_template)
-        if not path.is_file():
-            raise LMForgeError(f"--chat-template {path} is not a file")
-        template = path.read_text(encoding="utf-8")
     engine = Engine(model, slots=cfg.parallel, max_queue=cfg.max_queue, ctx=ctx, observer=observer).start()
-    return ModelService(model, model_id(cfg), engine, template)
+    return ModelService(model, model_id(cfg), engine, cfg.chat_template, cfg.chat_stop)
 
 
 @dataclass
@@ -133,8 +128,10 @@ class Job:
 
 
 class ModelService:
-    def __init__(self, model: LanguageModel, name: str, engine: Engine, chat_template: str | None = None) -> None:
+    def __init__(self, model: LanguageModel, name: str, engine: Engine, chat_template: str | None = None,
+                 chat_stop: list[str] | None = None) -> None:
         self.model, self.name, self.engine = model, name, engine
+        self.chat_stop = list(chat_stop or [])  # a built-in template's end-of-turn strings
         self.tokenizer = model.tokenizer
         assert self.tokenizer is not None
         self.is_seq2seq = isinstance(model, Seq2Seq)
@@ -219,8 +216,9 @@ class ModelService:
 
     def render_chat(self, messages: list[Any], add_generation_prompt: bool = True) -> str:
         if self.template is None:
-            what = "a seq2seq model: use /v1/completions to translate" if self.is_seq2seq else \
-                "this model has no chat template: use /v1/completions, or start the server with --chat-template"
+            what = "a seq2seq model: use /v1/completions to translate" if self.is_seq2seq else (
+                "this model has no chat template: use /v1/completions, or start the server with "
+                "--template chatml|simple|FILE")
             raise APIError(400, f"chat is not available: {what}", "messages", "no_chat_template")
         try:
             return self.template.render([{"role": m.role, "content": m.text()} for m in messages],
@@ -237,6 +235,7 @@ class ModelService:
         if top and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         params = self._params(req, req.logprobs, top)
+        params.stop = params.stop + [s for s in self.chat_stop if s not in params.stop]
         return Job("chat", req, [ids], [prompt], params, req.n)
 
     def submit(self, job: Job, sink: Callable[[int, Any], None], block: bool = False) -> None:
