@@ -163,6 +163,7 @@ class Engine:
     # --- the public side (any thread) ----------------------------------------------------------
     def start(self) -> Engine:
         if self._thread is None:
+            self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
             self._thread.start()
         return self

@@ -37,7 +37,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     # extras
     top_k: int | None = Field(None, ge=1, description="keep the k most likely tokens (extra)")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, description="CTRL's repetition penalty (extra)")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="CTRL's repetition penalty (extra)")
     ignore_eos: bool = Field(False, description="do not stop at the end-of-text token (extra)")
     beam: int = Field(1, ge=1, le=16, description="seq2seq models: beam size (extra)")
     user: str | None = None

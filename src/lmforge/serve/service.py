@@ -21,6 +21,7 @@ from ..tokenizers.chat_template import ChatTemplate
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 
 DTYPES = ("fp32", "bf16", "int8")
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
 
 
 @dataclass
@@ -160,7 +161,9 @@ class ModelService:
         stops = req.stop_list()
         if len(stops) > 8:
             raise APIError(400, "give at most 8 stop strings", "stop")
-        p = SamplingParams(max_tokens=req.limit(), temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        # a temperature this close to 0 would overflow z / T: it means greedy (as vLLM reads it)
+        temperature = req.temperature if req.temperature >= GREEDY_BELOW else 0.0
+        p = SamplingParams(max_tokens=req.limit(), temperature=temperature, top_p=req.top_p, top_k=req.top_k,
                            repetition_penalty=req.repetition_penalty, stop=stops, seed=req.seed, logprobs=logprobs,
                            top_logprobs=top_logprobs, ignore_eos=req.ignore_eos, beam=req.beam)
         try:
