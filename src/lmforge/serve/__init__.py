@@ -45,6 +45,7 @@ class Server:
     """A uvicorn server for ``cfg`` on a thread of its own (``start``/``stop``) or in the foreground (``run``)."""
 
     def __init__(self, cfg: ServeConfig, service: ModelService | None = None, log_level: str = "warning") -> None:
+        # the HTTP stack loads only to serve over HTTP (batch jobs and the engine alone do without it)
         import uvicorn
 
         from .app import create_app

@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import LMForgeError
 from ..generation.engine import Engine, EngineObserver, Finished, PromptTooLong, QueueFull, SamplingParams, Sequence
+from ..generation.fast import prepare_for_decoding
+from ..models import load_model
 from ..models.base import LanguageModel
 from ..models.gpt import GPT
 from ..models.seq2seq import Seq2Seq
@@ -69,11 +73,6 @@ def model_id(cfg: ServeConfig) -> str:
 
 def load_service(cfg: ServeConfig, observer: EngineObserver | None = None) -> ModelService:
     """Load the model, lay its weights out for decoding, start the engine thread."""
-    import torch
-
-    from ..generation.fast import prepare_for_decoding
-    from ..models import load_model
-
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
