@@ -70,8 +70,10 @@ def main() -> None:
     print(f"second copy predicted as the top token: {top1:.1%} of positions")
 
     # timing: inspect vs one forward pass, interleaved rounds, on real text
-    text_path = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-    text = text_path.read_text(encoding="utf-8")[:20_000] if text_path.exists() else "To be, or not to be. " * 400
+    # ../shared/data beside the checkout (or beside the folder of worktrees)
+    found = [d / "shared" / "data" / "tinyshakespeare.txt" for d in Path(__file__).resolve().parents[1:4]]
+    text_path = next((f for f in found if f.exists()), None)
+    text = text_path.read_text(encoding="utf-8")[:20_000] if text_path else "To be, or not to be. " * 400
     ids = model.tokenizer.encode_array(text)[: a.tokens - 1]
     stream = np.concatenate([[model.tokenizer.eot_id], ids])
     t_fwd, t_insp, t_html = [], [], []
@@ -81,7 +83,7 @@ def main() -> None:
             model.forward_logits(torch.from_numpy(stream)[None])
         t_fwd.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        rep = lmforge.inspect(model, tokens=stream)
+        rep = lmforge.inspect(model, tokens=stream, name=f"{a.model}, {len(stream)} tokens of Tiny Shakespeare")
         t_insp.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         page = render_html(rep)

@@ -331,3 +331,31 @@ def test_html_opens_offline_in_chromium(tmp_path: Path, trained_run: Path, char_
                 page.close()
         finally:
             browser.close()
+
+
+# --- Hugging Face and GGUF checkpoints: the same attention weights as transformers --------------------------
+def test_hf_and_gguf_attention_match_transformers(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType
+
+    from .test_gguf import write_gguf
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    write_gguf(hf, tmp_path / "m.gguf", GGMLQuantizationType.F32)
+    ids = torch.randint(0, 128, (1, 24))
+    with torch.no_grad():
+        ref = hf(ids, output_attentions=True)
+    for path in (tmp_path / "hf", tmp_path / "m.gguf"):
+        rep = lmforge.inspect(str(path), tokens=ids[0].numpy())
+        maps = rep["attention"]["kinds"]["self"]["maps"]
+        for ours, theirs in zip(maps, ref.attentions):
+            assert np.abs(ours - theirs[0].numpy()).max() < 1e-5
+        logp = torch.log_softmax(ref.logits[0, :-1], -1).gather(1, ids[0, 1:, None])[:, 0]
+        assert abs(rep["summary"]["loss"] + logp.mean().item()) < 1e-5
+        assert rep["views"] == ["tokens", "attention", "lens"]

@@ -50,7 +50,7 @@ def inspect(model: LanguageModel | str | Path, text: str | None = None, *, sourc
     from .evaluate.inspect_html import render_html
     from .utils import atomic_write_text
 
-    name = str(model) if isinstance(model, (str, Path)) else kwargs.pop("name", None)
+    name = kwargs.pop("name", None) or (str(model) if isinstance(model, (str, Path)) else None)
     if isinstance(model, (str, Path)):
         model = load(model)
     if model.is_seq2seq and text is None and source is not None and "tokens" not in kwargs:
