@@ -90,17 +90,15 @@ def text_pieces(tok: Any, ids: np.ndarray) -> list[str]:
 
 
 def _model_info(model: LanguageModel, name: str | None) -> dict[str, Any]:
-    cfg = getattr(model, "config", None)
     info: dict[str, Any] = {"name": name or model.model_type, "model_type": model.model_type,
                             "vocab_size": model.vocab_size, "context_length": model.context_length,
                             "parameters": model.num_parameters()}
     if isinstance(model, NGramModel):
         info["order"] = model.order
-    if cfg is not None:
-        for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "n_encoder_layer", "n_decoder_layer", "cell",
-                  "hidden"):
-            if hasattr(cfg, k):
-                info[k] = getattr(cfg, k)
+    if model.config_class is not None:  # a torch model with a config dataclass: its shape
+        cfg = model.config.to_dict()  # type: ignore[attr-defined]
+        info.update({k: cfg[k] for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "n_encoder_layer",
+                                         "n_decoder_layer", "cell", "hidden") if k in cfg})
     return info
 
 
@@ -179,7 +177,7 @@ def inspect(model: LanguageModel, text: str | None = None, *, tokens: np.ndarray
         if source is None or not source.strip():
             raise LMForgeError("a seq2seq model is inspected on a source sentence and a target: give --source "
                                "(and --text for the target, or let it translate)")
-        src_tok = getattr(model, "source_tokenizer", None) or tok
+        src_tok = model.source_tokenizer or tok
         src_ids = src_tok.encode_array(source)[: model.config.max_source_length]  # type: ignore[attr-defined]
     elif source is not None:
         raise LMForgeError(f"--source is for seq2seq models; this is a {model.model_type} model")
@@ -235,6 +233,7 @@ def inspect(model: LanguageModel, text: str | None = None, *, tokens: np.ndarray
         "model": _model_info(model, name),
         "text": text, "source": source,
         "ids": stream, "tokens": text_pieces(tok, stream),
+        "eot": tok.id_to_token(tok.eot_id) if tok is not None else None,  # ends a line/document on the page
         "targets": {"logp": logp, "bits": -logp / math.log(2), "prob": np.exp(logp), "rank": rank,
                     "entropy_bits": entropy, "top_ids": top_ids, "top_prob": top_p,
                     "top_tokens": [token_strings(tok, row) for row in top_ids]},
@@ -247,7 +246,7 @@ def inspect(model: LanguageModel, text: str | None = None, *, tokens: np.ndarray
         "views": ["tokens"],
     }
     if order is not None:
-        report["backoff"] = {"order": order, "max_order": int(model.order)}  # type: ignore[attr-defined]
+        report["backoff"] = {"order": order, "max_order": int(report["model"].get("order", order.max()))}
         report["views"].append("backoff")
     if state_norm is not None:
         report["state_norm"] = state_norm

@@ -60,6 +60,8 @@ class LanguageModel:
     # --- capabilities (what ``trace`` returns besides logits; ``lmforge inspect`` draws these views) ---
     #: an encoder-decoder: targets are scored given an encoded source
     is_seq2seq: bool = False
+    #: an encoder-decoder's source-side tokenizer when its vocabularies are separate (else None)
+    source_tokenizer: Tokenizer | None = None
     #: ``trace`` returns every layer's attention weights, from the opt-in exact path (Transformers)
     has_attention: bool = False
     #: ``trace`` returns the residual stream of every layer and ``unembed`` maps it to logits (logit lens)
