@@ -169,7 +169,7 @@ def inspect(model: LanguageModel, text: str | None = None, *, tokens: np.ndarray
         raise LMForgeError("--top-k must be at least 1")
     tok = model.tokenizer
     if (text is None) == (tokens is None):
-        raise LMForgeError("give the text to inspect (or its tokens), not both")
+        raise LMForgeError("give either the text to inspect or its token ids (tokens=...), one of the two")
     if isinstance(model, torch.nn.Module):
         model.eval()
     src_ids = src_tok = None
