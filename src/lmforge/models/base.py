@@ -56,6 +56,8 @@ class LanguageModel:
 
     model_type: str = "base"
     tokenizer: Tokenizer | None = None
+    #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json); None = none
+    chat_template: str | None = None
 
     # --- capabilities (what ``trace`` returns besides logits; ``lmforge inspect`` draws these views) ---
     #: an encoder-decoder: targets are scored given an encoded source
