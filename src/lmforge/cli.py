@@ -430,6 +430,48 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="per-token surprisal, attention maps and logit lens as one offline HTML page",
+                       description="Score a text with any model and look inside: tokens coloured by surprisal or "
+                                   "rank, attention (Transformers), logit lens, n-gram back-off, RNN state norm.")
+    p.add_argument("run", help="run directory, Hugging Face directory, GGUF file or smollm2")
+    p.add_argument("--text", default=None, help="the text to inspect (a seq2seq model: the target; default: "
+                                                "its own greedy translation of --source)")
+    p.add_argument("--file", default=None, help="read the text from this UTF-8 file instead")
+    p.add_argument("--source", default=None, help="seq2seq models: the source sentence")
+    p.add_argument("--html", default=None, help="write the report as one offline HTML page here")
+    p.add_argument("--json", default=None, help="write the report's arrays as JSON here (attention in bertviz's "
+                                                "per-layer (heads, dest, src) shape)")
+    p.add_argument("--top-k", type=int, default=10, help="alternatives listed for each token (default 10)")
+    p.add_argument("--layers", default=None, help="attention/logit-lens layers to keep, e.g. 0,3,5-7 or -1 "
+                                                  "(default all)")
+    p.add_argument("--heads", default=None, help="attention heads to keep, e.g. 0-3 (default all)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride for texts longer than the "
+                                                            "context (as lmforge eval --stride)")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    import lmforge  # the facade: inspect() also writes the HTML/JSON files
+    from .data.corpora import read_text_file
+
+    if a.text is not None and a.file is not None:
+        raise LMForgeError("give --text or --file, not both")
+    text = read_text_file(Path(a.file)) if a.file else a.text
+    if text is None and a.source is None:
+        raise LMForgeError("give the text to inspect: --text \"...\" or --file FILE (seq2seq: --source)")
+    rep = lmforge.inspect(a.run, text, source=a.source, html=a.html, json=a.json, top_k=a.top_k, layers=a.layers,
+                  heads=a.heads, stride=a.stride)
+    s = rep["summary"]
+    print(f"{a.run}: {s['tokens']:,} tokens, loss {s['loss']:.4f} nats/token, perplexity {s['perplexity']:.3f}, "
+          f"{s['bits_per_byte']:.4f} bits/byte; rank top 10/100/1000/beyond: "
+          f"{'/'.join(str(c) for c in s['rank_histogram'])}")
+    for path in (a.html, a.json):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Build, train, evaluate and run language models: "
                                      "n-grams, RNNs/LSTMs, GPTs and encoder-decoder Transformers.")
@@ -444,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_chat(sub)
     _add_translate(sub)
-
+    _add_inspect(sub)
     ngram_cli.add_ngram_parser(sub)
     return parser
 

@@ -20,10 +20,11 @@ this protocol and never branch on the family. What a family may offer beyond it 
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +39,20 @@ MAX_CONTEXT = 1 << 30
 MAX_LAYERS = 4096
 MAX_WIDTH = 1 << 16
 PRESET = "from the preset"
+
+
+@dataclass
+class Trace:
+    """What a model computed on one sequence (batch row 0), for looking inside it (``lmforge inspect``).
+    Fields a family cannot provide stay empty; its capability flags on :class:`LanguageModel` say which."""
+
+    logits: torch.Tensor                                  # (T, V) next-token logits at every input position
+    #: attention weights per kind ("self"; seq2seq: "self", "encoder", "cross"), one (H, T, S) tensor a layer
+    attention: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    #: the residual stream (T, d): the block input (embeddings), then the output of every block
+    hidden_states: list[torch.Tensor] = field(default_factory=list)
+    backoff_order: np.ndarray | None = None               # (T,) the n-gram order that answered each target
+    state_norm: torch.Tensor | None = None                # (T,) ||h_t|| of the top recurrent layer
 
 
 class LanguageModel:
@@ -77,6 +92,16 @@ class LanguageModel:
         """The tokenizer of the model's input side: ``source_tokenizer`` when separate, else ``tokenizer``."""
         return self.source_tokenizer or self.tokenizer
 
+    # --- capabilities (what ``trace`` returns besides logits; ``lmforge inspect`` draws these views) ---
+    #: ``trace`` returns every layer's attention weights, from the opt-in exact path (Transformers)
+    has_attention: bool = False
+    #: ``trace`` returns the residual stream of every layer and ``unembed`` maps it to logits (logit lens)
+    has_logit_lens: bool = False
+    #: ``trace`` returns the order of the n-gram that answered each target (n-gram back-off)
+    has_backoff: bool = False
+    #: ``trace`` returns the norm of the recurrent state at each position (RNN/GRU/LSTM)
+    has_state_norm: bool = False
+
     # --- the protocol -------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:  # pragma: no cover - overridden
@@ -104,6 +129,18 @@ class LanguageModel:
         logits, state = self.forward_logits(input_ids, state)
         logp = F.log_softmax(logits.float(), dim=-1)
         return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), state
+
+    def trace(self, input_ids: torch.Tensor, targets: torch.Tensor, state: Any = None,
+              source_ids: torch.Tensor | None = None) -> tuple[Trace, Any]:
+        """Logits of a (1, T) sequence plus what the family can show of its insides (see :class:`Trace`),
+        continuing from ``state`` like ``forward_logits`` (an encoder-decoder encodes ``source_ids``, (1, S),
+        instead). Slower than ``forward_logits``: for looking only."""
+        logits, state = self.forward_logits(input_ids, state)
+        return Trace(logits=logits[0]), state
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual stream (the final norm, then the output head): the logit lens."""
+        raise NotImplementedError(f"{type(self).__name__} has no logit lens")
 
     def state_select(self, state: Any, index: torch.Tensor) -> Any:
         """Reorder/select batch rows of a state (beam search); default for tensor tuples."""

@@ -20,8 +20,18 @@ import torch.nn.functional as F
 
 from ..errors import LMForgeError
 from ..options import Options, option
-from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel
-from .layers import Block, KVCache, decay_param_groups, init_weights, make_norm, rope_tables, sinusoidal_table
+from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace
+from .layers import (
+    Block,
+    KVCache,
+    decay_param_groups,
+    init_weights,
+    make_norm,
+    record_attention,
+    record_residual_stream,
+    rope_tables,
+    sinusoidal_table,
+)
 
 
 @dataclass
@@ -86,6 +96,8 @@ class GPT(nn.Module, LanguageModel):
     config_class = GPTConfig
     presets = PRESETS
     default_preset = "tiny"
+    has_attention = True
+    has_logit_lens = True
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -171,6 +183,15 @@ class GPT(nn.Module, LanguageModel):
 
     def state_select(self, state: KVCache | None, index: torch.Tensor) -> KVCache | None:
         return None if state is None else state.select(index)
+
+    def trace(self, input_ids: torch.Tensor, targets: torch.Tensor, state: KVCache | None = None,
+              source_ids: torch.Tensor | None = None) -> tuple[Trace, KVCache | None]:
+        with record_attention(self), record_residual_stream(self.blocks) as hidden:
+            logits, _ = self(input_ids, cache=state)
+        return Trace(logits[0], {"self": [b.attn.weights[0] for b in self.blocks]}, [h[0] for h in hidden]), state
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(hidden))
 
     # --- optimisation --------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
