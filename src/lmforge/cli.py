@@ -453,6 +453,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     import lmforge  # the facade: inspect() also writes the HTML/JSON files
+
     from .data.corpora import read_text_file
 
     if a.text is not None and a.file is not None:
