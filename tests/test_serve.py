@@ -98,7 +98,7 @@ def test_engine_batched_greedy_equals_generate(gpt_run: Path) -> None:
     """8 sequences of different lengths, joining and leaving while 3 slots decode: token for token what
     generate() gives each one alone (fp32)."""
     model = lmforge.load(gpt_run)
-    refs = {p: model.generate(p, max_new_tokens=12 + 3 * i, temperature=0, repetition_penalty=1.3,
+    refs = {p: lmforge.generate(model, p, max_new_tokens=12 + 3 * i, temperature=0, repetition_penalty=1.3,
                               return_full_text=False) for i, p in enumerate(PROMPTS)}
     engine = Engine(lmforge.load(gpt_run), slots=3, max_queue=16).start()
     try:
@@ -473,12 +473,12 @@ def test_ngram_lstm_and_seq2seq_answer_completions(char_data: Path, tmp_path: Pa
             mode = httpx.get(srv.url + "/v1/models").json()["data"][0]["mode"]
             assert mode == ("translate" if family == "seq2seq" else "complete")
             if family == "seq2seq":
-                assert text == lmforge.load(run).translate(prompt, beam=2, max_new_tokens=8)
+                assert text == lmforge.translate(run, prompt, beam=2, max_new_tokens=8)
                 r = httpx.post(srv.url + "/v1/chat/completions",
                                json={"messages": [{"role": "user", "content": "a x"}]})
                 assert r.status_code == 400 and "seq2seq" in error_of(r)["message"]
             else:
-                ref = lmforge.load(run).generate(prompt, max_new_tokens=8, temperature=0, return_full_text=False)
+                ref = lmforge.generate(run, prompt, max_new_tokens=8, temperature=0, return_full_text=False)
                 assert text == ref, family
 
 
@@ -519,7 +519,8 @@ def test_int8_and_bf16_engines_decode(gpt_run: Path) -> None:
 
     for dtype in ("bf16", "int8"):
         model = prepare_for_decoding(lmforge.load(gpt_run), dtype)
-        refs = [model.generate(p, max_new_tokens=10, temperature=0, return_full_text=False) for p in PROMPTS[:3]]
+        refs = [lmforge.generate(model, p, max_new_tokens=10, temperature=0, return_full_text=False)
+                for p in PROMPTS[:3]]
         svc = load_service(ServeConfig(model=str(gpt_run), parallel=3, dtype=dtype))
         assert svc.model.decode_dtype == dtype
         try:

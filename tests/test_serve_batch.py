@@ -57,7 +57,7 @@ def test_batch_runs_resumes_and_reports_bad_lines(gpt_run: Path, template_file: 
     for i, p in enumerate(PROMPTS[:4]):
         body = res[f"r{i}"]["response"]["body"]
         assert res[f"r{i}"]["response"]["status_code"] == 200
-        assert body["choices"][0]["text"] == model.generate(p, max_new_tokens=12, temperature=0,
+        assert body["choices"][0]["text"] == lmforge.generate(model, p, max_new_tokens=12, temperature=0,
                                                             return_full_text=False)
     assert res["chat-1"]["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
     assert res["line-6"]["error"]["code"] == "invalid_json"
@@ -76,7 +76,7 @@ def test_batch_runs_resumes_and_reports_bad_lines(gpt_run: Path, template_file: 
     text = out.read_text(encoding="utf-8")
     assert text.startswith(first)
     res = results(out)
-    assert res["r5"]["response"]["body"]["choices"][0]["text"] == model.generate(
+    assert res["r5"]["response"]["body"]["choices"][0]["text"] == lmforge.generate(model,
         PROMPTS[5], max_new_tokens=12, temperature=0, return_full_text=False)
     assert len(res) == 12
 

@@ -36,9 +36,8 @@ import torch.nn.functional as F
 
 from ..errors import LMForgeError
 from ..models.base import LanguageModel
-from ..models.gpt import GPT
-from ..models.seq2seq import Seq2Seq
 from . import GenerationConfig, choose, process_logits
+from .seq2seq import translate
 from .streaming import TextStream
 
 
@@ -141,8 +140,8 @@ class Engine:
             raise LMForgeError("--parallel must be >= 1 and --max-queue >= 0")
         self.model, self.tokenizer = model, model.tokenizer
         self.observer = observer or EngineObserver()
-        self.is_seq2seq = isinstance(model, Seq2Seq)
-        self.batched = isinstance(model, GPT)  # the families with a slot KV cache
+        self.is_seq2seq = model.is_seq2seq
+        self.batched = model.batches_slots  # the families with a slot KV cache (GPT)
         model_ctx = model.context_length if not self.is_seq2seq else None
         if ctx is not None and ctx < 2:
             raise LMForgeError("--ctx must be at least 2 tokens")
@@ -152,7 +151,7 @@ class Engine:
         if isinstance(model, torch.nn.Module):
             model.eval()
         self.device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
-        self.cache = model.init_slots(self.slots, self.ctx or 0) if isinstance(model, GPT) else None
+        self.cache = model.init_slots(self.slots, self.ctx or 0) if self.batched else None
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence | None] = [None] * self.slots
         self._cv = threading.Condition()
@@ -335,10 +334,8 @@ class Engine:
 
     def _translate(self, seq: Sequence) -> None:
         """An encoder-decoder answers with its translation (or summary) of the prompt, in one event."""
-        assert isinstance(self.model, Seq2Seq)
-        text = self.model.translate(seq.text_prompt or "", beam=max(1, seq.params.beam),
-                                    max_new_tokens=seq.params.max_tokens)
-        assert isinstance(text, str)
+        text = translate(self.model, [seq.text_prompt or ""], beam=max(1, seq.params.beam),
+                         max_new_tokens=seq.params.max_tokens)[0]
         ids = self.tokenizer.encode(text)
         seq.generated = ids
         self.observer.first_token(time.perf_counter() - seq.submitted)

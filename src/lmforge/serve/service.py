@@ -10,55 +10,47 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ..errors import LMForgeError
+from ..generation import MIN_TEMPERATURE
 from ..generation.engine import Engine, EngineObserver, Finished, PromptTooLong, QueueFull, SamplingParams, Sequence
 from ..generation.fast import prepare_for_decoding
-from ..models import load_model
+from ..hub import load_model
 from ..models.base import LanguageModel
-from ..models.gpt import GPT
-from ..models.seq2seq import Seq2Seq
+from ..options import Options, option, validate
 from ..tokenizers.chat_template import ChatTemplate
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 
-DTYPES = ("fp32", "bf16", "int8")
-GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
-
 
 @dataclass
-class ServeConfig:
-    """``lmforge serve`` / ``lmforge batch`` options (their docs are the CLI help)."""
+class ServeConfig(Options):
+    """``lmforge serve`` / ``lmforge batch`` options (declared once: their help, bounds and flags)."""
 
-    model: str = ""                  # run directory, Hugging Face directory, .gguf file, or smollm2
-    host: str = "127.0.0.1"          # address to bind; anything but loopback should have an API key
-    port: int = 8000                 # port to listen on (0 = any free port)
-    parallel: int = 4                # decoding slots: sequences decoded together in one batched forward
-    max_queue: int = 64              # requests allowed to wait for a slot; more get HTTP 429
-    ctx: int | None = None           # context length per sequence (default: the model's, at most 4096)
-    dtype: str = "fp32"              # decoding weights: fp32, bf16 or int8 (Transformers)
-    api_key: str | None = None       # require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY)
-    name: str | None = None          # the model id clients use (default: the model's directory or file name)
-    chat_template: str | None = None  # Jinja chat template text, replacing the model's own
-    chat_stop: list[str] = field(default_factory=list)  # stop strings added to every chat request
-    max_body: int = 1 << 20          # largest request body in bytes (HTTP 413 beyond)
-    threads: int | None = None       # torch threads for the engine (default: torch's choice)
+    model: str = option("", cli=False, help="run directory, Hugging Face directory, .gguf file, or smollm2")
+    host: str = option("127.0.0.1", help="address to bind; any other than loopback without --api-key warns")
+    port: int = option(8000, ge=0, le=65535, help="port to listen on (0 = any free port)")
+    parallel: int = option(4, ge=1, le=256, help="decoding slots: sequences decoded together in one batched "
+                                                 "forward pass")
+    max_queue: int = option(64, ge=0, help="requests allowed to wait for a slot; one more gets HTTP 429")
+    ctx: int | None = option(None, ge=2, default_text="the model's context, at most 4096",
+                             help="context length per sequence (the slot cache holds parallel x ctx positions)")
+    dtype: Literal["fp32", "bf16", "int8"] = option("fp32", help="decoding layout of a Transformer's weights: "
+                                                             "bf16 halves, int8 quarters the bytes read per token")
+    api_key: str | None = option(None, default_text="the LMFORGE_API_KEY environment variable",
+                                 help="require 'Authorization: Bearer KEY' on every endpoint but / and /health")
+    name: str | None = option(None, default_text="the model's directory or file name",
+                              help="the model id clients send")
+    chat_template: str | None = option(None, cli=False, help="Jinja chat template text, replacing the model's own")
+    chat_stop: list[str] = option(default_factory=list, cli=False,
+                                  help="stop strings added to every chat request (a built-in template's end of turn)")
+    max_body: int = option(1 << 20, ge=1024, help="largest request body in bytes (HTTP 413 beyond)")
+    threads: int | None = option(None, ge=1, default_text="torch's", help="torch threads of the engine")
 
     def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise LMForgeError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.parallel < 1 or self.parallel > 256:
-            raise LMForgeError("--parallel must be between 1 and 256")
-        if self.max_queue < 0:
-            raise LMForgeError("--max-queue must be >= 0")
-        if not 0 <= self.port <= 65535:
-            raise LMForgeError("--port must be between 0 and 65535")
-        if self.ctx is not None and self.ctx < 2:
-            raise LMForgeError("--ctx must be at least 2")
-        if self.max_body < 1024:
-            raise LMForgeError("--max-body must be at least 1024 bytes")
+        validate(self)
 
 
 DEFAULT_MAX_CTX = 4096  # the slot cache holds parallel * ctx positions: cap the default for 32k-context models
@@ -77,7 +69,7 @@ def load_service(cfg: ServeConfig, observer: EngineObserver | None = None) -> Mo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model)
-    if isinstance(model, (GPT, Seq2Seq)):
+    if model.batches_slots or model.is_seq2seq:  # the Transformers (GPT, seq2seq)
         prepare_for_decoding(model, cfg.dtype)
     elif cfg.dtype != "fp32":
         raise LMForgeError(f"--dtype {cfg.dtype} applies to Transformer models; this is a {model.model_type} model")
@@ -134,7 +126,7 @@ class ModelService:
         self.chat_stop = list(chat_stop or [])  # a built-in template's end-of-turn strings
         self.tokenizer = model.tokenizer
         assert self.tokenizer is not None
-        self.is_seq2seq = isinstance(model, Seq2Seq)
+        self.is_seq2seq = model.is_seq2seq
         text = chat_template or model.chat_template if not self.is_seq2seq else None  # type: ignore[attr-defined]
         self.template = ChatTemplate(text, "the model's chat template") if text else None
 
@@ -161,7 +153,7 @@ class ModelService:
         if len(stops) > 8:
             raise APIError(400, "give at most 8 stop strings", "stop")
         # a temperature this close to 0 would overflow z / T: it means greedy (as vLLM reads it)
-        temperature = req.temperature if req.temperature >= GREEDY_BELOW else 0.0
+        temperature = req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0
         p = SamplingParams(max_tokens=req.limit(), temperature=temperature, top_p=req.top_p, top_k=req.top_k,
                            repetition_penalty=req.repetition_penalty, stop=stops, seed=req.seed, logprobs=logprobs,
                            top_logprobs=top_logprobs, ignore_eos=req.ignore_eos, beam=req.beam)
