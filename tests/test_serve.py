@@ -293,6 +293,31 @@ def test_disconnect_frees_the_slot(server: Server) -> None:
     assert metric(server, 'lmforge_sequences_total{reason="cancelled"}') == cancelled_before + 1
 
 
+def test_non_streaming_disconnect_frees_the_slot(gpt_run: Path) -> None:
+    """A client that gives up on a non-streamed answer: the server notices (it polls) and frees the slot."""
+    svc = load_service(ServeConfig(model=str(gpt_run), parallel=1, name="tiny"))
+    gate = threading.Event()
+    real_step = svc.engine._step
+
+    def slow_step() -> None:  # a slow model: one token per 50 ms until the test is done
+        gate.wait(0.05)
+        real_step()
+
+    svc.engine._step = slow_step  # type: ignore[method-assign]
+    with Server(ServeConfig(model=str(gpt_run), port=0, name="tiny"), service=svc) as srv:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", timeout=0.5,
+                       json={"prompt": "O", "max_tokens": 90, "ignore_eos": True})
+        deadline = time.monotonic() + 5
+        while svc.engine.busy_slots and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert svc.engine.busy_slots == 0
+        text = httpx.get(srv.url + "/metrics").text
+        assert [line for line in text.splitlines() if line.startswith("lmforge_sequences_total")] == [
+            'lmforge_sequences_total{reason="cancelled"} 1.0']
+        gate.set()
+
+
 def test_metrics_endpoint(client, server: Server) -> None:  # noqa: ANN001
     client.completions.create(model="tiny", prompt="O", max_tokens=5, temperature=0)
     text = httpx.get(server.url + "/metrics").text

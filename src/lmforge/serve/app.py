@@ -256,14 +256,17 @@ async def _answer(s: ModelService, job: Job, request: Request) -> Any:
     s.submit(job, sink)
     if not job.request.stream:
         try:
+            checked = loop.time()
             while not job.done:
                 try:
                     index, event = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
+                    s.feed(job, index, event)
                 except asyncio.TimeoutError:
+                    pass
+                if loop.time() - checked >= DISCONNECT_POLL:  # (tokens may arrive faster than the poll)
+                    checked = loop.time()
                     if await request.is_disconnected():
                         return Response(status_code=499)
-                    continue
-                s.feed(job, index, event)
             return s.response(job)
         finally:
             job.cancel()  # a client that went away frees its slots (no-op for finished sequences)
