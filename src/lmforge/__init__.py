@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# The functions below import their rooms when called: `import lmforge` stays light (no torch) until used.
+# The functions below import their rooms when called, except the `evaluate` room: a subpackage shares its
+# name with the `evaluate` function below, and Python binds `lmforge.evaluate` to the subpackage the first
+# time it is imported. Importing it here, before the function is defined, keeps the function in place.
+from . import evaluate as _evaluate_room  # noqa: F401  (imports torch)
+
 if TYPE_CHECKING:
     from .models.base import LanguageModel
 
@@ -51,11 +55,39 @@ def prepare(corpus: str, out: str, tokenizer: str = "char", **kwargs: Any) -> di
 
 
 def evaluate(model: LanguageModel | str | Path, data: str | Path, split: str = "val", **kwargs: Any) -> dict:
-    from .evaluate import evaluate as _evaluate
-
+    """Loss, perplexity and bits per byte of ``model`` on a split of prepared ``data``."""
     if isinstance(model, (str, Path)):
         model = load(model)
-    return _evaluate(model, data, split=split, **kwargs)
+    return _evaluate_room.evaluate(model, data, split=split, **kwargs)
 
 
-__all__ = ["__version__", "load", "prepare", "evaluate", "generate", "translate"]
+def inspect(model: LanguageModel | str | Path, text: str | None = None, *, source: str | None = None,
+            html: str | Path | None = None, json: str | Path | None = None, **kwargs: Any) -> dict:
+    """Per-token surprisal and ranks, attention maps, logit lens, n-gram back-off of ``model`` on ``text``;
+    writes the offline HTML page and/or the JSON report when paths are given and returns the report.
+    A seq2seq model reads ``source``; without ``text`` it is inspected on its own greedy translation.
+    See :func:`lmforge.evaluate.inspect.inspect` for the other arguments (top_k, layers, heads, stride)."""
+    from .evaluate.inspect import inspect as _inspect
+    from .evaluate.inspect import report_json
+    from .evaluate.inspect_html import render_html
+    from .utils import atomic_write_text
+
+    name = kwargs.pop("name", None) or (str(model) if isinstance(model, (str, Path)) else None)
+    if isinstance(model, (str, Path)):
+        model = load(model)
+    if model.is_seq2seq and text is None and source is not None and "tokens" not in kwargs:
+        from .generation.seq2seq import decode_batch, encode_sources
+
+        eot = model.tokenizer.eot_id  # type: ignore[union-attr]
+        kwargs["tokens"] = [eot, *decode_batch(model, encode_sources(model, [source]))[0][0].tokens, eot]
+    report = _inspect(model, text, source=source, name=name, **kwargs)
+    if html is not None:
+        atomic_write_text(html, render_html(report))
+    if json is not None:
+        import json as _json
+
+        atomic_write_text(json, _json.dumps(report_json(report), ensure_ascii=False, separators=(",", ":")) + "\n")
+    return report
+
+
+__all__ = ["__version__", "load", "prepare", "evaluate", "generate", "translate", "inspect"]

@@ -51,6 +51,17 @@ class EvalConfig(Options):
                                    default_text="all pairs")
 
 
+def context_windows(n: int, ctx: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """How a model with a context of ``ctx`` tokens scores a stream of ``n`` tokens: windows (lo, s, e) whose
+    inputs are tokens[lo : lo+L] (L = min(ctx, n-1)) and which score the targets tokens[s+1 .. e] (window
+    offsets s-lo .. e-lo-1). Window w starts at w*stride and scores its last ``stride`` targets (all of them
+    for the first window), so each token is scored exactly once; the last window is moved back to end at the
+    stream's end. Shared by :func:`evaluate` and :mod:`lmforge.evaluate.inspect`."""
+    stride = min(stride or ctx, ctx)
+    L = min(ctx, n - 1)
+    return [(max(0, min(s + stride, n - 1) - L), s, min(s + stride, n - 1)) for s in range(0, n - 1, stride)]
+
+
 @torch.no_grad()
 def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "val", batch_size: int = 16,
              max_tokens: int | None = None, stride: int | None = None, progress: bool = False,
@@ -83,16 +94,11 @@ def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "v
             oov_nll -= logp.double()[m].sum().item()
 
     if ctx:
-        stride = min(stride or ctx, ctx)
-        # Window w covers inputs [s, s+ctx) and scores only its last `stride` targets (all of them
-        # for the first window), so each token is scored exactly once.
-        starts = list(range(0, n - 1, stride))
-        bar = tqdm(total=len(starts), desc=f"eval {split}", unit="win", disable=not progress)
-        for b in range(0, len(starts), batch_size):
-            group = starts[b:b + batch_size]
-            L = min(ctx, n - 1)
-            lo = [max(0, min(s + stride, n - 1) - L) for s in group]  # window start so it ends at s+stride
-            ends = [min(s + stride, n - 1) for s in group]
+        plan = context_windows(n, ctx, stride)
+        L = min(ctx, n - 1)
+        bar = tqdm(total=len(plan), desc=f"eval {split}", unit="win", disable=not progress)
+        for b in range(0, len(plan), batch_size):
+            lo, group, ends = zip(*plan[b:b + batch_size])
             win = np.stack([tokens.read(a, L + 1) for a in lo])
             x, y = torch.from_numpy(win[:, :-1]).to(device), torch.from_numpy(win[:, 1:]).to(device)
             logp, _ = model.score(x, y, None)

@@ -26,10 +26,11 @@ Training has one more operation, written once in ``lmforge.train`` for every gra
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +55,20 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
                             reduction="sum", label_smoothing=label_smoothing)
     return total / n.clamp(min=1), n
+
+
+@dataclass
+class Trace:
+    """What a model computed on one sequence (batch row 0), for looking inside it (``lmforge inspect``).
+    Fields a family cannot provide stay empty; its capability flags on :class:`LanguageModel` say which."""
+
+    logits: torch.Tensor                                  # (T, V) next-token logits at every input position
+    #: attention weights per kind ("self"; seq2seq: "self", "encoder", "cross"), one (H, T, S) tensor a layer
+    attention: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    #: the residual stream (T, d): the block input (embeddings), then the output of every block
+    hidden_states: list[torch.Tensor] = field(default_factory=list)
+    backoff_order: np.ndarray | None = None               # (T,) the n-gram order that answered each target
+    state_norm: torch.Tensor | None = None                # (T,) ||h_t|| of the top recurrent layer
 
 
 class LanguageModel:
@@ -81,6 +96,9 @@ class LanguageModel:
     chat_template: str | None = None
     #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8); None = training layout
     decode_dtype: str | None = None
+    #: ``init_slots`` gives a cache in which many sequences decode at their own positions in one batched
+    #: forward (continuous batching, generation/engine.py); False = served one sequence at a time
+    batches_slots: bool = False
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; the default decays every trainable parameter (families override it
@@ -92,6 +110,16 @@ class LanguageModel:
     def encoder_tokenizer(self) -> Tokenizer | None:
         """The tokenizer of the model's input side: ``source_tokenizer`` when separate, else ``tokenizer``."""
         return self.source_tokenizer or self.tokenizer
+
+    # --- capabilities (what ``trace`` returns besides logits; ``lmforge inspect`` draws these views) ---
+    #: ``trace`` returns every layer's attention weights, from the opt-in exact path (Transformers)
+    has_attention: bool = False
+    #: ``trace`` returns the residual stream of every layer and ``unembed`` maps it to logits (logit lens)
+    has_logit_lens: bool = False
+    #: ``trace`` returns the order of the n-gram that answered each target (n-gram back-off)
+    has_backoff: bool = False
+    #: ``trace`` returns the norm of the recurrent state at each position (RNN/GRU/LSTM)
+    has_state_norm: bool = False
 
     # --- the protocol -------------------------------------------------------------------------
     @property
@@ -108,6 +136,10 @@ class LanguageModel:
         has no incremental state (then callers re-feed the whole sequence)."""
         return None
 
+    def init_slots(self, slots: int, max_length: int) -> Any:
+        """A cache of ``slots`` independent sequences of at most ``max_length`` tokens each (``batches_slots``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode sequences in slots")
+
     def forward_logits(self, input_ids: torch.Tensor, state: Any = None,
                        last_only: bool = False) -> tuple[torch.Tensor, Any]:
         """Logits of shape (B, T, V) for the token after each input position; (B, 1, V) for the last
@@ -120,6 +152,18 @@ class LanguageModel:
         logits, state = self.forward_logits(input_ids, state)
         logp = F.log_softmax(logits.float(), dim=-1)
         return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), state
+
+    def trace(self, input_ids: torch.Tensor, targets: torch.Tensor, state: Any = None,
+              source_ids: torch.Tensor | None = None) -> tuple[Trace, Any]:
+        """Logits of a (1, T) sequence plus what the family can show of its insides (see :class:`Trace`),
+        continuing from ``state`` like ``forward_logits`` (an encoder-decoder encodes ``source_ids``, (1, S),
+        instead). Slower than ``forward_logits``: for looking only."""
+        logits, state = self.forward_logits(input_ids, state)
+        return Trace(logits=logits[0]), state
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual stream (the final norm, then the output head): the logit lens."""
+        raise NotImplementedError(f"{type(self).__name__} has no logit lens")
 
     def state_select(self, state: Any, index: torch.Tensor) -> Any:
         """Reorder/select batch rows of a state (beam search); default for tensor tuples."""

@@ -13,12 +13,17 @@ The math, as in the textbooks:
 * pre-norm residual block        x + Attn(Norm(x)), then x + MLP(Norm(x)), LayerNorm or RMSNorm.
 
 The fast path uses ``F.scaled_dot_product_attention`` (fused kernels); :func:`attention_reference`
-spells the formula out and the tests check that the two agree.
+spells the formula out and the tests check that the two agree. For looking inside a model
+(``lmforge inspect``), :func:`record_attention` switches the attention modules to an opt-in exact path
+that computes the weights softmax(Q K^T / sqrt(d_k) + M) explicitly and keeps them; training and
+decoding never take it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -121,6 +126,58 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.softmax(scores, dim=-1) @ v
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A = softmax(Q K^T / sqrt(d_k)) with -inf where ``mask`` is False: (B, H, T, S), rows sum to 1.
+    Computed in fp32 whatever the inputs' dtype (the weights are for looking at, not for speed)."""
+    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+class RecordsAttention:
+    """Mixin of the attention modules: with ``record`` set (see :func:`record_attention`), forward takes
+    the exact path and keeps the weights of its last call in ``weights`` (B, H, T, S)."""
+
+    record: bool = False
+    weights: torch.Tensor | None = None
+
+    def _exact(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: each K/V head serves n_head / n_kv_head queries
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        self.weights = attention_weights(q, k, mask)
+        return (self.weights @ v.float()).to(q.dtype)
+
+
+@contextmanager
+def record_attention(model: nn.Module) -> Iterator[list[RecordsAttention]]:
+    """Within the block, every attention module of ``model`` takes the exact path and records its weights;
+    yields the modules in registration order (a decoder block's self-attention before its cross-attention)."""
+    mods = [m for m in model.modules() if isinstance(m, RecordsAttention)]
+    for m in mods:
+        m.record, m.weights = True, None
+    try:
+        yield mods
+    finally:
+        for m in mods:
+            m.record = False
+
+
+@contextmanager
+def record_residual_stream(blocks: nn.ModuleList) -> Iterator[list[torch.Tensor]]:
+    """Within the block, the list yielded fills with the residual stream of a stack of blocks: the first
+    block's input, then every block's output (forward hooks: the model's code is unchanged)."""
+    out: list[torch.Tensor] = []
+    hooks = [blocks[0].register_forward_pre_hook(lambda m, args: out.append(args[0].detach()))]
+    hooks += [b.register_forward_hook(lambda m, args, y: out.append(y.detach())) for b in blocks]
+    try:
+        yield out
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class KVCache:
     """A pre-allocated (static) key/value cache for incremental decoding.
 
@@ -151,6 +208,9 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def advance(self, T: int) -> None:
+        self.pos += T
+
     def select(self, index: torch.Tensor) -> KVCache:
         """Keep/reorder batch rows (beam search)."""
         self.k = self.k.index_select(1, index)
@@ -158,7 +218,80 @@ class KVCache:
         return self
 
 
-class CausalSelfAttention(nn.Module):
+class SlotKVCache:
+    """A key/value cache for continuous batching: ``slots`` rows, each holding ONE sequence at its own length.
+
+    Keys/values live in (n_layer, slots, n_kv_head, max_length, head_dim) tensors, like :class:`KVCache`, but
+    ``lengths[s]`` counts the filled positions of slot ``s`` separately, so sequences that started at different
+    times decode together: a forward over rows ``rows`` writes row b's T new keys at positions
+    ``lengths[b] .. lengths[b] + T - 1`` and lets its queries see keys ``j <= lengths[b] + t`` only (a per-row
+    causal mask over the longest row's prefix; shorter rows' stale keys beyond their length are masked out).
+
+    The decoding engine (generation/engine.py) calls :meth:`select` before each forward: the slots of new
+    prompts to prefill together (right-padded to the longest; ``valid`` says how many tokens of each row are
+    real: padding lands beyond the row's length, where causal masking hides it from the real tokens and the
+    next tokens overwrite it), or the prefix ``0 .. n`` of slots to decode one token for each in one pass.
+    """
+
+    def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_length: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (n_layer, slots, n_kv_head, max_length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: masked keys must be finite
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long)
+        self.max_length = max_length
+        self.rows: slice | torch.Tensor = slice(0, slots)
+        self.valid: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    def select(self, rows: slice | torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """The rows (a slice: a view; a tensor of slot indices: a copy) the next forward reads and writes, and,
+        for right-padded prompts, the number of real tokens in each row (None: all of them)."""
+        self.rows, self.valid = rows, valid
+
+    def take_last(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, 1, C): each row's last real position (``last_only``)."""
+        if self.valid is None:
+            return x[:, -1:]
+        return x[torch.arange(x.shape[0], device=x.device), self.valid.to(x.device) - 1][:, None]
+
+    def begin(self, T: int, sliding_window: int | None = None) -> torch.Tensor:
+        """Positions (B, T) of the next forward's tokens, row by row; prepares the attention mask."""
+        start = self.lengths[self.rows]                                      # (B,)
+        pos = start[:, None] + torch.arange(T)                               # (B, T)
+        end = int(pos.max()) + 1 if pos.numel() else 0
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: {end} > {self.max_length}")
+        kpos = torch.arange(end)
+        mask = kpos[None, None, :] <= pos[:, :, None]                        # (B, T, L): causal, per row
+        if sliding_window is not None:
+            mask &= kpos[None, None, :] > pos[:, :, None] - sliding_window
+        device = self.k.device
+        self._pos, self._mask = pos.to(device), mask[:, None].to(device)    # mask (B, 1, T, L) over heads
+        return self._pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write (B, H, T, hd) keys/values at each row's own positions; return the rows' keys, values and mask."""
+        assert self._pos is not None and self._mask is not None, "call begin() first"
+        rows = (torch.arange(self.rows.start, self.rows.stop) if isinstance(self.rows, slice)
+                else self.rows)[:, None].to(self.k.device)                             # (B, 1)
+        self.k[layer, rows, :, self._pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
+        self.v[layer, rows, :, self._pos] = v.transpose(1, 2)
+        L = self._mask.shape[-1]
+        return self.k[layer, self.rows, :, :L], self.v[layer, self.rows, :, :L], self._mask
+
+    def advance(self, T: int) -> None:
+        self.lengths[self.rows] += T if self.valid is None else self.valid
+        self._pos = self._mask = None
+
+
+class CausalSelfAttention(nn.Module, RecordsAttention):
     """Multi-head (optionally grouped-query) self-attention with an optional KV cache.
 
     Causal (a decoder: position t sees positions <= t) unless ``causal=False`` (an encoder, which
@@ -182,7 +315,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
@@ -203,15 +336,20 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None, T: int,
+                rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | SlotKVCache | None, T: int,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        gqa = self.n_kv_head != self.n_head
+        if isinstance(cache, SlotKVCache):  # continuous batching: every row at its own position
+            k, v, mask = cache.update(self.layer_idx, k, v)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         past = 0
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
-        gqa = self.n_kv_head != self.n_head
+        if self.record:
+            return self._exact(q, k, v, self._mask(past, T, q.device, attn_mask))
         p = self.dropout if self.training else 0.0
         if not self.causal:  # an encoder: every position sees every (non-padding) position
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, enable_gqa=gqa)
@@ -230,6 +368,17 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         return y
+
+    def _mask(self, past: int, T: int, device: torch.device, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The exact path's mask, True where query i (at position past + i) may look at key j."""
+        if not self.causal:
+            return attn_mask
+        qpos = torch.arange(past, past + T, device=device)[:, None]
+        kpos = torch.arange(past + T, device=device)[None, :]
+        mask = kpos <= qpos
+        if self.sliding_window is not None:
+            mask = mask & (kpos > qpos - self.sliding_window)
+        return mask
 
 
 class MLP(nn.Module):
@@ -273,12 +422,12 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, mlp_hidden, mlp, bias, dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(nn.Module, RecordsAttention):
     """Encoder-decoder attention: queries from the decoder, keys and values from the encoder output
     ("memory"), so every target position can look at every source position (Vaswani et al. 2017).
 
@@ -309,5 +458,8 @@ class CrossAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if q.dtype != k.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        if self.record:
+            y = self._exact(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))

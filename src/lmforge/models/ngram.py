@@ -45,7 +45,7 @@ from ..errors import LMForgeError
 from ..options import Options, option
 from ..tokenizers import load_tokenizer
 from ..utils import atomic_write, atomic_write_json, read_json
-from .base import LanguageModel
+from .base import LanguageModel, Trace
 
 Smoothing = Literal["mle", "add-k", "witten-bell", "kneser-ney", "modified-kneser-ney"]
 SMOOTHINGS: tuple[str, ...] = get_args(Smoothing)
@@ -93,6 +93,7 @@ class NGramModel(LanguageModel):
     """An n-gram model held as sorted integer keys per order (key = context_id * V + word)."""
 
     model_type = "ngram"
+    has_backoff = True
 
     def __init__(self, order: int, vocab: int, bos: int, eos: int, unk: int | None,
                  keys: list[np.ndarray], logp: list[np.ndarray], logbo: list[np.ndarray],
@@ -331,6 +332,14 @@ class NGramModel(LanguageModel):
                 out[b, i] = self.distribution(full[b, : H + t + 1].tolist())[:V]
         new_state = torch.from_numpy(full[:, full.shape[1] - H:]) if H else self.init_state(B)
         return torch.from_numpy(out).float(), new_state
+
+    def trace(self, input_ids: torch.Tensor, targets: torch.Tensor, state: Any = None,
+              source_ids: torch.Tensor | None = None) -> tuple[Trace, torch.Tensor]:
+        """The full distributions, and the order of the longest n-gram found for each target (its back-off)."""
+        logits, new_state = self.forward_logits(input_ids[:1], state)
+        z = np.concatenate([self._history(state, 1)[0], input_ids[0].numpy().astype(np.int64)])
+        _, order = self.score_stream(z, targets[0].numpy().astype(np.int64))
+        return Trace(logits[0], backoff_order=order), new_state
 
     def state_select(self, state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return state.index_select(0, index)

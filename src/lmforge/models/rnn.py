@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..options import Options, option
 from ..utils import native_bf16
-from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, masked_cross_entropy
+from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace, masked_cross_entropy
 
 RNNState = Any  # (h, c) for LSTM, h for GRU/RNN; h of shape (n_layer, B, hidden)
 
@@ -89,6 +89,7 @@ class RNNLM(nn.Module, LanguageModel):
     presets = PRESETS
     default_preset = "small"
     stateful = True  # the trainer carries the state across windows (TBPTT)
+    has_state_norm = True
 
     def __init__(self, config: RNNConfig) -> None:
         super().__init__()
@@ -197,6 +198,14 @@ class RNNLM(nn.Module, LanguageModel):
                        last_only: bool = False) -> tuple[torch.Tensor, RNNState]:
         logits, _, state = self(input_ids, state=state)
         return (logits[:, -1:] if last_only else logits), state
+
+    def trace(self, input_ids: torch.Tensor, targets: torch.Tensor, state: RNNState = None,
+              source_ids: torch.Tensor | None = None) -> tuple[Trace, RNNState]:
+        if state is None:
+            state = self.init_state(input_ids.size(0))
+        y, state = self._run(self.drop_emb(self.embedding(input_ids)), input_ids, state)  # y: h_t of the top layer
+        logits = self.head(self.proj(y) if self.proj is not None else y)
+        return Trace(logits[0], state_norm=y[0].norm(dim=-1)), state
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         decay, no_decay, seen = [], [], set()

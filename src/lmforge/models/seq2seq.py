@@ -32,8 +32,18 @@ import torch.nn.functional as F
 from ..errors import LMForgeError
 from ..options import Options, option
 from ..tokenizers import SOURCE_TOKENIZER, load_tokenizer
-from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, masked_cross_entropy
-from .layers import Block, CrossAttention, KVCache, decay_param_groups, init_weights, make_norm, sinusoidal_table
+from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace, masked_cross_entropy
+from .layers import (
+    Block,
+    CrossAttention,
+    KVCache,
+    decay_param_groups,
+    init_weights,
+    make_norm,
+    record_attention,
+    record_residual_stream,
+    sinusoidal_table,
+)
 
 
 @dataclass
@@ -120,6 +130,8 @@ class Seq2Seq(nn.Module, LanguageModel):
     presets = PRESETS
     default_preset = "small"
     is_seq2seq = True
+    has_attention = True
+    has_logit_lens = True
 
     def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
@@ -233,6 +245,24 @@ class Seq2Seq(nn.Module, LanguageModel):
                                "use lmforge translate")
         logits = self.decode(input_ids, state.memory_kv, state.memory_mask, state.cache)
         return (logits[:, -1:] if last_only else logits), state
+
+    def trace(self, input_ids: torch.Tensor, targets: torch.Tensor, state: Seq2SeqState | None = None,
+              source_ids: torch.Tensor | None = None) -> tuple[Trace, Seq2SeqState]:
+        """Attention kinds: "encoder" (source x source), "self" (target x target, causal) and "cross"
+        (target x source: the alignment). The residual stream is the decoder's."""
+        if source_ids is None:
+            raise LMForgeError("a seq2seq model is traced on a source sentence and its target")
+        with record_attention(self), record_residual_stream(self.decoder) as hidden:
+            state = self.encode_source(source_ids, torch.ones_like(source_ids, dtype=torch.bool),
+                                       max_length=input_ids.shape[1])
+            logits, state = self.forward_logits(input_ids, state)
+        attention = {"encoder": [b.attn.weights[0] for b in self.encoder],
+                     "self": [b.self_block.attn.weights[0] for b in self.decoder],
+                     "cross": [b.cross.weights[0] for b in self.decoder]}
+        return Trace(logits[0], attention, [h[0] for h in hidden]), state
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.dec_norm(hidden))
 
     def state_select(self, state: Seq2SeqState, index: torch.Tensor) -> Seq2SeqState:
         """Keep/reorder batch rows (beam search): the memory's keys/values, its mask and the cache."""
