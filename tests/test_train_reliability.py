@@ -168,7 +168,11 @@ def test_random_kills_and_signals_resume_on_the_uninterrupted_trajectory(tmp_pat
             proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode in (0, -9, -15, -2, 130, 143), err[-2000:]
-        assert "Traceback" not in err and "internal error" not in err, (delay, sig, err[-3000:])
+        # Ctrl-C while Python itself is still importing the package (torch) ends in Python's own
+        # KeyboardInterrupt report, as for any Python program; lmforge's code has not run, nothing is written.
+        startup = sig == signal.SIGINT and err.rstrip().endswith("KeyboardInterrupt") and "lmforge/cli" not in err \
+            and "lmforge/train" not in err
+        assert startup or ("Traceback" not in err and "internal error" not in err), (delay, sig, err[-3000:])
         kills.append((round(delay, 2), signal.Signals(sig).name, proc.returncode))
         if proc.returncode == 0:
             break
