@@ -53,6 +53,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lowercase", action="store_true", help="word tokenizer: lowercase the text")
     p.add_argument("--no-byte-fallback", action="store_true",
                    help="char tokenizer: no byte tokens (nanoGPT's vocabulary; unseen characters then fail)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing data directory even if it holds files lmforge did not write "
+                        "(they are deleted)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
@@ -64,7 +67,8 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     if is_parallel_spec(a.corpus, a.target_file):
         meta = prepare_parallel(a.corpus, a.out, tokenizer=a.tokenizer or "bpe", vocab_size=a.vocab_size or 8000,
                                 seed=a.seed, val_frac=a.val_frac, test_frac=a.test_frac, target_file=a.target_file,
-                                separate_vocab=a.separate_vocab, errors=a.errors, progress=not a.no_progress)
+                                separate_vocab=a.separate_vocab, errors=a.errors, progress=not a.no_progress,
+                                force=a.force)
         s = meta["splits"]
         vocab = f"vocab {meta['tokenizer']['vocab_size']}" + (
             f", source vocab {meta['source_tokenizer']['vocab_size']}" if meta["source_tokenizer"] else ", shared")
@@ -80,7 +84,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
                                  vocab_size=a.vocab_size or 8192,
                                  seed=a.seed, val_frac=a.val_frac, test_frac=a.test_frac, split=a.split,
                                  errors=a.errors, word_pattern=a.word_pattern, min_count=a.min_count,
-                                 lowercase=a.lowercase, byte_fallback=not a.no_byte_fallback),
+                                 lowercase=a.lowercase, byte_fallback=not a.no_byte_fallback, force=a.force),
                    progress=not a.no_progress)
     s = meta["splits"]
     print(f"prepared {meta['corpus']['description']} -> {a.out}")
@@ -351,6 +355,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory (runs are kept in OUT/runs)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--eval-max-tokens", type=int, default=None)
+    p.add_argument("--force", action="store_true",
+                   help="replace the report (table.txt, compare.json/csv/png) of an earlier comparison in OUT")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -363,7 +369,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     for m in a.models:  # fail fast, before any training
         ModelSpec.parse(m)
     compare(a.data, budget or 300.0, a.models, a.out, split=a.split, progress=not a.no_progress,
-            eval_max_tokens=a.eval_max_tokens)
+            eval_max_tokens=a.eval_max_tokens, force=a.force)
     return 0
 
 
@@ -403,6 +409,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="*", help="source sentence(s)")
     p.add_argument("--input", default=None, help="file of sources, one per line (- = stdin)")
     p.add_argument("--output", default=None, help="write translations here (default stdout)")
+    p.add_argument("--force", action="store_true", help="replace the --output file if it exists")
     p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy; default 4)")
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--no-early-stopping", action="store_true", help="keep searching after num_beams finish")
@@ -423,6 +430,10 @@ def cmd_translate(a: argparse.Namespace) -> int:
 
     if bool(a.text) == bool(a.input):
         raise LMForgeError("give the source text as arguments or --input FILE (not both)")
+    if a.output:
+        from .utils import check_output_file
+
+        check_output_file(a.output, a.force)  # before any decoding
     model = load_model(a.run)
     require_seq2seq(model, a.run)
     model = _with_dtype(model, a.dtype)

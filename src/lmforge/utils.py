@@ -51,6 +51,36 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
         raise
 
 
+def check_output_file(path: str | Path, force: bool = False, option: str = "--output") -> Path:
+    """An output file lmforge is about to write: never a directory, and never an existing file unless the
+    user said ``--force`` (a report or a translation the user kept is not replaced silently)."""
+    path = Path(path)
+    if path.is_dir():
+        raise LMForgeError(f"{option} {path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise LMForgeError(f"{path} already exists; pass --force to replace it, or choose another {option}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise LMForgeError(f"{option} {path}: {path.parent} is a file, not a directory")
+    return path
+
+
+def check_output_dir(path: str | Path, option: str = "--out", hint: str = "choose another --out",
+                     allow_nonempty: bool = False) -> Path:
+    """A directory lmforge is about to create: never an existing file, and (unless ``allow_nonempty``)
+    never a directory that already holds something."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LMForgeError(f"{option} {path} is an existing file, not a directory; choose another {option}")
+    if not allow_nonempty and path.is_dir() and any(path.iterdir()):
+        raise LMForgeError(f"{path} already exists; {hint}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LMForgeError(f"{option} {path}: {parent} is a file, not a directory")
+            break
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     def _w(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -20,7 +20,7 @@ import torch
 from ..data import TokenData
 from ..errors import LMForgeError
 from ..models import MODEL_REGISTRY, load_model
-from ..utils import read_json
+from ..utils import atomic_write, check_output_dir, read_json
 
 NEURAL_RECIPES: dict[str, dict[str, Any]] = {
     # the demo recipe for Transformers; recurrent nets like the same learning rate and less weight decay
@@ -97,18 +97,29 @@ def generation_speed(model: Any, n_tokens: int = 100) -> float:
     return len(out[0]) / (time.perf_counter() - t0)
 
 
+REPORT_FILES = ("table.txt", "compare.json", "compare.csv", "compare.png")
+
+
 def compare(data: str, budget: float, models: list[str], out: str, split: str = "test",
-            progress: bool = True, eval_max_tokens: int | None = None) -> list[dict[str, Any]]:
+            progress: bool = True, eval_max_tokens: int | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """``force``: replace the report files of an earlier comparison in ``out`` (its runs are reused either way)."""
     specs = [ModelSpec.parse(m) for m in models]  # every spec is checked before any training
     if not specs:
         raise LMForgeError("give at least one model in --models, e.g. ngram:3 lstm:small gpt:tiny")
+    out_dir = check_output_dir(out, allow_nonempty=True)
+    kept = [f for f in REPORT_FILES if (out_dir / f).exists()]
+    if kept and not force:  # checked before any training: the report is written at the end
+        raise LMForgeError(f"{out_dir} already holds a comparison report ({', '.join(kept)}); pass --force to "
+                           "replace it (the runs in OUT/runs are reused), or choose another --out")
+    for f in REPORT_FILES:
+        if (out_dir / f).is_dir():
+            raise LMForgeError(f"{out_dir / f} is a directory; the report file cannot be written there")
     from ..data.parallel import ParallelData, load_data
 
     td = load_data(data)
     if isinstance(td, ParallelData):
         raise LMForgeError(f"{data} holds parallel (source, target) pairs for seq2seq models; compare needs a text "
                            "corpus prepared for language models (lmforge prepare --corpus ...)")
-    out_dir = Path(out)
     for spec in specs:  # an existing run must have been trained with this data's tokenizer
         _check_existing_run(out_dir / "runs" / spec.name, td)
     if not td.has_split(split):
@@ -212,11 +223,15 @@ def write_reports(rows: list[dict[str, Any]], out_dir: Path, data_name: str, bud
     print("\n" + table)
     atomic_write_text(out_dir / "table.txt", table + "\n")
     atomic_write_json(out_dir / "compare.json", {"data": data_name, "budget_seconds": budget, "models": rows})
-    with open(out_dir / "compare.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow([k for k, _, _ in COLUMNS] + ["split"])
-        for r in rows:
-            w.writerow([r[k] for k, _, _ in COLUMNS] + [r["split"]])
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow([k for k, _, _ in COLUMNS] + ["split"])
+            for r in rows:
+                w.writerow([r[k] for k, _, _ in COLUMNS] + [r["split"]])
+
+    atomic_write(out_dir / "compare.csv", write_csv)
     from ..viz.plots import plot_comparison
 
     plot_comparison(rows, out_dir / "compare.png", title=f"{data_name}: {budget / 60:.1f} min per model")

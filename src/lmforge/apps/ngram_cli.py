@@ -14,7 +14,7 @@ import numpy as np
 from ..data import TokenData
 from ..errors import LMForgeError
 from ..models.ngram import SMOOTHINGS, NGramModel
-from ..utils import atomic_write_json
+from ..utils import atomic_write_json, check_output_dir, check_output_file
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,9 +29,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def train_ngram(data_dir: str, out: str, order: int = 3, smoothing: str = "modified-kneser-ney",
                 k: float = 1.0, discount_fallback: bool = False, verbose: bool = True) -> dict[str, Any]:
     """Count and smooth on the train split, save the run directory, report val perplexity."""
-    out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise LMForgeError(f"run directory {out_dir} already exists; choose another --out")
+    out_dir = check_output_dir(out)
     td = TokenData(data_dir)
     tok = td.tokenizer
     t0 = time.perf_counter()
@@ -68,10 +66,11 @@ def cmd_export(a: argparse.Namespace) -> int:
     from ..hub.arpa import export_arpa
     from ..models import load_model
 
+    check_output_file(a.file, a.force, option="ARPA file")  # before the model is loaded
     model = load_model(a.run)
     if not isinstance(model, NGramModel):
         raise LMForgeError(f"{a.run} is a {model.model_type} model, not an n-gram model")
-    export_arpa(model, a.file)
+    export_arpa(model, a.file, force=a.force)
     print(f"wrote {a.file}")
     return 0
 
@@ -81,9 +80,7 @@ def cmd_import(a: argparse.Namespace) -> int:
     from ..tokenizers import load_tokenizer
 
     tok = load_tokenizer(a.tokenizer_from) if a.tokenizer_from else None
-    out = Path(a.out)
-    if out.exists() and any(out.iterdir()):
-        raise LMForgeError(f"{out} already exists; choose another --out")
+    out = check_output_dir(a.out)
     model = import_arpa(a.file, tok)
     model.save_pretrained(out)
     print(f"imported a {model.order}-gram model ({', '.join(map(str, model.meta['counts']))} n-grams) -> {out}")
@@ -134,8 +131,9 @@ def add_ngram_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ngram", help="n-gram tools: ARPA export/import, KenLM-style query")
     s = p.add_subparsers(dest="ngram_command", metavar="ACTION", required=True)
     e = s.add_parser("export", help="write an n-gram run as an ARPA file")
-    e.add_argument("run")
-    e.add_argument("file")
+    e.add_argument("run", help="n-gram run directory")
+    e.add_argument("file", help="the ARPA file to write")
+    e.add_argument("--force", action="store_true", help="replace FILE if it exists")
     e.set_defaults(func=cmd_export)
     i = s.add_parser("import", help="read an ARPA file into a run directory")
     i.add_argument("file")

@@ -64,6 +64,9 @@ class TokenData:
         if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
             raise LMForgeError(f"{self.path} is not an lmforge data directory (bad meta.json); "
                                "re-run lmforge prepare")
+        if self.meta.get("task") == "seq2seq":
+            raise LMForgeError(f"{self.path} holds parallel (source, target) pairs for seq2seq models; this model "
+                               "reads a token stream: prepare a text corpus (lmforge prepare --corpus FILE)")
         self.dtype = np.dtype(self.meta["dtype"])
         self._splits: dict[str, TokenSplit] = {}
 

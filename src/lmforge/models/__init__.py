@@ -58,6 +58,9 @@ def load_model(path: str | Path) -> LanguageModel:
     model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
     if not model_type:
         raise LMForgeError(f"{path / 'config.json'} has no model_type")
+    if not isinstance(model_type, str):
+        raise LMForgeError(f"{path / 'config.json'} is damaged: model_type must be a name such as \"gpt\", "
+                           f"not {str(model_type)[:40]}")
     return model_class(model_type).from_pretrained(path)
 
 

@@ -121,15 +121,16 @@ class LanguageModel:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanguageModel:
         from ..hub.checkpoint import load_weights
-        from ..tokenizers import load_tokenizer
-        from ..utils import read_json
+        from ..tokenizers import check_tokenizer_fits, load_tokenizer
+        from .config_file import read_model_config
 
         directory = Path(directory)
-        model = cls(cls.config_class.from_dict(read_json(directory / "config.json", "model config")))  # type: ignore
+        model = cls(read_model_config(cls.config_class, directory))  # type: ignore[call-arg]
         load_weights(model, directory / "model.safetensors")  # type: ignore[arg-type]
         model.eval()  # type: ignore[attr-defined]
         if (directory / "tokenizer.json").exists():
             model.tokenizer = load_tokenizer(directory)
+            check_tokenizer_fits(model.tokenizer, model.config.vocab_size, str(directory))  # type: ignore
         return model
 
     def num_parameters(self) -> int:

@@ -273,9 +273,11 @@ class Seq2Seq(nn.Module, LanguageModel):
     def from_pretrained(cls, directory: Any) -> Seq2Seq:
         from pathlib import Path
 
-        from ..tokenizers import load_tokenizer
+        from ..tokenizers import check_tokenizer_fits, load_tokenizer
 
         model = super().from_pretrained(directory)
         p = Path(directory) / SOURCE_TOKENIZER
         model.source_tokenizer = load_tokenizer(p) if p.exists() else model.tokenizer  # type: ignore[attr-defined]
+        c = model.config  # type: ignore[attr-defined]
+        check_tokenizer_fits(model.source_tokenizer, c.source_vocab_size or c.vocab_size, str(p))
         return model  # type: ignore[return-value]

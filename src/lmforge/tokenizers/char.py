@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import LMForgeError
 from ..utils import atomic_write_text
 from .base import EOT, Tokenizer
 
@@ -26,7 +27,7 @@ class CharTokenizer(Tokenizer):
     def __init__(self, chars: Iterable[str], byte_fallback: bool = True) -> None:
         chars = sorted(set(chars))
         if any(len(c) != 1 for c in chars):
-            raise ValueError("CharTokenizer vocabulary entries must be single characters")
+            raise LMForgeError("CharTokenizer vocabulary entries must be single characters")
         self.chars: list[str] = chars
         self.byte_fallback = byte_fallback
         # Layout: 0 = <|endoftext|>, 1..n = characters, then the 256 byte tokens.
@@ -61,8 +62,10 @@ class CharTokenizer(Tokenizer):
         if found.all():
             return ids
         if not self.byte_fallback:
-            bad = text[int(np.argmin(found))]
-            raise ValueError(f"character {bad!r} is not in the vocabulary and byte fallback is off")
+            at = int(np.argmin(found))
+            raise LMForgeError(f"character {text[at]!r} (U+{ord(text[at]):04X}, at character {at}) is not in the "
+                               "char vocabulary and this tokenizer has no byte fallback (--no-byte-fallback); "
+                               "remove the character or prepare the data without --no-byte-fallback")
         # Rare path: splice in the UTF-8 bytes of unseen characters.
         out: list[np.ndarray] = []
         start = 0
@@ -110,5 +113,9 @@ class CharTokenizer(Tokenizer):
         return path
 
     @classmethod
-    def from_json(cls, obj: dict) -> CharTokenizer:
-        return cls(list(obj["chars"]), byte_fallback=obj.get("byte_fallback", True))
+    def from_json(cls, obj: dict, where: str = "tokenizer.json") -> CharTokenizer:
+        chars, fallback = obj.get("chars"), obj.get("byte_fallback", True)
+        if not isinstance(chars, str) or not isinstance(fallback, bool):
+            raise LMForgeError(f"{where} is damaged: a char tokenizer needs \"chars\" (a string) and "
+                               "\"byte_fallback\" (true/false); restore it from the data directory")
+        return cls(list(chars), byte_fallback=fallback)

@@ -67,7 +67,7 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise LMForgeError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+            raise LMForgeError(f"unknown training option(s): {', '.join(sorted(map(str, unknown)))}")
         return cls(**d)
 
     @classmethod
@@ -76,7 +76,12 @@ class TrainConfig:
             d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise LMForgeError(f"config file {path} not found") from None
-        except yaml.YAMLError as e:
+        except IsADirectoryError:
+            raise LMForgeError(f"config file {path} is a directory; give a YAML file") from None
+        except UnicodeDecodeError as e:
+            raise LMForgeError(f"config file {path} is not UTF-8 text (byte offset {e.start}); give a YAML file") \
+                from None
+        except (yaml.YAMLError, RecursionError) as e:
             raise LMForgeError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(d, dict):
             raise LMForgeError(f"config file {path} must be a mapping of option: value")

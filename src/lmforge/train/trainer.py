@@ -25,8 +25,8 @@ from ..data import BatchSampler, StreamSampler
 from ..data.parallel import ParallelBatchSampler, ParallelData, load_data
 from ..errors import LMForgeError
 from ..models import create_model, model_class
-from ..utils import atomic_write_json, atomic_write_text, human, native_bf16, read_json, resolve_dtype
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ..utils import atomic_write_json, atomic_write_text, check_output_dir, human, native_bf16, resolve_dtype
+from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .schedule import learning_rate
 
@@ -76,9 +76,8 @@ class Trainer:
         self.bf16 = resolve_dtype(cfg.dtype) == "bf16"  # `auto` decided once, not at every step
         self.data = load_data(cfg.data)
         self.tokenizer = self.data.tokenizer
-        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise LMForgeError(f"run directory {self.run_dir} already exists; continue it with "
-                               f"lmforge train --resume {self.run_dir}, or choose another --out")
+        check_output_dir(self.run_dir, allow_nonempty=resume,
+                         hint=f"continue it with lmforge train --resume {self.run_dir}, or choose another --out")
         torch.manual_seed(cfg.seed)
         # Encoder-decoder models learn from parallel pairs, language models from token streams.
         self.seq2seq = bool(getattr(model_class(cfg.model), "is_seq2seq", False))  # validates the name early
@@ -151,8 +150,7 @@ class Trainer:
         ckpt = find_checkpoint(run_dir)
         if ckpt is None:
             raise LMForgeError(f"cannot resume: {run_dir} is not a run directory with a checkpoint")
-        state = read_json(ckpt / "state.json", "checkpoint state")
-        d = dict(state["config"])
+        d = dict(read_state(ckpt)["config"])
         d.update({k: v for k, v in overrides.items() if v is not None})
         if "max_time" in overrides and overrides["max_time"] is not None and "max_steps" not in overrides:
             d["max_steps"] = None
