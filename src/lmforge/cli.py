@@ -187,7 +187,10 @@ def _data_for_run(run: str, data: str | None) -> str:
         return data
     p = Path(run) / "data.json"
     if p.exists():
-        d = read_json(p, "run data pointer")["data"]
+        d = read_json(p, "run data pointer")
+        d = d.get("data") if isinstance(d, dict) else None
+        if not isinstance(d, str):
+            raise LMForgeError(f"{p} is damaged (no \"data\" path); pass --data")
         if Path(d).exists():
             return d
         raise LMForgeError(f"the data this run was trained on ({d}) is gone; pass --data")

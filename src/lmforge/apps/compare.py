@@ -107,13 +107,6 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
     if not specs:
         raise LMForgeError("give at least one model in --models, e.g. ngram:3 lstm:small gpt:tiny")
     out_dir = check_output_dir(out, allow_nonempty=True)
-    kept = [f for f in REPORT_FILES if (out_dir / f).exists()]
-    if kept and not force:  # checked before any training: the report is written at the end
-        raise LMForgeError(f"{out_dir} already holds a comparison report ({', '.join(kept)}); pass --force to "
-                           "replace it (the runs in OUT/runs are reused), or choose another --out")
-    for f in REPORT_FILES:
-        if (out_dir / f).is_dir():
-            raise LMForgeError(f"{out_dir / f} is a directory; the report file cannot be written there")
     from ..data.parallel import ParallelData, load_data
 
     td = load_data(data)
@@ -122,6 +115,13 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
                            "corpus prepared for language models (lmforge prepare --corpus ...)")
     for spec in specs:  # an existing run must have been trained with this data's tokenizer
         _check_existing_run(out_dir / "runs" / spec.name, td)
+    kept = [f for f in REPORT_FILES if (out_dir / f).exists()]
+    if kept and not force:  # checked before any training: the report is written at the end
+        raise LMForgeError(f"{out_dir} already holds a comparison report ({', '.join(kept)}); pass --force to "
+                           "replace it (the runs in OUT/runs are reused), or choose another --out")
+    for f in REPORT_FILES:
+        if (out_dir / f).is_dir():
+            raise LMForgeError(f"{out_dir / f} is a directory; the report file cannot be written there")
     if not td.has_split(split):
         split = "val"
     if td.meta["tokenizer"]["kind"] == "word" and any(s.family != "ngram" for s in specs):
@@ -169,13 +169,18 @@ def _check_existing_run(run: Path, data: TokenData) -> None:
 def _existing_train_info(run: Path) -> dict[str, Any]:
     state = run / "checkpoint" / "state.json"
     if state.exists():
-        s = json.loads(state.read_text())
+        from ..train.checkpoint import read_state
+
+        s = read_state(state.parent)
         return {"train_seconds": s["train_time"], "tokens_seen": s["tokens_seen"],
                 "tokens_per_s": s["tokens_seen"] / max(s["train_time"], 1e-9)}
     m = run / "metrics.json"
-    info = json.loads(m.read_text()) if m.exists() else {}
-    secs = float(info.get("build_seconds", info.get("train_seconds", 0.0)))
-    toks = int(info.get("train_tokens", info.get("tokens", 0)))
+    info = read_json(m, "run metrics") if m.exists() else {}
+    try:
+        secs = float(info.get("build_seconds", info.get("train_seconds", 0.0)))
+        toks = int(info.get("train_tokens", info.get("tokens", 0)))
+    except (AttributeError, TypeError, ValueError):
+        raise LMForgeError(f"{m} is damaged; delete the run {run} so that compare retrains it") from None
     return {"train_seconds": secs, "tokens_seen": toks, "tokens_per_s": toks / max(secs, 1e-9)}
 
 

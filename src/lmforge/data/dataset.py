@@ -67,6 +67,12 @@ class TokenData:
         if self.meta.get("task") == "seq2seq":
             raise LMForgeError(f"{self.path} holds parallel (source, target) pairs for seq2seq models; this model "
                                "reads a token stream: prepare a text corpus (lmforge prepare --corpus FILE)")
+        splits = self.meta.get("splits")
+        if self.meta.get("dtype") not in ("uint16", "uint32") or not isinstance(splits, dict) or not all(
+                isinstance(s, dict) and isinstance(s.get("tokens"), int) and isinstance(s.get("shards"), list)
+                and all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..") for f in s["shards"])
+                for s in splits.values()):
+            raise LMForgeError(f"{self.path}/meta.json is damaged (dtype or splits); re-run lmforge prepare")
         self.dtype = np.dtype(self.meta["dtype"])
         self._splits: dict[str, TokenSplit] = {}
 

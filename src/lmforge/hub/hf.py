@@ -63,7 +63,7 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
         wmap = obj.get("weight_map") if isinstance(obj, dict) else None
         if not isinstance(wmap, dict) or not wmap:
             raise LMForgeError(f"{index} is damaged: expected {{\"weight_map\": {{tensor name: shard file}}}}")
-        files = [weight_file(directory, f, index) for f in dict.fromkeys(wmap.values())]
+        files = list(dict.fromkeys(weight_file(directory, f, index) for f in wmap.values()))
     elif (directory / "model.safetensors").exists() or (directory / "model.safetensors").is_symlink():
         files = [weight_file(directory, "model.safetensors")]
     else:
