@@ -631,3 +631,21 @@ def test_fuzz_safetensors_index(fx: dict, scratch: Path) -> None:
             assert out  # it read the one real shard, which lies inside the directory
 
     check()
+
+
+def test_nothing_is_loaded_with_pickle() -> None:
+    """The promise of docs/reliability.md, checked on the source: every torch.load is weights_only, YAML is
+    read with safe_load, and nothing calls pickle, marshal, numpy's allow_pickle or yaml's unsafe loaders."""
+    import re
+
+    src = Path(__file__).resolve().parents[1] / "src" / "lmforge"
+    bad = []
+    for p in sorted(src.rglob("*.py")):
+        text = p.read_text(encoding="utf-8")
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            if "weights_only=True" not in m.group(1):
+                bad.append(f"{p.name}: {m.group(0)}")
+        for pattern in (r"\bpickle\.loads?\(", r"\bmarshal\.loads?\(", r"allow_pickle\s*=\s*True",
+                        r"yaml\.(?:load|unsafe_load|full_load)\(", r"(?<![.\w])eval\(", r"(?<![.\w])exec\("):
+            bad += [f"{p.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
+    assert not bad, bad
