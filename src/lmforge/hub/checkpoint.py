@@ -8,7 +8,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import LMForgeError
+from ..errors import LMForgeError, first_line
 from ..utils import atomic_write
 
 
@@ -37,7 +37,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LMForgeError(f"weights file {path} is truncated or corrupted ({str(e).splitlines()[0]}); "
+        raise LMForgeError(f"weights file {path} is truncated or corrupted ({first_line(e)}); "
                            "restore it or retrain") from None
     check_shapes(model, tensors, str(path))
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import LMForgeError
+from ..errors import LMForgeError, first_line
 from ..models.gpt import GPT, GPTConfig
 from ..tokenizers import check_tokenizer_fits
 from .checkpoint import check_shapes
@@ -83,7 +83,7 @@ def load_gguf(path: str | Path) -> GPT:
         raise LMForgeError(f"{path}: {e}") from None
     except (ValueError, TypeError, IndexError, KeyError, RuntimeError, OverflowError, ZeroDivisionError) as e:
         raise LMForgeError(f"{path}: the metadata and tensors do not describe a llama model lmforge can build "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})") from None
+                           f"({type(e).__name__}: {first_line(e, 100)})") from None
 
 
 def _model_from_reader(reader: Any, path: Path) -> GPT:

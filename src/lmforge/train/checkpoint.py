@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..errors import LMForgeError
+from ..errors import LMForgeError, first_line
 from ..hub.checkpoint import load_weights, save_weights
 from ..utils import atomic_write_json, read_json
 
@@ -114,7 +114,7 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module,
     except FileNotFoundError as e:
         raise LMForgeError(f"checkpoint {ckpt} is incomplete: {Path(e.filename).name} is missing") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError, IndexError) as e:
-        raise LMForgeError(f"checkpoint {ckpt} is truncated or corrupted ({str(e).splitlines()[0][:120]})") \
+        raise LMForgeError(f"checkpoint {ckpt} is truncated or corrupted ({first_line(e)})") \
             from None
     if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or \
             not isinstance(rng.get("sampler"), dict):

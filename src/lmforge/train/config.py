@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import LMForgeError
+from ..errors import LMForgeError, first_line
 
 
 @dataclass
@@ -82,7 +82,7 @@ class TrainConfig:
             raise LMForgeError(f"config file {path} is not UTF-8 text (byte offset {e.start}); give a YAML file") \
                 from None
         except (yaml.YAMLError, RecursionError) as e:
-            raise LMForgeError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+            raise LMForgeError(f"config file {path} is not valid YAML ({first_line(e)})") from None
         if not isinstance(d, dict):
             raise LMForgeError(f"config file {path} must be a mapping of option: value")
         return cls.from_dict(d)

@@ -333,12 +333,12 @@ class Trainer:
         if not path.exists():
             return
         keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if rec.get("step", 0) <= self.step:
+            if isinstance(rec, dict) and isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= self.step:
                 keep.append(line)
         atomic_write_text(path, "\n".join(keep) + ("\n" if keep else ""))
         self._log({"event": "resume", "step": self.step})
