@@ -64,23 +64,6 @@ def check_output_file(path: str | Path, force: bool = False, option: str = "--ou
     return path
 
 
-def check_output_dir(path: str | Path, option: str = "--out", hint: str = "choose another --out",
-                     allow_nonempty: bool = False) -> Path:
-    """A directory lmforge is about to create: never an existing file, and (unless ``allow_nonempty``)
-    never a directory that already holds something."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise LMForgeError(f"{option} {path} is an existing file, not a directory; choose another {option}")
-    if not allow_nonempty and path.is_dir() and any(path.iterdir()):
-        raise LMForgeError(f"{path} already exists; {hint}")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise LMForgeError(f"{option} {path}: {parent} is a file, not a directory")
-            break
-    return path
-
-
 def atomic_write_text(path: str | Path, text: str) -> None:
     def _w(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -102,6 +85,43 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise LMForgeError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LMForgeError(f"{what} {path} is corrupted ({e}); restore or recreate it") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log (``metrics.jsonl``); a line torn by a crash is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # damaged bytes: line dropped
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def refuse_nonempty(out: str | Path, hint: str = "choose another --out") -> Path:
+    """An output directory must not exist or be empty: the files in it are someone's."""
+    out = refuse_file(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise LMForgeError(f"{out} already exists; {hint}")
+    return out
+
+
+def refuse_file(out: str | Path, option: str = "--out") -> Path:
+    """An output directory must not be an existing file, nor lie below one."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LMForgeError(f"{option} {out} is an existing file, not a directory; choose another {option}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LMForgeError(f"{option} {out}: {parent} is a file, not a directory")
+            break
+    return out
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(ms|s|sec|m|min|h|hr|d)?\s*$")

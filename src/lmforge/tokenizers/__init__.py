@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import Tokenizer as HFTokenizer
+
 from ..errors import LMForgeError
 from .base import EOT, Tokenizer, check_tokenizer_fits
 from .bpe import BPETokenizer
 from .char import CharTokenizer
+from .word import WordTokenizer
 
 __all__ = ["EOT", "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer", "TOKENIZER_KINDS",
            "SOURCE_TOKENIZER", "check_tokenizer_fits"]
@@ -35,11 +38,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if kind == "char":
         return CharTokenizer.from_json(obj, str(path))
     if kind == "word":
-        from .word import WordTokenizer
 
         return WordTokenizer.from_json(obj, str(path))
     if isinstance(obj, dict) and "model" in obj:  # Hugging Face tokenizers format
-        from tokenizers import Tokenizer as HFTokenizer
 
         try:
             hf = HFTokenizer.from_str(text)

@@ -23,6 +23,10 @@ class Tokenizer(ABC):
     kind: str = "base"
     #: True when ``decode(encode(text)) == text`` for every string (char and byte-level BPE).
     lossless: bool = True
+    #: id of a begin-of-sentence token, when the vocabulary has one (word level: <s>)
+    bos_id: int | None = None
+    #: id of the unknown-word token, when rare words collapse to one (word level: <unk>)
+    unk_id: int | None = None
 
     @property
     @abstractmethod
@@ -32,6 +36,13 @@ class Tokenizer(ABC):
     @abstractmethod
     def eot_id(self) -> int:
         """Id of the end-of-text / document-separator token."""
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids whose text is never shown (streamed or returned replies skip them): control tokens such as end
+        of text or end of turn. Default: the end-of-text token; byte-level BPE adds every token the file marks
+        special (``<|im_start|>``, ``<|im_end|>``...)."""
+        return frozenset({self.eot_id})
 
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
@@ -49,9 +60,6 @@ class Tokenizer(ABC):
 
     def id_to_token(self, i: int) -> str:
         return self.decode([i])
-
-    def describe(self) -> str:
-        return f"{self.kind} (vocab {self.vocab_size})"
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer | None, vocab_size: int, where: str) -> None:

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..errors import LMForgeError
+from ..utils import atomic_write
 from .base import EOT, Tokenizer
 
 MIN_VOCAB = 256 + 1 + 1  # the byte alphabet, <|endoftext|>, and at least one merge
@@ -29,6 +30,7 @@ class BPETokenizer(Tokenizer):
         if eot_id is None:
             raise LMForgeError(f"BPE tokenizer has no {eot or EOT} token; retrain it with lmforge prepare")
         self._eot = eot_id
+        self._special = frozenset({eot_id} | {i for i, t in hf.get_added_tokens_decoder().items() if t.special})
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
@@ -53,6 +55,10 @@ class BPETokenizer(Tokenizer):
     def eot_id(self) -> int:
         return self._eot
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._special
+
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
@@ -71,7 +77,6 @@ class BPETokenizer(Tokenizer):
     def save(self, directory: str | Path, name: str = "tokenizer.json") -> Path:
         path = Path(directory) / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        from ..utils import atomic_write
 
         atomic_write(path, lambda tmp: self.hf.save(tmp))
         return path

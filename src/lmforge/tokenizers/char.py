@@ -27,7 +27,8 @@ class CharTokenizer(Tokenizer):
     def __init__(self, chars: Iterable[str], byte_fallback: bool = True) -> None:
         chars = sorted(set(chars))
         if any(len(c) != 1 for c in chars):
-            raise LMForgeError("CharTokenizer vocabulary entries must be single characters")
+            raise LMForgeError("a character tokenizer's vocabulary holds single characters; its tokenizer.json is "
+                               "damaged or of another kind: re-run lmforge prepare")
         self.chars: list[str] = chars
         self.byte_fallback = byte_fallback
         # Layout: 0 = <|endoftext|>, 1..n = characters, then the 256 byte tokens.
