@@ -81,6 +81,9 @@ class LanguageModel:
     chat_template: str | None = None
     #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8); None = training layout
     decode_dtype: str | None = None
+    #: ``init_slots`` gives a cache in which many sequences decode at their own positions in one batched
+    #: forward (continuous batching, generation/engine.py); False = served one sequence at a time
+    batches_slots: bool = False
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; the default decays every trainable parameter (families override it
@@ -117,6 +120,10 @@ class LanguageModel:
         ``max_length`` tokens (a pre-allocated KV cache for Transformers). None when the model
         has no incremental state (then callers re-feed the whole sequence)."""
         return None
+
+    def init_slots(self, slots: int, max_length: int) -> Any:
+        """A cache of ``slots`` independent sequences of at most ``max_length`` tokens each (``batches_slots``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode sequences in slots")
 
     def forward_logits(self, input_ids: torch.Tensor, state: Any = None,
                        last_only: bool = False) -> tuple[torch.Tensor, Any]:

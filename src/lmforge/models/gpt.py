@@ -24,6 +24,7 @@ from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, Languag
 from .layers import (
     Block,
     KVCache,
+    SlotKVCache,
     decay_param_groups,
     init_weights,
     make_norm,
@@ -93,6 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class GPT(nn.Module, LanguageModel):
     model_type = "gpt"
+    batches_slots = True
     config_class = GPTConfig
     presets = PRESETS
     default_preset = "tiny"
@@ -130,27 +132,38 @@ class GPT(nn.Module, LanguageModel):
     _init_weights = staticmethod(init_weights)
 
     # --- the model -----------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | SlotKVCache | None = None,
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) and, given targets, the mean cross-entropy loss (nats/token)."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
-                             f"{self.config.block_size}")
         x = self.wte(idx)
         rope = None
-        if self.config.pos == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        elif self.config.pos == "sinusoidal":
-            x = x + self.pe[start:start + T]
+        if isinstance(cache, SlotKVCache):
+            # continuous batching: row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1
+            pos = cache.begin(T, self.config.sliding_window)  # (B, T), checked against the cache's length
+            if self.config.pos == "learned":
+                x = x + self.wpe(pos)
+            elif self.config.pos == "sinusoidal":
+                x = x + self.pe[pos]
+            else:
+                rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, hd): per row
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            start = cache.pos if cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
+                                 f"{self.config.block_size}")
+            if self.config.pos == "learned":
+                x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            elif self.config.pos == "sinusoidal":
+                x = x + self.pe[start:start + T]
+            else:
+                rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -158,7 +171,7 @@ class GPT(nn.Module, LanguageModel):
                                    ignore_index=-100)
             return logits, loss
         if last_only:
-            x = x[:, -1:]
+            x = cache.take_last(x) if isinstance(cache, SlotKVCache) else x[:, -1:]
         return self.lm_head(x), None
 
     # --- LanguageModel protocol ----------------------------------------------------------------
@@ -175,6 +188,14 @@ class GPT(nn.Module, LanguageModel):
         p = self.wte.weight  # (the head may have been rewritten for decoding: generation/fast.py)
         return KVCache(c.n_layer, batch_size, c.n_kv_head or c.n_head, min(max_length, c.block_size),
                        c.n_embd // c.n_head, dtype=p.dtype, device=p.device)
+
+    def init_slots(self, slots: int, max_length: int) -> SlotKVCache:
+        """A cache of ``slots`` independent sequences of at most ``max_length`` tokens (continuous batching;
+        see :class:`lmforge.generation.engine.Engine`)."""
+        c = self.config
+        p = self.wte.weight
+        return SlotKVCache(c.n_layer, slots, c.n_kv_head or c.n_head, min(max_length, c.block_size),
+                           c.n_embd // c.n_head, dtype=p.dtype, device=p.device)
 
     def forward_logits(self, input_ids: torch.Tensor, state: KVCache | None = None,
                        last_only: bool = False) -> tuple[torch.Tensor, KVCache | None]:
