@@ -49,7 +49,7 @@ from .serve import ServeConfig, Server
 from .serve.batch import run_batch
 from .train import TrainConfig, Trainer, TrainingInterrupted, train
 from .train.launch import launch_torchrun
-from .utils import atomic_write_text, parse_duration, read_json
+from .utils import atomic_write_text, check_output_file, parse_duration, read_json
 
 # The flags are built from the config dataclasses of every room, so the parser imports them all (torch
 # included): function-local imports here would save no start-up time.
@@ -75,7 +75,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         meta = prepare_parallel(cfg.corpus, cfg.out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
                                 seed=cfg.seed, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
                                 target_file=cfg.target_file, separate_vocab=cfg.separate_vocab, errors=cfg.errors,
-                                progress=not a.no_progress)
+                                progress=not a.no_progress, force=cfg.force)
         s = meta["splits"]
         vocab = f"vocab {meta['tokenizer']['vocab_size']}" + (
             f", source vocab {meta['source_tokenizer']['vocab_size']}" if meta["source_tokenizer"] else ", shared")
@@ -176,7 +176,10 @@ def _data_for_run(run: str, data: str | None) -> str:
         return data
     p = Path(run) / "data.json"
     if p.exists():
-        d = read_json(p, "run data pointer")["data"]
+        d = read_json(p, "run data pointer")
+        d = d.get("data") if isinstance(d, dict) else None
+        if not isinstance(d, str):
+            raise LMForgeError(f"{p} is damaged (no \"data\" path); pass --data")
         if Path(d).exists():
             problem = check_run_data(run, d)
             if problem:
@@ -347,6 +350,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory (runs are kept in OUT/runs)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="split to score; default: test")
     p.add_argument("--eval-max-tokens", type=int, default=None, help="score at most this many tokens per model")
+    p.add_argument("--force", action="store_true",
+                   help="replace the report (table.txt, compare.json/csv/png) of an earlier comparison in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_compare)
@@ -357,7 +362,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     for m in a.models:  # fail fast, before any training
         ModelSpec.parse(m)
     compare(a.data, budget or 300.0, a.models, a.out, split=a.split, progress=not a.no_progress,
-            eval_max_tokens=a.eval_max_tokens, device=a.device)
+            eval_max_tokens=a.eval_max_tokens, force=a.force, device=a.device)
     return 0
 
 
@@ -399,6 +404,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="write translations here (default stdout)")
     p.add_argument("--dtype", default="fp32", choices=DECODE_DTYPES, help="weights for decoding; default: fp32")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--force", action="store_true", help="replace the --output file if it exists")
     p.set_defaults(func=cmd_translate, options=add_options(p, TranslateConfig, defaults=TRANSLATE_DEFAULTS))
 
 
@@ -408,6 +414,8 @@ TRANSLATE_DEFAULTS = {"beam": 4}
 def cmd_translate(a: argparse.Namespace) -> int:
     if bool(a.text) == bool(a.input):
         raise LMForgeError("give the source text as arguments or --input FILE (not both)")
+    if a.output:
+        check_output_file(a.output, a.force)  # before any decoding
     c = TranslateConfig(**{**TRANSLATE_DEFAULTS, **given(a, a.options)})
     model = on_device(load_model(a.run), a.device)
     require_seq2seq(model, a.run)

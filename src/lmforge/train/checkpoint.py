@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -41,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..errors import LMForgeError
+from ..errors import LMForgeError, first_line
 from ..models.weights import load_weights
 from ..utils import atomic_write_json, read_json
 from .distributed import Runtime
@@ -154,12 +155,36 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+STATE_FIELDS = {"step": int, "tokens_seen": int, "train_time": (int, float), "config": dict}
+
+
 def read_state(ckpt: Path) -> dict[str, Any]:
-    state = read_json(ckpt / "state.json", "checkpoint state")
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "step" not in state:
-        raise LMForgeError(f"checkpoint state {ckpt / 'state.json'} is damaged (no step or config); restore it "
-                           "or start a new run")
+    """``state.json``, checked: a damaged one (``{}``, a wrong type) is a one-line error, not a KeyError."""
+    path = Path(ckpt) / "state.json"
+    state = read_json(path, "checkpoint state")
+    if not isinstance(state, dict):
+        raise LMForgeError(f"{path} is damaged: expected a JSON object; restore it or start a new run")
+    for key, kind in STATE_FIELDS.items():
+        v = state.get(key)
+        if isinstance(v, bool) or not isinstance(v, kind) or (kind is int and v < 0):
+            raise LMForgeError(f"{path} is damaged: {key!r} is {'missing' if v is None else repr(v)[:40]}; "
+                               "restore it or start a new run")
     return state
+
+
+def _torch_load(path: Path) -> Any:
+    """Tensors and plain containers only (``weights_only``): a pickle that would build any other object
+    (run code) is refused with one line. PyTorch's multi-line explanation and its warning about the
+    pickle protocol are not shown."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise LMForgeError(f"{path} holds objects other than tensors{what}, which lmforge never unpickles (the file "
+                           "may be malicious); restore the checkpoint or start a new run") from None
 
 
 def load_checkpoint(ckpt: Path, rt: Runtime, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -196,11 +221,13 @@ def _load_legacy(ckpt: Path, rt: Runtime, model: torch.nn.Module,
                            "(it is then saved in the new format)")
     load_weights(model, ckpt / "model.safetensors")
     try:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        rng = torch.load(ckpt / "rng.pt", weights_only=True)
+        optimizer.load_state_dict(_torch_load(ckpt / "optimizer.pt"))
+        rng = _torch_load(ckpt / "rng.pt")
     except FileNotFoundError as e:
         raise LMForgeError(f"checkpoint {ckpt} is incomplete: {Path(e.filename).name} is missing") from None
-    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
-        raise LMForgeError(f"checkpoint {ckpt} is truncated or corrupted ({str(e).splitlines()[0][:120]})") \
-            from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError, IndexError) as e:
+        raise LMForgeError(f"checkpoint {ckpt} is truncated or corrupted ({first_line(e)})") from None
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or \
+            not isinstance(rng.get("sampler"), dict):
+        raise LMForgeError(f"checkpoint {ckpt} is damaged: rng.pt does not hold lmforge's RNG states")
     return {"legacy_rng": rng}

@@ -666,7 +666,8 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [json.dumps(rec) for rec in read_jsonl(path) if rec.get("step", 0) <= self.step]
+        keep = [json.dumps(rec) for rec in read_jsonl(path)
+                if isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= self.step]
         atomic_write_text(path, "\n".join(keep) + ("\n" if keep else ""))
         self._log({"event": "resume", "step": self.step, "world_size": self.rt.world,
                    "strategy": self.rt.strategy})
