@@ -73,7 +73,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
                                                                           torch.memory_format)):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
+        raise pickle.UnpicklingError(f"{module}.{name}")
 
 
 class SafeReader(dcp.FileSystemReader):
@@ -83,8 +83,13 @@ class SafeReader(dcp.FileSystemReader):
             metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
         except FileNotFoundError:
             raise LMForgeError(f"checkpoint {self.path} is incomplete: .metadata is missing") from None
+        except pickle.UnpicklingError as e:
+            raise LMForgeError(f"{path} holds objects other than DCP's metadata ({e}), which lmforge never "
+                               "unpickles (the file may be malicious); restore the checkpoint or start a new run") \
+                from None
         except Exception as e:
-            raise LMForgeError(f"checkpoint {self.path} has a damaged or unsafe index ({e})") from None
+            raise LMForgeError(f"checkpoint {self.path} has a damaged index ({first_line(e)}); restore it or start a "
+                               "new run") from None
         if any(isinstance(md, BytesStorageMetadata) for md in metadata.state_dict_metadata.values()):
             raise LMForgeError(f"checkpoint {self.path} holds pickled objects, which lmforge never loads")
         metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
@@ -196,6 +201,7 @@ def load_checkpoint(ckpt: Path, rt: Runtime, model: torch.nn.Module, optimizer: 
         return state, _load_legacy(ckpt, rt, model, optimizer)
     optim = get_optimizer_state_dict(model, optimizer)
     sd = {"model": get_model_state_dict(model), "optim": {"state": optim["state"]}, **extra}
+    SafeReader(ckpt).read_metadata()  # a damaged or hostile index: its own one-line error, before DCP wraps it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
