@@ -25,6 +25,8 @@ import torch
 
 from ..errors import LMForgeError
 from ..models.base import LanguageModel
+from .fast import COMPILE_CHOICES, StaticDecoder, should_compile
+from .logits import exp_noise, race, warp_logits
 
 
 @dataclass
@@ -40,6 +42,9 @@ class GenerationConfig:
     seed: int | None = None
     num_return_sequences: int = 1
     use_cache: bool = True
+    compile: str = "auto"              # torch.compile the decode step: auto (long generations) | on | off
+    speculative: Any = None            # a draft: "prompt-lookup", a LanguageModel, or a Drafter (speculative.py)
+    draft_tokens: int = 4              # tokens drafted per verification step (speculative decoding)
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -54,36 +59,31 @@ class GenerationConfig:
             raise LMForgeError("--repetition-penalty must be positive")
         if self.num_return_sequences < 1:
             raise LMForgeError("--num-return-sequences must be >= 1")
+        if self.compile not in COMPILE_CHOICES:
+            raise LMForgeError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}")
+        if self.draft_tokens < 1:
+            raise LMForgeError("--draft-tokens must be >= 1")
+        if self.speculative is not None and self.num_return_sequences != 1:
+            raise LMForgeError("speculative decoding decodes one sequence at a time; use --num-return-sequences 1")
+
+
+def seen_mask(seqs: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) mask of the tokens present in each row of ``seqs`` (for the repetition penalty)."""
+    return torch.zeros(seqs.shape[0], vocab_size, dtype=torch.bool, device=seqs.device).scatter_(1, seqs, True)
 
 
 def process_logits(logits: torch.Tensor, seqs: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     """Apply repetition penalty, temperature, top-k and top-p to (B, V) logits."""
-    logits = logits.float()
-    if cfg.repetition_penalty != 1.0:
-        prev = logits.gather(1, seqs)
-        prev = torch.where(prev > 0, prev / cfg.repetition_penalty, prev * cfg.repetition_penalty)
-        logits = logits.scatter(1, seqs, prev)
-    if cfg.temperature == 0:
-        return logits
-    logits = logits / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass strictly before it already reaches p (the top token always stays)
-        drop = (probs.cumsum(-1) - probs) >= cfg.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    return logits
+    seen = seen_mask(seqs, logits.shape[-1]) if cfg.repetition_penalty != 1.0 else None
+    return warp_logits(logits, seen, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
 
 
 def choose(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """The greedy token, or a sample of softmax(logits) (the exponential race of generation/logits.py,
+    the same draw as a compiled decode step makes)."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return race(torch.softmax(logits, dim=-1), exp_noise(tuple(logits.shape), generator, logits.device))
 
 
 @torch.no_grad()
@@ -118,12 +118,23 @@ def generate_ids(model: LanguageModel, prompt_ids: list[int], cfg: GenerationCon
     if cfg.ignore_eos:
         eos = None
     total = len(prompt) + cfg.max_new_tokens
-    state = model.init_state(B, min(total, ctx) if ctx else total) if cfg.use_cache else None
-    logits, state = model.forward_logits(seqs, state, last_only=True)  # the prompt's last position only
+    if cfg.speculative is not None and cfg.max_new_tokens > 0:
+        from .speculative import speculative_generate
+
+        out = speculative_generate(model, prompt, cfg, on_token, generator=generator)
+        return [out]
+    static = None
+    if cfg.use_cache and not (ctx and total > ctx) and should_compile(model, B * cfg.max_new_tokens, cfg.compile):
+        static = StaticDecoder(model, B, total, cfg, compile=True, generator=generator)
+        nxt = static.prefill(seqs)
+    else:
+        state = model.init_state(B, min(total, ctx) if ctx else total) if cfg.use_cache else None
+        logits, state = model.forward_logits(seqs, state, last_only=True)  # the prompt's last position only
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), cfg.max_new_tokens, dtype=torch.long)
     for t in range(cfg.max_new_tokens):
-        nxt = choose(process_logits(logits[:, -1, :], seqs, cfg), cfg, generator)
+        if static is None:
+            nxt = choose(process_logits(logits[:, -1, :], seqs, cfg), cfg, generator)
         seqs = torch.cat([seqs, nxt[:, None]], dim=1)
         if eos is not None:
             newly = (nxt == eos) & ~finished
@@ -134,7 +145,9 @@ def generate_ids(model: LanguageModel, prompt_ids: list[int], cfg: GenerationCon
             break
         if bool(finished.all()) or t == cfg.max_new_tokens - 1:
             break
-        if state is not None and not (ctx and seqs.size(1) > ctx):
+        if static is not None:  # a fixed-shape (compiled) step: forward, processing and choice in one
+            nxt = static.step(nxt)
+        elif state is not None and not (ctx and seqs.size(1) > ctx):
             logits, state = model.forward_logits(nxt[:, None], state)
         elif state is not None:  # the cache is full: rebuild it from the last `ctx` tokens
             state = model.init_state(B, ctx)

@@ -50,11 +50,23 @@ class LanguageModel:
     def context_length(self) -> int | None:
         return None
 
-    def init_state(self, batch_size: int, max_length: int) -> Any:
+    #: ``init_state(..., static=True)`` gives a state whose decoding steps all have the same shapes
+    #: (positions as tensors: a StaticKVCache), so ``torch.compile`` can capture one step (generation/fast.py)
+    supports_static_state: bool = False
+    #: ``state_rewind`` can forget the last tokens fed (speculative decoding drops rejected drafts);
+    #: models without it are re-fed from scratch when used as draft models
+    rewindable_state: bool = False
+
+    def init_state(self, batch_size: int, max_length: int, static: bool = False) -> Any:
         """A fresh state for incremental decoding of ``batch_size`` sequences of at most
         ``max_length`` tokens (a pre-allocated KV cache for Transformers). None when the model
-        has no incremental state (then callers re-feed the whole sequence)."""
+        has no incremental state (then callers re-feed the whole sequence). ``static`` asks for a
+        fixed-shape state (only where ``supports_static_state``)."""
         return None
+
+    def state_rewind(self, state: Any, n: int) -> Any:
+        """Forget the last ``n`` tokens fed into ``state`` (only where ``rewindable_state``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rewind its state")
 
     def forward_logits(self, input_ids: torch.Tensor, state: Any = None,
                        last_only: bool = False) -> tuple[torch.Tensor, Any]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import LMForgeError
 from .base import LanguageModel
-from .layers import Block, KVCache, decay_param_groups, init_weights, make_norm, rope_tables, sinusoidal_table
+from .layers import Block, KVCache, StaticKVCache, decay_param_groups, init_weights, make_norm, rope_tables, sinusoidal_table
 
 
 @dataclass
@@ -129,22 +129,25 @@ class GPT(nn.Module, LanguageModel):
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) and, given targets, the mean cross-entropy loss (nats/token)."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
+        static = cache is not None and cache.static
+        start = cache.pos if cache is not None and not static else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
                              f"{self.config.block_size}")
+        # a StaticKVCache carries its positions as a tensor (no Python int, so shapes never change)
+        where = cache.positions if static else slice(start, start + T)  # type: ignore[union-attr]
         x = self.wte(idx)
         rope = None
         if self.config.pos == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + (self.wpe(where) if static else self.wpe(torch.arange(start, start + T, device=idx.device)))
         elif self.config.pos == "sinusoidal":
-            x = x + self.pe[start:start + T]
+            x = x + self.pe[where]
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rope = (self.rope_cos[where], self.rope_sin[where])
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache)
-        if cache is not None:
+        if cache is not None and not static:
             cache.pos += T
         x = self.ln_f(x)
         if targets is not None:
@@ -165,11 +168,20 @@ class GPT(nn.Module, LanguageModel):
     def context_length(self) -> int:
         return self.config.block_size
 
-    def init_state(self, batch_size: int, max_length: int) -> KVCache:
+    supports_static_state = True
+    rewindable_state = True
+
+    def init_state(self, batch_size: int, max_length: int, static: bool = False) -> KVCache:
         c = self.config
         p = self.wte.weight  # (the head may have been rewritten for decoding: generation/fast.py)
-        return KVCache(c.n_layer, batch_size, c.n_kv_head or c.n_head, min(max_length, c.block_size),
-                       c.n_embd // c.n_head, dtype=p.dtype, device=p.device)
+        shape = (c.n_layer, batch_size, c.n_kv_head or c.n_head, min(max_length, c.block_size), c.n_embd // c.n_head)
+        if static:
+            return StaticKVCache(*shape, dtype=p.dtype, device=p.device, sliding_window=c.sliding_window)
+        return KVCache(*shape, dtype=p.dtype, device=p.device)
+
+    def state_rewind(self, state: KVCache, n: int) -> KVCache:
+        state.pos -= n  # the stale entries are overwritten by the next tokens
+        return state
 
     def forward_logits(self, input_ids: torch.Tensor, state: KVCache | None = None,
                        last_only: bool = False) -> tuple[torch.Tensor, KVCache | None]:
