@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LMForgeError
-from ..models.quant import QUANT_MODES, QuantLinear
+from ..models.quant import QUANT_MODES, QuantLinear, finish_decoding_layout
 from .logits import pick_tokens
 
 DECODE_DTYPES = QUANT_MODES  # ("fp32", "bf16", "int8", "int4")
@@ -63,7 +63,7 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "fp32", group_size: int 
     if dtype == "int4" and group_size not in INT4_GROUP_SIZES:
         raise LMForgeError(f"int4 group size {group_size} is not supported; choose "
                            f"{', '.join(map(str, INT4_GROUP_SIZES))}")
-    current = getattr(model, "decode_dtype", None)
+    current = model.decode_dtype
     if current is not None:
         if current != dtype:
             raise LMForgeError(f"this model is already laid out as {current}; load it again to use {dtype}")
@@ -75,15 +75,6 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "fp32", group_size: int 
                 setattr(parent, name, QuantLinear.from_weight(child.weight, child.bias, dtype, group_size))
     finish_decoding_layout(model, dtype)
     return model
-
-
-def finish_decoding_layout(model: nn.Module, dtype: str) -> None:
-    """Norms, embeddings and the KV cache follow the activations (bf16 for bf16/int8/int4); no gradients."""
-    if dtype != "fp32":
-        model.to(torch.bfloat16)  # QuantLinear's int8/uint8 buffers stay as they are
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.decode_dtype = dtype  # type: ignore[assignment]
 
 
 # --- the fixed-shape decode step ----------------------------------------------------------------

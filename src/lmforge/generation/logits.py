@@ -33,7 +33,8 @@ def warp_logits(logits: torch.Tensor, seen: torch.Tensor | None, temperature: fl
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass strictly before it already reaches p (the top token always stays)
         drop = (probs.cumsum(-1) - probs) >= top_p
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        kept = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, kept)
     return logits
 
 

@@ -40,8 +40,11 @@ def create_model(model_type: str, vocab_size: int, preset: str | None = None, **
     return cls.from_preset(preset, vocab_size, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def load_model(path: str | Path) -> LanguageModel:
-    """Load a run directory (or any directory written by ``save_pretrained``)."""
+def load_model(path: str | Path, decode_dtype: str | None = None) -> LanguageModel:
+    """Load a run directory (or any directory written by ``save_pretrained``).
+
+    ``decode_dtype`` ("int8"/"int4") loads a GGUF file's quantized tensors straight into that decoding
+    layout (hub/gguf_io.py); other models ignore it (lay them out with generation.fast.prepare_for_decoding)."""
     from ..apps.chat import resolve_model
 
     path = Path(resolve_model(str(path)))
@@ -50,7 +53,7 @@ def load_model(path: str | Path) -> LanguageModel:
     if path.is_file() and path.suffix.lower() == ".gguf":
         from ..hub.gguf_io import load_gguf
 
-        return load_gguf(path)
+        return load_gguf(path, decode_dtype)
     if not path.is_dir() or not (path / "config.json").exists():
         raise LMForgeError(f"{path} is not a run directory (no config.json); give one written by "
                            "lmforge train")

@@ -56,6 +56,9 @@ class LanguageModel:
     #: ``state_rewind`` can forget the last tokens fed (speculative decoding drops rejected drafts);
     #: models without it are re-fed from scratch when used as draft models
     rewindable_state: bool = False
+    #: the decoding layout of the weights once laid out for decoding (generation/fast.py, or a GGUF file
+    #: loaded straight into int8/int4): "fp32", "bf16", "int8", "int4"; None for a trainable model
+    decode_dtype: str | None = None
 
     def init_state(self, batch_size: int, max_length: int, static: bool = False) -> Any:
         """A fresh state for incremental decoding of ``batch_size`` sequences of at most

@@ -20,7 +20,16 @@ import torch.nn.functional as F
 
 from ..errors import LMForgeError
 from .base import LanguageModel
-from .layers import Block, KVCache, StaticKVCache, decay_param_groups, init_weights, make_norm, rope_tables, sinusoidal_table
+from .layers import (
+    Block,
+    KVCache,
+    StaticKVCache,
+    decay_param_groups,
+    init_weights,
+    make_norm,
+    rope_tables,
+    sinusoidal_table,
+)
 
 
 @dataclass

@@ -6,12 +6,13 @@ how many bytes each token reads and how fast the kernel streams them. ``QuantLin
 * ``fp32``: W stored transposed, (in, out), so that ``x @ W^T`` streams whole contiguous output rows.
 * ``bf16``: W in bf16 on the usual (out, in) layout (``F.linear``), half the bytes.
 * ``int8``: ``w[o, i] ~ s[o] * q[o, i]``, one scale per output channel, q in [-127, 127], through PyTorch's
-  ``_weight_int8pack_mm``: a quarter of fp32's bytes.
+  ``_weight_int8pack_mm``: a quarter of fp32's bytes (layers whose input width is not a multiple of 16
+  fall back to bf16: the kernel crashes on them).
 * ``int4``: group-wise asymmetric 4-bit, ``w[o, i] ~ (q[o, i] - 8) * s[o, g] + z[o, g]`` with q in [0, 15]
   and one (scale, zero) pair per group of ``group_size`` inputs (g = i // group_size), through
   ``_weight_int4pack_mm_for_cpu`` (the weight packed by ``_convert_weight_to_int4pack_for_cpu``): an eighth
   of fp32's bytes plus 4 bytes per group. This is exactly llama.cpp's Q4_0 (z = 0), Q4_1 (z = m + 8 d) and
-  Q4_K (per 32-weight sub-block) formats, so GGUF files load into it without a detour through fp32
+  Q4_K (per 32-weight sub-block) formats (layers the kernel cannot take fall back to int8), so GGUF files load into it without a detour through fp32
   (hub/gguf_io.py).
 
 The int8/int4 kernels take bf16 activations (with fp32 activations PyTorch 2.13 has no fast CPU path:
@@ -48,8 +49,8 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 
 def int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
-    """The packed int4 kernel needs whole groups along the input and an even output count."""
-    return in_features % group_size == 0 and out_features % 2 == 0 and in_features >= group_size
+    """The packed int4 kernel needs whole groups along the input and outputs in multiples of 16."""
+    return in_features % group_size == 0 and out_features % 16 == 0 and in_features >= group_size
 
 
 class QuantLinear(nn.Module):
@@ -71,6 +72,8 @@ class QuantLinear(nn.Module):
         out_f, in_f = w.shape
         if mode == "int4" and not int4_supported(out_f, in_f, group_size):
             mode = "int8"
+        if mode == "int8" and in_f % 16:  # PyTorch 2.13's int8 kernel crashes (SIGSEGV) on such shapes
+            mode = "bf16"
         m = cls(mode, out_f, in_f, group_size if mode == "int4" else 0)
         if mode == "int8":
             q, scale = quantize_int8(w)
@@ -119,3 +122,13 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.mode == "int4" else ""
         return f"{self.in_features}, {self.out_features}, mode={self.mode}{g}"
+
+
+def finish_decoding_layout(model: nn.Module, dtype: str) -> None:
+    """After the Linear layers are laid out: norms, embeddings and the KV cache follow the activations
+    (bf16 for bf16/int8/int4), gradients are off, and ``model.decode_dtype`` records the layout."""
+    if dtype != "fp32":
+        model.to(torch.bfloat16)  # QuantLinear's int8/uint8 buffers stay as they are
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.decode_dtype = dtype  # type: ignore[assignment]
