@@ -40,6 +40,8 @@ class LanguageModel:
 
     model_type: str = "base"
     tokenizer: Tokenizer | None = None
+    #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json); None = none
+    chat_template: str | None = None
 
     # --- the protocol -------------------------------------------------------------------------
     @property

@@ -11,9 +11,9 @@ how many bytes each token reads and how fast the kernel streams them. ``QuantLin
 * ``int4``: group-wise asymmetric 4-bit, ``w[o, i] ~ (q[o, i] - 8) * s[o, g] + z[o, g]`` with q in [0, 15]
   and one (scale, zero) pair per group of ``group_size`` inputs (g = i // group_size), through
   ``_weight_int4pack_mm_for_cpu`` (the weight packed by ``_convert_weight_to_int4pack_for_cpu``): an eighth
-  of fp32's bytes plus 4 bytes per group. This is exactly llama.cpp's Q4_0 (z = 0), Q4_1 (z = m + 8 d) and
-  Q4_K (per 32-weight sub-block) formats (layers the kernel cannot take fall back to int8), so GGUF files load into it without a detour through fp32
-  (hub/gguf_io.py).
+  of fp32's bytes plus 4 bytes per group (layers the kernel cannot take fall back to int8). This is
+  exactly llama.cpp's Q4_0 (z = 0), Q4_1 (z = m + 8 d) and Q4_K (per 32-weight sub-block) formats, so GGUF
+  files load into it without a detour through fp32 (hub/gguf_io.py).
 
 The int8/int4 kernels take bf16 activations (with fp32 activations PyTorch 2.13 has no fast CPU path:
 ~50x slower); the output is bf16. Layers live in models/ because both the GGUF loader (hub/) and the
