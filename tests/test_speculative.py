@@ -136,3 +136,21 @@ def test_sampled_generation_keeps_the_target_distribution() -> None:
         counts[out[0] * V + out[1]] += 1
     stat, df = chi2(counts, joint)
     assert stat < chi2_critical(df), (stat, df)
+
+
+def test_cli_speculative_and_int4(trained_run, capsys) -> None:  # noqa: ANN001
+    from lmforge.cli import main
+
+    base = ["generate", str(trained_run), "--prompt", "ROMEO:", "--max-new-tokens", "16",
+            "--temperature", "0", "--ignore-eos"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--speculative", "prompt-lookup", "--draft-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "drafted tokens accepted" in out.err
+    assert main(base + ["--speculative", str(trained_run)]) == 0  # the model drafting for itself
+    out = capsys.readouterr()
+    assert out.out == plain and "(100.0%)" in out.err
+    assert main(base + ["--dtype", "int4", "--group-size", "64", "--compile", "off"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert main(base + ["--speculative", "no/such/run"]) == 2

@@ -271,20 +271,63 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", default=None, metavar="NAME|FILE",
                    help="chat template for --chat: a built-in name (chatml, simple) or a Jinja file "
                         "(default: the model's own)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
-                   help="weights for decoding: bf16 halves and int8 quarters the bytes read per token")
+    _add_decoding_flags(p)
     p.set_defaults(func=cmd_generate)
 
 
-def _with_dtype(model: Any, dtype: str) -> Any:
+def _add_decoding_flags(p: argparse.ArgumentParser, speculative: bool = True) -> None:
+    """Weight layout, compiled decode step and speculative decoding (lmforge.generation.fast/speculative)."""
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4"],
+                   help="weights for decoding: bf16 halves, int8 quarters, int4 (group-wise) eighths the bytes "
+                        "read per token; a GGUF file loads its quantized tensors straight into int8/int4")
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256],
+                   help="int4: inputs sharing one scale and zero (smaller = closer to fp32, more bytes)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the fixed-shape decode step: auto only for long generations (the compile "
+                        "takes tens of seconds on a CPU), on, or off")
+    if speculative:
+        p.add_argument("--speculative", default=None, metavar="prompt-lookup|RUN",
+                       help="speculative decoding (exact): draft with prompt lookup (an n-gram over the prompt and "
+                            "the output so far) or with a smaller model RUN sharing the tokenizer (a GPT, or an "
+                            "n-gram trained on your corpus); prints the acceptance rate")
+        p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                       help="tokens drafted per target forward pass with --speculative (default 4)")
+
+
+def _load_for_decoding(path: str, a: argparse.Namespace) -> Any:
+    """Load ``path`` laid out for decoding (a GGUF file goes straight into int8/int4)."""
+    from .models import load_model
+
+    return _with_dtype(load_model(path, decode_dtype=a.dtype), a.dtype, a.group_size)
+
+
+def _decoding_kw(a: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"compile": a.compile}
+    spec = getattr(a, "speculative", None)  # (translate has no speculative flags)
+    if spec is not None:
+        from .models import load_model
+
+        kw["speculative"] = spec if spec == "prompt-lookup" else load_model(spec)
+        kw["draft_tokens"] = a.draft_tokens
+    return kw
+
+
+def _report_speculative(a: argparse.Namespace) -> None:
+    if getattr(a, "speculative", None) is not None:
+        from .generation import speculative
+
+        print(speculative.last_stats.summary(), file=sys.stderr)
+
+
+def _with_dtype(model: Any, dtype: str, group_size: int = 32) -> Any:
     """Lay out a Transformer's weights for decoding (bound by the bytes of weight read per token):
-    transposed fp32, bf16 or weight-only int8 (lmforge.generation.fast)."""
+    transposed fp32, bf16, weight-only int8 or int4 (lmforge.generation.fast)."""
     from .generation.fast import prepare_for_decoding
     from .models.gpt import GPT
     from .models.seq2seq import Seq2Seq
 
     if isinstance(model, (GPT, Seq2Seq)):
-        return prepare_for_decoding(model, dtype)
+        return prepare_for_decoding(model, dtype, group_size)
     if dtype != "fp32":
         raise LMForgeError(f"--dtype {dtype} applies to Transformer models (gpt, seq2seq, Hugging Face, GGUF); "
                            f"this is a {getattr(model, 'model_type', type(model).__name__)} model")
@@ -298,15 +341,14 @@ def _print_piece(piece: str) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generation import generate_text
-    from .models import load_model
 
-    model = _with_dtype(load_model(a.run), a.dtype)
+    model = _load_for_decoding(a.run, a)
     if getattr(model, "is_seq2seq", False):
         raise LMForgeError(f"{a.run} is a seq2seq (encoder-decoder) model: it needs a source; use "
                            f"lmforge translate {a.run} \"TEXT\"")
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               repetition_penalty=a.repetition_penalty, stop=a.stop, ignore_eos=a.ignore_eos,
-              use_cache=not a.no_cache)
+              use_cache=not a.no_cache, **_decoding_kw(a))
     if a.chat is not None:
         from .apps.chat import no_template_message, open_session
 
@@ -315,6 +357,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             raise LMForgeError(no_template_message(a.run))
         reply = session.ask(a.chat, on_text=_print_piece if a.stream else None)
         print("" if a.stream else reply)
+        _report_speculative(a)
         return 0
     n = a.num_return_sequences
     for i in range(n if a.stream else 1):
@@ -331,6 +374,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 if n > 1:
                     print(f"--- sample {j + 1} ---")
                 print(text)
+    _report_speculative(a)
     return 0
 
 
@@ -391,22 +435,23 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"], help="weights for decoding")
+    _add_decoding_flags(p)
     p.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
     from .apps.chat import no_template_message, open_session, repl
-    from .models import load_model
 
-    model = _with_dtype(load_model(a.model), a.dtype)
+    model = _load_for_decoding(a.model, a)
     session = open_session(model, a.template, system=a.system, max_new_tokens=a.max_new_tokens,
-                           temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+                           temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                           **_decoding_kw(a))
     if not session.chat:
         print(f"lmforge: {no_template_message(a.model)}; meanwhile the model continues each message",
               file=sys.stderr)
     if a.chat is not None:
         print(session.ask(a.chat))
+        _report_speculative(a)
     else:
         repl(session)
     return 0
@@ -428,7 +473,8 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--on-long", default="truncate", choices=["truncate", "error"],
                    help="a source longer than the model's context: cut it with a warning, or stop")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"], help="weights for decoding")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4"],
+                   help="weights for decoding (int4: groups of 32)")
     p.set_defaults(func=cmd_translate)
 
 

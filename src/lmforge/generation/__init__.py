@@ -119,7 +119,10 @@ def generate_ids(model: LanguageModel, prompt_ids: list[int], cfg: GenerationCon
     if cfg.ignore_eos:
         eos = None
     total = len(prompt) + cfg.max_new_tokens
-    if cfg.speculative is not None and cfg.max_new_tokens > 0:
+    if cfg.speculative is not None and ctx and total + cfg.draft_tokens + 1 > ctx:
+        warnings.warn(f"speculative decoding keeps the whole sequence in the context ({ctx} tokens); "
+                      f"this generation needs {total + cfg.draft_tokens + 1}: decoding without it", stacklevel=2)
+    elif cfg.speculative is not None and cfg.max_new_tokens > 0:
         from .speculative import speculative_generate
 
         out = speculative_generate(model, prompt, cfg, on_token, generator=generator)
