@@ -86,7 +86,8 @@ def test_prompt_lookup_proposes_the_continuation() -> None:
     pl.start([], 0)
     toks = [1, 2, 3, 4, 5, 9, 2, 3]
     assert pl.propose(toks, 3, None, None) == ([4, 5, 9], None)  # "2 3" was followed by 4 5 9
-    assert pl.propose(toks + [7], 3, None, None) == ([], None)   # 7 never seen before
+    assert pl.propose(toks + [4, 5, 1, 3], 2, None, None) == ([], None)  # "1 3" never seen before
+    assert PromptLookup(2, 1).propose(toks + [5], 2, None, None) == ([9, 2], None)  # unigram "5"
 
 
 def test_acceptance_rule_keeps_the_target_distribution() -> None:

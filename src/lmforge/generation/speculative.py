@@ -21,7 +21,7 @@ bound by reading the weights -- and yields between 1 and K+1 tokens.
 Drafters:
 
 * :class:`PromptLookup` (Saxena 2023, "prompt lookup decoding"): an n-gram index over the prompt and the
-  output so far; the last n tokens (n = 3, 2, 1) are looked up and the tokens that followed their latest
+  output so far; the last n tokens (n = 4, 3, 2: a single matching token predicts too little) are looked up and the tokens that followed their latest
   earlier occurrence are proposed. Free to run, and very effective when the output copies the input
   (editing or summarising code or text given in the prompt).
 * :class:`ModelDrafter`: any lmforge model sharing the target's tokenizer -- a small GPT, or an n-gram
@@ -84,7 +84,7 @@ class Drafter:
 class PromptLookup(Drafter):
     """Prompt-lookup decoding: propose what followed the latest earlier occurrence of the last n tokens."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise LMForgeError("prompt lookup needs 1 <= min_ngram <= max_ngram")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
