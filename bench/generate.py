@@ -28,7 +28,6 @@ printed with every run.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -115,10 +114,11 @@ def run_lmforge(model: GPT, prompt: list[int], batch: int, new: int) -> dict:
     generate_ids(model, prompt, cfg(1))
     ttft = time.perf_counter() - t0
     reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = generate_ids(model, prompt, cfg(new))
-    dt = time.perf_counter() - t0
-    return dict(tokens_per_s=batch * new / dt, ttft_ms=ttft * 1000, tokens=out[0])
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return dict(tokens_per_s=batch * new / dt, tokens_per_cpu_s=batch * new / cpu, ttft_ms=ttft * 1000,
+                tokens=out[0])
 
 
 @torch.no_grad()
@@ -129,10 +129,11 @@ def run_transformers(hf: Any, prompt: list[int], batch: int, new: int) -> dict:
     t0 = time.perf_counter()
     hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
     ttft = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
-    dt = time.perf_counter() - t0
-    return dict(tokens_per_s=batch * new / dt, ttft_ms=ttft * 1000, tokens=out[0, len(prompt):].tolist())
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return dict(tokens_per_s=batch * new / dt, tokens_per_cpu_s=batch * new / cpu, ttft_ms=ttft * 1000,
+                tokens=out[0, len(prompt):].tolist())
 
 
 def run_llamacpp(gguf: str, prompt: list[int], batch: int, new: int, threads: int) -> dict:
@@ -252,18 +253,21 @@ def main() -> None:
         if name == "gpt2-shape" or a.transformers:
             plain = build(name, "plain") if "plain" not in models else models["plain"]
             hf = to_transformers(plain)
-            runners.append(("transformers", "fp32", lambda b, hf=hf: run_transformers(hf, prompt, b, a.new_tokens)))
-        runners += [("lmforge", d, lambda b, m=m: run_lmforge(m, prompt, b, a.new_tokens)) for d, m in models.items()]
+            runners.append(("transformers", "fp32",
+                            lambda b, hf=hf, p=prompt: run_transformers(hf, p, b, a.new_tokens)))
+        runners += [("lmforge", d, lambda b, m=m, p=prompt: run_lmforge(m, p, b, a.new_tokens))
+                    for d, m in models.items()]
         if name == "smollm2" and not a.no_llamacpp and LLAMA_PY.exists():
             for q, path in llamacpp_models(a.threads).items():
-                runners.append(("llama.cpp", q, lambda b, p=path: run_llamacpp(p, prompt, b, a.new_tokens,
-                                                                                a.threads)))
+                runners.append(("llama.cpp", q, lambda b, f=path, p=prompt: run_llamacpp(f, p, b, a.new_tokens,
+                                                                                          a.threads)))
         for r in range(a.rounds):
             for batch in a.batches:
                 for impl, dtype, fn in runners:
                     res = fn(batch)
                     results.append(dict(model=name, impl=impl, dtype=dtype, batch=batch, round=r, **res))
-                    print(f"  round {r} {impl:12s} {dtype:5s} b{batch}: {res['tokens_per_s']:7.1f} tok/s", flush=True)
+                    print(f"  round {r} {impl:12s} {dtype:5s} b{batch}: {res['tokens_per_s']:7.1f} tok/s, "
+                          f"{res['tokens_per_cpu_s']:7.1f} tok/CPU-s", flush=True)
         if a.speculative and name == "smollm2":
             spec_rows = bench_speculative({d: models[d] for d in ("int8", "int4") if d in models}, 160, a.rounds,
                                           a.draft_tokens)
@@ -293,15 +297,17 @@ def table(results: list[dict], a: argparse.Namespace) -> None:
     for r in results:
         keys.setdefault((r["model"], r["impl"], r["dtype"], r["batch"]), []).append(r)
     med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in keys.items()}
-    print(f"\n{'model':11s} {'impl':12s} {'dtype':5s} {'batch':>5s} {'tok/s':>8s} {'TTFT ms':>8s} {'peak MiB':>8s} "
-          f"{'vs hf':>6s} {'vs llama.cpp same precision':28s} same-greedy")
+    cpu = {k: statistics.median(x["tokens_per_cpu_s"] for x in v) for k, v in keys.items()}
+    print(f"\n{'model':11s} {'impl':12s} {'dtype':5s} {'batch':>5s} {'tok/s':>8s} {'tok/CPU-s':>9s} {'TTFT ms':>8s} "
+          f"{'peak MiB':>8s} {'vs hf':>6s} {'vs llama.cpp same precision (wall; CPU)':40s} same-greedy")
     for (model, impl, dtype, batch), rows in keys.items():
         tps = med[(model, impl, dtype, batch)]
         ttft = statistics.median(x["ttft_ms"] for x in rows)
         peak = rows[-1].get("peak_mib", float("nan"))
         hf = med.get((model, "transformers", "fp32", batch))
         vs_hf = f"{tps / hf:.2f}x" if hf and impl == "lmforge" else ""
-        vs_ll = ", ".join(f"{tps / med[(model, 'llama.cpp', q, batch)]:.2f}x {q}"
+        vs_ll = ", ".join(f"{q} {tps / med[(model, 'llama.cpp', q, batch)]:.2f}x; "
+                          f"{cpu[(model, impl, dtype, batch)] / cpu[(model, 'llama.cpp', q, batch)]:.2f}x"
                           for q in SAME_PRECISION.get(dtype, ()) if impl == "lmforge"
                           and (model, "llama.cpp", q, batch) in med)
         if impl == "transformers":
@@ -315,8 +321,9 @@ def table(results: list[dict], a: argparse.Namespace) -> None:
                 ref = next((x["tokens"] for x in results if x["model"] == model and x["batch"] == batch
                             and x["impl"] == "llama.cpp" and x["dtype"] in SAME_PRECISION[dtype]), ref)
         same = "" if ref is None else str(rows[0]["tokens"] == ref)
-        print(f"{model:11s} {impl:12s} {dtype:5s} {batch:5d} {tps:8.1f} {ttft:8.0f} {peak:8.0f} {vs_hf:>6s} "
-              f"{vs_ll:28s} {same}")
+        c = cpu[(model, impl, dtype, batch)]
+        print(f"{model:11s} {impl:12s} {dtype:5s} {batch:5d} {tps:8.1f} {c:9.1f} {ttft:8.0f} {peak:8.0f} {vs_hf:>6s} "
+              f"{vs_ll:40s} {same}")
 
 
 if __name__ == "__main__":

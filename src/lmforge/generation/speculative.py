@@ -21,9 +21,9 @@ bound by reading the weights -- and yields between 1 and K+1 tokens.
 Drafters:
 
 * :class:`PromptLookup` (Saxena 2023, "prompt lookup decoding"): an n-gram index over the prompt and the
-  output so far; the last n tokens (n = 4, 3, 2: a single matching token predicts too little) are looked up and the tokens that followed their latest
-  earlier occurrence are proposed. Free to run, and very effective when the output copies the input
-  (editing or summarising code or text given in the prompt).
+  output so far; the last n tokens (n = 4, 3, 2: one matching token predicts too little) are looked up
+  and the tokens that followed their latest earlier occurrence are proposed. Free to run, and very
+  effective when the output copies the input (editing or summarising code or text given in the prompt).
 * :class:`ModelDrafter`: any lmforge model sharing the target's tokenizer -- a small GPT, or an n-gram
   model trained on the user's corpus (``lmforge ngram``), sampled with the same processing.
 """
