@@ -16,7 +16,7 @@ import time
 import torch
 
 from lmforge.generation import GenerationConfig, generate_ids
-from lmforge.models import load_model
+from lmforge.hub import load_model
 
 
 def main() -> None:

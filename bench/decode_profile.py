@@ -18,7 +18,7 @@ import torch
 from torch.profiler import profile
 
 from lmforge.generation.fast import prepare_for_decoding
-from lmforge.models import load_model
+from lmforge.hub import load_model
 
 GROUPS = {
     "weight matmuls": ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.generation.fast import prepare_for_decoding
-from lmforge.models import load_model
+from lmforge.hub import load_model
 
 # the shared benchmark text (read, never copied into the repo): next to the checkout, or /work/shared
 SHAKESPEARE = next((p / "shared" / "data" / "tinyshakespeare.txt" for p in Path(__file__).resolve().parents

@@ -41,7 +41,7 @@ import torch
 
 from lmforge.generation import GenerationConfig, generate_ids, speculative
 from lmforge.generation.fast import prepare_for_decoding
-from lmforge.models import load_model
+from lmforge.hub import load_model
 from lmforge.models.gpt import GPT, PRESETS, GPTConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -73,7 +73,7 @@ def peak_mib() -> float:
 
 
 def gguf_path() -> str:
-    from lmforge.apps.chat import resolve_model
+    from lmforge.hub import resolve_model
 
     return resolve_model("smollm2")
 

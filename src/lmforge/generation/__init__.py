@@ -18,54 +18,61 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TextIO
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TextIO
 
 import torch
 
 from ..errors import LMForgeError
 from ..models.base import LanguageModel
-from .fast import COMPILE_CHOICES, StaticDecoder, should_compile
+from ..options import INT64_MAX, Options, label, option
+from .fast import StaticDecoder, should_compile
 from .logits import exp_noise, race, warp_logits
 from .streaming import TextStream
 
+# Below this a softmax of logits / T overflows to inf/nan in fp32; use 0 (greedy) for "no randomness".
+MIN_TEMPERATURE = 1e-3
+
 
 @dataclass
-class GenerationConfig:
-    max_new_tokens: int = 100
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    eos_token_id: int | None = None    # default: the tokenizer's end-of-text token
-    ignore_eos: bool = False
-    seed: int | None = None
-    num_return_sequences: int = 1
-    use_cache: bool = True
-    compile: str = "auto"              # torch.compile the decode step: auto (long generations) | on | off
-    speculative: Any = None            # a draft: "prompt-lookup", a LanguageModel, or a Drafter (speculative.py)
-    draft_tokens: int = 4              # tokens drafted per verification step (speculative decoding)
+class GenerationConfig(Options):
+    max_new_tokens: int = option(100, ge=0, le=1 << 24, help="tokens to generate at most")
+    temperature: float = option(1.0, ge=0, le=100, help=f"sampling temperature: 0 = greedy, else at least "
+                                f"{MIN_TEMPERATURE:g}")
+    top_k: int | None = option(None, ge=1, le=1 << 24, help="sample among the k most likely tokens only",
+                               default_text="all")
+    top_p: float | None = option(None, gt=0, le=1, help="nucleus sampling: the smallest set of mass p",
+                                 default_text="1 (all)")
+    repetition_penalty: float = option(1.0, gt=0, le=100, help="divide the logits of tokens already present by r")
+    stop: list[str] = option(default_factory=list, metavar="TEXT", help="stop at this string (repeatable)")
+    eos_token_id: int | None = option(None, ge=0, cli=False, help="end token; default: the tokenizer's end-of-text")
+    ignore_eos: bool = option(False, help="do not stop at the end-of-text token")
+    seed: int | None = option(None, ge=0, le=INT64_MAX, help="random seed of the sampler", default_text="random")
+    num_return_sequences: int = option(1, ge=1, le=4096, help="samples per prompt")
+    use_cache: bool = option(True, flag="cache", help="carry the KV cache / state (--no-cache re-runs the whole "
+                             "context at every step)")
+    compile: Literal["auto", "on", "off"] = option(
+        "auto", help="torch.compile the fixed-shape decode step (generation/fast.py): auto only for long "
+        "generations (the compile takes tens of seconds on a CPU), on, or off")
+    speculative: str | LanguageModel | None = option(
+        None, metavar="prompt-lookup|RUN", help="speculative decoding, exact (generation/speculative.py): draft "
+        "with prompt lookup (an n-gram over the prompt and the output so far) or with a smaller model RUN sharing "
+        "the tokenizer (a GPT, or an n-gram trained on your corpus); the acceptance rate goes to stderr",
+        default_text="off")
+    draft_tokens: int = option(4, ge=1, le=64, help="tokens drafted per target forward pass (speculative "
+                               "decoding)")
 
-    def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise LMForgeError("--max-new-tokens must be >= 0")
-        if self.temperature < 0:
-            raise LMForgeError("--temperature must be >= 0 (0 means greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            raise LMForgeError("--top-k must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise LMForgeError("--top-p must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise LMForgeError("--repetition-penalty must be positive")
-        if self.num_return_sequences < 1:
-            raise LMForgeError("--num-return-sequences must be >= 1")
-        if self.compile not in COMPILE_CHOICES:
-            raise LMForgeError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}")
-        if self.draft_tokens < 1:
-            raise LMForgeError("--draft-tokens must be >= 1")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            f = next(f for f in fields(self) if f.name == "temperature")
+            raise LMForgeError(f"{label(f)} must be 0 (greedy) or >= {MIN_TEMPERATURE:g} (got {self.temperature:g})")
         if self.speculative is not None and self.num_return_sequences != 1:
             raise LMForgeError("speculative decoding decodes one sequence at a time; use --num-return-sequences 1")
+
+    def validate(self) -> None:
+        """Checked on construction; kept for callers that re-check a config they changed."""
+        self.__post_init__()
 
 
 def seen_mask(seqs: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -101,7 +108,7 @@ def generate_ids(model: LanguageModel, prompt_ids: list[int], cfg: GenerationCon
     ctx = model.context_length
     prompt = list(prompt_ids)
     if not prompt:
-        eot = getattr(model.tokenizer, "eot_id", None) if model.tokenizer is not None else None
+        eot = model.tokenizer.eot_id if model.tokenizer is not None else None
         if eot is None:
             raise LMForgeError("empty prompt and the model has no end-of-text token to start from")
         prompt = [eot]
@@ -198,7 +205,7 @@ def _writer(out: TextIO) -> Callable[[str], None]:
 def generate_text(model: LanguageModel, prompt: str | list[str], max_new_tokens: int = 100,
                   return_full_text: bool = True, stream: bool | TextIO = False,
                   **kwargs: Any) -> str | list[str]:
-    """Hugging Face-style text generation: ``model.generate("ROMEO:", max_new_tokens=50, top_k=50)``.
+    """Hugging Face-style text generation: ``lmforge.generate(model, "ROMEO:", max_new_tokens=50, top_k=50)``.
 
     Returns one string per prompt (a list when ``num_return_sequences > 1`` or prompts is a list). With
     ``stream`` (True = stdout, or a text file) the first sequence is written as it is produced: the same text

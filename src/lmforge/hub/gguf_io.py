@@ -20,9 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from ..errors import LMForgeError
 from ..models.gpt import GPT, GPTConfig
+from ..tokenizers.bpe import BPETokenizer
+from .hf import check_tokenizer_fits
+from .weight_maps import LLAMA, rows
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -44,89 +48,6 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Inverse of llama.cpp's permute: interleaved (x0, x1) pairs back to rotate-half halves."""
     out, rest = w.shape[0], w.shape[1:]
     return w.reshape(n_head, out // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_config(reader: Any, path: Path, tie: bool, n_embd_rows: int) -> GPTConfig:
-    a = "llama."
-    n_head = int(_field(reader, a + "attention.head_count"))
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
-    vocab = int(_field(reader, a + "vocab_size", 0) or len(tokens) or n_embd_rows)
-    return GPTConfig(vocab_size=vocab, block_size=int(_field(reader, a + "context_length", 2048)),
-                     n_layer=int(_field(reader, a + "block_count")), n_head=n_head,
-                     n_kv_head=int(_field(reader, a + "attention.head_count_kv", n_head)),
-                     n_embd=int(_field(reader, a + "embedding_length")),
-                     mlp_hidden=int(_field(reader, a + "feed_forward_length")), mlp="swiglu", norm="rmsnorm",
-                     norm_eps=float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)), pos="rope",
-                     rope_theta=float(_field(reader, a + "rope.freq_base", 10000.0)),
-                     tie_embeddings=tie, extra={"gguf": str(path)})
-
-
-def _attach_tokenizer(model: GPT, reader: Any, path: Path) -> None:
-    model.tokenizer = gguf_tokenizer(reader, _field(reader, "tokenizer.ggml.tokens") or [])
-    from .hf import check_tokenizer_fits
-
-    check_tokenizer_fits(model.tokenizer, model.config.vocab_size, str(path))
-    model.chat_template = _field(reader, "tokenizer.chat_template")
-
-
-def _load_gguf_quantized(path: Path, reader: Any, dtype: str) -> GPT:
-    """Build the GPT on the meta device, put every Linear straight into its QuantLinear layout from the
-    file's blocks, and materialise only embeddings, norms and RoPE tables."""
-    import gguf
-
-    from ..models.layers import rope_tables
-    from ..models.quant import finish_decoding_layout
-
-    by_name = {t.name: t for t in reader.tensors}
-
-    def need(name: str) -> Any:
-        if name not in by_name:
-            raise LMForgeError(f"{path}: tensor {name} is missing")
-        return by_name[name]
-
-    def dense(name: str) -> torch.Tensor:
-        t = need(name)
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except (NotImplementedError, KeyError, ValueError) as e:
-            raise LMForgeError(f"{path}: tensor {name} has unsupported type {t.tensor_type!r} ({e})") from None
-        shape = tuple(int(x) for x in reversed(list(t.shape)))
-        return torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(shape).copy())
-
-    emb = need("token_embd.weight")
-    cfg = _gguf_config(reader, path, "output.weight" not in by_name, int(emb.shape[-1]))
-    with torch.device("meta"):
-        model = GPT(cfg)
-    n_head, n_kv = cfg.n_head, cfg.n_kv_head or cfg.n_head
-    try:
-        for i, block in enumerate(model.blocks):
-            p = f"blk.{i}."
-            block.attn.qkv = quant_linear_from_gguf(
-                [_Part(need(p + "attn_q.weight"), n_head), _Part(need(p + "attn_k.weight"), n_kv),
-                 _Part(need(p + "attn_v.weight"))], dtype)
-            block.attn.proj = quant_linear_from_gguf([_Part(need(p + "attn_output.weight"))], dtype)
-            block.mlp.fc = quant_linear_from_gguf([_Part(need(p + "ffn_gate.weight")),
-                                                   _Part(need(p + "ffn_up.weight"))], dtype)
-            block.mlp.proj = quant_linear_from_gguf([_Part(need(p + "ffn_down.weight"))], dtype)
-        model.lm_head = quant_linear_from_gguf([_Part(need("token_embd.weight" if cfg.tie_embeddings
-                                                             else "output.weight"))], dtype)
-    except (NotImplementedError, KeyError, ValueError) as e:
-        raise LMForgeError(f"{path}: cannot lay out a tensor as {dtype} ({e})") from None
-    sd = {"wte.weight": dense("token_embd.weight").to(torch.bfloat16),
-          "ln_f.weight": dense("output_norm.weight")}
-    for i in range(cfg.n_layer):
-        sd[f"blocks.{i}.ln_1.weight"] = dense(f"blk.{i}.attn_norm.weight")
-        sd[f"blocks.{i}.ln_2.weight"] = dense(f"blk.{i}.ffn_norm.weight")
-    model.load_state_dict(sd, strict=False, assign=True)
-    cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling)
-    model.rope_cos, model.rope_sin = cos, sin
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise LMForgeError(f"{path}: tensors do not match the metadata ({left[:3]})")
-    model.eval()
-    finish_decoding_layout(model, dtype)
-    _attach_tokenizer(model, reader, path)
-    return model
 
 
 # --- quantized blocks -> QuantLinear layouts (numpy, one tensor at a time) ------------------------------
@@ -245,7 +166,7 @@ def quant_linear_from_gguf(parts: list[_Part], dtype: str) -> Any:
 def load_gguf(path: str | Path, dtype: str | None = None) -> GPT:
     """A GGUF file as lmforge's GPT: fp32 weights, or with ``dtype`` "int8"/"int4" straight in that decoding
     layout (inference only; see the module docstring)."""
-    import gguf
+    import gguf  # the gguf package costs start-up time; only GGUF files need it
 
     path = Path(path)
     if not path.exists():
@@ -282,23 +203,95 @@ def load_gguf(path: str | Path, dtype: str | None = None) -> GPT:
             raise LMForgeError(f"{path}: tensor {name} is missing")
         return tensors[name]
 
-    sd = {"wte.weight": need("token_embd.weight"), "ln_f.weight": need("output_norm.weight")}
-    for i in range(cfg.n_layer):
-        p, q = f"blk.{i}.", f"blocks.{i}."
-        sd[q + "ln_1.weight"] = need(p + "attn_norm.weight")
-        sd[q + "ln_2.weight"] = need(p + "ffn_norm.weight")
-        sd[q + "attn.qkv.weight"] = torch.cat([unpermute(need(p + "attn_q.weight"), n_head),
-                                               unpermute(need(p + "attn_k.weight"), n_kv), need(p + "attn_v.weight")])
-        sd[q + "attn.proj.weight"] = need(p + "attn_output.weight")
-        sd[q + "mlp.fc.weight"] = torch.cat([need(p + "ffn_gate.weight"), need(p + "ffn_up.weight")])
-        sd[q + "mlp.proj.weight"] = need(p + "ffn_down.weight")
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = need("output.weight")
+    sd = {}
+    for r in rows(LLAMA, cfg.n_layer, set() if cfg.tie_embeddings else {"untied"}):
+        parts = [need(n) for n in r.gguf]
+        if r.ours.endswith("attn.qkv.weight"):  # llama.cpp interleaves Q and K rows for its RoPE
+            parts = [unpermute(parts[0], n_head), unpermute(parts[1], n_kv), parts[2]]
+        sd[r.ours] = torch.cat(parts)
     model = GPT(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
         raise LMForgeError(f"{path}: tensors do not match the metadata ({missing[:3]}, {unexpected[:3]})")
     model.eval()
+    _attach_tokenizer(model, reader, path)
+    return model
+
+
+def _gguf_config(reader: Any, path: Path, tie: bool, n_embd_rows: int) -> GPTConfig:
+    a = "llama."
+    n_head = int(_field(reader, a + "attention.head_count"))
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    vocab = int(_field(reader, a + "vocab_size", 0) or len(tokens) or n_embd_rows)
+    return GPTConfig(vocab_size=vocab, block_size=int(_field(reader, a + "context_length", 2048)),
+                     n_layer=int(_field(reader, a + "block_count")), n_head=n_head,
+                     n_kv_head=int(_field(reader, a + "attention.head_count_kv", n_head)),
+                     n_embd=int(_field(reader, a + "embedding_length")),
+                     mlp_hidden=int(_field(reader, a + "feed_forward_length")), mlp="swiglu", norm="rmsnorm",
+                     norm_eps=float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)), pos="rope",
+                     rope_theta=float(_field(reader, a + "rope.freq_base", 10000.0)),
+                     tie_embeddings=tie, extra={"gguf": str(path)})
+
+
+def _attach_tokenizer(model: GPT, reader: Any, path: Path) -> None:
+    model.tokenizer = gguf_tokenizer(reader, _field(reader, "tokenizer.ggml.tokens") or [])
+    check_tokenizer_fits(model.tokenizer, model.config.vocab_size, str(path))
+    model.chat_template = _field(reader, "tokenizer.chat_template")
+
+
+def _load_gguf_quantized(path: Path, reader: Any, dtype: str) -> GPT:
+    """Build the GPT on the meta device, put every Linear straight into its QuantLinear layout from the
+    file's blocks, and materialise only embeddings, norms and RoPE tables."""
+    import gguf
+
+    from ..models.layers import rope_tables
+    from ..models.quant import finish_decoding_layout
+
+    by_name = {t.name: t for t in reader.tensors}
+
+    def need(name: str) -> Any:
+        if name not in by_name:
+            raise LMForgeError(f"{path}: tensor {name} is missing")
+        return by_name[name]
+
+    def dense(name: str) -> torch.Tensor:
+        t = need(name)
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, KeyError, ValueError) as e:
+            raise LMForgeError(f"{path}: tensor {name} has unsupported type {t.tensor_type!r} ({e})") from None
+        shape = tuple(int(x) for x in reversed(list(t.shape)))
+        return torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(shape).copy())
+
+    emb = need("token_embd.weight")
+    cfg = _gguf_config(reader, path, "output.weight" not in by_name, int(emb.shape[-1]))
+    with torch.device("meta"):
+        model = GPT(cfg)
+    n_head, n_kv = cfg.n_head, cfg.n_kv_head or cfg.n_head
+    sd = {}
+    try:
+        for r in rows(LLAMA, cfg.n_layer, set() if cfg.tie_embeddings else {"untied"}):
+            module, _ = r.ours.rsplit(".", 1)
+            if isinstance(model.get_submodule(module), torch.nn.Linear):
+                parts = [_Part(need(n)) for n in r.gguf]
+                if r.ours.endswith("attn.qkv.weight"):  # llama.cpp interleaves Q and K rows for its RoPE
+                    parts[0].perm_heads, parts[1].perm_heads = n_head, n_kv
+                model.set_submodule(module, quant_linear_from_gguf(parts, dtype))
+            else:  # embeddings and norms: dense
+                sd[r.ours] = torch.cat([dense(n) for n in r.gguf])
+        if cfg.tie_embeddings:  # the output head reads the embedding's blocks
+            model.lm_head = quant_linear_from_gguf([_Part(need("token_embd.weight"))], dtype)
+    except (NotImplementedError, KeyError, ValueError) as e:
+        raise LMForgeError(f"{path}: cannot lay out a tensor as {dtype} ({e})") from None
+    sd["wte.weight"] = sd["wte.weight"].to(torch.bfloat16)
+    model.load_state_dict(sd, strict=False, assign=True)
+    cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling)
+    model.rope_cos, model.rope_sin = cos, sin
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise LMForgeError(f"{path}: tensors do not match the metadata ({left[:3]})")
+    model.eval()
+    finish_decoding_layout(model, dtype)
     _attach_tokenizer(model, reader, path)
     return model
 
@@ -309,9 +302,7 @@ def gguf_tokenizer(reader: Any, tokens: list[str]):  # noqa: ANN201
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise LMForgeError(f"unsupported GGUF tokenizer {kind!r} (GPT-2-style byte-level BPE only)")
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from ..tokenizers.bpe import BPETokenizer
 
     merges = [tuple(m.split(" ", 1)) for m in (_field(reader, "tokenizer.ggml.merges") or [])]
     hf = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
