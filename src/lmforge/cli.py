@@ -26,7 +26,7 @@ from typing import Any
 
 from . import __version__
 from .apps import ngram_cli
-from .apps.chat import no_template_message, open_session, repl
+from .apps.chat import load_template, no_template_message, open_session, repl
 from .apps.compare import ModelSpec, compare
 from .apps.demo import run_demo
 from .data import PrepareConfig, prepare
@@ -44,6 +44,8 @@ from .models.gpt import GPT, GPTConfig
 from .models.rnn import RNNConfig
 from .models.seq2seq import Seq2Seq, Seq2SeqConfig
 from .options import add_options, given
+from .serve import ServeConfig, Server
+from .serve.batch import run_batch
 from .train import TrainConfig, Trainer, TrainingInterrupted, train
 from .utils import atomic_write_text, parse_duration, read_json
 
@@ -452,6 +454,63 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_ONLY = ("host", "port", "api_key", "max_body")  # ServeConfig fields that batch jobs do without
+
+
+def _add_serve_options(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The model, ``--template`` and the flags declared on lmforge.serve.ServeConfig."""
+    p.add_argument("model", help="run directory, Hugging Face directory, .gguf file, or smollm2")
+    p.add_argument("--template", default=None, metavar="NAME|FILE",
+                   help="chat template: a built-in name (chatml, simple) or a Jinja file, rendered sandboxed "
+                        "(default: the model's own; without one, chat requests get HTTP 400)")
+    return add_options(p, ServeConfig, exclude=exclude)
+
+
+def serve_config_from_args(a: argparse.Namespace) -> ServeConfig:
+    opts = given(a, a.options)
+    if "api_key" in a.options and "api_key" not in opts and os.environ.get("LMFORGE_API_KEY"):
+        opts["api_key"] = os.environ["LMFORGE_API_KEY"]
+    if a.template is not None:
+        tpl, stop = load_template(a.template)
+        opts.update(chat_template=tpl.text, chat_stop=stop)
+    return ServeConfig(model=a.model, **opts)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and a web page",
+                       description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /tokenize, "
+                                   "/detokenize, /v1/models, /health, /metrics, and a chat page at /.")
+    p.set_defaults(func=cmd_serve, options=_add_serve_options(p))
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    server = Server(serve_config_from_args(a), log_level="info")
+    print(f"lmforge: serving {a.model} on {server.url} (web page at {server.url}/, OpenAI API at "
+          f"{server.url}/v1); loading the model...", file=sys.stderr, flush=True)
+    server.run()
+    return 0
+
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch", help="run an OpenAI batch file (JSONL requests) through the batching engine",
+                       description="Each input line is {custom_id, method, url, body} (OpenAI's batch format, url "
+                                   "/v1/completions or /v1/chat/completions). Results are appended to --output as "
+                                   "they finish; a rerun skips custom_ids already there.")
+    options = _add_serve_options(p, exclude=SERVE_ONLY)
+    p.add_argument("--input", required=True, help="requests, one JSON object per line")
+    p.add_argument("--output", required=True, help="results file (JSONL; appended to when resuming)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_batch, options=options)
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    s = run_batch(serve_config_from_args(a), a.input, a.output, progress=not a.no_progress)
+    print(f"{s['done']} requests done ({s['failed']} failed), {s['skipped']} already in {a.output}, "
+          f"{s['completion_tokens']:,} tokens generated in {s['seconds']:.1f}s "
+          f"({s['completion_tokens'] / max(s['seconds'], 1e-9):,.1f} tokens/s) -> {a.output}", file=sys.stderr)
+    return 0
+
+
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="per-token surprisal, attention maps and logit lens as one offline HTML page",
                        description="Score a text with any model and look inside: tokens coloured by surprisal or "
@@ -510,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_translate(sub)
     _add_inspect(sub)
+    _add_serve(sub)
+    _add_batch(sub)
     ngram_cli.add_ngram_parser(sub)
     return parser
 

@@ -78,8 +78,12 @@ class LanguageModel:
     source_tokenizer: Tokenizer | None = None
     #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json); None = none
     chat_template: str | None = None
-    #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8); None = training layout
+    #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8, int4; or a GGUF file
+    #: loaded straight into int8/int4); None = training layout
     decode_dtype: str | None = None
+    #: ``init_slots`` gives a cache in which many sequences decode at their own positions in one batched
+    #: forward (continuous batching, generation/engine.py); False = served one sequence at a time
+    batches_slots: bool = False
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; the default decays every trainable parameter (families override it
@@ -117,9 +121,6 @@ class LanguageModel:
     #: ``state_rewind`` can forget the last tokens fed (speculative decoding drops rejected drafts);
     #: models without it are re-fed from scratch when used as draft models
     rewindable_state: bool = False
-    #: the decoding layout of the weights once laid out for decoding (generation/fast.py, or a GGUF file
-    #: loaded straight into int8/int4): "fp32", "bf16", "int8", "int4"; None for a trainable model
-    decode_dtype: str | None = None
 
     def init_state(self, batch_size: int, max_length: int, static: bool = False) -> Any:
         """A fresh state for incremental decoding of ``batch_size`` sequences of at most
@@ -131,6 +132,10 @@ class LanguageModel:
     def state_rewind(self, state: Any, n: int) -> Any:
         """Forget the last ``n`` tokens fed into ``state`` (only where ``rewindable_state``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot rewind its state")
+
+    def init_slots(self, slots: int, max_length: int) -> Any:
+        """A cache of ``slots`` independent sequences of at most ``max_length`` tokens each (``batches_slots``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode sequences in slots")
 
     def forward_logits(self, input_ids: torch.Tensor, state: Any = None,
                        last_only: bool = False) -> tuple[torch.Tensor, Any]:

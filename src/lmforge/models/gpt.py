@@ -24,6 +24,7 @@ from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, Languag
 from .layers import (
     Block,
     KVCache,
+    SlotKVCache,
     StaticKVCache,
     decay_param_groups,
     init_weights,
@@ -94,6 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class GPT(nn.Module, LanguageModel):
     model_type = "gpt"
+    batches_slots = True
     config_class = GPTConfig
     presets = PRESETS
     default_preset = "tiny"
@@ -131,30 +133,47 @@ class GPT(nn.Module, LanguageModel):
     _init_weights = staticmethod(init_weights)
 
     # --- the model -----------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | SlotKVCache | None = None,
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) and, given targets, the mean cross-entropy loss (nats/token)."""
         B, T = idx.shape
-        static = cache is not None and cache.static
-        start = cache.pos if cache is not None and not static else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
-                             f"{self.config.block_size}")
-        # a StaticKVCache carries its positions as a tensor (no Python int, so shapes never change)
-        where = cache.positions if static else slice(start, start + T)  # type: ignore[union-attr]
         x = self.wte(idx)
         rope = None
-        if self.config.pos == "learned":
-            x = x + (self.wpe(where) if static else self.wpe(torch.arange(start, start + T, device=idx.device)))
-        elif self.config.pos == "sinusoidal":
-            x = x + self.pe[where]
+        if isinstance(cache, SlotKVCache):
+            # continuous batching: row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1
+            pos = cache.begin(T, self.config.sliding_window)  # (B, T), checked against the cache's length
+            if self.config.pos == "learned":
+                x = x + self.wpe(pos)
+            elif self.config.pos == "sinusoidal":
+                x = x + self.pe[pos]
+            else:
+                rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, hd): per row
+        elif isinstance(cache, StaticKVCache):
+            # fixed shapes for a compiled step: positions are a tensor the caller wrote (no Python int)
+            pos = cache.positions                              # (T,)
+            if self.config.pos == "learned":
+                x = x + self.wpe(pos)
+            elif self.config.pos == "sinusoidal":
+                x = x + self.pe[pos]
+            else:
+                rope = (self.rope_cos[pos], self.rope_sin[pos])
         else:
-            rope = (self.rope_cos[where], self.rope_sin[where])
+            start = cache.pos if cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
+                                 f"{self.config.block_size}")
+            if self.config.pos == "learned":
+                x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            elif self.config.pos == "sinusoidal":
+                x = x + self.pe[start:start + T]
+            else:
+                rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache)
-        if cache is not None and not static:
-            cache.pos += T
+        if cache is not None:
+            cache.advance(T)
         x = self.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -162,7 +181,7 @@ class GPT(nn.Module, LanguageModel):
                                    ignore_index=-100)
             return logits, loss
         if last_only:
-            x = x[:, -1:]
+            x = cache.take_last(x) if isinstance(cache, SlotKVCache) else x[:, -1:]
         return self.lm_head(x), None
 
     # --- LanguageModel protocol ----------------------------------------------------------------
@@ -188,6 +207,14 @@ class GPT(nn.Module, LanguageModel):
     def state_rewind(self, state: KVCache, n: int) -> KVCache:
         state.pos -= n  # the stale entries are overwritten by the next tokens
         return state
+
+    def init_slots(self, slots: int, max_length: int) -> SlotKVCache:
+        """A cache of ``slots`` independent sequences of at most ``max_length`` tokens (continuous batching;
+        see :class:`lmforge.generation.engine.Engine`)."""
+        c = self.config
+        p = self.wte.weight
+        return SlotKVCache(c.n_layer, slots, c.n_kv_head or c.n_head, min(max_length, c.block_size),
+                           c.n_embd // c.n_head, dtype=p.dtype, device=p.device)
 
     def forward_logits(self, input_ids: torch.Tensor, state: KVCache | None = None,
                        last_only: bool = False) -> tuple[torch.Tensor, KVCache | None]:
