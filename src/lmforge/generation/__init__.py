@@ -53,7 +53,7 @@ class GenerationConfig(Options):
                              "context at every step)")
     compile: Literal["auto", "on", "off"] = option(
         "auto", help="torch.compile the fixed-shape decode step (generation/fast.py): auto only for long "
-        "generations (the compile takes tens of seconds on a CPU), on, or off")
+        "generations (compiling takes minutes on a small CPU), on, or off")
     speculative: str | LanguageModel | None = option(
         None, metavar="prompt-lookup|RUN", help="speculative decoding, exact (generation/speculative.py): draft "
         "with prompt lookup (an n-gram over the prompt and the output so far) or with a smaller model RUN sharing "

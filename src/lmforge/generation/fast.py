@@ -22,8 +22,8 @@ the sampling itself (an exponential race over pre-drawn noise: argmax p_i / E_i 
 picks i with probability p_i) -- is one function that ``torch.compile`` captures once per model, batch
 size and cache length (the cache length is rounded up to a multiple of 64 so nearby lengths share a
 graph). The compiled step is kept per model in this process, and Inductor's on-disk caches make the
-next process's compile cheaper. Compiling takes tens of seconds on a CPU, so with ``compile="auto"``
-it is only done for long generations (see :func:`should_compile`).
+next process's compile cheaper. Compiling takes minutes on a small CPU, so with ``compile="auto"`` it
+is only done for long generations (see :func:`should_compile`).
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ DecodeLinear = QuantLinear  # the name this module used before the layers moved 
 
 #: --compile choices: auto compiles when the generation is long enough to repay the compile time
 COMPILE_CHOICES = ("auto", "on", "off")
-#: auto: compile a decode step only when a generation decodes at least this many tokens (all rows); the
-#: compile takes ~30-90 s of CPU time and saves a few ms per step (measured in bench/generate.py)
+#: auto: compile a decode step only when a generation decodes at least this many tokens (all rows). Measured
+#: (bench/decode_compile.py, SmolLM2 int4, shared 2-core EPYC): 74 s of compile with warm Inductor caches
+#: (541 s cold), then 1.22x per step: break-even after ~1,700 tokens
 AUTO_COMPILE_MIN_TOKENS = int(os.environ.get("LMFORGE_AUTO_COMPILE_MIN_TOKENS", "4096"))
 CACHE_ROUND = 64
 
