@@ -47,7 +47,7 @@ from .options import add_options, given
 from .serve import ServeConfig, Server
 from .serve.batch import run_batch
 from .train import TrainConfig, Trainer, TrainingInterrupted, train
-from .utils import atomic_write_text, parse_duration, read_json
+from .utils import atomic_write_text, check_output_file, parse_duration, read_json
 
 # The flags are built from the config dataclasses of every room, so the parser imports them all (torch
 # included): function-local imports here would save no start-up time.
@@ -72,7 +72,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         meta = prepare_parallel(cfg.corpus, cfg.out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
                                 seed=cfg.seed, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
                                 target_file=cfg.target_file, separate_vocab=cfg.separate_vocab, errors=cfg.errors,
-                                progress=not a.no_progress)
+                                progress=not a.no_progress, force=cfg.force)
         s = meta["splits"]
         vocab = f"vocab {meta['tokenizer']['vocab_size']}" + (
             f", source vocab {meta['source_tokenizer']['vocab_size']}" if meta["source_tokenizer"] else ", shared")
@@ -160,7 +160,10 @@ def _data_for_run(run: str, data: str | None) -> str:
         return data
     p = Path(run) / "data.json"
     if p.exists():
-        d = read_json(p, "run data pointer")["data"]
+        d = read_json(p, "run data pointer")
+        d = d.get("data") if isinstance(d, dict) else None
+        if not isinstance(d, str):
+            raise LMForgeError(f"{p} is damaged (no \"data\" path); pass --data")
         if Path(d).exists():
             return d
         raise LMForgeError(f"the data this run was trained on ({d}) is gone; pass --data")
@@ -346,6 +349,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory (runs are kept in OUT/runs)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="split to score; default: test")
     p.add_argument("--eval-max-tokens", type=int, default=None, help="score at most this many tokens per model")
+    p.add_argument("--force", action="store_true",
+                   help="replace the report (table.txt, compare.json/csv/png) of an earlier comparison in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
@@ -355,7 +360,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     for m in a.models:  # fail fast, before any training
         ModelSpec.parse(m)
     compare(a.data, budget or 300.0, a.models, a.out, split=a.split, progress=not a.no_progress,
-            eval_max_tokens=a.eval_max_tokens)
+            eval_max_tokens=a.eval_max_tokens, force=a.force)
     return 0
 
 
@@ -397,6 +402,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", default=None, help="file of sources, one per line (- = stdin)")
     p.add_argument("--output", default=None, help="write translations here (default stdout)")
     p.add_argument("--dtype", default="fp32", choices=DECODE_DTYPES, help="weights for decoding; default: fp32")
+    p.add_argument("--force", action="store_true", help="replace the --output file if it exists")
     p.set_defaults(func=cmd_translate, options=add_options(p, TranslateConfig, defaults=TRANSLATE_DEFAULTS))
 
 
@@ -406,6 +412,8 @@ TRANSLATE_DEFAULTS = {"beam": 4}
 def cmd_translate(a: argparse.Namespace) -> int:
     if bool(a.text) == bool(a.input):
         raise LMForgeError("give the source text as arguments or --input FILE (not both)")
+    if a.output:
+        check_output_file(a.output, a.force)  # before any decoding
     c = TranslateConfig(**{**TRANSLATE_DEFAULTS, **given(a, a.options)})
     model = load_model(a.run)
     require_seq2seq(model, a.run)

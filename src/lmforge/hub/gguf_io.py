@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from ..errors import LMForgeError
+from ..errors import LMForgeError, first_line
 from ..models.gpt import GPT, GPTConfig
+from ..models.weights import check_shapes
+from ..tokenizers import check_tokenizer_fits
 from ..tokenizers.bpe import BPETokenizer
-from .hf import check_tokenizer_fits
 from .weight_maps import LLAMA, rows
 
 
@@ -42,6 +43,27 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     if f.types[0].name == "STRING":
         return bytes(v).decode("utf-8", "replace")
     return v.tolist()[0]
+
+
+_REQUIRED = object()
+
+
+def _number(reader: Any, key: str, kind: type, default: Any = _REQUIRED, minimum: float = 1) -> Any:
+    """A numeric metadata value, checked: present unless it has a default, a number (not a string, an
+    array or a bool), finite, whole for ``int`` and at least ``minimum``. A file without
+    ``llama.attention.head_count`` is then a one-line error, not ``int(None)``."""
+    v = _field(reader, key)
+    if v is None:
+        if default is _REQUIRED:
+            raise LMForgeError(f"GGUF metadata has no {key}; the file is incomplete or not a llama model")
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        raise LMForgeError(f"GGUF metadata {key} must be a number, not {str(v)[:40]!r}")
+    if kind is int and v != int(v):
+        raise LMForgeError(f"GGUF metadata {key} must be a whole number, not {v!r}")
+    if v < minimum:
+        raise LMForgeError(f"GGUF metadata {key} must be at least {minimum}, not {v!r}")
+    return kind(v)
 
 
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -176,14 +198,45 @@ def load_gguf(path: str | Path, dtype: str | None = None) -> GPT:
             raise LMForgeError(f"{path} is not a GGUF file (bad magic)")
     try:
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as e:
-        raise LMForgeError(f"{path}: cannot read GGUF ({str(e)[:100]}; truncated?)") from None
+    except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as e:
+        # the gguf package reports a malformed header with whatever numpy or struct raised
+        raise LMForgeError(f"{path}: cannot read GGUF ({type(e).__name__}: {str(e)[:100]}; truncated?)") from None
+    try:
+        return _model_from_reader(reader, path, dtype)
+    except LMForgeError as e:
+        raise LMForgeError(f"{path}: {e}") from None
+    except (ValueError, TypeError, IndexError, KeyError, RuntimeError, OverflowError, ZeroDivisionError) as e:
+        raise LMForgeError(f"{path}: the metadata and tensors do not describe a llama model lmforge can build "
+                           f"({type(e).__name__}: {first_line(e, 100)})") from None
+
+
+def _config(reader: Any, path: Path, tie: bool, embedding_rows: int) -> tuple[GPTConfig, list]:
+    """The model config (checked metadata numbers) and the tokenizer's token list."""
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise LMForgeError(f"{path}: unsupported GGUF architecture {arch!r} (llama only)")
+        raise LMForgeError(f"unsupported GGUF architecture {str(arch)[:40]!r} (llama only)")
     a = f"{arch}."
-    n_head = int(_field(reader, a + "attention.head_count"))
-    n_kv = int(_field(reader, a + "attention.head_count_kv", n_head))
+    n_head = _number(reader, a + "attention.head_count", int)
+    n_kv = _number(reader, a + "attention.head_count_kv", int, n_head)
+    d = _number(reader, a + "embedding_length", int)
+    n_layer = _number(reader, a + "block_count", int)
+    hidden = _number(reader, a + "feed_forward_length", int)
+    block = _number(reader, a + "context_length", int, 2048)
+    eps = _number(reader, a + "attention.layer_norm_rms_epsilon", float, 1e-5, minimum=0)
+    theta = _number(reader, a + "rope.freq_base", float, 10000.0, minimum=1e-9)
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    if not isinstance(tokens, list):
+        raise LMForgeError("GGUF metadata tokenizer.ggml.tokens must be an array of strings")
+    vocab = _number(reader, a + "vocab_size", int, 0, minimum=0) or len(tokens) or embedding_rows
+    cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=d,
+                    mlp_hidden=hidden, mlp="swiglu", norm="rmsnorm", norm_eps=eps, pos="rope", rope_theta=theta,
+                    tie_embeddings=tie, extra={"gguf": str(path)})
+    return cfg, tokens
+
+
+def _model_from_reader(reader: Any, path: Path, dtype: str | None = None) -> GPT:
+    import gguf
+
     if dtype in ("int8", "int4"):
         return _load_gguf_quantized(path, reader, dtype)
     tensors: dict[str, torch.Tensor] = {}
@@ -191,16 +244,19 @@ def load_gguf(path: str | Path, dtype: str | None = None) -> GPT:
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except (NotImplementedError, KeyError, ValueError) as e:
-            raise LMForgeError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type!r} ({e})") from None
+            raise LMForgeError(f"tensor {t.name} has unsupported type {t.tensor_type!r} ({e})") from None
         shape = tuple(int(x) for x in reversed(list(t.shape)))
         if int(np.prod(shape)) != arr.size:
-            raise LMForgeError(f"{path}: tensor {t.name} data is truncated")
+            raise LMForgeError(f"tensor {t.name} data is truncated")
         tensors[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # a writable copy
-    cfg = _gguf_config(reader, path, "output.weight" not in tensors, tensors["token_embd.weight"].shape[0])
+    if "token_embd.weight" not in tensors:
+        raise LMForgeError("tensor token_embd.weight is missing")
+    cfg, tokens = _config(reader, path, "output.weight" not in tensors, tensors["token_embd.weight"].shape[0])
+    n_head, n_kv = cfg.n_head, cfg.n_kv_head or cfg.n_head
 
     def need(name: str) -> torch.Tensor:
         if name not in tensors:
-            raise LMForgeError(f"{path}: tensor {name} is missing")
+            raise LMForgeError(f"tensor {name} is missing")
         return tensors[name]
 
     sd = {}
@@ -210,33 +266,22 @@ def load_gguf(path: str | Path, dtype: str | None = None) -> GPT:
             parts = [unpermute(parts[0], n_head), unpermute(parts[1], n_kv), parts[2]]
         sd[r.ours] = torch.cat(parts)
     model = GPT(cfg)
+    check_shapes(model, sd, "GGUF")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
-        raise LMForgeError(f"{path}: tensors do not match the metadata ({missing[:3]}, {unexpected[:3]})")
+        raise LMForgeError(f"tensors do not match the metadata ({missing[:3]}, {unexpected[:3]})")
     model.eval()
-    _attach_tokenizer(model, reader, path)
+    _attach_tokenizer(model, reader, tokens)
     return model
 
 
-def _gguf_config(reader: Any, path: Path, tie: bool, n_embd_rows: int) -> GPTConfig:
-    a = "llama."
-    n_head = int(_field(reader, a + "attention.head_count"))
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
-    vocab = int(_field(reader, a + "vocab_size", 0) or len(tokens) or n_embd_rows)
-    return GPTConfig(vocab_size=vocab, block_size=int(_field(reader, a + "context_length", 2048)),
-                     n_layer=int(_field(reader, a + "block_count")), n_head=n_head,
-                     n_kv_head=int(_field(reader, a + "attention.head_count_kv", n_head)),
-                     n_embd=int(_field(reader, a + "embedding_length")),
-                     mlp_hidden=int(_field(reader, a + "feed_forward_length")), mlp="swiglu", norm="rmsnorm",
-                     norm_eps=float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)), pos="rope",
-                     rope_theta=float(_field(reader, a + "rope.freq_base", 10000.0)),
-                     tie_embeddings=tie, extra={"gguf": str(path)})
-
-
-def _attach_tokenizer(model: GPT, reader: Any, path: Path) -> None:
-    model.tokenizer = gguf_tokenizer(reader, _field(reader, "tokenizer.ggml.tokens") or [])
-    check_tokenizer_fits(model.tokenizer, model.config.vocab_size, str(path))
-    model.chat_template = _field(reader, "tokenizer.chat_template")
+def _attach_tokenizer(model: GPT, reader: Any, tokens: list) -> None:
+    model.tokenizer = gguf_tokenizer(reader, tokens)
+    check_tokenizer_fits(model.tokenizer, model.config.vocab_size, "GGUF")
+    template = _field(reader, "tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise LMForgeError("GGUF metadata tokenizer.chat_template must be a string")
+    model.chat_template = template
 
 
 def _load_gguf_quantized(path: Path, reader: Any, dtype: str) -> GPT:
@@ -251,7 +296,7 @@ def _load_gguf_quantized(path: Path, reader: Any, dtype: str) -> GPT:
 
     def need(name: str) -> Any:
         if name not in by_name:
-            raise LMForgeError(f"{path}: tensor {name} is missing")
+            raise LMForgeError(f"tensor {name} is missing")
         return by_name[name]
 
     def dense(name: str) -> torch.Tensor:
@@ -259,12 +304,12 @@ def _load_gguf_quantized(path: Path, reader: Any, dtype: str) -> GPT:
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except (NotImplementedError, KeyError, ValueError) as e:
-            raise LMForgeError(f"{path}: tensor {name} has unsupported type {t.tensor_type!r} ({e})") from None
+            raise LMForgeError(f"tensor {name} has unsupported type {t.tensor_type!r} ({e})") from None
         shape = tuple(int(x) for x in reversed(list(t.shape)))
         return torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(shape).copy())
 
     emb = need("token_embd.weight")
-    cfg = _gguf_config(reader, path, "output.weight" not in by_name, int(emb.shape[-1]))
+    cfg, tokens = _config(reader, path, "output.weight" not in by_name, int(emb.shape[-1]))
     with torch.device("meta"):
         model = GPT(cfg)
     n_head, n_kv = cfg.n_head, cfg.n_kv_head or cfg.n_head
@@ -282,18 +327,20 @@ def _load_gguf_quantized(path: Path, reader: Any, dtype: str) -> GPT:
         if cfg.tie_embeddings:  # the output head reads the embedding's blocks
             model.lm_head = quant_linear_from_gguf([_Part(need("token_embd.weight"))], dtype)
     except (NotImplementedError, KeyError, ValueError) as e:
-        raise LMForgeError(f"{path}: cannot lay out a tensor as {dtype} ({e})") from None
+        raise LMForgeError(f"cannot lay out a tensor as {dtype} ({e})") from None
     sd["wte.weight"] = sd["wte.weight"].to(torch.bfloat16)
     model.load_state_dict(sd, strict=False, assign=True)
     cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling)
     model.rope_cos, model.rope_sin = cos, sin
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise LMForgeError(f"{path}: tensors do not match the metadata ({left[:3]})")
+        raise LMForgeError(f"tensors do not match the metadata ({left[:3]})")
     model.eval()
     finish_decoding_layout(model, dtype)
-    _attach_tokenizer(model, reader, path)
+    _attach_tokenizer(model, reader, tokens)
     return model
+
+
 
 
 def gguf_tokenizer(reader: Any, tokens: list[str]):  # noqa: ANN201
@@ -304,12 +351,22 @@ def gguf_tokenizer(reader: Any, tokens: list[str]):  # noqa: ANN201
         raise LMForgeError(f"unsupported GGUF tokenizer {kind!r} (GPT-2-style byte-level BPE only)")
 
 
-    merges = [tuple(m.split(" ", 1)) for m in (_field(reader, "tokenizer.ggml.merges") or [])]
-    hf = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
+    raw_merges = _field(reader, "tokenizer.ggml.merges") or []
+    if not all(isinstance(t, str) for t in tokens) or not isinstance(raw_merges, list) or \
+            not all(isinstance(m, str) and " " in m for m in raw_merges):
+        raise LMForgeError("GGUF tokenizer metadata is damaged: tokens and merges must be arrays of strings "
+                           "(merges as 'a b')")
+    merges = [tuple(m.split(" ", 1)) for m in raw_merges]
+    try:
+        hf = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise LMForgeError(f"GGUF tokenizer metadata is damaged ({str(e)[:100]})") from None
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
     types = _field(reader, "tokenizer.ggml.token_type") or []
-    special = [tokens[i] for i, ty in enumerate(types) if ty == 3]  # CONTROL tokens
+    if not isinstance(types, list):
+        raise LMForgeError("GGUF metadata tokenizer.ggml.token_type must be an array")
+    special = [tokens[i] for i, ty in enumerate(types[:len(tokens)]) if ty == 3]  # CONTROL tokens
     hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     return BPETokenizer(hf, eot=int(eos) if eos is not None else None)

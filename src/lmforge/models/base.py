@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LMForgeError
-from ..tokenizers import Tokenizer, load_tokenizer
-from ..utils import atomic_write_json, read_json
+from ..tokenizers import Tokenizer, check_tokenizer_fits, load_tokenizer
+from ..utils import atomic_write_json
+from .config_file import read_model_config
 from .weights import load_weights, save_weights
 
 # Bounds of model options: far beyond any CPU model, small enough to refuse typos before allocating.
@@ -220,12 +221,12 @@ class LanguageModel:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanguageModel:
         directory = Path(directory)
-        cfg = cls.config_class.from_dict(read_json(directory / "config.json", "model config"), strict=False)
-        model = cls(cfg)  # type: ignore[call-arg]
+        model = cls(read_model_config(cls.config_class, directory))  # type: ignore[call-arg]
         load_weights(model, directory / "model.safetensors")  # type: ignore[arg-type]
         model.eval()  # type: ignore[attr-defined]
         if (directory / "tokenizer.json").exists():
             model.tokenizer = load_tokenizer(directory)
+            check_tokenizer_fits(model.tokenizer, model.config.vocab_size, str(directory))  # type: ignore
         return model
 
     def num_parameters(self) -> int:
