@@ -542,7 +542,7 @@ def test_int8_and_bf16_engines_decode(gpt_run: Path) -> None:
     one-at-a-time decoding of the same prepared model."""
     from lmforge.generation.fast import prepare_for_decoding
 
-    for dtype in ("bf16", "int8"):
+    for dtype in ("bf16", "int8", "int4"):
         model = prepare_for_decoding(lmforge.load(gpt_run), dtype)
         refs = [lmforge.generate(model, p, max_new_tokens=10, temperature=0, return_full_text=False)
                 for p in PROMPTS[:3]]
@@ -560,7 +560,7 @@ def test_int8_and_bf16_engines_decode(gpt_run: Path) -> None:
             for t in threads:
                 t.join(60)
             assert all(outs), dtype
-            # rounding differs with the batch shape in bf16/int8, so only the first tokens must agree
+            # rounding differs with the batch shape in bf16/int8/int4, so only the first tokens must agree
             assert [o[:3] for o in outs] == [r[:3] for r in refs], dtype
         finally:
             svc.close()

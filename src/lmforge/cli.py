@@ -53,7 +53,7 @@ from .utils import atomic_write_text, check_output_file, parse_duration, read_js
 
 # The flags are built from the config dataclasses of every room, so the parser imports them all (torch
 # included): function-local imports here would save no start-up time.
-DECODE_DTYPES = ["fp32", "bf16", "int8"]
+DECODE_DTYPES = ["fp32", "bf16", "int8", "int4"]
 DEVICE_HELP = "where to run: auto (CUDA when present), cpu, cuda, cuda:N or mps; default: auto"
 
 
@@ -248,7 +248,10 @@ def _add_decoding_options(p: argparse.ArgumentParser, defaults: dict[str, Any],
 
     p.set_defaults(options=add_options(p, GenerationConfig, only=only, defaults=defaults), defaults=defaults)
     p.add_argument("--dtype", default="fp32", choices=DECODE_DTYPES,
-                   help="weights for decoding: bf16 halves and int8 quarters the bytes read per token; default: fp32")
+                   help="weights for decoding: bf16 halves, int8 quarters, int4 (group-wise) eighths the bytes read "
+                        "per token; a GGUF file loads its quantized tensors straight into int8/int4; default: fp32")
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256],
+                   help="int4: inputs sharing one scale and zero (smaller = closer to fp32, more bytes); default: 32")
 
 
 def _generation_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -256,7 +259,22 @@ def _generation_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 
     kw = {**a.defaults, **given(a, a.options)}
     cfg = GenerationConfig(**kw)  # converts, and refuses bad values before the model is loaded
-    return {k: getattr(cfg, k) for k in kw}
+    out = {k: getattr(cfg, k) for k in kw}
+    if out.get("speculative") not in (None, "prompt-lookup"):  # a draft model: any loadable model
+        out["speculative"] = load_model(out["speculative"])
+    return out
+
+
+def _load_for_decoding(path: str, a: argparse.Namespace) -> Any:
+    """Load ``path`` laid out for decoding (a GGUF file goes straight into int8/int4)."""
+    return _with_dtype(on_device(load_model(path, decode_dtype=a.dtype), a.device), a.dtype, a.group_size)
+
+
+def _report_speculative(kw: dict[str, Any]) -> None:
+    if kw.get("speculative") is not None:
+        from .generation import speculative  # (only speculative runs report)
+
+        print(speculative.last_stats.summary(), file=sys.stderr)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -274,12 +292,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def _with_dtype(model: Any, dtype: str) -> Any:
+def _with_dtype(model: Any, dtype: str, group_size: int = 32) -> Any:
     """Lay out a Transformer's weights for decoding (bound by the bytes of weight read per token):
-    transposed fp32, bf16 or weight-only int8 (lmforge.generation.fast)."""
+    transposed fp32, bf16, weight-only int8 or int4 (lmforge.generation.fast)."""
 
     if isinstance(model, (GPT, Seq2Seq)):
-        return prepare_for_decoding(model, dtype)
+        return prepare_for_decoding(model, dtype, group_size)
     if dtype != "fp32":
         raise LMForgeError(f"--dtype {dtype} applies to Transformer models (gpt, seq2seq, Hugging Face, GGUF); "
                            f"this is a {model.model_type} model")
@@ -293,7 +311,7 @@ def _print_piece(piece: str) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     kw = _generation_kwargs(a)
-    model = _with_dtype(on_device(load_model(a.run), a.device), a.dtype)
+    model = _load_for_decoding(a.run, a)
     if model.is_seq2seq:
         raise LMForgeError(f"{a.run} is a seq2seq (encoder-decoder) model: it needs a source; use "
                            f"lmforge translate {a.run} \"TEXT\"")
@@ -306,6 +324,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             raise LMForgeError(no_template_message(a.run))
         reply = session.ask(a.chat, on_text=_print_piece if a.stream else None)
         print("" if a.stream else reply)
+        _report_speculative(kw)
         return 0
     for i in range(n if a.stream else 1):
         if n > 1:
@@ -321,6 +340,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 if n > 1:
                     print(f"--- sample {j + 1} ---")
                 print(text)
+    _report_speculative(kw)
     return 0
 
 
@@ -375,20 +395,22 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
                         "(default: the model's own; without one the model continues your text)")
     p.add_argument("--chat", default=None, metavar="MESSAGE", help="one message, print the reply, exit")
     _add_decoding_options(p, CHAT_DEFAULTS, only=("max_new_tokens", "temperature", "top_k", "top_p",
-                                                  "repetition_penalty", "seed"))
+                                                  "repetition_penalty", "seed", "compile", "speculative",
+                                                  "draft_tokens"))
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
     kw = _generation_kwargs(a)
-    model = _with_dtype(on_device(load_model(a.model), a.device), a.dtype)
+    model = _load_for_decoding(a.model, a)
     session = open_session(model, a.template, system=a.system, **kw)
     if not session.chat:
         print(f"lmforge: {no_template_message(a.model)}; meanwhile the model continues each message",
               file=sys.stderr)
     if a.chat is not None:
         print(session.ask(a.chat))
+        _report_speculative(kw)
     else:
         repl(session)
     return 0

@@ -35,13 +35,16 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def load_model(spec: str | Path) -> LanguageModel:
-    """A run directory, a Hugging Face directory, a ``.gguf`` file or a shortcut, as an lmforge model."""
+def load_model(spec: str | Path, decode_dtype: str | None = None) -> LanguageModel:
+    """A run directory, a Hugging Face directory, a ``.gguf`` file or a shortcut, as an lmforge model.
+
+    ``decode_dtype`` ("int8"/"int4") loads a GGUF file's quantized tensors straight into that decoding
+    layout (gguf_io.py); other models ignore it (lay them out with generation.fast.prepare_for_decoding)."""
     path = Path(resolve_model(str(spec)))
     if path.is_file() and path.suffix.lower() == ".gguf":
         from .gguf_io import load_gguf  # the gguf package costs start-up time; only GGUF files need it
 
-        return load_gguf(path)
+        return load_gguf(path, decode_dtype)
     if path.is_dir() and (path / "config.json").exists():
         cfg = read_json(path / "config.json", "model config")
         if isinstance(cfg, dict) and cfg.get("model_type") in hf.SUPPORTED:

@@ -95,7 +95,8 @@ class LanguageModel:
     source_tokenizer: Tokenizer | None = None
     #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json); None = none
     chat_template: str | None = None
-    #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8); None = training layout
+    #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8, int4; or a GGUF file
+    #: loaded straight into int8/int4); None = training layout
     decode_dtype: str | None = None
     #: ``init_slots`` gives a cache in which many sequences decode at their own positions in one batched
     #: forward (continuous batching, generation/engine.py); False = served one sequence at a time
@@ -131,11 +132,23 @@ class LanguageModel:
     def context_length(self) -> int | None:
         return None
 
-    def init_state(self, batch_size: int, max_length: int) -> Any:
+    #: ``init_state(..., static=True)`` gives a state whose decoding steps all have the same shapes
+    #: (positions as tensors: a StaticKVCache), so ``torch.compile`` can capture one step (generation/fast.py)
+    supports_static_state: bool = False
+    #: ``state_rewind`` can forget the last tokens fed (speculative decoding drops rejected drafts);
+    #: models without it are re-fed from scratch when used as draft models
+    rewindable_state: bool = False
+
+    def init_state(self, batch_size: int, max_length: int, static: bool = False) -> Any:
         """A fresh state for incremental decoding of ``batch_size`` sequences of at most
         ``max_length`` tokens (a pre-allocated KV cache for Transformers). None when the model
-        has no incremental state (then callers re-feed the whole sequence)."""
+        has no incremental state (then callers re-feed the whole sequence). ``static`` asks for a
+        fixed-shape state (only where ``supports_static_state``)."""
         return None
+
+    def state_rewind(self, state: Any, n: int) -> Any:
+        """Forget the last ``n`` tokens fed into ``state`` (only where ``rewindable_state``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rewind its state")
 
     def init_slots(self, slots: int, max_length: int) -> Any:
         """A cache of ``slots`` independent sequences of at most ``max_length`` tokens each (``batches_slots``)."""

@@ -25,6 +25,7 @@ from .layers import (
     Block,
     KVCache,
     SlotKVCache,
+    StaticKVCache,
     decay_param_groups,
     init_weights,
     make_norm,
@@ -148,6 +149,15 @@ class GPT(nn.Module, LanguageModel):
                 x = x + self.pe[pos]
             else:
                 rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, hd): per row
+        elif isinstance(cache, StaticKVCache):
+            # fixed shapes for a compiled step: positions are a tensor the caller wrote (no Python int)
+            pos = cache.positions                              # (T,)
+            if self.config.pos == "learned":
+                x = x + self.wpe(pos)
+            elif self.config.pos == "sinusoidal":
+                x = x + self.pe[pos]
+            else:
+                rope = (self.rope_cos[pos], self.rope_sin[pos])
         else:
             start = cache.pos if cache is not None else 0
             if start + T > self.config.block_size:
@@ -183,11 +193,20 @@ class GPT(nn.Module, LanguageModel):
     def context_length(self) -> int:
         return self.config.block_size
 
-    def init_state(self, batch_size: int, max_length: int) -> KVCache:
+    supports_static_state = True
+    rewindable_state = True
+
+    def init_state(self, batch_size: int, max_length: int, static: bool = False) -> KVCache:
         c = self.config
         p = self.wte.weight  # (the head may have been rewritten for decoding: generation/fast.py)
-        return KVCache(c.n_layer, batch_size, c.n_kv_head or c.n_head, min(max_length, c.block_size),
-                       c.n_embd // c.n_head, dtype=p.dtype, device=p.device)
+        shape = (c.n_layer, batch_size, c.n_kv_head or c.n_head, min(max_length, c.block_size), c.n_embd // c.n_head)
+        if static:
+            return StaticKVCache(*shape, dtype=p.dtype, device=p.device, sliding_window=c.sliding_window)
+        return KVCache(*shape, dtype=p.dtype, device=p.device)
+
+    def state_rewind(self, state: KVCache, n: int) -> KVCache:
+        state.pos -= n  # the stale entries are overwritten by the next tokens
+        return state
 
     def init_slots(self, slots: int, max_length: int) -> SlotKVCache:
         """A cache of ``slots`` independent sequences of at most ``max_length`` tokens (continuous batching;

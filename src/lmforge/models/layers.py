@@ -186,6 +186,9 @@ class KVCache:
     token allocates nothing and never concatenates. ``pos`` is how many positions are filled.
     """
 
+    #: True for StaticKVCache (tensor positions, fixed shapes for torch.compile)
+    static = False
+
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_length: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (n_layer, batch, n_kv_head, max_length, head_dim)
@@ -216,6 +219,50 @@ class KVCache:
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
         return self
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose every decoding step has the same shapes, for ``torch.compile`` (gpt-fast's design).
+
+    Positions are a tensor, not a Python int: the caller writes them with :meth:`set_positions`, keys and
+    values go in with ``index_copy_`` at those positions, and attention always spans the whole buffer
+    under a mask (key j visible to a query at position p iff j <= p, and p - j < window with a sliding
+    window). Nothing is reallocated and no shape depends on how far decoding has got, so one captured
+    graph serves every step; the positions past the end hold stale or zero entries that the mask hides.
+    """
+
+    static = True
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_length: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 sliding_window: int | None = None) -> None:
+        super().__init__(n_layer, batch, n_kv_head, max_length, head_dim, dtype, device)
+        self.window = sliding_window
+        self.key_pos = torch.arange(max_length, device=device)
+        self.positions = torch.zeros(1, dtype=torch.long, device=device)          # (T,)
+        self.mask = torch.zeros(1, max_length, dtype=torch.bool, device=device)    # (T, max_length)
+
+    def set_positions(self, positions: torch.Tensor) -> None:
+        """Positions (T,) of the next tokens fed; written in place when T is unchanged."""
+        if positions.shape != self.positions.shape:
+            self.positions = positions.clone()
+            self.mask = torch.zeros(positions.shape[0], self.max_length, dtype=torch.bool,
+                                    device=self.mask.device)
+        else:
+            self.positions.copy_(positions)
+        p, j = self.positions[:, None], self.key_pos[None, :]
+        visible = j <= p
+        if self.window is not None:
+            visible &= j > p - self.window
+        self.mask.copy_(visible)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.positions, k)
+        self.v[layer].index_copy_(2, self.positions, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, T: int) -> None:
+        """Nothing: the caller writes the next positions (set_positions)."""
 
 
 class SlotKVCache:
@@ -345,6 +392,9 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
             k, v, mask = cache.update(self.layer_idx, k, v)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         past = 0
+        if cache is not None and cache.static:  # fixed shapes: the whole buffer under the cache's mask
+            k, v = cache.update(self.layer_idx, k, v)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer_idx, k, v)

@@ -37,8 +37,9 @@ class ServeConfig(Options):
     max_queue: int = option(64, ge=0, help="requests allowed to wait for a slot; one more gets HTTP 429")
     ctx: int | None = option(None, ge=2, default_text="the model's context, at most 4096",
                              help="context length per sequence (the slot cache holds parallel x ctx positions)")
-    dtype: Literal["fp32", "bf16", "int8"] = option("fp32", help="decoding layout of a Transformer's weights: "
-                                                             "bf16 halves, int8 quarters the bytes read per token")
+    dtype: Literal["fp32", "bf16", "int8", "int4"] = option(
+        "fp32", help="decoding layout of a Transformer's weights: bf16 halves, int8 quarters, int4 (group-wise "
+                     "scales) eighths the bytes read per token; a GGUF file loads straight into int8/int4")
     api_key: str | None = option(None, default_text="the LMFORGE_API_KEY environment variable",
                                  help="require 'Authorization: Bearer KEY' on every endpoint but / and /health")
     name: str | None = option(None, default_text="the model's directory or file name",
@@ -68,7 +69,7 @@ def load_service(cfg: ServeConfig, observer: EngineObserver | None = None) -> Mo
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, decode_dtype=cfg.dtype)
     if model.batches_slots or model.is_seq2seq:  # the Transformers (GPT, seq2seq)
         prepare_for_decoding(model, cfg.dtype)
     elif cfg.dtype != "fp32":
