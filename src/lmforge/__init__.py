@@ -12,11 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# The functions below import their rooms when called, except the `evaluate` room: a subpackage shares its
-# name with the `evaluate` function below, and Python binds `lmforge.evaluate` to the subpackage the first
-# time it is imported. Importing it here, before the function is defined, keeps the function in place.
-from . import evaluate as _evaluate_room  # noqa: F401  (imports torch)
-
+# The functions below import their rooms when called: `import lmforge` stays light (no torch) until used.
+# (`lmforge.evaluate` is rebound to the `evaluate` room once that is imported; the room is callable alike.)
 if TYPE_CHECKING:
     from .models.base import LanguageModel
 
@@ -56,9 +53,11 @@ def prepare(corpus: str, out: str, tokenizer: str = "char", **kwargs: Any) -> di
 
 def evaluate(model: LanguageModel | str | Path, data: str | Path, split: str = "val", **kwargs: Any) -> dict:
     """Loss, perplexity and bits per byte of ``model`` on a split of prepared ``data``."""
+    from .evaluate import evaluate as _evaluate
+
     if isinstance(model, (str, Path)):
         model = load(model)
-    return _evaluate_room.evaluate(model, data, split=split, **kwargs)
+    return _evaluate(model, data, split=split, **kwargs)
 
 
 def inspect(model: LanguageModel | str | Path, text: str | None = None, *, source: str | None = None,

@@ -20,6 +20,8 @@ few long parallel streams, carrying their state from chunk to chunk.
 from __future__ import annotations
 
 import math
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +32,7 @@ from tqdm import tqdm
 
 from ..data import TokenData
 from ..errors import LMForgeError
+from ..hub import load_model
 from ..models.base import LanguageModel
 from ..options import INT64_MAX, Options, option
 
@@ -140,3 +143,18 @@ def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "v
     if not math.isfinite(loss):
         result["note"] = "some tokens have zero probability under this model (unsmoothed?): perplexity is infinite"
     return result
+
+
+class _CallableRoom(types.ModuleType):
+    """``lmforge.evaluate`` names both this room and the facade function ``lmforge.evaluate(model, data)``.
+    Python rebinds the package attribute to the room once the room is imported, so the room answers the
+    call too: ``lmforge.evaluate(...)`` works before and after, and the room stays importable."""
+
+    def __call__(self, model: LanguageModel | str | Path, data: str | Path, split: str = "val",
+                 **kwargs: Any) -> dict[str, Any]:
+        if isinstance(model, (str, Path)):
+            model = load_model(model)
+        return evaluate(model, data, split=split, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableRoom
