@@ -16,11 +16,26 @@ if TYPE_CHECKING:
     from .models.base import LanguageModel
 
 
-def load(path: str | Path) -> LanguageModel:
-    """Load a run directory (config.json + model.safetensors + tokenizer.json) as a model."""
+def load(path: str | Path, adapter: str | Path | None = None) -> LanguageModel:
+    """Load a run directory (config.json + model.safetensors + tokenizer.json), a Hugging Face directory, a GGUF
+    file or ``smollm2`` as a model; ``adapter`` applies a LoRA adapter (PEFT format) and merges it."""
     from .models import load_model
 
-    return load_model(path)
+    model = load_model(path)
+    if adapter is not None:
+        from .hub.peft import apply_adapter
+
+        apply_adapter(model, adapter)  # type: ignore[arg-type]
+    return model
+
+
+def finetune(model: str | Path, data: str | Path, out: str | Path, resume: bool = False, **options: Any) -> Any:
+    """Fine-tune ``model`` on ``data`` into the run directory ``out`` (LoRA by default); ``options`` are the
+    fields of :class:`lmforge.train.finetune.FineTuneConfig` (``method="full"``, ``lora_r=16``, ``max_time=600``,
+    ``epochs=1``, ``packing=True``, ...). Returns the trainer's result."""
+    from .train.finetune import finetune as _finetune
+
+    return _finetune(str(model), str(data), str(out), resume=resume, **options)
 
 
 def prepare(corpus: str, out: str, tokenizer: str = "char", **kwargs: Any) -> dict:
@@ -39,4 +54,4 @@ def evaluate(model: LanguageModel | str | Path, data: str | Path, split: str = "
     return _evaluate(model, data, split=split, **kwargs)
 
 
-__all__ = ["__version__", "load", "prepare", "evaluate"]
+__all__ = ["__version__", "load", "prepare", "evaluate", "finetune"]

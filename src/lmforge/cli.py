@@ -176,6 +176,113 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+FINETUNE_OPTIONS: dict[str, tuple[type, str]] = {  # flag dest -> (type, help); FineTuneConfig fields
+    "method": (str, "lora (default: low-rank adapters, base frozen) or full (every weight trains)"),
+    "lora_r": (int, "LoRA rank r (default 8)"),
+    "lora_alpha": (float, "LoRA alpha; updates are scaled by alpha / r (default 16)"),
+    "lora_dropout": (float, "dropout on the adapters' input (default 0.05)"),
+    "lora_targets": (str, "comma-separated LoRA targets among q,k,v,o,gate,up,down (PEFT's q_proj ... down_proj), "
+                          "or all (default all)"),
+    "epochs": (float, "budget in passes over the training examples (instead of --max-time / --max-steps)"),
+    "max_steps": (int, "budget in optimizer steps"),
+    "val_frac": (float, "share of the examples (conversations) held out for validation (default 0.05)"),
+    "test_frac": (float, "share held out for testing (default 0.05); de-en keeps its fixed test split"),
+    "template": (str, "chat template: a built-in name (chatml, plain) or a Jinja file (default: the model's own)"),
+    "max_length": (int, "most tokens per example / packed row (default 512, at most the model's context)"),
+    "on_long": (str, "an example longer than --max-length: cut (default) or skip; both are counted"),
+    "instruction": (str, "parallel data: the instruction before each source (default per corpus, e.g. "
+                         "'Translate German to English:')"),
+    "batch_size": (int, "examples (or packed rows) per batch (default 8)"),
+    "grad_accum": (int, "gradient accumulation steps (default 1)"),
+    "lr": (float, "peak learning rate (default 2e-4)"),
+    "warmup_steps": (int, "linear warmup steps (default 10)"),
+    "weight_decay": (float, "AdamW weight decay (default 0)"),
+    "schedule": (str, "cosine (default), linear or constant"),
+    "eval_interval": (int, "validate (masked held-out loss) and checkpoint every N steps (default 50)"),
+    "eval_iters": (int, "validation batches (default 50; the whole split when smaller)"),
+    "log_interval": (int, "log every N steps (default 5)"),
+    "dtype": (str, "fp32 (default), bf16 (autocast) or auto"),
+    "threads": (int, "torch threads (default: all cores)"),
+    "seed": (int, "seed of the data split, the order and the adapters' initialisation (default 1337)"),
+}
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model (LoRA or full) on chat/instruction data",
+                       description="Supervised fine-tuning on the shared trainer (checkpoints, exact resume, metrics, "
+                                   "loss plot). Data: JSONL {text} | {prompt, completion} | {messages}, Alpaca JSON, "
+                                   "parallel data (de-en, code-doc, .tsv) as instructions, or the built-in dialogue "
+                                   "sets chatterbot[:LANGUAGE] and chitchat.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="the model to adapt: a Hugging Face directory, a .gguf file, smollm2, or an lmforge GPT run")
+    p.add_argument("--data", default=None, help="fine-tuning data: a .jsonl/.json/.tsv file, de-en, code-doc, "
+                                                "chatterbot, chatterbot:chinese or chitchat")
+    p.add_argument("--out", default=None, help="run directory to create (never overwritten)")
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue the fine-tuning run RUN from its checkpoint")
+    p.add_argument("--max-time", default=None, help="training time budget, e.g. 90s, 10m, 1h")
+    for name, (typ, text) in FINETUNE_OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
+    p.add_argument("--no-mask-prompt", action="store_true", help="train on every token, not only the assistant's")
+    p.add_argument("--packing", action="store_true",
+                   help="pack examples into full rows; attention never crosses an example's boundary")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from .train import TrainingInterrupted
+    from .train.finetune import FineTuner
+    from .utils import parse_duration
+
+    opts: dict[str, Any] = {k: getattr(a, k) for k in FINETUNE_OPTIONS if getattr(a, k) is not None}
+    if a.max_time is not None:
+        opts["max_time"] = parse_duration(a.max_time)
+    if a.no_progress:
+        opts["progress"] = False
+    if a.resume:
+        if a.model or a.data:
+            raise LMForgeError("--resume continues a run as it was configured; drop MODEL and --data")
+        tuner = FineTuner(FineTuner.config_for_resume(a.resume, opts), resume=True)
+    else:
+        if not a.model or not a.data or not a.out:
+            raise LMForgeError("give MODEL, --data and --out (e.g. lmforge finetune smollm2 --data chatterbot "
+                               "--out runs/ft)")
+        if a.no_mask_prompt:
+            opts["mask_prompt"] = False
+        if a.packing:
+            opts["packing"] = True
+        from .train.finetune import FineTuneConfig
+
+        tuner = FineTuner(FineTuneConfig(base=a.model, data=a.data, out=a.out, **opts))
+    summary = tuner.data.summary()
+    for k, v in summary["splits"].items():
+        extra = "".join(f", {v[c]} {c}" for c in ("cut", "skipped") if v[c])
+        print(f"{k:5s} {v['examples']:>7,} examples {v['target_tokens']:>10,} trained tokens{extra}")
+    if summary["duplicates_removed"]:
+        print(f"      {summary['duplicates_removed']:,} duplicate examples removed")
+    try:
+        r = tuner.train()
+    except TrainingInterrupted as e:
+        print(f"\nlmforge: {e}", file=sys.stderr)
+        return 130
+    val = f", held-out masked loss {r.val_loss:.4f}" if r.val_loss is not None else ""
+    print(f"fine-tuned {r.step} steps, {r.tokens_seen:,} tokens in {r.train_time:.0f}s "
+          f"({r.tokens_per_second:,.0f} tokens/s): train loss {r.train_loss:.4f}{val}")
+    print(f"saved {r.run_dir}  (try: lmforge chat {r.run_dir}; lmforge export {r.run_dir} --format hf --merge "
+          f"--out DIR)")
+    return 0
+
+
+def _load(model: str, adapter: str | None) -> Any:
+    """``lmforge.load`` for the commands: MODEL, with a LoRA adapter merged in when --adapter is given."""
+    from . import load
+
+    return load(model, adapter=adapter)
+
+
+ADAPTER_HELP = "a LoRA adapter (a run of lmforge finetune --method lora, or a PEFT adapter directory) to apply"
+
+
 def _data_for_run(run: str, data: str | None) -> str:
     from .utils import read_json
 
@@ -202,6 +309,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0, help="seq2seq: beam length penalty")
     p.add_argument("--max-pairs", type=int, default=None, help="seq2seq: evaluate the first N pairs only")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP)
     p.set_defaults(func=cmd_eval)
 
 
@@ -225,13 +333,36 @@ def cmd_eval_seq2seq(a: argparse.Namespace, model: Any) -> int:
     return 0
 
 
+def cmd_eval_instructed(a: argparse.Namespace, model: Any, instruction: str, data: str) -> int:
+    from .apps.finetune import evaluate_instructed, run_record
+
+    res = evaluate_instructed(model, data, instruction, split=a.split, beam=a.beam, batch_size=a.batch_size,
+                              length_penalty=a.length_penalty, max_pairs=a.max_pairs, progress=not a.json,
+                              record=run_record(a.adapter or a.run))
+    if a.json:
+        print(json.dumps(res, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{a.run} on {data} {a.split} ({res['pairs']:,} pairs, {'greedy' if a.beam == 1 else f'beam {a.beam}'}, "
+          f"prompt \"{instruction} ...\" in the chat template):")
+    print(f"  BLEU          {res['bleu']:.2f}   {res['bleu_signature']}")
+    print(f"  chrF          {res['chrf']:.2f}   {res['chrf_signature']}")
+    print(f"  speed         {res['sentences_per_second']:.1f} sentences/s")
+    for s in res["samples"][:3]:
+        print(f"  src: {s['source']}\n  ref: {s['reference']}\n  hyp: {s['hypothesis']}")
+    return 0
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .models import load_model
 
-    model = load_model(a.run)
+    model = _load(a.run, a.adapter)
     if getattr(model, "is_seq2seq", False):
         return cmd_eval_seq2seq(a, model)
+    from .apps.finetune import instruction_for_eval
+
+    found = instruction_for_eval(a.adapter or a.run, a.data)
+    if found is not None:  # a fine-tuned decoder-only model on parallel data: generate, score BLEU/chrF
+        return cmd_eval_instructed(a, model, *found)
     res = evaluate(model, _data_for_run(a.run, a.data), split=a.split, batch_size=a.batch_size,
                    max_tokens=a.max_tokens, stride=a.stride, progress=not a.json)
     if a.json:
@@ -270,6 +401,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt for --chat")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
                    help="weights for decoding: bf16 halves and int8 quarters the bytes read per token")
+    p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP)
     p.set_defaults(func=cmd_generate)
 
 
@@ -290,9 +422,8 @@ def _with_dtype(model: Any, dtype: str) -> Any:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generation import generate_text
-    from .models import load_model
 
-    model = _with_dtype(load_model(a.run), a.dtype)
+    model = _with_dtype(_load(a.run, a.adapter), a.dtype)
     if getattr(model, "is_seq2seq", False):
         raise LMForgeError(f"{a.run} is a seq2seq (encoder-decoder) model: it needs a source; use "
                            f"lmforge translate {a.run} \"TEXT\"")
@@ -378,14 +509,14 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"], help="weights for decoding")
+    p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP)
     p.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
     from .apps.chat import ChatSession, repl
-    from .models import load_model
 
-    model = _with_dtype(load_model(a.model), a.dtype)
+    model = _with_dtype(_load(a.model, a.adapter), a.dtype)
     session = ChatSession(model, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     if a.chat is not None:
@@ -462,15 +593,21 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a GPT run to Hugging Face format")
     p.add_argument("run", help="run directory")
     p.add_argument("--format", default="hf", choices=["hf"], help="hf: loads in transformers' Auto classes")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--merge", action="store_true",
+                   help="RUN is a LoRA run: write its base model with the adapter merged into the weights")
+    p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP + " (merged)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from .hub.export import export_hf
-    from .models import load_model
+    from .hub.peft import is_adapter_dir
 
-    out = export_hf(load_model(a.run), a.out)  # type: ignore[arg-type]
+    if is_adapter_dir(a.run) and not a.merge:
+        raise LMForgeError(f"{a.run} holds a LoRA adapter (PEFT format, loadable with peft on the base model's "
+                           "export); add --merge to write the base with the adapter merged in")
+    out = export_hf(_load(a.run, a.adapter), a.out)  # type: ignore[arg-type]
     print(f"exported {a.run} -> {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
@@ -483,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_prepare(sub)
     _add_train(sub)
+    _add_finetune(sub)
     _add_eval(sub)
     _add_generate(sub)
     _add_compare(sub)

@@ -51,6 +51,10 @@ def load_model(path: str | Path) -> LanguageModel:
         from ..hub.gguf_io import load_gguf
 
         return load_gguf(path)
+    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        from ..hub.peft import load_adapter_run  # a LoRA run: its base model with the adapter merged
+
+        return load_adapter_run(path)
     if not path.is_dir() or not (path / "config.json").exists():
         raise LMForgeError(f"{path} is not a run directory (no config.json); give one written by "
                            "lmforge train")

@@ -40,6 +40,8 @@ class LanguageModel:
 
     model_type: str = "base"
     tokenizer: Tokenizer | None = None
+    #: the Jinja chat template (from a GGUF, a Hugging Face directory or a fine-tuning run), or None
+    chat_template: str | None = None
 
     # --- the protocol -------------------------------------------------------------------------
     @property
@@ -117,6 +119,10 @@ class LanguageModel:
                           {"model_type": self.model_type, **self.config.to_dict()})  # type: ignore[attr-defined]
         if save_tokenizer and self.tokenizer is not None:
             self.tokenizer.save(directory)
+        if self.chat_template is not None:  # Hugging Face's file name for it
+            from ..utils import atomic_write_text
+
+            atomic_write_text(directory / "chat_template.jinja", self.chat_template)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanguageModel:
@@ -130,6 +136,8 @@ class LanguageModel:
         model.eval()  # type: ignore[attr-defined]
         if (directory / "tokenizer.json").exists():
             model.tokenizer = load_tokenizer(directory)
+        if (directory / "chat_template.jinja").exists():
+            model.chat_template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         return model
 
     def num_parameters(self) -> int:

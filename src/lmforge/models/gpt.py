@@ -88,6 +88,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def packed_positions_and_mask(doc_ids: torch.Tensor, window: int | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions that restart at each example of a packed row, and the (B, 1, T, T) attention mask that lets
+    query i see key j only when j <= i and both belong to the same example (and, with a sliding window,
+    i - j < window). The diagonal is always allowed, so no row of the mask is empty."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = torch.where(first, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    pos = idx - starts                                                      # (B, T)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]                       # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    mask = same & causal
+    if window is not None:
+        mask &= (idx[:, :, None] - idx[:, None, :]) < window
+    return pos, mask[:, None]
+
+
 class GPT(nn.Module, LanguageModel):
     model_type = "gpt"
     config_class = GPTConfig
@@ -126,32 +145,47 @@ class GPT(nn.Module, LanguageModel):
 
     # --- the model -----------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) and, given targets, the mean cross-entropy loss (nats/token)."""
+                last_only: bool = False, doc_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, V); given targets, (None, the mean cross-entropy in nats over the targets that are not
+        -100). Only target positions go through the output head: fine-tuning data with masked prompts skips the
+        (T, V) logits of every prompt token. ``doc_ids`` (B, T) packs several examples in one row: attention
+        stays inside each example (block-diagonal causal mask) and positions restart at each example's start."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
                              f"{self.config.block_size}")
         x = self.wte(idx)
+        pos: torch.Tensor | slice = slice(start, start + T)
+        mask = None
+        if doc_ids is not None:
+            pos, mask = packed_positions_and_mask(doc_ids, self.config.sliding_window)
         rope = None
         if self.config.pos == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe.weight[pos]
         elif self.config.pos == "sinusoidal":
-            x = x + self.pe[start:start + T]
+            x = x + self.pe[pos]
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
+            if doc_ids is not None:  # (B, T, hd) -> (B, 1, T, hd): one table per row, shared by the heads
+                rope = (rope[0][:, None], rope[1][:, None])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)
         if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-            return logits, loss
+            keep = targets != -100
+            if bool(keep.all()):
+                h, y = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+            else:
+                h, y = x[keep], targets[keep]                    # (N, C), (N,)
+            logits = self.lm_head(h)
+            if y.numel() == 0:  # nothing to learn from here (a batch of masked prompts only)
+                return None, logits.sum() * 0.0
+            return None, F.cross_entropy(logits.float(), y)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x), None

@@ -39,6 +39,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if "model" in obj:  # Hugging Face tokenizers format
         from tokenizers import Tokenizer as HFTokenizer
 
-        return BPETokenizer(HFTokenizer.from_str(text))
+        conf = path.parent / "tokenizer_config.json"  # the end-of-text token, when it is not <|endoftext|>
+        eos = json.loads(conf.read_text(encoding="utf-8")).get("eos_token") if conf.exists() else None
+        return BPETokenizer(HFTokenizer.from_str(text), eot=eos.get("content") if isinstance(eos, dict) else eos)
     raise LMForgeError(f"unrecognised tokenizer file {path}: expected lmforge char/word or a Hugging Face "
                        "tokenizer.json")

@@ -34,9 +34,9 @@ from .schedule import learning_rate
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C once the checkpoint is safely on disk."""
 
-    def __init__(self, run_dir: Path, step: int) -> None:
+    def __init__(self, run_dir: Path, step: int, command: str = "train") -> None:
         super().__init__(f"interrupted at step {step}; checkpoint saved. Continue with: "
-                         f"lmforge train --resume {run_dir}")
+                         f"lmforge {command} --resume {run_dir}")
         self.run_dir, self.step = run_dir, step
 
 
@@ -62,6 +62,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 class Trainer:
+    """Subclasses (fine-tuning: ``train/finetune.py``) replace ``build`` (data and model), ``_sampler``,
+    ``batch_loss``, ``estimate_loss`` and ``save_model``; the loop, checkpoints and logging stay shared."""
+
+    config_class: type[TrainConfig] = TrainConfig
+    command = "train"  # the CLI command that resumes a run
+    validate_at_start = False  # log the validation loss before the first step (fine-tuning: the base's loss)
+
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         cfg.validate()
         self.cfg = cfg
@@ -74,12 +81,37 @@ class Trainer:
             warnings.warn("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slower than fp32; "
                           "use --dtype auto or fp32", stacklevel=2)
         self.bf16 = resolve_dtype(cfg.dtype) == "bf16"  # `auto` decided once, not at every step
-        self.data = load_data(cfg.data)
-        self.tokenizer = self.data.tokenizer
         if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise LMForgeError(f"run directory {self.run_dir} already exists; continue it with "
-                               f"lmforge train --resume {self.run_dir}, or choose another --out")
+                               f"lmforge {self.command} --resume {self.run_dir}, or choose another --out")
         torch.manual_seed(cfg.seed)
+        self.stateful = False
+        #: what checkpoints hold: the whole model (default), or only what trains (LoRA adapters)
+        self.checkpoint_module: torch.nn.Module | None = None
+        self.build()
+        if self.checkpoint_module is None:
+            self.checkpoint_module = self.model
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.train_sampler = self._sampler("train", cfg.seed)
+        self.carry: Any = None  # the carried recurrent state
+        self.has_val = self.data.has_split("val")
+        self.step = 0
+        self.step_tokens = 0
+        self.tokens_seen = 0
+        self.train_time = 0.0
+        self.time_budget_total: float | None = None
+        self.best_val: float | None = None
+        self.last_val: float | None = None
+        self.last_loss = float("nan")
+        if resume:
+            self._resume()
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+    def build(self) -> None:
+        """Data (``self.data``, ``self.tokenizer``) and a fresh model (``self.model``, ``self.block_size``)."""
+        cfg = self.cfg
+        self.data = load_data(cfg.data)
+        self.tokenizer = self.data.tokenizer
         # Encoder-decoder models learn from parallel pairs, language models from token streams.
         self.seq2seq = bool(getattr(model_class(cfg.model), "is_seq2seq", False))  # validates the name early
         parallel = isinstance(self.data, ParallelData)
@@ -104,31 +136,16 @@ class Trainer:
             self.model.source_tokenizer = self.data.source_tokenizer
         self.block_size = (getattr(self.model, "context_length", None)
                            or getattr(getattr(self.model, "config", None), "block_size", 256))
-        self.optimizer = make_optimizer(self.model, cfg)
         # Stateful models (RNNs) read consecutive windows and carry their hidden state (TBPTT);
         # Transformers read random windows (nanoGPT's get_batch).
         self.stateful = bool(getattr(self.model, "stateful", False))
-        self.train_sampler = self._sampler("train", cfg.seed)
-        self.carry: Any = None  # the carried recurrent state
-        self.has_val = self.data.has_split("val")
-        self.step = 0
-        self.step_tokens = 0
-        self.tokens_seen = 0
-        self.train_time = 0.0
-        self.time_budget_total: float | None = None
-        self.best_val: float | None = None
-        self.last_val: float | None = None
-        self.last_loss = float("nan")
-        if resume:
-            self._resume()
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
 
     # --- resume --------------------------------------------------------------------------------
     def _resume(self) -> None:
         ckpt = find_checkpoint(self.run_dir)
         if ckpt is None:
             raise LMForgeError(f"{self.run_dir} has no checkpoint to resume from")
-        state, rng = load_checkpoint(ckpt, self.model, self.optimizer)
+        state, rng = load_checkpoint(ckpt, self.checkpoint_module, self.optimizer)
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.train_time = state["train_time"]
@@ -143,8 +160,8 @@ class Trainer:
         if self.cfg.max_time is not None:
             self.time_budget_total = self.train_time + self.cfg.max_time
 
-    @staticmethod
-    def config_for_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
+    @classmethod
+    def config_for_resume(cls, run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise LMForgeError(f"cannot resume: {run_dir} is not a directory")
@@ -157,7 +174,7 @@ class Trainer:
         if "max_time" in overrides and overrides["max_time"] is not None and "max_steps" not in overrides:
             d["max_steps"] = None
         d["out"] = str(run_dir)
-        return TrainConfig.from_dict(d)
+        return cls.config_class.from_dict(d)
 
     # --- helpers -------------------------------------------------------------------------------
     def _sampler(self, split: str, seed: int, warn: bool = True) -> Any:
@@ -206,9 +223,7 @@ class Trainer:
         losses = []
         with self._autocast():
             for _ in range(self.cfg.eval_iters):
-                x, y = sampler.next()
-                _, loss = self.forward(x, y)
-                losses.append(loss.item())
+                losses.append(self.batch_loss(sampler.next()).item())
         self.model.train()
         return sum(losses) / len(losses)
 
@@ -222,12 +237,15 @@ class Trainer:
                  "config": self.cfg.to_dict()}
         carry = list(self.carry) if isinstance(self.carry, tuple) else self.carry
         rng = {"torch": torch.get_rng_state(), "sampler": self.train_sampler.state_dict(), "carry": carry}
-        save_checkpoint(self.run_dir, self.model, self.optimizer, rng, state)
-        # The top level is a loadable model (Hugging Face's save_pretrained layout).
+        save_checkpoint(self.run_dir, self.checkpoint_module, self.optimizer, rng, state)
+        self.save_model()
+        atomic_write_text(self.run_dir / "train_config.yaml", self.cfg.to_yaml())
+
+    def save_model(self) -> None:
+        """The top level of the run: a loadable model (Hugging Face's save_pretrained layout)."""
         self.model.save_pretrained(self.run_dir)
         atomic_write_json(self.run_dir / "data.json", {"data": str(Path(self.cfg.data).resolve()),
                                                        "corpus_sha256": self.data.meta["corpus"]["sha256"]})
-        atomic_write_text(self.run_dir / "train_config.yaml", self.cfg.to_yaml())
 
     # --- the loop ------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -236,6 +254,8 @@ class Trainer:
         if self.step == 0:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             self._log({"event": "start", "params": self.model.num_parameters(), "config": cfg.to_dict()})
+            if self.validate_at_start and self.has_val:
+                self._validate()
             self.save()  # a run directory is loadable from the first moment
         else:
             self._truncate_metrics()
@@ -290,7 +310,7 @@ class Trainer:
             bar.close()
             self.save()
             self._plot()
-            raise TrainingInterrupted(self.run_dir, self.step) from None
+            raise TrainingInterrupted(self.run_dir, self.step, self.command) from None
         bar.close()
         if self.has_val and (self.last_val is None or self.step % cfg.eval_interval):
             self._validate()
@@ -305,23 +325,28 @@ class Trainer:
         loss_sum = 0.0
         self.step_tokens = 0  # tokens actually trained on (target tokens of a seq2seq batch), 0 = fixed windows
         for _ in range(cfg.grad_accum):
-            x, y = self.train_sampler.next()
+            batch = self.train_sampler.next()
             self.step_tokens += getattr(self.train_sampler, "last_tokens", 0)
             with self._autocast():
-                if self.stateful:
-                    if self.train_sampler.wrapped:
-                        self.carry = None
-                    _, loss, carry = self.forward(x, y, state=self.carry)
-                    self.carry = self.model.detach_state(carry)  # truncate BPTT at the window edge
-                else:
-                    _, loss = self.forward(x, y)
+                loss = self.batch_loss(batch)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / cfg.grad_accum
+
+    def batch_loss(self, batch: tuple) -> torch.Tensor:
+        """The mean loss of one sampled batch (carrying a recurrent model's state across windows)."""
+        x, y = batch
+        if self.stateful:
+            if self.train_sampler.wrapped:
+                self.carry = None
+            _, loss, carry = self.forward(x, y, state=self.carry)
+            self.carry = self.model.detach_state(carry)  # truncate BPTT at the window edge
+            return loss
+        return self.forward(x, y)[1]
 
     def _validate(self) -> None:
         self.last_val = self.estimate_loss("val")
