@@ -1,13 +1,14 @@
 """LoRA fine-tuning speed and memory: lmforge vs transformers + peft, same weights, same batches.
 
-    python bench/finetune.py [--batch-size 4] [--seq-len 128] [--steps 3] [--rounds 3] [--threads 1]
+    python bench/finetune.py [--batch-size 4] [--seq-len 128] [--steps 3] [--rounds 3] [--threads 1] [--dtype bf16]
 
 Both sides fine-tune SmolLM2-135M-Instruct (the ``smollm2`` GGUF, dequantised to fp32 and exported to a
 Hugging Face directory that both load) with LoRA r=8, alpha=16, dropout 0.05 on q,k,v,o,gate,up,down, AdamW
-(lr 1e-4), fp32, on the same batches: chitchat conversations rendered by the model's chat template, cut to
-``--seq-len`` + 1 tokens (every row full, no padding), loss on the assistant tokens only (labels -100
-elsewhere). transformers gets the standard ``labels=`` (it shifts them itself: the same targets but the last
-position's). A step is forward + backward + optimizer step; tokens/s counts input tokens.
+(lr 1e-4), fp32 weights (``--dtype bf16``: bf16 autocast on both sides), on the same batches: chitchat
+conversations rendered by the model's chat template, cut to ``--seq-len`` + 1 tokens (every row full, no
+padding), loss on the assistant tokens only (labels -100 elsewhere). transformers gets the standard
+``labels=`` (it shifts them itself: the same targets but the last position's). A step is forward + backward
++ optimizer step; tokens/s counts input tokens.
 
 Each measurement runs in a fresh process (``--worker``), so that peak memory is that implementation's
 alone: the peak resident set (VmHWM) from just before the first training step to the end, weights included.
@@ -99,7 +100,7 @@ def worker(impl: str, hf_dir: Path, args: argparse.Namespace) -> dict:
         import peft
         import transformers
 
-        base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+        base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
         model = peft.get_peft_model(base, peft.LoraConfig(
             r=c["r"], lora_alpha=c["alpha"], lora_dropout=c["dropout"], task_type="CAUSAL_LM",
             target_modules=[f"{t}_proj" for t in c["targets"]]))
@@ -118,6 +119,13 @@ def worker(impl: str, hf_dir: Path, args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
+    if args.dtype == "bf16":  # autocast on both sides: bf16 matmuls, fp32 weights and optimizer
+        plain = step
+
+        def step(ids: torch.Tensor, labels: torch.Tensor) -> float:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return plain(ids, labels)
+
     reset_peak()
     step(*data[0])  # warm-up (allocates the optimizer state)
     t0 = time.perf_counter()
@@ -135,6 +143,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up step)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on both sides")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -147,7 +156,7 @@ def main() -> None:
     print(f"CPU: {cpu()}; torch {torch.__version__}, {args.threads} thread(s); load average "
           f"{os.getloadavg()[0]:.1f} (a shared machine when it exceeds the core count)")
     print(f"SmolLM2-135M-Instruct, LoRA r={CONFIG['r']} alpha={CONFIG['alpha']} dropout={CONFIG['dropout']} on "
-          f"{','.join(CONFIG['targets'])}; batch {args.batch_size} x {args.seq_len} tokens, fp32, AdamW")
+          f"{','.join(CONFIG['targets'])}; batch {args.batch_size} x {args.seq_len} tokens, {args.dtype}, AdamW")
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "smollm2-hf"
         export_hf(load_model("smollm2"), hf_dir)  # the same fp32 weights for both
@@ -157,7 +166,7 @@ def main() -> None:
             for impl in order:
                 cmd = [sys.executable, __file__, "--worker", "lmforge" if impl == "lmforge" else "hf", "--hf-dir",
                        str(hf_dir), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                       "--steps", str(args.steps), "--threads", str(args.threads)]
+                       "--steps", str(args.steps), "--threads", str(args.threads), "--dtype", args.dtype]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 res = json.loads(out.strip().splitlines()[-1])
                 results[impl].append(res)

@@ -407,3 +407,26 @@ def test_epochs_budget_and_help(tmp_path: Path, base_dir: Path, chat_data: Path)
     assert r.step == math.ceil(32 / 8)  # 40 conversations - 4 val - 4 test
     with pytest.raises(LMForgeError, match="one budget"):
         lmforge.finetune(base_dir, chat_data, tmp_path / "f", **ft_options(max_steps=None, epochs=1, max_time=5))
+
+
+def test_an_lmforge_run_with_a_template_of_our_choice(tmp_path: Path, trained_run: Path, capsys) -> None:
+    """MODEL may be an lmforge GPT run (here GPT-2's layout and a character tokenizer, no chat template): full
+    fine-tuning with --template plain works; LoRA says why it cannot."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Who is {n}?"},
+                                                     {"role": "assistant", "content": f"{n} is a Roman."}]}) + "\n"
+                            for n in ("Brutus", "Caesar", "Cassius", "Antony", "Octavius", "Lepidus")))
+    err = _err(["finetune", str(trained_run), "--data", str(data), "--out", str(tmp_path / "l"), "--max-steps", "1",
+                "--template", "plain"], capsys)
+    assert "--method full" in err
+    r = lmforge.finetune(trained_run, data, tmp_path / "f", **ft_options(method="full", template="plain", max_steps=2,
+                                                                        val_frac=0.2, test_frac=0.0))
+    assert r.step == 2
+    m = lmforge.load(tmp_path / "f")
+    assert m.chat_template == TEMPLATES["plain"]
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                   "{% if add_generation_prompt %}<assistant>{% endif %}")
+    lmforge.finetune(trained_run, data, tmp_path / "g", **ft_options(method="full", template=str(tpl), max_steps=1,
+                                                                    val_frac=0.2, test_frac=0.0))
+    assert (tmp_path / "g" / "chat_template.jinja").read_text() == tpl.read_text()

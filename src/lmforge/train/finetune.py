@@ -105,7 +105,6 @@ class SFTData:
         self.dataset = ds
         self.splits: dict[str, EncodedSplit] = {k: encode_split(enc, v, block, cfg.on_long)
                                                 for k, v in ds.splits.items()}
-        self.meta = {"corpus": {"sha256": None}}
 
     def has_split(self, name: str) -> bool:
         return bool(self.splits.get(name) and self.splits[name].examples)
