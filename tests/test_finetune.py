@@ -17,7 +17,6 @@ import lmforge
 from lmforge.cli import main
 from lmforge.data.sft import (
     IGNORE,
-    TEMPLATES,
     Example,
     SFTEncoder,
     SFTSampler,
@@ -31,7 +30,7 @@ from lmforge.hub.export import export_hf
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.lora import LoRAConfig, add_lora
 from lmforge.tokenizers import BPETokenizer
-from lmforge.tokenizers.chat_template import ChatTemplate
+from lmforge.tokenizers.chat_template import TEMPLATES, ChatTemplate
 
 from .conftest import sample_text
 
@@ -55,7 +54,7 @@ def tiny_model(tok: BPETokenizer, seed: int = 0) -> GPT:
     m = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
                       mlp="swiglu", norm="rmsnorm", pos="rope", tie_embeddings=False)).eval()
     m.tokenizer = tok
-    m.chat_template = TEMPLATES["chatml"]
+    m.chat_template = TEMPLATES["chatml"][0]
     return m
 
 
@@ -89,7 +88,7 @@ def ft_options(**kw) -> dict:
 def test_label_mask_is_assistant_tokens_only_and_loss_matches_a_hand_computation() -> None:
     tok = chat_tokenizer()
     model = tiny_model(tok)
-    enc = SFTEncoder(tok, ChatTemplate(TEMPLATES["chatml"]), mask_prompt=True).encode(Example("t", messages=CONV))
+    enc = SFTEncoder(tok, ChatTemplate(TEMPLATES["chatml"][0]), mask_prompt=True).encode(Example("t", messages=CONV))
     # The trained tokens, found by hand: each assistant turn's content and its <|im_end|>\n, in both turns.
     pieces = [("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
                "<|im_start|>assistant\n", False), ("Paris.<|im_end|>\n", True),
@@ -113,14 +112,14 @@ def test_label_mask_is_assistant_tokens_only_and_loss_matches_a_hand_computation
         got = float(model(xb, yb)[1])
     assert got == pytest.approx(expect, abs=1e-5)
     # --no-mask-prompt trains every token
-    full = SFTEncoder(tok, ChatTemplate(TEMPLATES["chatml"]), mask_prompt=False).encode(Example("t", messages=CONV))
+    full = SFTEncoder(tok, ChatTemplate(TEMPLATES["chatml"][0]), mask_prompt=False).encode(Example("t", messages=CONV))
     assert full.labels == full.ids
 
 
 def test_packing_equals_the_unpacked_mean_loss() -> None:
     tok = chat_tokenizer()
     model = tiny_model(tok)
-    enc = SFTEncoder(tok, ChatTemplate(TEMPLATES["chatml"]))
+    enc = SFTEncoder(tok, ChatTemplate(TEMPLATES["chatml"][0]))
     exs = [enc.encode(Example(str(i), messages=[{"role": "user", "content": "word " * (i + 1)},
                                                 {"role": "assistant", "content": "answer " * (2 * i + 1)}]))
            for i in range(5)]
@@ -264,7 +263,7 @@ def test_full_fine_tuning_run_is_a_loadable_model(tmp_path: Path, base_dir: Path
     r = lmforge.finetune(base_dir, chat_data, tmp_path / "full", **ft_options(method="full", max_steps=4, lr=1e-2))
     assert r.val_loss is not None
     m = lmforge.load(tmp_path / "full")
-    assert m.chat_template == TEMPLATES["chatml"] and m.tokenizer.eot_id == m.tokenizer.hf.token_to_id("<|im_end|>")
+    assert m.chat_template == TEMPLATES["chatml"][0] and m.tokenizer.eot_id == m.tokenizer.hf.token_to_id("<|im_end|>")
     metrics = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     vals = [x["val_loss"] for x in metrics if "val_loss" in x]
     assert vals[0] > vals[-1]  # logged before the first step, and it falls
@@ -355,7 +354,7 @@ def test_bad_input(tmp_path: Path, base_dir: Path, chat_data: Path, capsys) -> N
 
 def test_long_examples_are_cut_or_skipped_and_counted() -> None:
     tok = chat_tokenizer()
-    enc = SFTEncoder(tok, ChatTemplate(TEMPLATES["chatml"]))
+    enc = SFTEncoder(tok, ChatTemplate(TEMPLATES["chatml"][0]))
     exs = [Example("short", messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]),
            Example("long", messages=[{"role": "user", "content": "hi"},
                                      {"role": "assistant", "content": "word " * 200}]),
@@ -411,19 +410,19 @@ def test_epochs_budget_and_help(tmp_path: Path, base_dir: Path, chat_data: Path)
 
 def test_an_lmforge_run_with_a_template_of_our_choice(tmp_path: Path, trained_run: Path, capsys) -> None:
     """MODEL may be an lmforge GPT run (here GPT-2's layout and a character tokenizer, no chat template): full
-    fine-tuning with --template plain works; LoRA says why it cannot."""
+    fine-tuning with --template simple works; LoRA says why it cannot."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Who is {n}?"},
                                                      {"role": "assistant", "content": f"{n} is a Roman."}]}) + "\n"
                             for n in ("Brutus", "Caesar", "Cassius", "Antony", "Octavius", "Lepidus")))
     err = _err(["finetune", str(trained_run), "--data", str(data), "--out", str(tmp_path / "l"), "--max-steps", "1",
-                "--template", "plain"], capsys)
+                "--template", "simple"], capsys)
     assert "--method full" in err
-    r = lmforge.finetune(trained_run, data, tmp_path / "f", **ft_options(method="full", template="plain", max_steps=2,
+    r = lmforge.finetune(trained_run, data, tmp_path / "f", **ft_options(method="full", template="simple", max_steps=2,
                                                                         val_frac=0.2, test_frac=0.0))
     assert r.step == 2
     m = lmforge.load(tmp_path / "f")
-    assert m.chat_template == TEMPLATES["plain"]
+    assert m.chat_template == TEMPLATES["simple"][0]
     tpl = tmp_path / "t.jinja"
     tpl.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                    "{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -187,7 +187,7 @@ FINETUNE_OPTIONS: dict[str, tuple[type, str]] = {  # flag dest -> (type, help); 
     "max_steps": (int, "budget in optimizer steps"),
     "val_frac": (float, "share of the examples (conversations) held out for validation (default 0.05)"),
     "test_frac": (float, "share held out for testing (default 0.05); de-en keeps its fixed test split"),
-    "template": (str, "chat template: a built-in name (chatml, plain) or a Jinja file (default: the model's own)"),
+    "template": (str, "chat template: a built-in name (chatml, simple) or a Jinja file (default: the model's own)"),
     "max_length": (int, "most tokens per example / packed row (default 512, at most the model's context)"),
     "on_long": (str, "an example longer than --max-length: cut (default) or skip; both are counted"),
     "instruction": (str, "parallel data: the instruction before each source (default per corpus, e.g. "
@@ -399,6 +399,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--chat", default=None, metavar="MESSAGE", help="one chat turn through the chat template")
     p.add_argument("--system", default=None, help="system prompt for --chat")
+    p.add_argument("--template", default=None, metavar="NAME|FILE",
+                   help="chat template for --chat: a built-in name (chatml, simple) or a Jinja file "
+                        "(default: the model's own)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
                    help="weights for decoding: bf16 halves and int8 quarters the bytes read per token")
     p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP)
@@ -420,6 +423,11 @@ def _with_dtype(model: Any, dtype: str) -> Any:
     return model
 
 
+def _print_piece(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generation import generate_text
 
@@ -431,10 +439,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
               repetition_penalty=a.repetition_penalty, stop=a.stop, ignore_eos=a.ignore_eos,
               use_cache=not a.no_cache)
     if a.chat is not None:
-        from .apps.chat import ChatSession
+        from .apps.chat import no_template_message, open_session
 
-        session = ChatSession(model, system=a.system, seed=a.seed, **kw)
-        print(session.ask(a.chat))
+        session = open_session(model, a.template, system=a.system, seed=a.seed, **kw)
+        if not session.chat:
+            raise LMForgeError(no_template_message(a.run))
+        reply = session.ask(a.chat, on_text=_print_piece if a.stream else None)
+        print("" if a.stream else reply)
         return 0
     n = a.num_return_sequences
     for i in range(n if a.stream else 1):
@@ -502,6 +513,9 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a model (REPL, or one shot with --chat)")
     p.add_argument("model", help="run directory, Hugging Face directory, .gguf file, or smollm2")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--template", default=None, metavar="NAME|FILE",
+                   help="chat template: a built-in name (chatml, simple) or a Jinja file, rendered sandboxed "
+                        "(default: the model's own; without one the model continues your text)")
     p.add_argument("--chat", default=None, metavar="MESSAGE", help="one message, print the reply, exit")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -514,11 +528,14 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
-    from .apps.chat import ChatSession, repl
+    from .apps.chat import no_template_message, open_session, repl
 
     model = _with_dtype(_load(a.model, a.adapter), a.dtype)
-    session = ChatSession(model, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                          top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    session = open_session(model, a.template, system=a.system, max_new_tokens=a.max_new_tokens,
+                           temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    if not session.chat:
+        print(f"lmforge: {no_template_message(a.model)}; meanwhile the model continues each message",
+              file=sys.stderr)
     if a.chat is not None:
         print(session.ask(a.chat))
     else:

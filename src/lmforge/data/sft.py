@@ -33,22 +33,12 @@ import torch
 
 from ..errors import LMForgeError
 from ..tokenizers import Tokenizer
-from ..tokenizers.chat_template import ChatTemplate
+from ..tokenizers.chat_template import ChatTemplate, load_template
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 INSTRUCTIONS = {"de-en": "Translate German to English:", "code-doc": "Summarise this function:"}
 DEFAULT_INSTRUCTION = "Rewrite the following text:"
-
-# Built-in templates for models that have none (--template NAME); a FILE holds a Jinja template.
-TEMPLATES = {
-    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
-               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
-    "plain": ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token + "
-              "'\n' }}{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
-              "{% if add_generation_prompt %}Assistant: {% endif %}"),
-}
-
 
 @dataclass
 class Example:
@@ -288,18 +278,11 @@ def load_sft_data(spec: str, seed: int = 1337, val_frac: float = 0.05, test_frac
 
 
 # --- rendering and label masks -------------------------------------------------------------------
-def resolve_template(template: str | None, model_template: str | None) -> tuple[str | None, str]:
-    """(template text, where it came from): --template NAME or FILE, else the model's own."""
-    if template is None:
-        return model_template, "the model's chat template"
-    if template in TEMPLATES:
-        return TEMPLATES[template], f"the built-in {template!r} template"
-    p = Path(template).expanduser()
-    if p.is_file():
-        from .corpora import read_text_file
-
-        return read_text_file(p), f"template file {p}"
-    raise LMForgeError(f"--template {template}: not a built-in template ({', '.join(TEMPLATES)}) nor a file")
+def resolve_template(template: str | None, model_template: str | None) -> ChatTemplate | None:
+    """--template NAME|FILE (tokenizers/chat_template.py), else the model's own template, else None."""
+    if template is not None:
+        return load_template(template)[0]
+    return ChatTemplate(model_template, "the model's chat template") if model_template else None
 
 
 @dataclass
@@ -325,7 +308,7 @@ class SFTEncoder:
             return [(ex.prompt, False), (ex.completion, True)]
         if self.template is None:
             raise LMForgeError(f"{ex.where}: chat messages need a chat template and this model has none; give "
-                               f"--template chatml, --template plain or --template FILE.jinja")
+                               f"--template chatml, --template simple or --template FILE.jinja")
         msgs = ex.messages
         segs: list[tuple[str, bool]] = []
         done = ""

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
 from ..errors import LMForgeError
 from ..models.base import LanguageModel
+from .streaming import TextStream
 
 
 @dataclass
@@ -145,70 +146,65 @@ def generate_ids(model: LanguageModel, prompt_ids: list[int], cfg: GenerationCon
     return [row[: int(n)] for row, n in zip(new, lengths.tolist())]
 
 
-class TextStreamer:
-    """Print newly decoded text of sequence 0 as it is produced, holding back incomplete UTF-8."""
-
-    def __init__(self, tokenizer: Any, out: Any = None) -> None:
-        self.tokenizer, self.out, self.printed = tokenizer, out or sys.stdout, 0
-
-    def text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
-
-    def __call__(self, new_ids: torch.Tensor) -> None:
-        text = self.tokenizer.decode(new_ids[0].tolist())
-        if text.endswith("\ufffd"):
-            return
-        self.out.write(text[self.printed:])
-        self.out.flush()
-        self.printed = len(text)
+def open_streams(tokenizer: Any, prompt_ids: Sequence[int], cfg: GenerationConfig) -> list[TextStream]:
+    """One TextStream per returned sequence, ending where ``generate_ids`` ends (its end-of-text id)."""
+    end: tuple[int, ...] | None = () if cfg.ignore_eos else (
+        None if cfg.eos_token_id is None else (cfg.eos_token_id,))
+    return [TextStream(tokenizer, prompt_ids, cfg.stop, end_ids=end) for _ in range(cfg.num_return_sequences)]
 
 
-def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+def run_streams(model: LanguageModel, prompt_ids: list[int], cfg: GenerationConfig, streams: list[TextStream],
+                on_text: Callable[[str], Any] | None = None) -> None:
+    """Generate into ``streams`` (from :func:`open_streams`), calling ``on_text`` with each newly visible piece
+    of sequence 0. Generation stops once every stream has stopped. On an exception (Ctrl-C) the streams keep
+    what was shown so far."""
+    def on_token(new: torch.Tensor) -> bool:
+        for s, t in zip(streams, new[:, -1].tolist()):
+            piece = s.push(t)
+            if piece and on_text is not None and s is streams[0]:
+                on_text(piece)
+        return all(s.stopped for s in streams)
+
+    generate_ids(model, prompt_ids, cfg, on_token)
+    for s in streams:
+        piece = s.finish()
+        if piece and on_text is not None and s is streams[0]:
+            on_text(piece)
+
+
+def _writer(out: TextIO) -> Callable[[str], None]:
+    def write(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+    return write
 
 
 def generate_text(model: LanguageModel, prompt: str | list[str], max_new_tokens: int = 100,
-                  return_full_text: bool = True, stream: bool | Any = False, **kwargs: Any) -> str | list[str]:
+                  return_full_text: bool = True, stream: bool | TextIO = False,
+                  **kwargs: Any) -> str | list[str]:
     """Hugging Face-style text generation: ``model.generate("ROMEO:", max_new_tokens=50, top_k=50)``.
 
-    Returns one string per prompt (a list when ``num_return_sequences > 1`` or prompts is a list).
+    Returns one string per prompt (a list when ``num_return_sequences > 1`` or prompts is a list). With
+    ``stream`` (True = stdout, or a text file) the first sequence is written as it is produced: the same text
+    as returned, since both come from one :class:`TextStream`.
     """
     if model.tokenizer is None:
         raise LMForgeError("this model has no tokenizer; pass token ids to generate_ids instead")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, **kwargs)
     cfg.validate()
     tok = model.tokenizer
+    on_text = None if not stream else _writer(sys.stdout if stream is True else stream)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     results: list[str] = []
     for p in prompts:
-        streamer = None
-        if stream:
-            streamer = TextStreamer(tok, None if stream is True else stream)
-
-        def on_token(new: torch.Tensor, streamer: TextStreamer | None = streamer) -> bool:
-            stop_all = False
-            if cfg.stop:
-                texts = [tok.decode(r) for r in new.tolist()]
-                stop_all = all(_cut_at_stop(t, cfg.stop)[1] for t in texts)
-                if streamer is not None and _cut_at_stop(texts[0], cfg.stop)[1]:
-                    return stop_all
-            if streamer is not None:
-                streamer(new)
-            return stop_all
-
         prompt_ids = tok.encode(p)
-        head = tok.decode(prompt_ids)
-        outs = generate_ids(model, prompt_ids, cfg, on_token)
-        for ids in outs:
-            # decode with the prompt, then drop it: word-level tokenizers put the space between them
-            text = tok.decode(prompt_ids + ids)[len(head):] if prompt_ids else tok.decode(ids)
-            if cfg.stop:
-                text = _cut_at_stop(text, cfg.stop)[0]
-            results.append(p + text if return_full_text else text)
+        streams = open_streams(tok, prompt_ids, cfg)
+        run_streams(model, prompt_ids, cfg, streams, on_text)
+        results.extend(p + s.text if return_full_text else s.text for s in streams)
     if isinstance(prompt, str) and cfg.num_return_sequences == 1:
         return results[0]
     return results
 
 
-__all__ = ["GenerationConfig", "generate_ids", "generate_text", "process_logits", "TextStreamer"]
+__all__ = ["GenerationConfig", "generate_ids", "generate_text", "open_streams", "process_logits", "run_streams",
+           "TextStream"]

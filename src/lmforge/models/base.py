@@ -40,7 +40,8 @@ class LanguageModel:
 
     model_type: str = "base"
     tokenizer: Tokenizer | None = None
-    #: the Jinja chat template (from a GGUF, a Hugging Face directory or a fine-tuning run), or None
+    #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json, a fine-tuning run's
+    #: chat_template.jinja); None = none
     chat_template: str | None = None
 
     # --- the protocol -------------------------------------------------------------------------

@@ -31,6 +31,13 @@ class Tokenizer(ABC):
     def eot_id(self) -> int:
         """Id of the end-of-text / document-separator token."""
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids whose text is never shown (streamed or returned replies skip them): control tokens such as end
+        of text or end of turn. Default: the end-of-text token; byte-level BPE adds every token the file marks
+        special (``<|im_start|>``, ``<|im_end|>``...)."""
+        return frozenset({self.eot_id})
+
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
 

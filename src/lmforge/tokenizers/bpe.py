@@ -29,6 +29,7 @@ class BPETokenizer(Tokenizer):
         if eot_id is None:
             raise LMForgeError(f"BPE tokenizer has no {eot or EOT} token; retrain it with lmforge prepare")
         self._eot = eot_id
+        self._special = frozenset({eot_id} | {i for i, t in hf.get_added_tokens_decoder().items() if t.special})
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
@@ -52,6 +53,10 @@ class BPETokenizer(Tokenizer):
     @property
     def eot_id(self) -> int:
         return self._eot
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._special
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

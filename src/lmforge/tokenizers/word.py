@@ -42,6 +42,11 @@ class WordTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return len(self.words)
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Only ``<s>`` (never text): ``</s>`` is shown, as the line break it decodes to."""
+        return frozenset({self.bos_id})
+
     def split(self, line: str) -> list[str]:
         if self.lowercase:
             line = line.lower()

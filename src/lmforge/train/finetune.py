@@ -27,7 +27,6 @@ from ..data.sft import (
 )
 from ..errors import LMForgeError
 from ..models.lora import LoRAConfig, add_lora, parse_targets
-from ..tokenizers.chat_template import ChatTemplate
 from ..utils import atomic_write_json
 from .config import TrainConfig
 from .trainer import Trainer, TrainResult
@@ -95,9 +94,8 @@ class SFTData:
     def __init__(self, cfg: FineTuneConfig, model: Any, block: int) -> None:
         ds = load_sft_data(cfg.data, seed=cfg.seed, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
                            instruction=cfg.instruction)
-        text, source = resolve_template(cfg.template, model.chat_template)
-        self.template_text = text
-        template = ChatTemplate(text, source) if text is not None else None
+        template = resolve_template(cfg.template, model.chat_template)
+        self.template_text = template.text if template is not None else None
         if model.tokenizer is None:
             raise LMForgeError(f"{cfg.base} has no tokenizer to encode fine-tuning data with")
         self.tokenizer = model.tokenizer
