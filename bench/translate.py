@@ -15,8 +15,9 @@ import time
 
 import torch
 
-from lmforge.apps.translate import bleu_chrf, translate
 from lmforge.data.parallel import ParallelData
+from lmforge.evaluate.seq2seq import bleu_chrf
+from lmforge.generation.seq2seq import translate
 from lmforge.models import load_model
 
 

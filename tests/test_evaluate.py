@@ -45,3 +45,13 @@ def test_sliding_window_gives_each_token_more_context(trained_run: Path, char_da
     sliding = evaluate(m, char_data, split="val", max_tokens=400, stride=8)
     assert sliding["tokens"] == plain["tokens"]
     assert np.isfinite(sliding["loss"]) and sliding["loss"] <= plain["loss"] + 0.05
+
+
+def test_facade_function_survives_the_subpackage_import(trained_run: Path, char_data: Path) -> None:
+    import lmforge
+    import lmforge.evaluate.seq2seq  # noqa: F401  (binds submodules of the `evaluate` room)
+
+    assert callable(lmforge.evaluate)
+    by_path = lmforge.evaluate(trained_run, char_data, split="val")
+    assert by_path["loss"] == pytest.approx(evaluate(load(trained_run), char_data, split="val")["loss"])
+    assert callable(lmforge.evaluate)  # still the function after a call

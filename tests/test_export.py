@@ -44,6 +44,10 @@ def test_export_round_trip_through_transformers(tmp_path: Path, char_data: Path,
 
 def test_export_cli(tmp_path: Path, trained_run: Path, capsys) -> None:
     assert main(["export", str(trained_run), "--format", "hf", "--out", str(tmp_path / "e")]) == 0
-    assert (tmp_path / "e" / "model.safetensors").exists()
+    ours, exported = load(trained_run), load(tmp_path / "e")  # the export reads back with the same logits
+    x = torch.tensor([ours.tokenizer.encode("ROMEO: ")])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x)[0], ours(x)[0], atol=1e-4, rtol=1e-4)
+    assert exported.tokenizer.encode("ROMEO: ") == ours.tokenizer.encode("ROMEO: ")
     assert main(["export", str(trained_run), "--format", "hf", "--out", str(tmp_path / "e")]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 
+import lmforge
 from lmforge import load
 from lmforge.generation import GenerationConfig, generate_ids, generate_text, process_logits
 from lmforge.models.gpt import GPT, GPTConfig
@@ -65,9 +66,9 @@ def test_repetition_penalty() -> None:
 
 def test_text_generation_on_trained_run(trained_run) -> None:
     m = load(trained_run)
-    out = m.generate("ROMEO:", max_new_tokens=30, temperature=0.8, top_k=50, top_p=0.95, seed=1)
+    out = lmforge.generate(m, "ROMEO:", max_new_tokens=30, temperature=0.8, top_k=50, top_p=0.95, seed=1)
     assert out.startswith("ROMEO:") and len(out) > len("ROMEO:")
-    many = m.generate("ROMEO:", max_new_tokens=10, seed=1, num_return_sequences=2, return_full_text=False)
+    many = lmforge.generate(m, "ROMEO:", max_new_tokens=10, seed=1, num_return_sequences=2, return_full_text=False)
     assert isinstance(many, list) and len(many) == 2
     buf = io.StringIO()
     streamed = generate_text(m, "KING:", max_new_tokens=25, seed=2, stream=buf, return_full_text=False,
@@ -77,16 +78,17 @@ def test_text_generation_on_trained_run(trained_run) -> None:
 
 def test_stop_strings(trained_run) -> None:
     m = load(trained_run)
-    full = m.generate("A", max_new_tokens=60, temperature=0, return_full_text=False, ignore_eos=True)
+    full = lmforge.generate(m, "A", max_new_tokens=60, temperature=0, return_full_text=False, ignore_eos=True)
     stop = full[10:12]
-    cut = m.generate("A", max_new_tokens=60, temperature=0, return_full_text=False, ignore_eos=True, stop=[stop])
+    cut = lmforge.generate(m, "A", max_new_tokens=60, temperature=0, return_full_text=False, ignore_eos=True,
+                           stop=[stop])
     assert cut == full[: full.find(stop)]
 
 
 def test_long_prompt_truncated_from_left_with_warning(trained_run) -> None:
     m = load(trained_run)
     with pytest.warns(UserWarning, match="longer than the context"):
-        out = m.generate("x" * 100, max_new_tokens=3, return_full_text=False)
+        out = lmforge.generate(m, "x" * 100, max_new_tokens=3, return_full_text=False)
     assert isinstance(out, str)
 
 

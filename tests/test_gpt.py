@@ -125,7 +125,7 @@ def test_presets_and_config_errors() -> None:
     assert abs(m.num_parameters() - 124_439_808) < 1e6  # GPT-2 small, 124M
     with pytest.raises(LMForgeError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
-    with pytest.raises(LMForgeError, match="unknown pos"):
+    with pytest.raises(LMForgeError, match=r"pos \(--pos\) must be one of learned, sinusoidal, rope"):
         GPTConfig(pos="alibi")
     with pytest.raises(LMForgeError, match="unknown gpt preset"):
         GPT.from_preset("huge", 10)

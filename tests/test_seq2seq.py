@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import lmforge
 from lmforge.cli import main
 from lmforge.data.parallel import (
     ParallelBatchSampler,
@@ -298,7 +299,7 @@ def test_bad_input_one_line_errors(s2s_run: Path, par_data: Path, trained_run: P
 def test_seq2seq_learns_a_word_by_word_translation(tmp_path: Path) -> None:
     """Trained for a few hundred steps on a toy dictionary language (BPE: one token per word), the model
     translates held-out sentences: BLEU far above chance, with greedy and with beam search."""
-    from lmforge.apps.translate import evaluate_seq2seq
+    from lmforge.evaluate.seq2seq import evaluate_seq2seq
     from lmforge.train import TrainConfig, train
 
     lexicon = dict(zip(WORDS, ("rot grün blau schwarz weiß Katze Hund Vogel Fisch Haus Baum Auto Straße Sonne Mond "
@@ -315,7 +316,7 @@ def test_seq2seq_learns_a_word_by_word_translation(tmp_path: Path) -> None:
     beam = evaluate_seq2seq(m, tmp_path / "d", "test", beam=4, progress=False)
     assert greedy["bleu"] > 60, greedy
     assert beam["bleu"] > 60, beam
-    assert m.translate("red cat", beam=4) == "rot Katze"
+    assert lmforge.translate(m, "red cat", beam=4) == "rot Katze"
 
 
 def test_de_en_corpus_when_available() -> None:

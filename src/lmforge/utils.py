@@ -74,6 +74,29 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise LMForgeError(f"{what} {path} is corrupted ({e}); restore or recreate it") from None
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log (``metrics.jsonl``); a line torn by a crash is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def refuse_nonempty(out: str | Path, hint: str = "choose another --out") -> None:
+    """An output directory must not exist or be empty: the files in it are someone's."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LMForgeError(f"{out} already exists; {hint}")
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(ms|s|sec|m|min|h|hr|d)?\s*$")
 _UNIT_SECONDS = {None: 1.0, "s": 1.0, "sec": 1.0, "ms": 1e-3, "m": 60.0, "min": 60.0,
                  "h": 3600.0, "hr": 3600.0, "d": 86400.0}

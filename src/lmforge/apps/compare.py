@@ -9,7 +9,6 @@ byte, which does not depend on the tokenizer. Results go to the terminal, JSON, 
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,15 @@ from typing import Any
 import torch
 
 from ..data import TokenData
+from ..data.parallel import ParallelData, load_data
 from ..errors import LMForgeError
-from ..models import MODEL_REGISTRY, load_model
-from ..utils import read_json
+from ..evaluate import evaluate
+from ..generation import GenerationConfig, generate_ids
+from ..models import MODEL_REGISTRY, load_model, model_class
+from ..tokenizers import load_tokenizer
+from ..train import TrainConfig, train
+from ..utils import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .ngram_cli import train_ngram
 
 NEURAL_RECIPES: dict[str, dict[str, Any]] = {
     # the demo recipe for Transformers; recurrent nets like the same learning rate and less weight decay
@@ -52,14 +57,12 @@ class ModelSpec:
             if not arg.isdigit() or int(arg) < 1:
                 raise LMForgeError(f"--models {text!r}: give the n-gram order, e.g. ngram:3")
             return cls(family, arg)
-        from ..models import model_class
-
         cls_ = model_class(family)
-        if getattr(cls_, "is_seq2seq", False):
+        if cls_.is_seq2seq:
             raise LMForgeError(f"--models {text!r}: seq2seq models learn from (source, target) pairs, not from one "
                                "text; compare language models (gpt, lstm, gru, rnn, ngram) here and score seq2seq "
                                "runs with lmforge eval")
-        presets = getattr(cls_, "presets", {})
+        presets = cls_.presets
         if not presets:
             raise LMForgeError(f"--models {text!r}: {family} checkpoints are loaded, not trained; compare trains "
                                "gpt, lstm, gru, rnn and ngram")
@@ -71,24 +74,11 @@ class ModelSpec:
 
 
 def _val_curve(run: Path) -> list[tuple[float, float]]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "val_loss" in r:
-            out.append((r["time"], r["val_loss"]))
-    return out
+    return [(r["time"], r["val_loss"]) for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
 
 
 @torch.no_grad()
 def generation_speed(model: Any, n_tokens: int = 100) -> float:
-    from ..generation import GenerationConfig, generate_ids
-
     prompt = [model.tokenizer.eot_id] if model.tokenizer is not None else [0]
     cfg = GenerationConfig(max_new_tokens=n_tokens, temperature=1.0, seed=0, ignore_eos=True)
     generate_ids(model, prompt, GenerationConfig(max_new_tokens=5, seed=0, ignore_eos=True))  # warm-up
@@ -102,7 +92,6 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
     specs = [ModelSpec.parse(m) for m in models]  # every spec is checked before any training
     if not specs:
         raise LMForgeError("give at least one model in --models, e.g. ngram:3 lstm:small gpt:tiny")
-    from ..data.parallel import ParallelData, load_data
 
     td = load_data(data)
     if isinstance(td, ParallelData):
@@ -126,7 +115,7 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
             print(f"== {spec.name}: training for {budget:.0f}s")
             train_info = _train(spec, data, str(run), budget, progress)
         model = load_model(run)
-        res = model.evaluate(td, split=split, max_tokens=eval_max_tokens)
+        res = evaluate(model, td, split=split, max_tokens=eval_max_tokens)
         rows.append({
             "model": spec.name, "family": spec.family, "parameters": model.num_parameters(),
             "train_seconds": round(train_info["train_seconds"], 1), "tokens_seen": train_info["tokens_seen"],
@@ -144,7 +133,6 @@ def _check_existing_run(run: Path, data: TokenData) -> None:
     whose tokenizer differs would score ids that mean other strings (silently wrong numbers)."""
     if not (run / "config.json").exists():
         return
-    from ..tokenizers import load_tokenizer
 
     if not (run / "tokenizer.json").exists():
         raise LMForgeError(f"{run} has no tokenizer.json; delete it so that compare retrains it")
@@ -158,11 +146,11 @@ def _check_existing_run(run: Path, data: TokenData) -> None:
 def _existing_train_info(run: Path) -> dict[str, Any]:
     state = run / "checkpoint" / "state.json"
     if state.exists():
-        s = json.loads(state.read_text())
+        s = read_json(state, "checkpoint state")
         return {"train_seconds": s["train_time"], "tokens_seen": s["tokens_seen"],
                 "tokens_per_s": s["tokens_seen"] / max(s["train_time"], 1e-9)}
     m = run / "metrics.json"
-    info = json.loads(m.read_text()) if m.exists() else {}
+    info = read_json(m, "run metrics") if m.exists() else {}
     secs = float(info.get("build_seconds", info.get("train_seconds", 0.0)))
     toks = int(info.get("train_tokens", info.get("tokens", 0)))
     return {"train_seconds": secs, "tokens_seen": toks, "tokens_per_s": toks / max(secs, 1e-9)}
@@ -170,7 +158,6 @@ def _existing_train_info(run: Path) -> dict[str, Any]:
 
 def _train(spec: ModelSpec, data: str, run: str, budget: float, progress: bool) -> dict[str, Any]:
     if spec.family == "ngram":
-        from .ngram_cli import train_ngram
 
         t0 = time.perf_counter()
         # small vocabularies (characters) often give counts-of-counts without valid discounts at low
@@ -179,7 +166,6 @@ def _train(spec: ModelSpec, data: str, run: str, budget: float, progress: bool) 
         secs = time.perf_counter() - t0
         toks = len(TokenData(data).split("train"))
         return {"train_seconds": secs, "tokens_seen": toks, "tokens_per_s": toks / max(secs, 1e-9)}
-    from ..train import TrainConfig, train
 
     recipe = dict(NEURAL_RECIPES.get(spec.family, NEURAL_RECIPES["lstm"]))
     cfg = TrainConfig(data=data, out=run, model=spec.family, preset=spec.arg, max_time=budget,
@@ -206,8 +192,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_reports(rows: list[dict[str, Any]], out_dir: Path, data_name: str, budget: float) -> None:
-    from ..utils import atomic_write_json, atomic_write_text
-
     table = format_table(rows)
     print("\n" + table)
     atomic_write_text(out_dir / "table.txt", table + "\n")
@@ -217,7 +201,7 @@ def write_reports(rows: list[dict[str, Any]], out_dir: Path, data_name: str, bud
         w.writerow([k for k, _, _ in COLUMNS] + ["split"])
         for r in rows:
             w.writerow([r[k] for k, _, _ in COLUMNS] + [r["split"]])
-    from ..viz.plots import plot_comparison
+    from ..viz.plots import plot_comparison  # matplotlib costs ~0.5 s; only the final chart needs it
 
     plot_comparison(rows, out_dir / "compare.png", title=f"{data_name}: {budget / 60:.1f} min per model")
     print(f"\nwrote {out_dir}/table.txt, compare.json, compare.csv, compare.png")

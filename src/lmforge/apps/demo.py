@@ -11,6 +11,10 @@ from pathlib import Path
 
 from ..data import PrepareConfig, TokenData, prepare
 from ..errors import LMForgeError
+from ..evaluate import evaluate
+from ..generation import generate_text
+from ..hub import load_model
+from ..train import TrainConfig, train
 
 DEMO_RECIPE: dict = dict(
     model="gpt", preset="tiny", batch_size=32, lr=3e-3, min_lr_ratio=0.05, weight_decay=0.1, beta2=0.99,
@@ -32,10 +36,6 @@ def free_run_dir(base: str = "runs/demo") -> str:
 
 def run_demo(data: str = "data/shakespeare-char", out: str | None = None, max_time: float = 300.0,
              progress: bool = True) -> dict:
-    from ..evaluate import evaluate
-    from ..generation import generate_text
-    from ..train import TrainConfig, train
-
     data_dir = Path(data)
     if not (data_dir / "meta.json").exists():
         print("1/4  preparing the built-in Shakespeare corpus at character level ...")
@@ -50,9 +50,7 @@ def run_demo(data: str = "data/shakespeare-char", out: str | None = None, max_ti
     cfg = TrainConfig(data=str(data_dir), out=out, max_time=max_time, progress=progress, **DEMO_RECIPE)
     result = train(cfg)
     print("3/4  evaluating on the validation split ...")
-    from .. import load
-
-    model = load(out)
+    model = load_model(out)
     res = evaluate(model, td, split="val", batch_size=32)
     print(f"     val loss {res['loss']:.4f} nats/char | perplexity {math.exp(res['loss']):.2f} | "
           f"{res['bits_per_char']:.3f} bits/char | {result.tokens_per_second:,.0f} training tokens/s")
@@ -65,7 +63,7 @@ Next, try:
   lmforge generate {out} --prompt "JULIET:" --max-new-tokens 200 --temperature 0.8 --top-k 50 --stream
   lmforge eval {out} --split test
   lmforge train --resume {out} --max-time 2m          # train two more minutes
-  python -c 'import lmforge; m = lmforge.load("{out}"); print(m.generate("HAMLET:", max_new_tokens=80))'
+  python -c 'import lmforge; print(lmforge.generate("{out}", "HAMLET:", max_new_tokens=80))'
   open {out}/loss_curve.png
 """)
     return res

@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -13,31 +14,31 @@ import numpy as np
 
 from ..data import TokenData
 from ..errors import LMForgeError
-from ..models.ngram import SMOOTHINGS, NGramModel
-from ..utils import atomic_write_json
+from ..evaluate import evaluate
+from ..hub.arpa import export_arpa, import_arpa
+from ..models import load_model
+from ..models.ngram import NGramConfig, NGramModel
+from ..options import add_options, given
+from ..tokenizers import load_tokenizer
+from ..utils import atomic_write_json, refuse_nonempty
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("n-gram models (--model ngram)")
-    g.add_argument("--order", type=int, default=3, help="n-gram order (default 3)")
-    g.add_argument("--smoothing", default="modified-kneser-ney", help=f"one of {', '.join(SMOOTHINGS)}")
-    g.add_argument("--add-k", type=float, default=1.0, help="k for add-k smoothing (default 1: Laplace)")
-    g.add_argument("--discount-fallback", action="store_true",
-                   help="use discounts 0.5 1 1.5 when they cannot be estimated (KenLM's --discount_fallback)")
+def add_train_arguments(p: argparse.ArgumentParser) -> list[str]:
+    return add_options(p.add_argument_group("n-gram models (--model ngram)"), NGramConfig)
 
 
 def train_ngram(data_dir: str, out: str, order: int = 3, smoothing: str = "modified-kneser-ney",
                 k: float = 1.0, discount_fallback: bool = False, verbose: bool = True) -> dict[str, Any]:
     """Count and smooth on the train split, save the run directory, report val perplexity."""
+    NGramConfig(order=order, smoothing=smoothing, add_k=k, discount_fallback=discount_fallback)  # type: ignore
     out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise LMForgeError(f"run directory {out_dir} already exists; choose another --out")
+    refuse_nonempty(out_dir)
     td = TokenData(data_dir)
     tok = td.tokenizer
     t0 = time.perf_counter()
     stream = np.asarray(td.split("train").read(0, len(td.split("train"))))
-    model = NGramModel.train(stream, order, tok.vocab_size, eos=tok.eot_id, bos=getattr(tok, "bos_id", None),
-                             unk=getattr(tok, "unk_id", None), smoothing=smoothing, k=k,
+    model = NGramModel.train(stream, order, tok.vocab_size, eos=tok.eot_id, bos=tok.bos_id,
+                             unk=tok.unk_id, smoothing=smoothing, k=k,
                              discount_fallback=discount_fallback)
     secs = time.perf_counter() - t0
     model.tokenizer = tok
@@ -45,7 +46,7 @@ def train_ngram(data_dir: str, out: str, order: int = 3, smoothing: str = "modif
     metrics: dict[str, Any] = {"build_seconds": secs, "train_tokens": int(len(stream)),
                                "ngram_counts": model.meta["counts"], "discounts": model.meta["discounts"]}
     if td.has_split("val"):
-        res = model.evaluate(td, split="val")
+        res = evaluate(model, td, split="val")
         metrics.update(val_loss=res["loss"], val_perplexity=res["perplexity"], val_bits_per_byte=res["bits_per_byte"])
     atomic_write_json(out_dir / "metrics.json", metrics)
     atomic_write_json(out_dir / "data.json", {"data": str(Path(data_dir).resolve()),
@@ -60,14 +61,12 @@ def train_ngram(data_dir: str, out: str, order: int = 3, smoothing: str = "modif
 
 
 def train_ngram_from_args(a: argparse.Namespace) -> dict[str, Any]:
-    return train_ngram(a.data, a.out, order=a.order, smoothing=a.smoothing, k=a.add_k,
-                       discount_fallback=a.discount_fallback)
+    c = NGramConfig(**given(a, [f.name for f in fields(NGramConfig)]))
+    return train_ngram(a.data, a.out, order=c.order, smoothing=c.smoothing, k=c.add_k,
+                       discount_fallback=c.discount_fallback)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from ..hub.arpa import export_arpa
-    from ..models import load_model
-
     model = load_model(a.run)
     if not isinstance(model, NGramModel):
         raise LMForgeError(f"{a.run} is a {model.model_type} model, not an n-gram model")
@@ -77,13 +76,9 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_import(a: argparse.Namespace) -> int:
-    from ..hub.arpa import import_arpa
-    from ..tokenizers import load_tokenizer
-
     tok = load_tokenizer(a.tokenizer_from) if a.tokenizer_from else None
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()):
-        raise LMForgeError(f"{out} already exists; choose another --out")
+    refuse_nonempty(out)
     model = import_arpa(a.file, tok)
     model.save_pretrained(out)
     print(f"imported a {model.order}-gram model ({', '.join(map(str, model.meta['counts']))} n-grams) -> {out}")
@@ -92,7 +87,6 @@ def cmd_import(a: argparse.Namespace) -> int:
 
 def cmd_query(a: argparse.Namespace) -> int:
     """Like KenLM's query: per-sentence log10 probability with the n-gram length used per word."""
-    from ..models import load_model
 
     model = load_model(a.run)
     if not isinstance(model, NGramModel) or model.tokenizer is None:
@@ -100,7 +94,7 @@ def cmd_query(a: argparse.Namespace) -> int:
     tok = model.tokenizer
     total = total_oov = 0.0
     n_tokens = n_oov = 0
-    unk = getattr(tok, "unk_id", None)
+    unk = tok.unk_id
     for line in sys.stdin:
         ids = tok.encode(line.rstrip("\n") + "\n")  # every query line is a sentence: </s> is scored
         if not ids:
@@ -134,14 +128,14 @@ def add_ngram_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ngram", help="n-gram tools: ARPA export/import, KenLM-style query")
     s = p.add_subparsers(dest="ngram_command", metavar="ACTION", required=True)
     e = s.add_parser("export", help="write an n-gram run as an ARPA file")
-    e.add_argument("run")
-    e.add_argument("file")
+    e.add_argument("run", help="n-gram run directory")
+    e.add_argument("file", help="ARPA file to write")
     e.set_defaults(func=cmd_export)
     i = s.add_parser("import", help="read an ARPA file into a run directory")
-    i.add_argument("file")
-    i.add_argument("--out", required=True)
+    i.add_argument("file", help="ARPA file to read")
+    i.add_argument("--out", required=True, help="run directory to create")
     i.add_argument("--tokenizer-from", default=None, help="a data or run directory whose tokenizer the ARPA uses")
     i.set_defaults(func=cmd_import)
     q = s.add_parser("query", help="score sentences from standard input, like KenLM's query")
-    q.add_argument("run")
+    q.add_argument("run", help="n-gram run directory")
     q.set_defaults(func=cmd_query)

@@ -17,7 +17,7 @@ import re
 import sys
 import sysconfig
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,10 +46,6 @@ class Corpus:
 
     def __len__(self) -> int:
         return len(self.documents)
-
-    def texts(self) -> Iterator[str]:
-        for d in self.documents:
-            yield d.text
 
 
 def decode_utf8(data: bytes, where: str, errors: str = "strict") -> str:

@@ -11,7 +11,7 @@ import torch
 from ..errors import LMForgeError
 from ..tokenizers import Tokenizer, load_tokenizer
 from ..utils import read_json
-from .prepare import FORMAT
+from .prepare import FORMAT, PARALLEL_FORMAT
 
 
 class TokenSplit:
@@ -61,6 +61,11 @@ class TokenData:
         if not self.path.is_dir():
             raise LMForgeError(f"data directory {self.path} does not exist; create it with lmforge prepare")
         self.meta = read_json(self.path / "meta.json", "data meta")
+        if isinstance(self.meta, dict) and (self.meta.get("format") == PARALLEL_FORMAT or
+                                            self.meta.get("task") == "seq2seq"):
+            raise LMForgeError(f"{self.path} holds parallel (source, target) pairs, which only seq2seq models use: "
+                               "train one with lmforge train --model seq2seq, or prepare a text corpus for this "
+                               "model")
         if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
             raise LMForgeError(f"{self.path} is not an lmforge data directory (bad meta.json); "
                                "re-run lmforge prepare")
@@ -98,6 +103,9 @@ class BatchSampler:
     """Random contiguous windows (nanoGPT's ``get_batch``) from a split, driven by its own seeded
     generator whose state is saved in checkpoints, so a resumed run sees the same batches."""
 
+    #: tokens trained on in the last batch when they vary (seq2seq); 0 = fixed windows of batch x block
+    last_tokens: int = 0
+
     def __init__(self, split: TokenSplit, batch_size: int, block_size: int, seed: int) -> None:
         if len(split) < block_size + 2:
             raise LMForgeError(f"block size {block_size} is larger than the data ({len(split)} tokens); "
@@ -129,6 +137,8 @@ class StreamSampler:
     step k returns window k of every stream, so row b of one batch continues row b of the last
     and the model's hidden state can be carried across steps. At the end the streams wrap around
     (``wrapped`` tells the trainer to reset the carried state)."""
+
+    last_tokens: int = 0  # fixed windows (see BatchSampler)
 
     def __init__(self, split: TokenSplit, batch_size: int, block_size: int, seed: int = 0) -> None:
         self.stream_len = (len(split) - 1) // batch_size

@@ -18,50 +18,75 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
 
 from ..errors import LMForgeError
+from ..options import INT64_MAX, Options, option
 from ..tokenizers import BPETokenizer, CharTokenizer, Tokenizer
+from ..tokenizers.word import WordTokenizer
 from ..utils import atomic_directory, atomic_write_json, read_json
 from .corpora import Corpus, load_corpus
 
-FORMAT = "lmforge-data"
+FORMAT = "lmforge-data"                    # token streams (language models)
+PARALLEL_FORMAT = "lmforge-parallel-data"  # (source, target) pairs (seq2seq); see data/parallel/
 SHARD_TOKENS = 1 << 28  # 256M tokens per shard file
 SPLITS = ("train", "val", "test")
 
 
+# The tokenizers library aborts the process (a Rust panic) on absurd sizes: bound them before the call.
+MAX_VOCAB_SIZE = 1 << 20
+
+
 @dataclass
-class PrepareConfig:
-    corpus: str
-    out: str
-    tokenizer: str = "char"
-    vocab_size: int = 8192
-    seed: int = 1337
-    val_frac: float = 0.05
-    test_frac: float = 0.05
-    split: str = "auto"  # auto | document | contiguous
-    errors: str = "strict"
+class PrepareConfig(Options):
+    corpus: str = option(help="built-in corpus (shakespeare, python-stdlib, peoples-daily; parallel: de-en, "
+                         "code-doc), a file or folder of UTF-8 text, or a .tsv of source<TAB>target pairs")
+    out: str = option(help="output data directory", metavar="DIR")
+    tokenizer: Literal["char", "bpe", "word"] = option("char", help="tokenizer to train",
+                                                       default_text="char (bpe for parallel corpora)")
+    vocab_size: int = option(8192, ge=1, le=MAX_VOCAB_SIZE, help="BPE vocabulary size",
+                             default_text="8192 (8000 for parallel corpora)")
+    seed: int = option(1337, ge=0, le=INT64_MAX, help="seed of the document split")
+    val_frac: float = option(0.05, ge=0, lt=1, help="share of the documents (or text) for validation")
+    test_frac: float = option(0.05, ge=0, lt=1, help="share of the documents (or text) for testing")
+    split: Literal["auto", "document", "contiguous"] = option(
+        "auto", help="split whole documents (seeded) or cut one text contiguously (auto: by corpus)")
+    errors: Literal["strict", "replace", "ignore"] = option(
+        "strict", help="invalid UTF-8: stop with an error, replace it, or drop it")
     # word tokenizer options (n-gram models)
-    word_pattern: str | None = None
-    min_count: int = 1
-    lowercase: bool = False
+    word_pattern: str | None = option(None, metavar="REGEX", help="word tokenizer: regex of a token",
+                                      default_text="whitespace-separated")
+    min_count: int = option(1, ge=1, le=INT64_MAX, help="word tokenizer: rarer words become <unk>")
+    lowercase: bool = option(False, help="word tokenizer: lowercase the text")
     # char tokenizer: add 256 byte tokens so unseen characters still encode (exact round trip)
-    byte_fallback: bool = True
+    byte_fallback: bool = option(True, help="char tokenizer: byte tokens for unseen characters (--no-byte-fallback:"
+                                 " nanoGPT's vocabulary; unseen characters then fail)")
+    # parallel corpora
+    target_file: str | None = option(None, metavar="FILE", help="parallel data from two line-aligned files: "
+                                     "--corpus SOURCE --target-file TARGET")
+    separate_vocab: bool = option(False, help="parallel data: one tokenizer per side instead of a shared one")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.val_frac + self.test_frac >= 1:
+            raise LMForgeError("--val-frac and --test-frac must sum to less than 1")
 
 
-def _check_out(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
+    """Refuse an --out that exists and is not an lmforge data directory (its files are the user's)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         meta = out / "meta.json"
         if not (out.is_dir() and meta.exists()):
             raise LMForgeError(f"refusing to overwrite {out}: it exists and is not an lmforge data directory; "
                                "choose another --out")
         try:
-            ok = read_json(meta).get("format") == FORMAT
+            ok = read_json(meta).get("format") in (FORMAT, PARALLEL_FORMAT)
         except LMForgeError:
             ok = False
         if not ok:
@@ -77,14 +102,20 @@ def _assign_splits(corpus: Corpus, cfg: PrepareConfig) -> tuple[str, dict[str, l
         return mode, {s: list(range(n)) for s in SPLITS}
     if mode != "document":
         raise LMForgeError(f"--split must be auto, document or contiguous, not {cfg.split!r}")
-    rng = np.random.default_rng(cfg.seed)
-    perm = rng.permutation(n).tolist()
-    n_val = max(1, round(cfg.val_frac * n)) if cfg.val_frac > 0 else 0
-    n_test = max(1, round(cfg.test_frac * n)) if cfg.test_frac > 0 else 0
-    if n - n_val - n_test < 1:
+    assign = seeded_split(n, cfg.val_frac, cfg.test_frac, cfg.seed)
+    if not assign["train"]:
         raise LMForgeError(f"corpus {corpus.name} has only {n} documents: too few for the val/test fractions")
-    return mode, {"val": sorted(perm[:n_val]), "test": sorted(perm[n_val:n_val + n_test]),
-                  "train": sorted(perm[n_val + n_test:])}
+    return mode, assign
+
+
+def seeded_split(n: int, val_frac: float, test_frac: float, seed: int) -> dict[str, list[int]]:
+    """Item indices per split from one seeded permutation (at least one item for a non-zero fraction);
+    shared by text corpora (documents) and parallel corpora (pairs)."""
+    perm = np.random.default_rng(seed).permutation(n).tolist()
+    n_val = max(1, round(val_frac * n)) if val_frac > 0 else 0
+    n_test = max(1, round(test_frac * n)) if test_frac > 0 else 0
+    return {"val": sorted(perm[:n_val]), "test": sorted(perm[n_val:n_val + n_test]),
+            "train": sorted(perm[n_val + n_test:])}
 
 
 def _contiguous_bounds(length: int, cfg: PrepareConfig) -> dict[str, tuple[int, int]]:
@@ -104,17 +135,21 @@ def _split_texts(corpus: Corpus, mode: str, assign: dict[str, list[int]], cfg: P
             yield text
 
 
-def _train_tokenizer(cfg: PrepareConfig, texts: Iterator[str]) -> Tokenizer:
-    if cfg.tokenizer == "char":
-        return CharTokenizer.train(texts, byte_fallback=cfg.byte_fallback)
-    if cfg.tokenizer == "bpe":
-        return BPETokenizer.train(texts, cfg.vocab_size)
-    if cfg.tokenizer == "word":
-        from ..tokenizers.word import WordTokenizer
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int = 8192, byte_fallback: bool = True,
+                    word_pattern: str | None = None, min_count: int = 1, lowercase: bool = False) -> Tokenizer:
+    """The tokenizer of a prepared data directory, trained on its training texts (both prepares)."""
+    if kind == "char":
+        return CharTokenizer.train(texts, byte_fallback=byte_fallback)
+    if kind == "bpe":
+        return BPETokenizer.train(texts, vocab_size)
+    if kind == "word":
+        return WordTokenizer.train(texts, pattern=word_pattern, min_count=min_count, lowercase=lowercase)
+    raise LMForgeError(f"unknown tokenizer {kind!r}; choose char, bpe or word")
 
-        return WordTokenizer.train(texts, pattern=cfg.word_pattern, min_count=cfg.min_count,
-                                   lowercase=cfg.lowercase)
-    raise LMForgeError(f"unknown tokenizer {cfg.tokenizer!r}; choose char, bpe or word")
+
+def _train_tokenizer(cfg: PrepareConfig, texts: Iterator[str]) -> Tokenizer:
+    return train_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.byte_fallback, cfg.word_pattern, cfg.min_count,
+                           cfg.lowercase)
 
 
 PIECE_CHARS = 1 << 20
@@ -181,11 +216,12 @@ class _ShardWriter:
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Prepare a corpus; returns the meta dictionary written to ``meta.json``."""
-    if not 0 <= cfg.val_frac < 1 or not 0 <= cfg.test_frac < 1 or cfg.val_frac + cfg.test_frac >= 1:
-        raise LMForgeError("--val-frac and --test-frac must be in [0, 1) and sum to less than 1")
+    if cfg.separate_vocab or cfg.target_file:
+        raise LMForgeError("--separate-vocab and --target-file apply to parallel corpora only (de-en, code-doc, "
+                           ".tsv, --target-file); lmforge.prepare and lmforge prepare route those")
     t0 = time.time()
     out = Path(cfg.out)
-    _check_out(out)
+    check_out_dir(out)
     corpus = load_corpus(cfg.corpus, errors=cfg.errors)
     mode, assign = _assign_splits(corpus, cfg)
     tokenizer = _train_tokenizer(cfg, _split_texts(corpus, mode, assign, cfg, "train"))

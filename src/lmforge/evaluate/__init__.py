@@ -20,8 +20,9 @@ few long parallel streams, carrying their state from chunk to chunk.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,12 +31,42 @@ from tqdm import tqdm
 from ..data import TokenData
 from ..errors import LMForgeError
 from ..models.base import LanguageModel
+from ..options import INT64_MAX, Options, option
+
+
+@dataclass
+class EvalConfig(Options):
+    """The options of ``lmforge eval`` (and of :func:`evaluate` / ``evaluate_seq2seq``)."""
+
+    split: Literal["train", "val", "test"] = option("val", help="split to score")
+    batch_size: int = option(16, ge=1, le=1 << 20, help="sequences (or pairs) per batch")
+    max_tokens: int | None = option(None, ge=1, le=INT64_MAX, help="score at most this many tokens",
+                                    default_text="the whole split")
+    stride: int | None = option(None, ge=1, le=1 << 20, help="sliding-window stride for Transformers (smaller "
+                                "than the context: each token scored with more context)",
+                                default_text="the context length (non-overlapping windows)")
+    beam: int = option(1, ge=1, le=256, help="seq2seq: beam size for BLEU/chrF (1 = greedy)")
+    length_penalty: float = option(1.0, ge=-10, le=10, help="seq2seq: beam length penalty (score / length^p)")
+    max_pairs: int | None = option(None, ge=1, le=INT64_MAX, help="seq2seq: evaluate the first N pairs only",
+                                   default_text="all pairs")
+
+
+def context_windows(n: int, ctx: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """How a model with a context of ``ctx`` tokens scores a stream of ``n`` tokens: windows (lo, s, e) whose
+    inputs are tokens[lo : lo+L] (L = min(ctx, n-1)) and which score the targets tokens[s+1 .. e] (window
+    offsets s-lo .. e-lo-1). Window w starts at w*stride and scores its last ``stride`` targets (all of them
+    for the first window), so each token is scored exactly once; the last window is moved back to end at the
+    stream's end. Shared by :func:`evaluate` and :mod:`lmforge.evaluate.inspect`."""
+    stride = min(stride or ctx, ctx)
+    L = min(ctx, n - 1)
+    return [(max(0, min(s + stride, n - 1) - L), s, min(s + stride, n - 1)) for s in range(0, n - 1, stride)]
 
 
 @torch.no_grad()
 def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "val", batch_size: int = 16,
              max_tokens: int | None = None, stride: int | None = None, progress: bool = False,
              chunk: int = 512) -> dict[str, Any]:
+    EvalConfig(split=split, batch_size=batch_size, max_tokens=max_tokens, stride=stride)  # type: ignore[arg-type]
     if not isinstance(data, TokenData):
         data = TokenData(data)
     if data.vocab_size != model.vocab_size:
@@ -47,7 +78,7 @@ def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "v
         raise LMForgeError(f"split {split!r} has fewer than 2 tokens")
     if isinstance(model, torch.nn.Module):
         model.eval()
-    unk = getattr(model.tokenizer, "unk_id", None) if model.tokenizer is not None else None
+    unk = model.tokenizer.unk_id if model.tokenizer is not None else None
     total_nll, total_n, oov_n, oov_nll = 0.0, 0, 0, 0.0
     ctx = model.context_length
 
@@ -62,16 +93,11 @@ def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "v
             oov_nll -= logp.double()[m].sum().item()
 
     if ctx:
-        stride = min(stride or ctx, ctx)
-        # Window w covers inputs [s, s+ctx) and scores only its last `stride` targets (all of them
-        # for the first window), so each token is scored exactly once.
-        starts = list(range(0, n - 1, stride))
-        bar = tqdm(total=len(starts), desc=f"eval {split}", unit="win", disable=not progress)
-        for b in range(0, len(starts), batch_size):
-            group = starts[b:b + batch_size]
-            L = min(ctx, n - 1)
-            lo = [max(0, min(s + stride, n - 1) - L) for s in group]  # window start so it ends at s+stride
-            ends = [min(s + stride, n - 1) for s in group]
+        plan = context_windows(n, ctx, stride)
+        L = min(ctx, n - 1)
+        bar = tqdm(total=len(plan), desc=f"eval {split}", unit="win", disable=not progress)
+        for b in range(0, len(plan), batch_size):
+            lo, group, ends = zip(*plan[b:b + batch_size])
             win = np.stack([tokens.read(a, L + 1) for a in lo])
             x, y = torch.from_numpy(win[:, :-1]), torch.from_numpy(win[:, 1:])
             logp, _ = model.score(x, y, None)

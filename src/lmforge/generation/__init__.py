@@ -18,43 +18,47 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any, TextIO
 
 import torch
 
 from ..errors import LMForgeError
 from ..models.base import LanguageModel
+from ..options import INT64_MAX, Options, label, option
 from .streaming import TextStream
+
+# Below this a softmax of logits / T overflows to inf/nan in fp32; use 0 (greedy) for "no randomness".
+MIN_TEMPERATURE = 1e-3
 
 
 @dataclass
-class GenerationConfig:
-    max_new_tokens: int = 100
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    eos_token_id: int | None = None    # default: the tokenizer's end-of-text token
-    ignore_eos: bool = False
-    seed: int | None = None
-    num_return_sequences: int = 1
-    use_cache: bool = True
+class GenerationConfig(Options):
+    max_new_tokens: int = option(100, ge=0, le=1 << 24, help="tokens to generate at most")
+    temperature: float = option(1.0, ge=0, le=100, help=f"sampling temperature: 0 = greedy, else at least "
+                                f"{MIN_TEMPERATURE:g}")
+    top_k: int | None = option(None, ge=1, le=1 << 24, help="sample among the k most likely tokens only",
+                               default_text="all")
+    top_p: float | None = option(None, gt=0, le=1, help="nucleus sampling: the smallest set of mass p",
+                                 default_text="1 (all)")
+    repetition_penalty: float = option(1.0, gt=0, le=100, help="divide the logits of tokens already present by r")
+    stop: list[str] = option(default_factory=list, metavar="TEXT", help="stop at this string (repeatable)")
+    eos_token_id: int | None = option(None, ge=0, cli=False, help="end token; default: the tokenizer's end-of-text")
+    ignore_eos: bool = option(False, help="do not stop at the end-of-text token")
+    seed: int | None = option(None, ge=0, le=INT64_MAX, help="random seed of the sampler", default_text="random")
+    num_return_sequences: int = option(1, ge=1, le=4096, help="samples per prompt")
+    use_cache: bool = option(True, flag="cache", help="carry the KV cache / state (--no-cache re-runs the whole "
+                             "context at every step)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            f = next(f for f in fields(self) if f.name == "temperature")
+            raise LMForgeError(f"{label(f)} must be 0 (greedy) or >= {MIN_TEMPERATURE:g} (got {self.temperature:g})")
 
     def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise LMForgeError("--max-new-tokens must be >= 0")
-        if self.temperature < 0:
-            raise LMForgeError("--temperature must be >= 0 (0 means greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            raise LMForgeError("--top-k must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise LMForgeError("--top-p must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise LMForgeError("--repetition-penalty must be positive")
-        if self.num_return_sequences < 1:
-            raise LMForgeError("--num-return-sequences must be >= 1")
+        """Checked on construction; kept for callers that re-check a config they changed."""
+        self.__post_init__()
 
 
 def process_logits(logits: torch.Tensor, seqs: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
@@ -101,7 +105,7 @@ def generate_ids(model: LanguageModel, prompt_ids: list[int], cfg: GenerationCon
     ctx = model.context_length
     prompt = list(prompt_ids)
     if not prompt:
-        eot = getattr(model.tokenizer, "eot_id", None) if model.tokenizer is not None else None
+        eot = model.tokenizer.eot_id if model.tokenizer is not None else None
         if eot is None:
             raise LMForgeError("empty prompt and the model has no end-of-text token to start from")
         prompt = [eot]
@@ -182,7 +186,7 @@ def _writer(out: TextIO) -> Callable[[str], None]:
 def generate_text(model: LanguageModel, prompt: str | list[str], max_new_tokens: int = 100,
                   return_full_text: bool = True, stream: bool | TextIO = False,
                   **kwargs: Any) -> str | list[str]:
-    """Hugging Face-style text generation: ``model.generate("ROMEO:", max_new_tokens=50, top_k=50)``.
+    """Hugging Face-style text generation: ``lmforge.generate(model, "ROMEO:", max_new_tokens=50, top_k=50)``.
 
     Returns one string per prompt (a list when ``num_return_sequences > 1`` or prompts is a list). With
     ``stream`` (True = stdout, or a text file) the first sequence is written as it is produced: the same text

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import LMForgeError
+
 DECODE_DTYPES = ("fp32", "bf16", "int8")
 
 
@@ -64,10 +66,9 @@ class DecodeLinear(nn.Module):
 def prepare_for_decoding(model: nn.Module, dtype: str = "fp32") -> nn.Module:
     """Rewrite ``model``'s Linear layers for fast decoding (in place; returns the model)."""
     if dtype not in DECODE_DTYPES:
-        from ..errors import LMForgeError
 
         raise LMForgeError(f"unknown decoding dtype {dtype!r}; choose {', '.join(DECODE_DTYPES)}")
-    if getattr(model, "decode_dtype", None) is not None:
+    if model.decode_dtype is not None:
         return model
     model.eval()
     for parent in list(model.modules()):  # quantize/transposes from the original (fp32) weights

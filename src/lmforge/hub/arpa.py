@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import LMForgeError
 from ..models.ngram import NGramModel
+from ..tokenizers.word import WordTokenizer
 from ..utils import atomic_write
 
 LOG10 = math.log(10)
@@ -166,16 +167,15 @@ def import_arpa(path: str | Path, tokenizer=None) -> NGramModel:  # noqa: ANN001
         raise err("missing \\end\\ (file truncated?)")
     unigrams = [w[0] for _, w, _ in entries[0]]
     if tokenizer is None:
-        from ..tokenizers.word import WordTokenizer
 
         tokenizer = WordTokenizer([w for w in unigrams if w not in ("<s>", "</s>", "<unk>")])
         index = tokenizer.index
         bos, eos, unk, V = tokenizer.bos_id, tokenizer.eot_id, tokenizer.unk_id, tokenizer.vocab_size
     else:
         V0 = tokenizer.vocab_size
-        has_bos = getattr(tokenizer, "bos_id", None) is not None
+        has_bos = tokenizer.bos_id is not None
         bos = tokenizer.bos_id if has_bos else V0
-        eos, unk, V = tokenizer.eot_id, getattr(tokenizer, "unk_id", None), V0 + (0 if has_bos else 1)
+        eos, unk, V = tokenizer.eot_id, tokenizer.unk_id, V0 + (0 if has_bos else 1)
         index = {escape(tokenizer.id_to_token(j)) if tokenizer.kind != "word" else tokenizer.id_to_token(j): j
                  for j in range(V0)}
         index["<s>"], index["</s>"] = bos, eos

@@ -15,11 +15,14 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models
 
 from ..errors import LMForgeError
 from ..models.gpt import GPT
 from ..tokenizers import EOT, BPETokenizer, CharTokenizer
-from ..utils import atomic_write, atomic_write_json
+from ..utils import atomic_write, atomic_write_json, refuse_nonempty
+from .weight_maps import GPT2, GPT2_PREFIX, LLAMA, LLAMA_PREFIX, rows
 
 
 def hf_config_and_weights(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -38,21 +41,13 @@ def hf_config_and_weights(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
                "activation_function": "gelu_new" if c.mlp == "gelu_tanh" else "gelu",
                "layer_norm_epsilon": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-        w = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"]}
-        for i in range(c.n_layer):
-            p, q = f"blocks.{i}.", f"transformer.h.{i}."
-            for a in ("ln_1", "ln_2"):
-                w[q + a + ".weight"] = sd[p + a + ".weight"]
-                w[q + a + ".bias"] = sd.get(p + a + ".bias", zeros(c.n_embd))
-            for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
-                         ("mlp.proj", "mlp.c_proj")):
-                wt = sd[p + a + ".weight"]
-                w[q + b + ".weight"] = wt.t().contiguous()
-                w[q + b + ".bias"] = sd.get(p + a + ".bias", zeros(wt.shape[0]))
-        w["transformer.ln_f.weight"] = sd["ln_f.weight"]
-        w["transformer.ln_f.bias"] = sd.get("ln_f.bias", zeros(c.n_embd))
-        if not c.tie_embeddings:
-            w["lm_head.weight"] = sd["lm_head.weight"]
+        w = {}
+        for r in rows(GPT2, c.n_layer, set() if c.tie_embeddings else {"untied"}):
+            t = sd.get(r.ours)
+            if t is None:  # a bias lmforge does not have: zeros of the weight's output size
+                t = zeros(sd[r.ours.removesuffix(".bias") + ".weight"].shape[0])
+            name = r.hf[0] if r.ours == "lm_head.weight" else GPT2_PREFIX + r.hf[0]
+            w[name] = t.t().contiguous() if r.transpose else t
         return cfg, w
     if c.pos == "rope" and c.norm == "rmsnorm":
         if c.rope_scaling:
@@ -66,27 +61,23 @@ def hf_config_and_weights(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
                "tie_word_embeddings": c.tie_embeddings, "attention_bias": bool(c.qkv_bias or c.bias),
                "mlp_bias": (not gated) or c.bias,
                "hidden_act": "silu" if gated else ("gelu_pytorch_tanh" if c.mlp == "gelu_tanh" else "gelu")}
-        w = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["ln_f.weight"]}
-        for i in range(c.n_layer):
+        present = ({"qkv_bias"} if cfg["attention_bias"] else set()) | (set() if c.tie_embeddings else {"untied"})
+        w = {}
+        for r in rows(LLAMA, c.n_layer, present):
+            t = sd.get(r.ours)
+            if t is None:  # QKV biases lmforge does not have
+                t = zeros((c.n_head + 2 * kv) * hd)
+            if len(r.hf) == 3:  # fused Q, K, V
+                parts = t.split([c.n_head * hd, kv * hd, kv * hd])
+            elif len(r.hf) == 2:  # fused gate and up; a GELU MLP is act(gate x) * up(x) with up(x) = 0 x + 1
+                parts = t.chunk(2, dim=0) if gated else (t, torch.zeros_like(t))
+            else:
+                parts = (t,)
+            w.update((n if r.ours == "lm_head.weight" else LLAMA_PREFIX + n, x) for n, x in zip(r.hf, parts))
+        for i in range(c.n_layer):  # biases Llama has and the table does not map (o_proj, MLP)
             p, q = f"blocks.{i}.", f"model.layers.{i}."
-            w[q + "input_layernorm.weight"] = sd[p + "ln_1.weight"]
-            w[q + "post_attention_layernorm.weight"] = sd[p + "ln_2.weight"]
-            qw, kw, vw = sd[p + "attn.qkv.weight"].split([c.n_head * hd, kv * hd, kv * hd])
-            w[q + "self_attn.q_proj.weight"], w[q + "self_attn.k_proj.weight"] = qw, kw
-            w[q + "self_attn.v_proj.weight"] = vw
-            w[q + "self_attn.o_proj.weight"] = sd[p + "attn.proj.weight"]
             if cfg["attention_bias"]:
-                qb = sd.get(p + "attn.qkv.bias", zeros((c.n_head + 2 * kv) * hd))
-                for x, t in zip("qkv", qb.split([c.n_head * hd, kv * hd, kv * hd])):
-                    w[q + f"self_attn.{x}_proj.bias"] = t
                 w[q + "self_attn.o_proj.bias"] = sd.get(p + "attn.proj.bias", zeros(c.n_embd))
-            fc = sd[p + "mlp.fc.weight"]
-            if gated:
-                gate, up = fc.chunk(2, dim=0)
-            else:  # act(gate x) * up(x) with up(x) = 0 x + 1
-                gate, up = fc, torch.zeros_like(fc)
-            w[q + "mlp.gate_proj.weight"], w[q + "mlp.up_proj.weight"] = gate, up
-            w[q + "mlp.down_proj.weight"] = sd[p + "mlp.proj.weight"]
             if cfg["mlp_bias"]:
                 fb = sd.get(p + "mlp.fc.bias")
                 w[q + "mlp.gate_proj.bias"] = fb.chunk(2)[0] if (fb is not None and gated) else \
@@ -94,15 +85,12 @@ def hf_config_and_weights(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
                 w[q + "mlp.up_proj.bias"] = fb.chunk(2)[1] if (fb is not None and gated) else \
                     (zeros(c.hidden) if gated else torch.ones(c.hidden))
                 w[q + "mlp.down_proj.bias"] = sd.get(p + "mlp.proj.bias", zeros(c.n_embd))
-        if not c.tie_embeddings:
-            w["lm_head.weight"] = sd["lm_head.weight"]
         return cfg, w
     raise LMForgeError(f"no Hugging Face architecture matches pos={c.pos}, norm={c.norm}, mlp={c.mlp}; "
                        "GPT-2 (learned + layernorm + gelu) and Llama (rope + rmsnorm) are supported")
 
 
 def char_tokenizer_to_hf(tok: CharTokenizer):  # noqa: ANN201
-    from tokenizers import Tokenizer, decoders, models
 
     vocab = {EOT: 0}
     for i, ch in enumerate(tok.chars):
@@ -118,13 +106,10 @@ def char_tokenizer_to_hf(tok: CharTokenizer):  # noqa: ANN201
 
 
 def export_hf(model: GPT, out: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     if not isinstance(model, GPT):
         raise LMForgeError(f"only GPT models export to Hugging Face format, not {model.model_type}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise LMForgeError(f"{out} already exists; choose another --out")
+    refuse_nonempty(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg, weights = hf_config_and_weights(model)
     tok = model.tokenizer

@@ -14,9 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from ..errors import LMForgeError
 from ..models.gpt import GPT, GPTConfig
+from ..tokenizers.bpe import BPETokenizer
+from .hf import check_tokenizer_fits
+from .weight_maps import LLAMA, rows
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -41,7 +45,7 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def load_gguf(path: str | Path) -> GPT:
-    import gguf
+    import gguf  # the gguf package costs start-up time; only GGUF files need it
 
     path = Path(path)
     if not path.exists():
@@ -84,25 +88,18 @@ def load_gguf(path: str | Path) -> GPT:
             raise LMForgeError(f"{path}: tensor {name} is missing")
         return tensors[name]
 
-    sd = {"wte.weight": need("token_embd.weight"), "ln_f.weight": need("output_norm.weight")}
-    for i in range(cfg.n_layer):
-        p, q = f"blk.{i}.", f"blocks.{i}."
-        sd[q + "ln_1.weight"] = need(p + "attn_norm.weight")
-        sd[q + "ln_2.weight"] = need(p + "ffn_norm.weight")
-        sd[q + "attn.qkv.weight"] = torch.cat([unpermute(need(p + "attn_q.weight"), n_head),
-                                               unpermute(need(p + "attn_k.weight"), n_kv), need(p + "attn_v.weight")])
-        sd[q + "attn.proj.weight"] = need(p + "attn_output.weight")
-        sd[q + "mlp.fc.weight"] = torch.cat([need(p + "ffn_gate.weight"), need(p + "ffn_up.weight")])
-        sd[q + "mlp.proj.weight"] = need(p + "ffn_down.weight")
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = need("output.weight")
+    sd = {}
+    for r in rows(LLAMA, cfg.n_layer, set() if cfg.tie_embeddings else {"untied"}):
+        parts = [need(n) for n in r.gguf]
+        if r.ours.endswith("attn.qkv.weight"):  # llama.cpp interleaves Q and K rows for its RoPE
+            parts = [unpermute(parts[0], n_head), unpermute(parts[1], n_kv), parts[2]]
+        sd[r.ours] = torch.cat(parts)
     model = GPT(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
         raise LMForgeError(f"{path}: tensors do not match the metadata ({missing[:3]}, {unexpected[:3]})")
     model.eval()
     model.tokenizer = gguf_tokenizer(reader, tokens)
-    from .hf import check_tokenizer_fits
 
     check_tokenizer_fits(model.tokenizer, cfg.vocab_size, str(path))
     model.chat_template = _field(reader, "tokenizer.chat_template")
@@ -115,9 +112,7 @@ def gguf_tokenizer(reader: Any, tokens: list[str]):  # noqa: ANN201
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise LMForgeError(f"unsupported GGUF tokenizer {kind!r} (GPT-2-style byte-level BPE only)")
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from ..tokenizers.bpe import BPETokenizer
 
     merges = [tuple(m.split(" ", 1)) for m in (_field(reader, "tokenizer.ggml.merges") or [])]
     hf = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))

@@ -12,24 +12,26 @@ weights (single file or sharded with an index) are renamed onto lmforge's module
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import LMForgeError
 from ..models.gpt import GPT, GPTConfig
+from ..tokenizers.bpe import BPETokenizer
 from ..utils import read_json
+from .weight_maps import GPT2, GPT2_PREFIX, LLAMA, LLAMA_PREFIX, rows
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED = ("gpt2", *LLAMA_LIKE)
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     index = directory / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(read_json(index, "safetensors index")["weight_map"].values()))
@@ -102,61 +104,38 @@ def _strip(t: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, t
 
 
 def gpt_state_dict_from_hf(cfg: GPTConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors -> lmforge's GPT state dict, by the architecture's table (hub/weight_maps.py)."""
     mt = cfg.extra["hf_model_type"]
-    sd: dict[str, torch.Tensor] = {}
+    table, prefix = (GPT2, GPT2_PREFIX) if mt == "gpt2" else (LLAMA, LLAMA_PREFIX)
+    t = _strip(t, (prefix,))
 
     def need(key: str) -> torch.Tensor:
         if key not in t:
             raise LMForgeError(f"checkpoint is missing tensor {key!r} for a {mt} model")
         return t[key].float()
 
-    if mt == "gpt2":
-        t = _strip(t, ("transformer.",))
-        sd["wte.weight"], sd["wpe.weight"] = need("wte.weight"), need("wpe.weight")
-        for i in range(cfg.n_layer):
-            p, q = f"h.{i}.", f"blocks.{i}."
-            for a, b in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
-                sd[q + b + ".weight"], sd[q + b + ".bias"] = need(p + a + ".weight"), need(p + a + ".bias")
-            for a, b in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"),
-                         ("mlp.c_proj", "mlp.proj")):
-                sd[q + b + ".weight"] = need(p + a + ".weight").t().contiguous()  # Conv1D is (in, out)
-                sd[q + b + ".bias"] = need(p + a + ".bias")
-        sd["ln_f.weight"], sd["ln_f.bias"] = need("ln_f.weight"), need("ln_f.bias")
-        if not cfg.tie_embeddings:
-            sd["lm_head.weight"] = need("lm_head.weight")
-        return sd
-    lm_head = t.get("lm_head.weight")
-    t = _strip(t, ("model.",))
-    sd["wte.weight"] = need("embed_tokens.weight")
-    for i in range(cfg.n_layer):
-        p, q = f"layers.{i}.", f"blocks.{i}."
-        sd[q + "ln_1.weight"] = need(p + "input_layernorm.weight")
-        sd[q + "ln_2.weight"] = need(p + "post_attention_layernorm.weight")
-        sd[q + "attn.qkv.weight"] = torch.cat([need(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
-        if cfg.qkv_bias:
-            sd[q + "attn.qkv.bias"] = torch.cat([need(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-        sd[q + "attn.proj.weight"] = need(p + "self_attn.o_proj.weight")
-        if cfg.mlp == "swiglu":
-            sd[q + "mlp.fc.weight"] = torch.cat([need(p + "mlp.gate_proj.weight"), need(p + "mlp.up_proj.weight")])
-        else:  # lmforge's GELU MLP written as gelu(gate x) * (0 x + 1): check the "up" really is constant 1
-            up_w, up_b = need(p + "mlp.up_proj.weight"), need(p + "mlp.up_proj.bias")
-            if up_w.abs().max() > 0 or not torch.all(up_b == 1) or need(p + "mlp.gate_proj.bias").abs().max() > 0 \
-                    or need(p + "mlp.down_proj.bias").abs().max() > 0:
+    present = {"untied"} if not cfg.tie_embeddings else set()
+    if cfg.qkv_bias:
+        present.add("qkv_bias")
+    sd: dict[str, torch.Tensor] = {}
+    for r in rows(table, cfg.n_layer, present):
+        names = r.hf
+        if r.ours.endswith("mlp.fc.weight") and mt != "gpt2" and cfg.mlp != "swiglu":
+            # lmforge's GELU MLP exported as gelu(gate x) * (0 x + 1): check the "up" really is constant 1
+            gate, up = names
+            up_w, up_b = need(up), need(up.replace(".weight", ".bias"))
+            down_b = need(up.replace("up_proj.weight", "down_proj.bias"))
+            if up_w.abs().max() > 0 or not torch.all(up_b == 1) or \
+                    need(gate.replace(".weight", ".bias")).abs().max() > 0 or down_b.abs().max() > 0:
                 raise LMForgeError("unsupported: a gated GELU MLP (only lmforge's own ungated GELU export reads back)")
-            sd[q + "mlp.fc.weight"] = need(p + "mlp.gate_proj.weight")
-        sd[q + "mlp.proj.weight"] = need(p + "mlp.down_proj.weight")
-    sd["ln_f.weight"] = need("norm.weight")
-    if not cfg.tie_embeddings:
-        if lm_head is None:
-            raise LMForgeError("checkpoint has untied embeddings but no lm_head.weight")
-        sd["lm_head.weight"] = lm_head.float()
+            names = (gate,)
+        w = torch.cat([need(n) for n in names])
+        sd[r.ours] = w.t().contiguous() if r.transpose else w
     return sd
 
 
 def load_hf_tokenizer(directory: Path):  # noqa: ANN201
-    from tokenizers import Tokenizer as HFTokenizer
 
-    from ..tokenizers.bpe import BPETokenizer
 
     has_json = (directory / "tokenizer.json").exists()
     has_bpe_files = (directory / "vocab.json").exists() and (directory / "merges.txt").exists()
@@ -167,7 +146,9 @@ def load_hf_tokenizer(directory: Path):  # noqa: ANN201
     for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
         p = directory / name
         if p.exists():
-            c = json.loads(p.read_text(encoding="utf-8"))
+            c = read_json(p, "tokenizer settings")
+            if not isinstance(c, dict):
+                continue
             tok = c.get("eos_token")
             eos = (tok.get("content") if isinstance(tok, dict) else tok) if tok else None
             if eos is None and isinstance(c.get("eos_token_id"), int):
@@ -181,7 +162,6 @@ def load_hf_tokenizer(directory: Path):  # noqa: ANN201
             raise LMForgeError(f"{directory / 'tokenizer.json'} cannot be read by the tokenizers library "
                                f"({e})") from None
     else:  # GPT-2's original files: byte-level BPE from vocab.json + merges.txt
-        from tokenizers import decoders, models, pre_tokenizers
 
         try:
             hf = HFTokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
@@ -190,7 +170,6 @@ def load_hf_tokenizer(directory: Path):  # noqa: ANN201
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
         if isinstance(eos, str) and hf.token_to_id(eos) is not None:
-            from tokenizers import AddedToken
 
             hf.add_special_tokens([AddedToken(eos, special=True, normalized=False)])
     return BPETokenizer(hf, eot=eos)

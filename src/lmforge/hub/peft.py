@@ -152,7 +152,7 @@ def apply_adapter(model: torch.nn.Module, directory: str | Path, merge: bool = T
 
 def load_adapter_run(directory: str | Path) -> torch.nn.Module:
     """A LoRA run directory as a model: its base (``base_model_name_or_path``) with the adapter merged."""
-    from ..models import load_model
+    from .resolve import load_model  # (resolve imports this module lazily too)
 
     conf, _ = read_adapter(directory)
     base = conf.get("base_model_name_or_path")

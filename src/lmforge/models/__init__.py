@@ -17,12 +17,8 @@ MODEL_REGISTRY: dict[str, str] = {
     "gru": "lmforge.models.rnn:GRULM",
     "rnn": "lmforge.models.rnn:RNNLM",
     "seq2seq": "lmforge.models.seq2seq:Seq2Seq",
-    # Hugging Face checkpoint directories, read into lmforge's GPT
-    "gpt2": "lmforge.hub.hf:HFCheckpoint",
-    "llama": "lmforge.hub.hf:HFCheckpoint",
-    "mistral": "lmforge.hub.hf:HFCheckpoint",
-    "qwen2": "lmforge.hub.hf:HFCheckpoint",
 }
+# Hugging Face checkpoints and GGUF files are read by lmforge.hub (hub.load_model, lmforge.load)
 
 
 def model_class(model_type: str) -> type[LanguageModel]:
@@ -35,26 +31,18 @@ def model_class(model_type: str) -> type[LanguageModel]:
 def create_model(model_type: str, vocab_size: int, preset: str | None = None, **overrides) -> LanguageModel:
     """A freshly initialised model of a family from a preset plus overrides (``None`` values ignored)."""
     cls = model_class(model_type)
-    if not getattr(cls, "presets", None):
+    if not cls.presets:
         raise LMForgeError(f"model type {model_type!r} is not trained by gradient descent; see lmforge train --help")
     return cls.from_preset(preset, vocab_size, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def load_model(path: str | Path) -> LanguageModel:
-    """Load a run directory (or any directory written by ``save_pretrained``)."""
-    from ..apps.chat import resolve_model
-
-    path = Path(resolve_model(str(path)))
+    """Load an lmforge run directory (or any directory written by ``save_pretrained``). Hugging Face
+    directories, GGUF files and named shortcuts are resolved one room up: ``lmforge.hub.load_model``
+    (what ``lmforge.load`` calls)."""
+    path = Path(path)
     if not path.exists():
         raise LMForgeError(f"{path} does not exist; give a run directory such as runs/shk")
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        from ..hub.gguf_io import load_gguf
-
-        return load_gguf(path)
-    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        from ..hub.peft import load_adapter_run  # a LoRA run: its base model with the adapter merged
-
-        return load_adapter_run(path)
     if not path.is_dir() or not (path / "config.json").exists():
         raise LMForgeError(f"{path} is not a run directory (no config.json); give one written by "
                            "lmforge train")
@@ -62,6 +50,9 @@ def load_model(path: str | Path) -> LanguageModel:
     model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
     if not model_type:
         raise LMForgeError(f"{path / 'config.json'} has no model_type")
+    if not isinstance(model_type, str) or model_type not in MODEL_REGISTRY:
+        raise LMForgeError(f"{path}: unknown model type {model_type!r}; lmforge families: "
+                           f"{', '.join(sorted(MODEL_REGISTRY))} (Hugging Face checkpoints load with lmforge.load)")
     return model_class(model_type).from_pretrained(path)
 
 

@@ -13,18 +13,46 @@ so every family (n-gram, RNN/LSTM, GPT, ...) exposes the same two operations:
   derives it from the logits; a family can override it with something cheaper (n-grams).
 
 Evaluation (``lmforge.evaluate``) and decoding (``lmforge.generation``) are written once against
-this protocol and never branch on the family.
+this protocol and never branch on the family. What a family may offer beyond it is *declared* below
+(``is_seq2seq``, ``stateful``, ``source_tokenizer``, ``chat_template``, ``decode_dtype``,
+``param_groups``) with a default, so callers read an attribute instead of probing with getattr/hasattr.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..tokenizers import Tokenizer
+from ..errors import LMForgeError
+from ..tokenizers import Tokenizer, load_tokenizer
+from ..utils import atomic_write_json, read_json
+from .weights import load_weights, save_weights
+
+# Bounds of model options: far beyond any CPU model, small enough to refuse typos before allocating.
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 30
+MAX_LAYERS = 4096
+MAX_WIDTH = 1 << 16
+PRESET = "from the preset"
+
+
+@dataclass
+class Trace:
+    """What a model computed on one sequence (batch row 0), for looking inside it (``lmforge inspect``).
+    Fields a family cannot provide stay empty; its capability flags on :class:`LanguageModel` say which."""
+
+    logits: torch.Tensor                                  # (T, V) next-token logits at every input position
+    #: attention weights per kind ("self"; seq2seq: "self", "encoder", "cross"), one (H, T, S) tensor a layer
+    attention: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    #: the residual stream (T, d): the block input (embeddings), then the output of every block
+    hidden_states: list[torch.Tensor] = field(default_factory=list)
+    backoff_order: np.ndarray | None = None               # (T,) the n-gram order that answered each target
+    state_norm: torch.Tensor | None = None                # (T,) ||h_t|| of the top recurrent layer
 
 
 class LanguageModel:
@@ -40,9 +68,40 @@ class LanguageModel:
 
     model_type: str = "base"
     tokenizer: Tokenizer | None = None
-    #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json, a fine-tuning run's
-    #: chat_template.jinja); None = none
+
+    # --- declared capabilities (a family overrides what it offers) ----------------------------
+    #: an encoder-decoder: conditions on a source sequence (``lmforge translate``), not a prompt
+    is_seq2seq: bool = False
+    #: the trainer reads consecutive windows and carries ``state`` across them (truncated BPTT, RNNs)
+    stateful: bool = False
+    #: the tokenizer of the source side (seq2seq with separate vocabularies); None = ``tokenizer``
+    source_tokenizer: Tokenizer | None = None
+    #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json, a
+    #: fine-tuning run's chat_template.jinja); None = none
     chat_template: str | None = None
+    #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8); None = training layout
+    decode_dtype: str | None = None
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups; the default decays every trainable parameter (families override it
+        to exempt biases, norms and embeddings)."""
+        params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        return [{"params": params, "weight_decay": weight_decay}]
+
+    @property
+    def encoder_tokenizer(self) -> Tokenizer | None:
+        """The tokenizer of the model's input side: ``source_tokenizer`` when separate, else ``tokenizer``."""
+        return self.source_tokenizer or self.tokenizer
+
+    # --- capabilities (what ``trace`` returns besides logits; ``lmforge inspect`` draws these views) ---
+    #: ``trace`` returns every layer's attention weights, from the opt-in exact path (Transformers)
+    has_attention: bool = False
+    #: ``trace`` returns the residual stream of every layer and ``unembed`` maps it to logits (logit lens)
+    has_logit_lens: bool = False
+    #: ``trace`` returns the order of the n-gram that answered each target (n-gram back-off)
+    has_backoff: bool = False
+    #: ``trace`` returns the norm of the recurrent state at each position (RNN/GRU/LSTM)
+    has_state_norm: bool = False
 
     # --- the protocol -------------------------------------------------------------------------
     @property
@@ -72,6 +131,18 @@ class LanguageModel:
         logp = F.log_softmax(logits.float(), dim=-1)
         return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), state
 
+    def trace(self, input_ids: torch.Tensor, targets: torch.Tensor, state: Any = None,
+              source_ids: torch.Tensor | None = None) -> tuple[Trace, Any]:
+        """Logits of a (1, T) sequence plus what the family can show of its insides (see :class:`Trace`),
+        continuing from ``state`` like ``forward_logits`` (an encoder-decoder encodes ``source_ids``, (1, S),
+        instead). Slower than ``forward_logits``: for looking only."""
+        logits, state = self.forward_logits(input_ids, state)
+        return Trace(logits=logits[0]), state
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual stream (the final norm, then the output head): the logit lens."""
+        raise NotImplementedError(f"{type(self).__name__} has no logit lens")
+
     def state_select(self, state: Any, index: torch.Tensor) -> Any:
         """Reorder/select batch rows of a state (beam search); default for tensor tuples."""
         if state is None:
@@ -93,26 +164,32 @@ class LanguageModel:
         return {}
 
     @classmethod
-    def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> LanguageModel:
-        """A fresh model: the preset's config, then ``overrides``, for a vocabulary of ``vocab_size``."""
-        from dataclasses import fields
-
-        from ..errors import LMForgeError
-
+    def config_for(cls, preset: str | None, vocab_size: int | None = None, **overrides: Any) -> Any:
+        """The preset's config, then ``overrides`` (validated by the config's field declarations)."""
         preset = preset or cls.default_preset
         if preset not in cls.presets:
             raise LMForgeError(f"unknown {cls.model_type} preset {preset!r}; choose one of {', '.join(cls.presets)}")
         unknown = set(overrides) - {f.name for f in fields(cls.config_class)}
         if unknown:
             raise LMForgeError(f"unknown {cls.model_type} option(s) {', '.join(sorted(unknown))}")
-        cfg = {**cls.presets[preset], **cls.preset_fields(), **overrides, "vocab_size": vocab_size}
-        return cls(cls.config_class(**cfg))  # type: ignore[call-arg]
+        cfg = {**cls.presets[preset], **cls.preset_fields(), **overrides}
+        if vocab_size is not None:
+            cfg["vocab_size"] = vocab_size
+        return cls.config_class(**cfg)  # type: ignore[call-arg]
+
+    @classmethod
+    def check_overrides(cls, preset: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+        """``overrides`` converted and checked with the preset (cross-field rules too), before any data."""
+        cfg = cls.config_for(preset, **overrides)
+        return {k: getattr(cfg, k) for k in overrides}
+
+    @classmethod
+    def from_preset(cls, preset: str | None, vocab_size: int, **overrides: Any) -> LanguageModel:
+        """A fresh model: the preset's config, then ``overrides``, for a vocabulary of ``vocab_size``."""
+        return cls(cls.config_for(preset, vocab_size, **overrides))  # type: ignore[call-arg]
 
     def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
         """config.json (model_type + config), model.safetensors and tokenizer.json, like Hugging Face."""
-        from ..hub.checkpoint import save_weights
-        from ..utils import atomic_write_json
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_weights(self, directory / "model.safetensors")  # type: ignore[arg-type]
@@ -127,12 +204,9 @@ class LanguageModel:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanguageModel:
-        from ..hub.checkpoint import load_weights
-        from ..tokenizers import load_tokenizer
-        from ..utils import read_json
-
         directory = Path(directory)
-        model = cls(cls.config_class.from_dict(read_json(directory / "config.json", "model config")))  # type: ignore
+        cfg = cls.config_class.from_dict(read_json(directory / "config.json", "model config"), strict=False)
+        model = cls(cfg)  # type: ignore[call-arg]
         load_weights(model, directory / "model.safetensors")  # type: ignore[arg-type]
         model.eval()  # type: ignore[attr-defined]
         if (directory / "tokenizer.json").exists():
@@ -145,15 +219,3 @@ class LanguageModel:
         if isinstance(self, torch.nn.Module):
             return sum(p.numel() for p in self.parameters())
         return 0
-
-    # --- conveniences (Hugging Face style) ----------------------------------------------------
-    def generate(self, prompt: str | list[str], **kwargs: Any) -> str | list[str]:
-        """Decode text from ``prompt``; see :func:`lmforge.generation.generate` for arguments."""
-        from ..generation import generate_text
-
-        return generate_text(self, prompt, **kwargs)
-
-    def evaluate(self, data: str | Path, split: str = "val", **kwargs: Any) -> dict[str, float]:
-        from ..evaluate import evaluate
-
-        return evaluate(self, data, split=split, **kwargs)

@@ -11,50 +11,60 @@ attention, untied head); see ``PRESETS``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LMForgeError
-from .base import LanguageModel
-from .layers import Block, KVCache, decay_param_groups, init_weights, make_norm, rope_tables, sinusoidal_table
+from ..options import Options, option
+from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace
+from .layers import (
+    Block,
+    KVCache,
+    decay_param_groups,
+    init_weights,
+    make_norm,
+    record_attention,
+    record_residual_stream,
+    rope_tables,
+    sinusoidal_table,
+)
 
 
 @dataclass
-class GPTConfig:
-    vocab_size: int = 50304
-    block_size: int = 256            # context length (tokens)
-    n_layer: int = 6
-    n_head: int = 6
-    n_kv_head: int | None = None     # None = n_head (multi-head); fewer = grouped-query attention
-    n_embd: int = 384
-    mlp_hidden: int | None = None    # None = 4*n_embd (gelu) or ~8/3*n_embd rounded to 64 (swiglu)
-    mlp: str = "gelu"                # gelu (exact) | gelu_tanh (GPT-2's approximation) | swiglu
-    norm: str = "layernorm"          # layernorm | rmsnorm
-    norm_eps: float = 1e-5
-    pos: str = "learned"             # learned | sinusoidal | rope
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    bias: bool = False               # biases in Linear and LayerNorm
-    qkv_bias: bool | None = None     # Qwen2 has QKV biases only; None = same as bias
-    tie_embeddings: bool = True      # share the token embedding with the output head
-    sliding_window: int | None = None  # attend to the last `sliding_window` positions only (Mistral)
-    dropout: float = 0.0
-    extra: dict = field(default_factory=dict)  # free-form (e.g. imported model's name)
+class GPTConfig(Options):
+    vocab_size: int = option(50304, ge=1, le=MAX_VOCAB, cli=False, help="output vocabulary (from the data)")
+    block_size: int = option(256, ge=1, le=MAX_CONTEXT, help="context length (tokens)", default_text=PRESET)
+    n_layer: int = option(6, ge=1, le=MAX_LAYERS, help="Transformer blocks", default_text=PRESET)
+    n_head: int = option(6, ge=1, le=MAX_WIDTH, help="attention heads", default_text=PRESET)
+    n_kv_head: int | None = option(None, ge=1, le=MAX_WIDTH, default_text="n_head (multi-head attention)",
+                                   help="key/value heads (fewer than n_head = grouped-query attention)")
+    n_embd: int = option(384, ge=1, le=MAX_WIDTH, help="model width (embedding size)", default_text=PRESET)
+    mlp_hidden: int | None = option(None, ge=1, le=MAX_WIDTH * 8, help="MLP hidden width",
+                                    default_text="4 x n_embd (gelu) or ~8/3 x n_embd rounded to 64 (swiglu)")
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = option(
+        "gelu", help="MLP: exact GELU, GPT-2's tanh GELU, or SwiGLU (Llama)", default_text=PRESET)
+    norm: Literal["layernorm", "rmsnorm"] = option("layernorm", help="normalisation", default_text=PRESET)
+    norm_eps: float = option(1e-5, gt=0, lt=1, cli=False, help="epsilon of the norms")
+    pos: Literal["learned", "sinusoidal", "rope"] = option("learned", help="position encoding", default_text=PRESET)
+    rope_theta: float = option(10000.0, gt=0, cli=False, help="RoPE base")
+    rope_scaling: dict | None = option(None, cli=False, help="RoPE scaling ({type: linear, factor: F})")
+    bias: bool = option(False, cli=False, help="biases in Linear and LayerNorm")
+    qkv_bias: bool | None = option(None, cli=False, help="QKV biases only (Qwen2); None = same as bias")
+    tie_embeddings: bool = option(True, help="share the token embedding with the output head", default_text=PRESET)
+    sliding_window: int | None = option(None, ge=1, cli=False, help="attend to the last N positions only (Mistral)")
+    dropout: float = option(0.0, ge=0, lt=1, help="dropout probability", default_text=PRESET)
+    extra: dict = option(default_factory=dict, cli=False, help="free-form (e.g. an imported model's name)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.n_embd % self.n_head:
-            raise LMForgeError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            raise LMForgeError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
-            raise LMForgeError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
-        for name, value, allowed in (("mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu")),
-                                     ("norm", self.norm, ("layernorm", "rmsnorm")),
-                                     ("pos", self.pos, ("learned", "sinusoidal", "rope"))):
-            if value not in allowed:
-                raise LMForgeError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+            raise LMForgeError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise LMForgeError("rope needs an even head dimension (n_embd / n_head)")
 
@@ -66,13 +76,6 @@ class GPTConfig:
             return 64 * math.ceil(8 * self.n_embd / 3 / 64)
         return 4 * self.n_embd
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # Presets. `tiny` is the demo recipe (tuned for ~5 CPU minutes on Tiny Shakespeare, see
@@ -112,6 +115,8 @@ class GPT(nn.Module, LanguageModel):
     config_class = GPTConfig
     presets = PRESETS
     default_preset = "tiny"
+    has_attention = True
+    has_logit_lens = True
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -212,6 +217,15 @@ class GPT(nn.Module, LanguageModel):
 
     def state_select(self, state: KVCache | None, index: torch.Tensor) -> KVCache | None:
         return None if state is None else state.select(index)
+
+    def trace(self, input_ids: torch.Tensor, targets: torch.Tensor, state: KVCache | None = None,
+              source_ids: torch.Tensor | None = None) -> tuple[Trace, KVCache | None]:
+        with record_attention(self), record_residual_stream(self.blocks) as hidden:
+            logits, _ = self(input_ids, cache=state)
+        return Trace(logits[0], {"self": [b.attn.weights[0] for b in self.blocks]}, [h[0] for h in hidden]), state
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(hidden))
 
     # --- optimisation --------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:

@@ -13,12 +13,17 @@ The math, as in the textbooks:
 * pre-norm residual block        x + Attn(Norm(x)), then x + MLP(Norm(x)), LayerNorm or RMSNorm.
 
 The fast path uses ``F.scaled_dot_product_attention`` (fused kernels); :func:`attention_reference`
-spells the formula out and the tests check that the two agree.
+spells the formula out and the tests check that the two agree. For looking inside a model
+(``lmforge inspect``), :func:`record_attention` switches the attention modules to an opt-in exact path
+that computes the weights softmax(Q K^T / sqrt(d_k) + M) explicitly and keeps them; training and
+decoding never take it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -121,6 +126,58 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.softmax(scores, dim=-1) @ v
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A = softmax(Q K^T / sqrt(d_k)) with -inf where ``mask`` is False: (B, H, T, S), rows sum to 1.
+    Computed in fp32 whatever the inputs' dtype (the weights are for looking at, not for speed)."""
+    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+class RecordsAttention:
+    """Mixin of the attention modules: with ``record`` set (see :func:`record_attention`), forward takes
+    the exact path and keeps the weights of its last call in ``weights`` (B, H, T, S)."""
+
+    record: bool = False
+    weights: torch.Tensor | None = None
+
+    def _exact(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: each K/V head serves n_head / n_kv_head queries
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        self.weights = attention_weights(q, k, mask)
+        return (self.weights @ v.float()).to(q.dtype)
+
+
+@contextmanager
+def record_attention(model: nn.Module) -> Iterator[list[RecordsAttention]]:
+    """Within the block, every attention module of ``model`` takes the exact path and records its weights;
+    yields the modules in registration order (a decoder block's self-attention before its cross-attention)."""
+    mods = [m for m in model.modules() if isinstance(m, RecordsAttention)]
+    for m in mods:
+        m.record, m.weights = True, None
+    try:
+        yield mods
+    finally:
+        for m in mods:
+            m.record = False
+
+
+@contextmanager
+def record_residual_stream(blocks: nn.ModuleList) -> Iterator[list[torch.Tensor]]:
+    """Within the block, the list yielded fills with the residual stream of a stack of blocks: the first
+    block's input, then every block's output (forward hooks: the model's code is unchanged)."""
+    out: list[torch.Tensor] = []
+    hooks = [blocks[0].register_forward_pre_hook(lambda m, args: out.append(args[0].detach()))]
+    hooks += [b.register_forward_hook(lambda m, args, y: out.append(y.detach())) for b in blocks]
+    try:
+        yield out
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class KVCache:
     """A pre-allocated (static) key/value cache for incremental decoding.
 
@@ -158,7 +215,7 @@ class KVCache:
         return self
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(nn.Module, RecordsAttention):
     """Multi-head (optionally grouped-query) self-attention with an optional KV cache.
 
     Causal (a decoder: position t sees positions <= t) unless ``causal=False`` (an encoder, which
@@ -211,6 +268,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
+        if self.record:
+            return self._exact(q, k, v, self._mask(past, T, q.device, attn_mask))
         gqa = self.n_kv_head != self.n_head
         p = self.dropout if self.training else 0.0
         if not self.causal:  # an encoder: every position sees every (non-padding) position
@@ -232,6 +291,17 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         return y
+
+    def _mask(self, past: int, T: int, device: torch.device, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The exact path's mask, True where query i (at position past + i) may look at key j."""
+        if not self.causal:
+            return attn_mask
+        qpos = torch.arange(past, past + T, device=device)[:, None]
+        kpos = torch.arange(past + T, device=device)[None, :]
+        mask = kpos <= qpos
+        if self.sliding_window is not None:
+            mask = mask & (kpos > qpos - self.sliding_window)
+        return mask
 
 
 class MLP(nn.Module):
@@ -280,7 +350,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(nn.Module, RecordsAttention):
     """Encoder-decoder attention: queries from the decoder, keys and values from the encoder output
     ("memory"), so every target position can look at every source position (Vaswani et al. 2017).
 
@@ -311,5 +381,8 @@ class CrossAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if q.dtype != k.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        if self.record:
+            y = self._exact(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))

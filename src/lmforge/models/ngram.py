@@ -32,16 +32,35 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from ..errors import LMForgeError
-from .base import LanguageModel
+from ..options import Options, option
+from ..tokenizers import load_tokenizer
+from ..utils import atomic_write, atomic_write_json, read_json
+from .base import LanguageModel, Trace
 
-SMOOTHINGS = ("mle", "add-k", "witten-bell", "kneser-ney", "modified-kneser-ney")
+Smoothing = Literal["mle", "add-k", "witten-bell", "kneser-ney", "modified-kneser-ney"]
+SMOOTHINGS: tuple[str, ...] = get_args(Smoothing)
+MAX_ORDER = 64
+
+
+@dataclass
+class NGramConfig(Options):
+    """How an n-gram model is counted and smoothed (``lmforge train --model ngram``)."""
+
+    order: int = option(3, ge=1, le=MAX_ORDER, help="n-gram order")
+    smoothing: Smoothing = option("modified-kneser-ney", help="smoothing of the counts")
+    add_k: float = option(1.0, gt=0, le=1e6, help="k for add-k smoothing (1 = Laplace)")
+    discount_fallback: bool = option(False, help="use discounts 0.5 1 1.5 when they cannot be estimated "
+                                     "(KenLM's --discount_fallback)")
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # KenLM's --discount_fallback defaults
 NEG_INF = float("-inf")
 
@@ -74,6 +93,7 @@ class NGramModel(LanguageModel):
     """An n-gram model held as sorted integer keys per order (key = context_id * V + word)."""
 
     model_type = "ngram"
+    has_backoff = True
 
     def __init__(self, order: int, vocab: int, bos: int, eos: int, unk: int | None,
                  keys: list[np.ndarray], logp: list[np.ndarray], logbo: list[np.ndarray],
@@ -313,6 +333,14 @@ class NGramModel(LanguageModel):
         new_state = torch.from_numpy(full[:, full.shape[1] - H:]) if H else self.init_state(B)
         return torch.from_numpy(out).float(), new_state
 
+    def trace(self, input_ids: torch.Tensor, targets: torch.Tensor, state: Any = None,
+              source_ids: torch.Tensor | None = None) -> tuple[Trace, torch.Tensor]:
+        """The full distributions, and the order of the longest n-gram found for each target (its back-off)."""
+        logits, new_state = self.forward_logits(input_ids[:1], state)
+        z = np.concatenate([self._history(state, 1)[0], input_ids[0].numpy().astype(np.int64)])
+        _, order = self.score_stream(z, targets[0].numpy().astype(np.int64))
+        return Trace(logits[0], backoff_order=order), new_state
+
     def state_select(self, state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return state.index_select(0, index)
 
@@ -321,10 +349,6 @@ class NGramModel(LanguageModel):
 
     # --- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
-        from safetensors.numpy import save_file
-
-        from ..utils import atomic_write, atomic_write_json
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -341,12 +365,6 @@ class NGramModel(LanguageModel):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> NGramModel:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        from ..tokenizers import load_tokenizer
-        from ..utils import read_json
-
         directory = Path(directory)
         cfg = read_json(directory / "config.json", "model config")
         path = directory / "model.safetensors"

@@ -13,46 +13,34 @@ the LSTM equations for the tests and the benchmark.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LMForgeError
+from ..options import Options, option
 from ..utils import native_bf16
-from .base import LanguageModel
+from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace
 
 RNNState = Any  # (h, c) for LSTM, h for GRU/RNN; h of shape (n_layer, B, hidden)
 
 
 @dataclass
-class RNNConfig:
-    vocab_size: int = 256
-    cell: str = "lstm"            # rnn | gru | lstm
-    n_layer: int = 2
-    n_embd: int = 256             # embedding width
-    hidden: int = 512             # recurrent state width
-    block_size: int = 128         # TBPTT window (tokens per training sequence)
-    dropout_emb: float = 0.1
-    dropout: float = 0.2          # between recurrent layers
-    dropout_out: float = 0.2      # before the head
-    tie_embeddings: bool = False  # needs n_embd == hidden (or a projection, added automatically)
-
-    def __post_init__(self) -> None:
-        if self.cell not in ("rnn", "gru", "lstm"):
-            raise LMForgeError(f"unknown cell {self.cell!r}; choose rnn, gru or lstm")
-        if self.n_layer < 1 or self.hidden < 1 or self.n_embd < 1:
-            raise LMForgeError("n_layer, n_embd and hidden must be positive")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RNNConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+class RNNConfig(Options):
+    vocab_size: int = option(256, ge=1, le=MAX_VOCAB, cli=False, help="output vocabulary (from the data)")
+    cell: Literal["rnn", "gru", "lstm"] = option("lstm", cli=False, help="recurrent cell (set by --model)")
+    n_layer: int = option(2, ge=1, le=MAX_LAYERS, help="recurrent layers", default_text=PRESET)
+    n_embd: int = option(256, ge=1, le=MAX_WIDTH, help="embedding width", default_text=PRESET)
+    hidden: int = option(512, ge=1, le=MAX_WIDTH, help="RNN: recurrent state width", default_text=PRESET)
+    block_size: int = option(128, ge=1, le=MAX_CONTEXT, help="RNN: TBPTT window (tokens per training sequence)",
+                             default_text=PRESET)
+    dropout_emb: float = option(0.1, ge=0, lt=1, cli=False, help="dropout on the embeddings")
+    dropout: float = option(0.2, ge=0, lt=1, help="dropout between recurrent layers", default_text=PRESET)
+    dropout_out: float = option(0.2, ge=0, lt=1, cli=False, help="dropout before the head")
+    tie_embeddings: bool = option(False, help="share the embedding with the head (a projection is added when "
+                                  "n_embd != hidden)", default_text=PRESET)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -101,6 +89,7 @@ class RNNLM(nn.Module, LanguageModel):
     presets = PRESETS
     default_preset = "small"
     stateful = True  # the trainer carries the state across windows (TBPTT)
+    has_state_norm = True
 
     def __init__(self, config: RNNConfig) -> None:
         super().__init__()
@@ -202,6 +191,14 @@ class RNNLM(nn.Module, LanguageModel):
                        last_only: bool = False) -> tuple[torch.Tensor, RNNState]:
         logits, _, state = self(input_ids, state=state)
         return (logits[:, -1:] if last_only else logits), state
+
+    def trace(self, input_ids: torch.Tensor, targets: torch.Tensor, state: RNNState = None,
+              source_ids: torch.Tensor | None = None) -> tuple[Trace, RNNState]:
+        if state is None:
+            state = self.init_state(input_ids.size(0))
+        y, state = self._run(self.drop_emb(self.embedding(input_ids)), input_ids, state)  # y: h_t of the top layer
+        logits = self.head(self.proj(y) if self.proj is not None else y)
+        return Trace(logits[0], state_norm=y[0].norm(dim=-1)), state
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         decay, no_decay, seen = [], [], set()

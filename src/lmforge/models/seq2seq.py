@@ -21,62 +21,68 @@ decoder-only model, so scoring, greedy decoding and beam search are shared with 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LMForgeError
-from ..tokenizers import SOURCE_TOKENIZER
-from .base import LanguageModel
-from .layers import Block, CrossAttention, KVCache, decay_param_groups, init_weights, make_norm, sinusoidal_table
+from ..options import Options, option
+from ..tokenizers import SOURCE_TOKENIZER, load_tokenizer
+from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace
+from .layers import (
+    Block,
+    CrossAttention,
+    KVCache,
+    decay_param_groups,
+    init_weights,
+    make_norm,
+    record_attention,
+    record_residual_stream,
+    sinusoidal_table,
+)
 
 
 @dataclass
-class Seq2SeqConfig:
-    vocab_size: int = 8000                  # target vocabulary (and source, when shared)
-    source_vocab_size: int | None = None    # None = one vocabulary shared by source and target
-    n_embd: int = 256
-    n_head: int = 4
-    n_encoder_layer: int = 3
-    n_decoder_layer: int = 3
-    mlp_hidden: int | None = None           # None = 4 * n_embd
-    mlp: str = "gelu"
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    bias: bool = True
-    pos: str = "sinusoidal"                 # sinusoidal (the original Transformer) | learned
-    max_source_length: int = 256
-    max_target_length: int = 128
+class Seq2SeqConfig(Options):
+    vocab_size: int = option(8000, ge=1, le=MAX_VOCAB, cli=False,
+                             help="target vocabulary (and source, when shared; from the data)")
+    source_vocab_size: int | None = option(None, ge=1, le=MAX_VOCAB, cli=False,
+                                           help="source vocabulary; None = shared with the target")
+    n_embd: int = option(256, ge=1, le=MAX_WIDTH, help="model width", default_text=PRESET)
+    n_head: int = option(4, ge=1, le=MAX_WIDTH, help="attention heads", default_text=PRESET)
+    n_encoder_layer: int = option(3, ge=1, le=MAX_LAYERS, help="seq2seq: encoder blocks", default_text=PRESET)
+    n_decoder_layer: int = option(3, ge=1, le=MAX_LAYERS, help="seq2seq: decoder blocks", default_text=PRESET)
+    mlp_hidden: int | None = option(None, ge=1, le=MAX_WIDTH * 8, help="MLP hidden width",
+                                    default_text="4 x n_embd")
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = option("gelu", help="MLP activation", default_text=PRESET)
+    norm: Literal["layernorm", "rmsnorm"] = option("layernorm", help="normalisation", default_text=PRESET)
+    norm_eps: float = option(1e-5, gt=0, lt=1, cli=False, help="epsilon of the norms")
+    bias: bool = option(True, cli=False, help="biases in Linear and LayerNorm")
+    pos: Literal["sinusoidal", "learned"] = option("sinusoidal", help="position encoding", default_text=PRESET)
+    max_source_length: int = option(256, ge=1, le=MAX_CONTEXT, help="seq2seq: longest source (tokens)",
+                                    default_text=PRESET)
+    max_target_length: int = option(128, ge=2, le=MAX_CONTEXT, help="seq2seq: longest target (tokens)",
+                                    default_text=PRESET)
     # Tie the output head to the (shared) token embedding? Off by default: measured here, tying made a
     # toy word-translation task stall (loss 2.75 vs 0.25 untied after 300 steps at lr 2e-3).
-    tie_embeddings: bool = False
-    dropout: float = 0.1
-    label_smoothing: float = 0.1            # Szegedy et al. 2016; used in training only
+    tie_embeddings: bool = option(False, help="share the embedding with the head", default_text=PRESET)
+    dropout: float = option(0.1, ge=0, lt=1, help="dropout probability", default_text=PRESET)
+    label_smoothing: float = option(0.1, ge=0, lt=1, default_text=PRESET,
+                                    help="seq2seq: label smoothing (Szegedy et al. 2016; training only)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.n_embd % self.n_head:
-            raise LMForgeError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.pos not in ("sinusoidal", "learned"):
-            raise LMForgeError(f"unknown seq2seq pos {self.pos!r}; choose sinusoidal or learned")
-        if not 0 <= self.label_smoothing < 1:
-            raise LMForgeError("label_smoothing must be in [0, 1)")
-        if self.max_target_length < 2 or self.max_source_length < 1:
-            raise LMForgeError("max_target_length must be >= 2 and max_source_length >= 1")
+            raise LMForgeError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
     @property
     def hidden(self) -> int:
         return self.mlp_hidden or 4 * self.n_embd
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Seq2SeqConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # `small` is sized for ~30 CPU minutes on the 18k de-en pairs; `base` is Transformer-base's shape.
@@ -124,6 +130,8 @@ class Seq2Seq(nn.Module, LanguageModel):
     presets = PRESETS
     default_preset = "small"
     is_seq2seq = True
+    has_attention = True
+    has_logit_lens = True
 
     def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
@@ -238,6 +246,24 @@ class Seq2Seq(nn.Module, LanguageModel):
         logits = self.decode(input_ids, state.memory_kv, state.memory_mask, state.cache)
         return (logits[:, -1:] if last_only else logits), state
 
+    def trace(self, input_ids: torch.Tensor, targets: torch.Tensor, state: Seq2SeqState | None = None,
+              source_ids: torch.Tensor | None = None) -> tuple[Trace, Seq2SeqState]:
+        """Attention kinds: "encoder" (source x source), "self" (target x target, causal) and "cross"
+        (target x source: the alignment). The residual stream is the decoder's."""
+        if source_ids is None:
+            raise LMForgeError("a seq2seq model is traced on a source sentence and its target")
+        with record_attention(self), record_residual_stream(self.decoder) as hidden:
+            state = self.encode_source(source_ids, torch.ones_like(source_ids, dtype=torch.bool),
+                                       max_length=input_ids.shape[1])
+            logits, state = self.forward_logits(input_ids, state)
+        attention = {"encoder": [b.attn.weights[0] for b in self.encoder],
+                     "self": [b.self_block.attn.weights[0] for b in self.decoder],
+                     "cross": [b.cross.weights[0] for b in self.decoder]}
+        return Trace(logits[0], attention, [h[0] for h in hidden]), state
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.dec_norm(hidden))
+
     def state_select(self, state: Seq2SeqState, index: torch.Tensor) -> Seq2SeqState:
         """Keep/reorder batch rows (beam search): the memory's keys/values, its mask and the cache."""
         state.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in state.memory_kv]
@@ -245,24 +271,11 @@ class Seq2Seq(nn.Module, LanguageModel):
         state.cache.select(index)
         return state
 
-    def translate(self, texts: str | list[str], **kwargs: Any) -> str | list[str]:
-        """Translate (or summarise) text; see :func:`lmforge.apps.translate.translate` for arguments."""
-        from ..apps.translate import translate
-
-        single = isinstance(texts, str)
-        out = translate(self, [texts] if single else texts, **kwargs)
-        return out[0] if single else out
-
-    def generate(self, prompt: str | list[str], **kwargs: Any) -> str | list[str]:
-        return self.translate(prompt, **kwargs)
-
     # --- optimisation --------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
         return decay_param_groups(self, weight_decay)
 
     # --- persistence: the source tokenizer too, when the vocabularies are separate -------------
-    source_tokenizer: Any = None
-
     def save_pretrained(self, directory: Any, save_tokenizer: bool = True) -> None:
         super().save_pretrained(directory, save_tokenizer)
         src_tok = self.source_tokenizer
@@ -271,10 +284,6 @@ class Seq2Seq(nn.Module, LanguageModel):
 
     @classmethod
     def from_pretrained(cls, directory: Any) -> Seq2Seq:
-        from pathlib import Path
-
-        from ..tokenizers import load_tokenizer
-
         model = super().from_pretrained(directory)
         p = Path(directory) / SOURCE_TOKENIZER
         model.source_tokenizer = load_tokenizer(p) if p.exists() else model.tokenizer  # type: ignore[attr-defined]

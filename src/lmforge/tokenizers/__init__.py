@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import Tokenizer as HFTokenizer
+
 from ..errors import LMForgeError
 from .base import EOT, Tokenizer
 from .bpe import BPETokenizer
 from .char import CharTokenizer
+from .word import WordTokenizer
 
 __all__ = ["EOT", "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer", "TOKENIZER_KINDS",
            "SOURCE_TOKENIZER"]
@@ -33,11 +36,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if kind == "char":
         return CharTokenizer.from_json(obj)
     if kind == "word":
-        from .word import WordTokenizer
 
         return WordTokenizer.from_json(obj)
     if "model" in obj:  # Hugging Face tokenizers format
-        from tokenizers import Tokenizer as HFTokenizer
 
         conf = path.parent / "tokenizer_config.json"  # the end-of-text token, when it is not <|endoftext|>
         eos = json.loads(conf.read_text(encoding="utf-8")).get("eos_token") if conf.exists() else None

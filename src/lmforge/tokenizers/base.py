@@ -21,6 +21,10 @@ class Tokenizer(ABC):
     kind: str = "base"
     #: True when ``decode(encode(text)) == text`` for every string (char and byte-level BPE).
     lossless: bool = True
+    #: id of a begin-of-sentence token, when the vocabulary has one (word level: <s>)
+    bos_id: int | None = None
+    #: id of the unknown-word token, when rare words collapse to one (word level: <unk>)
+    unk_id: int | None = None
 
     @property
     @abstractmethod
@@ -54,6 +58,3 @@ class Tokenizer(ABC):
 
     def id_to_token(self, i: int) -> str:
         return self.decode([i])
-
-    def describe(self) -> str:
-        return f"{self.kind} (vocab {self.vocab_size})"

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..errors import LMForgeError
+from ..utils import atomic_write
 from .base import EOT, Tokenizer
 
 MIN_VOCAB = 256 + 1 + 1  # the byte alphabet, <|endoftext|>, and at least one merge
@@ -76,7 +77,6 @@ class BPETokenizer(Tokenizer):
     def save(self, directory: str | Path, name: str = "tokenizer.json") -> Path:
         path = Path(directory) / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        from ..utils import atomic_write
 
         atomic_write(path, lambda tmp: self.hf.save(tmp))
         eot = self.id_to_token(self._eot)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import LMForgeError
 from ..utils import atomic_write_text
 from .base import EOT, Tokenizer
 
@@ -26,7 +27,8 @@ class CharTokenizer(Tokenizer):
     def __init__(self, chars: Iterable[str], byte_fallback: bool = True) -> None:
         chars = sorted(set(chars))
         if any(len(c) != 1 for c in chars):
-            raise ValueError("CharTokenizer vocabulary entries must be single characters")
+            raise LMForgeError("a character tokenizer's vocabulary holds single characters; its tokenizer.json is "
+                               "damaged or of another kind: re-run lmforge prepare")
         self.chars: list[str] = chars
         self.byte_fallback = byte_fallback
         # Layout: 0 = <|endoftext|>, 1..n = characters, then the 256 byte tokens.
@@ -62,7 +64,8 @@ class CharTokenizer(Tokenizer):
             return ids
         if not self.byte_fallback:
             bad = text[int(np.argmin(found))]
-            raise ValueError(f"character {bad!r} is not in the vocabulary and byte fallback is off")
+            raise LMForgeError(f"character {bad!r} is not in the vocabulary and byte fallback is off "
+                               "(--no-byte-fallback); prepare the data with byte fallback to encode unseen text")
         # Rare path: splice in the UTF-8 bytes of unseen characters.
         out: list[np.ndarray] = []
         start = 0

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import LMForgeError
-from ..hub.checkpoint import load_weights, save_weights
+from ..models.weights import load_weights, save_weights
 from ..utils import atomic_write_json, read_json
 
 CKPT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"

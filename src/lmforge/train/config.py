@@ -1,86 +1,99 @@
-"""Training configuration (a dataclass, readable from and written to YAML like litgpt's)."""
+"""Training configuration: one dataclass whose fields are the options of ``lmforge train``, of YAML
+configs (litgpt style) and of ``lmforge.train.train``. Each field declares its help and its constraints
+(``lmforge.options``), so the three refuse the same values with the same words and a new field becomes
+a documented, validated flag with no other edit."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from ..errors import LMForgeError
+from ..models import model_class
+from ..options import INT64_MAX, Options, option
+from ..utils import parse_duration
+
+MAX_COUNT = 1 << 40  # any step/interval count beyond this is a typo, not a plan
 
 
 @dataclass
-class TrainConfig:
-    data: str = ""
-    out: str = ""
-    model: str = "gpt"
-    preset: str | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)  # overrides of the preset (n_layer, ...)
+class TrainConfig(Options):
+    data: str = option("", help="prepared data directory (lmforge prepare)", metavar="DIR", default_text="none")
+    out: str = option("", help="run directory to create", metavar="DIR", default_text="none")
+    model: Literal["gpt", "lstm", "gru", "rnn", "seq2seq", "ngram"] = option(
+        "gpt", help="model family (ngram: counted, see the n-gram options)")
+    preset: str | None = option(None, help="model preset (gpt: nano, tiny, small, gpt2; lstm/gru/rnn: tiny, small, "
+                                "medium; seq2seq: tiny, small, base)", default_text="the family's default")
+    model_args: dict[str, Any] = option(default_factory=dict, cli=False,
+                                        help="overrides of the preset's model options (n_layer, ...)")
     # optimisation
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1          # final lr = lr * min_lr_ratio
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    warmup_steps: int = 50
-    schedule: str = "cosine"           # cosine | linear (constant then linear cooldown) | constant
-    cooldown_frac: float = 0.2         # for `linear`: share of the run spent cooling down
+    batch_size: int = option(32, ge=1, le=1 << 20, help="sequences per micro-batch")
+    grad_accum: int = option(1, ge=1, le=1 << 16, help="micro-batches per optimizer step (gradient accumulation)")
+    lr: float = option(2e-3, gt=0, le=10, help="peak learning rate (AdamW)")
+    min_lr_ratio: float = option(0.1, ge=0, le=1, help="final learning rate as a fraction of --lr")
+    weight_decay: float = option(0.1, ge=0, le=10, help="AdamW weight decay (not on biases, norms, embeddings)")
+    beta1: float = option(0.9, ge=0, lt=1, help="AdamW beta1 (first-moment decay)")
+    beta2: float = option(0.99, ge=0, lt=1, help="AdamW beta2 (second-moment decay)")
+    grad_clip: float = option(1.0, ge=0, help="clip the gradient norm to this (0 = no clipping)")
+    warmup_steps: int = option(50, ge=0, le=MAX_COUNT, help="linear warmup steps")
+    schedule: Literal["cosine", "linear", "constant"] = option(
+        "cosine", help="learning-rate schedule after warmup (linear: constant, then a linear cooldown)")
+    cooldown_frac: float = option(0.2, ge=0, le=1, help="linear schedule: share of the run spent cooling down")
     # budget: whichever comes first
-    max_steps: int | None = None
-    max_time: float | None = None      # seconds of training (evaluation time excluded)
+    max_steps: int | None = option(None, ge=1, le=MAX_COUNT, help="stop after this many optimizer steps")
+    max_time: float | None = option(None, gt=0, parse=parse_duration, metavar="DURATION",
+                                    help="training time budget, e.g. 90s, 5m, 1h (evaluation time excluded)")
     # evaluation, logging, checkpoints
-    eval_interval: int = 200
-    eval_iters: int = 20
-    log_interval: int = 10
-    checkpoint_interval: int | None = None  # default: every eval
-    sample_tokens: int = 300
+    eval_interval: int = option(200, ge=1, le=MAX_COUNT, help="evaluate on val every N steps")
+    eval_iters: int = option(20, ge=1, le=MAX_COUNT, help="batches per validation estimate")
+    log_interval: int = option(10, ge=1, le=MAX_COUNT, help="log the training loss every N steps")
+    checkpoint_interval: int | None = option(None, ge=1, le=MAX_COUNT, help="save a checkpoint every N steps",
+                                             default_text="at every evaluation")
     # numerics and speed
-    dtype: str = "fp32"                # fp32 | bf16 (autocast) | auto (bf16 where the CPU has it natively)
-    compile: bool = False
-    threads: int | None = None
-    seed: int = 1337
-    progress: bool = True
+    dtype: Literal["fp32", "bf16", "auto"] = option(
+        "fp32", help="training precision: bf16 autocast, or auto = bf16 where the CPU has it natively")
+    compile: bool = option(False, help="torch.compile the model")
+    threads: int | None = option(None, ge=1, le=4096, help="CPU threads for torch", default_text="torch's choice")
+    seed: int = option(1337, ge=0, le=INT64_MAX, help="random seed (initialisation and batches)")
+    progress: bool = option(True, help="show a progress bar")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.model_args = self.check_model_args(self.model, self.preset, self.model_args)
+
+    @staticmethod
+    def check_model_args(model: str, preset: str | None, model_args: dict[str, Any]) -> dict[str, Any]:
+        """The model options checked against the family's config declaration, with the preset, before any
+        data is read or any file written (one-line errors in the config's own words)."""
+        cls = model_class(model)
+        if not cls.presets:
+            return model_args
+        return cls.check_overrides(preset, model_args)
 
     def validate(self) -> None:
+        """What only a training run needs (a config may be written without a budget)."""
         if self.max_steps is None and self.max_time is None:
             raise LMForgeError("give a training budget: --max-steps or --max-time")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise LMForgeError(f"unknown --schedule {self.schedule!r}; choose cosine, linear or constant")
-        if self.dtype not in ("fp32", "bf16", "auto"):
-            raise LMForgeError(f"unknown --dtype {self.dtype!r}; choose fp32, bf16 or auto")
-        for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
-            if getattr(self, name) < 1:
-                raise LMForgeError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0:
-            raise LMForgeError("--lr must be positive")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise LMForgeError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if path.is_dir():
+            raise LMForgeError(f"config file {path} is a directory; give a YAML file")
         try:
-            d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise LMForgeError(f"config file {path} not found") from None
+        except UnicodeDecodeError:
+            raise LMForgeError(f"config file {path} is not UTF-8 text; give a YAML file") from None
         except yaml.YAMLError as e:
             raise LMForgeError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(d, dict):
             raise LMForgeError(f"config file {path} must be a mapping of option: value")
-        return cls.from_dict(d)
+        return cls.from_dict(d, what="training option")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -27,61 +27,67 @@ from ..data.sft import (
 )
 from ..errors import LMForgeError
 from ..models.lora import LoRAConfig, add_lora, parse_targets
+from ..options import Options, option
 from ..utils import atomic_write_json
-from .config import TrainConfig
+from .config import MAX_COUNT, TrainConfig
 from .trainer import Trainer, TrainResult
 
 
 @dataclass
 class FineTuneConfig(TrainConfig):
-    """``lmforge finetune`` options (the training options are TrainConfig's, with fine-tuning defaults)."""
+    """``lmforge finetune`` options: TrainConfig's training options (with fine-tuning defaults) and these."""
 
-    base: str = ""                   # MODEL: a Hugging Face directory, a GGUF file, smollm2, an lmforge GPT run
-    method: str = "lora"             # lora | full
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "q,k,v,o,gate,up,down"
-    epochs: float | None = None      # a budget in passes over the training examples (instead of steps/time)
-    val_frac: float = 0.05
-    test_frac: float = 0.05
-    template: str | None = None      # a built-in template name or a Jinja file (default: the model's own)
-    mask_prompt: bool = True         # train on assistant tokens only
-    packing: bool = False
-    max_length: int = 512            # input tokens per example (and per packed row); at most the model's context
-    on_long: str = "cut"             # cut | skip examples longer than max_length
-    instruction: str | None = None   # parallel data: the instruction before each source
-    # fine-tuning defaults for the shared options
-    model: str = "finetune"
-    batch_size: int = 8
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    schedule: str = "cosine"
-    eval_interval: int = 50
-    eval_iters: int = 50             # validation batches (the whole split when it is smaller)
-    log_interval: int = 5
+    base: str = option("", cli=False, help="the model to adapt: a Hugging Face directory, a .gguf file, smollm2 or "
+                       "an lmforge GPT run")
+    data: str = option("", metavar="DATA", default_text="none",
+                       help="fine-tuning data: a .jsonl/.json/.tsv file, de-en, code-doc, chatterbot, "
+                            "chatterbot:chinese (any chatterbot-corpus language) or chitchat")
+    method: Literal["lora", "full"] = option("lora", help="lora: low-rank adapters, base frozen; full: every "
+                                             "weight trains")
+    lora_r: int = option(8, ge=1, le=4096, help="LoRA rank r")
+    lora_alpha: float = option(16.0, gt=0, help="LoRA alpha: updates are scaled by alpha / r")
+    lora_dropout: float = option(0.05, ge=0, lt=1, help="dropout on the adapters' input")
+    lora_targets: str = option("q,k,v,o,gate,up,down", metavar="LIST",
+                               help="comma-separated LoRA targets among q,k,v,o,gate,up,down (PEFT's q_proj ... "
+                                    "down_proj), or all")
+    epochs: float | None = option(None, gt=0, help="budget in passes over the training examples (sets the "
+                                  "number of steps; instead of --max-time / --max-steps)")
+    val_frac: float = option(0.05, ge=0, lt=1, help="share of the examples (conversations) held out for validation")
+    test_frac: float = option(0.05, ge=0, lt=1, help="share held out for testing (de-en keeps its fixed test split)")
+    template: str | None = option(None, metavar="NAME|FILE", default_text="the model's own",
+                                  help="chat template: a built-in name (chatml, simple) or a Jinja file")
+    mask_prompt: bool = option(True, help="train on the assistant's tokens only (--no-mask-prompt: every token)")
+    packing: bool = option(False, help="pack examples into full rows; attention never crosses an example's boundary")
+    max_length: int = option(512, ge=2, le=1 << 20, help="most tokens per example / packed row (at most the "
+                             "model's context)")
+    on_long: Literal["cut", "skip"] = option("cut", help="an example longer than --max-length: cut or skip it "
+                                             "(both are counted)")
+    instruction: str | None = option(None, default_text="per corpus, e.g. 'Translate German to English:'",
+                                     help="parallel data: the instruction before each source")
+    # TrainConfig's options that fine-tuning does not use, and its own defaults for the shared ones
+    model: str = option("finetune", cli=False, help="(fine-tuning adapts --base; no model family to choose)")
+    preset: str | None = option(None, cli=False, help="(unused: the base model fixes the shape)")
+    batch_size: int = option(8, ge=1, le=1 << 20, help="examples (or packed rows) per micro-batch")
+    lr: float = option(2e-4, gt=0, le=10, help="peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, ge=0, le=10, help="AdamW weight decay")
+    warmup_steps: int = option(10, ge=0, le=MAX_COUNT, help="linear warmup steps")
+    eval_interval: int = option(50, ge=1, le=MAX_COUNT, help="validate (the held-out masked loss) and checkpoint "
+                                "every N steps")
+    eval_iters: int = option(50, ge=1, le=MAX_COUNT, help="validation batches (the whole split when smaller)")
+    log_interval: int = option(5, ge=1, le=MAX_COUNT, help="log the training loss every N steps")
+
+    def __post_init__(self) -> None:
+        Options.__post_init__(self)  # no model family to check model_args against
 
     def validate(self) -> None:
-        if self.epochs is not None:
-            if self.epochs <= 0:
-                raise LMForgeError("--epochs must be positive")
-            if self.max_time is not None:
-                raise LMForgeError("give one budget: --epochs or --max-time")
-        elif self.max_steps is None and self.max_time is None:
-            raise LMForgeError("give a training budget: --max-time, --epochs or --max-steps")
-        if self.method not in ("lora", "full"):
-            raise LMForgeError(f"unknown --method {self.method!r}; choose lora or full")
-        if self.max_length < 2:
-            raise LMForgeError("--max-length must be at least 2")
         if not self.base:
             raise LMForgeError("give the model to fine-tune (a Hugging Face directory, a .gguf file, smollm2 or a run)")
-        saved = self.max_steps
-        self.max_steps = self.max_steps or 1  # TrainConfig's own checks (a budget is checked above)
-        try:
-            super().validate()
-        finally:
-            self.max_steps = saved
+        if self.epochs is not None and self.max_time is not None:
+            raise LMForgeError("give one budget: --epochs or --max-time")
+        if self.epochs is None and self.max_steps is None and self.max_time is None:
+            raise LMForgeError("give a training budget: --max-time, --epochs or --max-steps")
+        if self.val_frac + self.test_frac >= 1:
+            raise LMForgeError("--val-frac and --test-frac must sum to less than 1")
 
     def lora(self) -> LoRAConfig:
         return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
@@ -122,7 +128,7 @@ class FineTuner(Trainer):
     cfg: FineTuneConfig
 
     def build(self) -> None:
-        from ..models import load_model
+        from ..hub import load_model
         from ..models.gpt import GPT
 
         cfg = self.cfg

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,18 @@ from tqdm import tqdm
 from ..data import BatchSampler, StreamSampler
 from ..data.parallel import ParallelBatchSampler, ParallelData, load_data
 from ..errors import LMForgeError
+from ..evaluate import evaluate
 from ..models import create_model, model_class
-from ..utils import atomic_write_json, atomic_write_text, human, native_bf16, read_json, resolve_dtype
+from ..utils import (
+    atomic_write_json,
+    atomic_write_text,
+    human,
+    native_bf16,
+    read_json,
+    read_jsonl,
+    refuse_nonempty,
+    resolve_dtype,
+)
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .schedule import learning_rate
@@ -52,13 +64,31 @@ class TrainResult:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups") else \
-        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+    groups = model.param_groups(cfg.weight_decay)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_batch_fits(batch_size: int, block_size: int, vocab_size: int) -> None:
+    """Refuse a batch whose logits alone (fp32 logits, their softmax and gradient: 12 bytes per entry, a lower
+    bound of what a step allocates) exceed the machine's memory, before any file is written."""
+    need, have = 12 * batch_size * block_size * vocab_size, physical_memory()
+    if have and need > have:
+        raise LMForgeError(f"--batch-size {batch_size} cannot fit in memory: its logits alone ({batch_size} x "
+                           f"{block_size} tokens x {vocab_size} vocab) need {need / 2**30:.0f} GiB and this machine "
+                           f"has {have / 2**30:.0f} GiB; use a smaller --batch-size (--grad-accum keeps the "
+                           "effective batch)")
 
 
 class Trainer:
@@ -76,14 +106,12 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.dtype == "bf16" and not native_bf16():
-            import warnings
-
             warnings.warn("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slower than fp32; "
                           "use --dtype auto or fp32", stacklevel=2)
         self.bf16 = resolve_dtype(cfg.dtype) == "bf16"  # `auto` decided once, not at every step
-        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise LMForgeError(f"run directory {self.run_dir} already exists; continue it with "
-                               f"lmforge {self.command} --resume {self.run_dir}, or choose another --out")
+        if not resume:
+            refuse_nonempty(self.run_dir, f"continue it with lmforge {self.command} --resume {self.run_dir}, or "
+                            "choose another --out")
         torch.manual_seed(cfg.seed)
         self.stateful = False
         #: what checkpoints hold: the whole model (default), or only what trains (LoRA adapters)
@@ -105,6 +133,12 @@ class Trainer:
         self.last_loss = float("nan")
         if resume:
             self._resume()
+        if cfg.compile:
+            # torch.compile's inductor imports torch.fx.experimental.optimization -> torch.utils.mkldnn, whose
+            # classes use the deprecated @torch.jit.script_method: a warning from inside torch (2.13) about
+            # torch's own code, once per compiled graph, that a user can do nothing about.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated",
+                                    category=DeprecationWarning)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
     def build(self) -> None:
@@ -113,7 +147,7 @@ class Trainer:
         self.data = load_data(cfg.data)
         self.tokenizer = self.data.tokenizer
         # Encoder-decoder models learn from parallel pairs, language models from token streams.
-        self.seq2seq = bool(getattr(model_class(cfg.model), "is_seq2seq", False))  # validates the name early
+        self.seq2seq = model_class(cfg.model).is_seq2seq  # validates the name early
         parallel = isinstance(self.data, ParallelData)
         if self.seq2seq and not parallel:
             raise LMForgeError(f"--model {cfg.model} needs parallel data: prepare it from a parallel corpus (de-en, "
@@ -134,11 +168,11 @@ class Trainer:
         self.model.tokenizer = self.tokenizer
         if parallel:
             self.model.source_tokenizer = self.data.source_tokenizer
-        self.block_size = (getattr(self.model, "context_length", None)
-                           or getattr(getattr(self.model, "config", None), "block_size", 256))
+        self.block_size = self.model.context_length or self.model.config.block_size  # RNNs: the TBPTT window
+        check_batch_fits(cfg.batch_size, self.block_size, self.data.vocab_size)
         # Stateful models (RNNs) read consecutive windows and carry their hidden state (TBPTT);
         # Transformers read random windows (nanoGPT's get_batch).
-        self.stateful = bool(getattr(self.model, "stateful", False))
+        self.stateful = self.model.stateful
 
     # --- resume --------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -174,7 +208,7 @@ class Trainer:
         if "max_time" in overrides and overrides["max_time"] is not None and "max_steps" not in overrides:
             d["max_steps"] = None
         d["out"] = str(run_dir)
-        return cls.config_class.from_dict(d)
+        return cls.config_class.from_dict(d, strict=False)  # runs of older versions may record retired options
 
     # --- helpers -------------------------------------------------------------------------------
     def _sampler(self, split: str, seed: int, warn: bool = True) -> Any:
@@ -211,7 +245,6 @@ class Trainer:
     def estimate_loss(self, split: str = "val") -> float:
         """Mean loss over ``eval_iters`` fixed batches (same batches every time: smooth curves)."""
         if self.stateful:  # read a fixed prefix of the split as streams, carrying the state
-            from ..evaluate import evaluate
 
             n = self.cfg.eval_iters * self.cfg.batch_size * self.block_size
             res = evaluate(self.model, self.data, split, batch_size=self.cfg.batch_size, max_tokens=n,
@@ -278,7 +311,14 @@ class Trainer:
                                    cfg.cooldown_frac)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                self.last_loss = self.train_step()
+                try:
+                    self.last_loss = self.train_step()
+                except (MemoryError, RuntimeError) as e:  # a failed allocation: bad input, not a bug
+                    if isinstance(e, RuntimeError) and "allocate" not in str(e):
+                        raise
+                    raise LMForgeError(f"out of memory in a training step at --batch-size {cfg.batch_size} x "
+                                       f"{self.block_size} tokens; use a smaller --batch-size (--grad-accum keeps "
+                                       "the effective batch)") from None
                 dt = time.perf_counter() - t0
                 self.step += 1
                 self.train_time += dt
@@ -326,7 +366,7 @@ class Trainer:
         self.step_tokens = 0  # tokens actually trained on (target tokens of a seq2seq batch), 0 = fixed windows
         for _ in range(cfg.grad_accum):
             batch = self.train_sampler.next()
-            self.step_tokens += getattr(self.train_sampler, "last_tokens", 0)
+            self.step_tokens += self.train_sampler.last_tokens
             with self._autocast():
                 loss = self.batch_loss(batch)
             (loss / cfg.grad_accum).backward()
@@ -359,20 +399,13 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step", 0) <= self.step:
-                keep.append(line)
+        keep = [json.dumps(rec) for rec in read_jsonl(path) if rec.get("step", 0) <= self.step]
         atomic_write_text(path, "\n".join(keep) + ("\n" if keep else ""))
         self._log({"event": "resume", "step": self.step})
 
     def _plot(self) -> None:
         try:
-            from ..viz.plots import plot_loss_curve
+            from ..viz.plots import plot_loss_curve  # matplotlib costs ~0.5 s; only the end-of-run plot needs it
 
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png",
                             title=f"{self.run_dir.name}: {self.cfg.model} on {Path(self.cfg.data).name}")

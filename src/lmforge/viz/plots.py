@@ -1,11 +1,12 @@
-"""Plots: loss curves (and, later, comparison charts and attention maps)."""
+"""Plots: loss curves and the comparison chart (PNG, written atomically)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
+
+from ..utils import read_jsonl
 
 matplotlib.use("Agg")  # headless: write PNG files, never open a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,19 +23,12 @@ def _save(fig: plt.Figure, png: str | Path) -> Path:
     return png
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+
 
 
 def plot_loss_curve(metrics: str | Path, png: str | Path, title: str = "loss") -> Path:
     """Training and validation loss against steps (bottom axis) with wall-clock time noted."""
-    recs = read_metrics(metrics)
+    recs = read_jsonl(metrics)
     tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)

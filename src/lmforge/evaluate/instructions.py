@@ -22,7 +22,7 @@ from ..errors import LMForgeError
 from ..generation.search import beam_search, greedy_search
 from ..tokenizers.chat_template import ChatTemplate
 from ..utils import read_json
-from .translate import bleu_chrf
+from .seq2seq import bleu_chrf
 
 
 def run_record(run: str | Path) -> dict[str, Any] | None:
