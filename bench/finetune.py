@@ -63,7 +63,7 @@ def peak_mib() -> float:
 def batches(hf_dir: Path, batch_size: int, seq_len: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens (B, seq_len + 1), labels (B, seq_len + 1)) for each step: chitchat conversations, full rows."""
     from lmforge.data.sft import SFTEncoder, load_sft_data
-    from lmforge.models import load_model
+    from lmforge.hub import load_model
     from lmforge.tokenizers.chat_template import ChatTemplate
 
     m = load_model(hf_dir)
@@ -88,7 +88,7 @@ def worker(impl: str, hf_dir: Path, args: argparse.Namespace) -> dict:
     data = batches(hf_dir, args.batch_size, args.seq_len, args.steps + 1)
     c = CONFIG
     if impl == "lmforge":
-        from lmforge.models import load_model
+        from lmforge.hub import load_model
         from lmforge.models.lora import LoRAConfig, add_lora
 
         model = load_model(hf_dir)
@@ -150,8 +150,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, Path(args.hf_dir), args)))
         return
+    from lmforge.hub import load_model
     from lmforge.hub.export import export_hf
-    from lmforge.models import load_model
 
     print(f"CPU: {cpu()}; torch {torch.__version__}, {args.threads} thread(s); load average "
           f"{os.getloadavg()[0]:.1f} (a shared machine when it exceeds the core count)")

@@ -24,7 +24,6 @@ prefixes of each other, as chat templates are (checked; a template that is not g
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 from ..errors import LMForgeError
 from ..tokenizers import Tokenizer
 from ..tokenizers.chat_template import ChatTemplate, load_template
+from .prepare import seeded_split
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -264,14 +264,7 @@ def load_sft_data(spec: str, seed: int = 1337, val_frac: float = 0.05, test_frac
             seen.setdefault(e.key(), e)
         dups = len(exs) - len(seen)
         uniq = list(seen.values())
-        order = list(range(len(uniq)))
-        random.Random(seed).shuffle(order)
-        n_test = round(len(uniq) * test_frac)
-        n_val = round(len(uniq) * val_frac)
-        if len(uniq) >= 3 and val_frac > 0:
-            n_val = max(n_val, 1)
-        fixed = {"test": [uniq[i] for i in order[:n_test]], "val": [uniq[i] for i in order[n_test:n_test + n_val]],
-                 "train": [uniq[i] for i in order[n_test + n_val:]]}
+        fixed = {k: [uniq[i] for i in idx] for k, idx in seeded_split(len(uniq), val_frac, test_frac, seed).items()}
     if not fixed["train"]:
         raise LMForgeError(f"{spec}: no training examples left after the validation/test split")
     return SFTDataset(spec, fixed, desc, instruction=ins, duplicates=dups, meta={"format": fmt})
