@@ -64,3 +64,15 @@ def test_evil_template_from_a_model_directory(trained_run: Path, tmp_path: Path,
 def test_session_uses_sandbox(trained_run: Path) -> None:
     with pytest.raises(LMForgeError, match="unsafe"):
         ChatSession(load(trained_run), template=EVIL, max_new_tokens=2).ask("hi")
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ 1 / 0 }}", "failed to render"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "failed to render"),  # unbounded recursion
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe operation"),
+    ("{% for m in messages %}{{ m.content }", "syntax error"),
+])
+def test_broken_templates_one_line(template: str, message: str) -> None:
+    with pytest.raises(LMForgeError, match=message) as e:
+        ChatTemplate(template).render([{"role": "user", "content": "hi"}])
+    assert "\n" not in str(e.value)

@@ -29,8 +29,10 @@ def test_compare_trains_evaluates_and_reports(tmp_path: Path, char_data: Path, c
     with open(out / "compare.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    # a second call loads the existing runs instead of training again
-    assert main(args) == 0
+    # a second call loads the existing runs instead of training again; replacing the report takes --force
+    assert main(args) == 2
+    assert "already holds a comparison report" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
     assert "loading the existing run" in capsys.readouterr().out
 
 

@@ -79,3 +79,30 @@ def test_bad_gguf(tmp_path: Path) -> None:
     (tmp_path / "trunc.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x05" * 20)
     with pytest.raises(LMForgeError, match="trunc.gguf"):
         load(tmp_path / "trunc.gguf")
+
+
+@pytest.mark.parametrize("qname, dtype, mode", [("Q4_0", "int4", "int4"), ("Q4_1", "int4", "int4"),
+                                                ("Q8_0", "int4", "int8"), ("Q4_1", "int8", "int8"),
+                                                ("Q8_0", "int8", "int8")])
+def test_gguf_straight_into_decoding_layouts(tmp_path: Path, qname: str, dtype: str, mode: str) -> None:
+    """Quantized GGUF tensors go straight into int4/int8 layouts (4-bit files into int4 exactly, Q8_0 into
+    int8) and give the logits of the file's weights dequantized to fp32, up to bf16 activations."""
+    from lmforge.hub import load_model
+    from lmforge.models.quant import QuantLinear
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=False)
+    path = tmp_path / f"m-{qname}.gguf"
+    write_gguf(transformers.LlamaForCausalLM(cfg).eval(), path, getattr(gguf.GGMLQuantizationType, qname))
+    ref = load_model(path)
+    fast = load_model(path, decode_dtype=dtype)
+    assert fast.decode_dtype == dtype
+    assert {m.mode for m in fast.modules() if isinstance(m, QuantLinear)} == {mode}
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 for p in fast.parameters())  # no fp32 matrices
+    x = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        want, got = ref(x)[0], fast(x)[0].float()
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    assert err < (0.03 if mode == "int4" else 0.05), err

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import __version__
 from .apps import ngram_cli
-from .apps.chat import no_template_message, open_session, repl
+from .apps.chat import load_template, no_template_message, open_session, repl
 from .apps.compare import ModelSpec, compare
 from .apps.demo import run_demo
 from .data import PrepareConfig, prepare
@@ -46,13 +46,15 @@ from .models.gpt import GPT, GPTConfig
 from .models.rnn import RNNConfig
 from .models.seq2seq import Seq2Seq, Seq2SeqConfig
 from .options import add_options, given
+from .serve import ServeConfig, Server
+from .serve.batch import run_batch
 from .train import TrainConfig, Trainer, TrainingInterrupted, train
 from .train.finetune import FineTuneConfig, FineTuner
-from .utils import atomic_write_text, parse_duration, read_json
+from .utils import atomic_write_text, check_output_file, parse_duration, read_json
 
 # The flags are built from the config dataclasses of every room, so the parser imports them all (torch
 # included): function-local imports here would save no start-up time.
-DECODE_DTYPES = ["fp32", "bf16", "int8"]
+DECODE_DTYPES = ["fp32", "bf16", "int8", "int4"]
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -73,7 +75,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         meta = prepare_parallel(cfg.corpus, cfg.out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
                                 seed=cfg.seed, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
                                 target_file=cfg.target_file, separate_vocab=cfg.separate_vocab, errors=cfg.errors,
-                                progress=not a.no_progress)
+                                progress=not a.no_progress, force=cfg.force)
         s = meta["splits"]
         vocab = f"vocab {meta['tokenizer']['vocab_size']}" + (
             f", source vocab {meta['source_tokenizer']['vocab_size']}" if meta["source_tokenizer"] else ", shared")
@@ -217,7 +219,10 @@ def _data_for_run(run: str, data: str | None) -> str:
         return data
     p = Path(run) / "data.json"
     if p.exists():
-        d = read_json(p, "run data pointer")["data"]
+        d = read_json(p, "run data pointer")
+        d = d.get("data") if isinstance(d, dict) else None
+        if not isinstance(d, str):
+            raise LMForgeError(f"{p} is damaged (no \"data\" path); pass --data")
         if Path(d).exists():
             return d
         raise LMForgeError(f"the data this run was trained on ({d}) is gone; pass --data")
@@ -303,7 +308,10 @@ def _add_decoding_options(p: argparse.ArgumentParser, defaults: dict[str, Any],
 
     p.set_defaults(options=add_options(p, GenerationConfig, only=only, defaults=defaults), defaults=defaults)
     p.add_argument("--dtype", default="fp32", choices=DECODE_DTYPES,
-                   help="weights for decoding: bf16 halves and int8 quarters the bytes read per token; default: fp32")
+                   help="weights for decoding: bf16 halves, int8 quarters, int4 (group-wise) eighths the bytes read "
+                        "per token; a GGUF file loads its quantized tensors straight into int8/int4; default: fp32")
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256],
+                   help="int4: inputs sharing one scale and zero (smaller = closer to fp32, more bytes); default: 32")
 
 
 def _generation_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -311,7 +319,25 @@ def _generation_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 
     kw = {**a.defaults, **given(a, a.options)}
     cfg = GenerationConfig(**kw)  # converts, and refuses bad values before the model is loaded
-    return {k: getattr(cfg, k) for k in kw}
+    out = {k: getattr(cfg, k) for k in kw}
+    if out.get("speculative") not in (None, "prompt-lookup"):  # a draft model: any loadable model
+        out["speculative"] = load_model(out["speculative"])
+    return out
+
+
+def _load_for_decoding(path: str, a: argparse.Namespace) -> Any:
+    """Load ``path`` laid out for decoding (a GGUF file goes straight into int8/int4); a LoRA ``--adapter`` is
+    merged into the fp32 weights first."""
+    if a.adapter is not None:
+        return _with_dtype(_load(path, a.adapter), a.dtype, a.group_size)
+    return _with_dtype(load_model(path, decode_dtype=a.dtype), a.dtype, a.group_size)
+
+
+def _report_speculative(kw: dict[str, Any]) -> None:
+    if kw.get("speculative") is not None:
+        from .generation import speculative  # (only speculative runs report)
+
+        print(speculative.last_stats.summary(), file=sys.stderr)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -329,12 +355,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def _with_dtype(model: Any, dtype: str) -> Any:
+def _with_dtype(model: Any, dtype: str, group_size: int = 32) -> Any:
     """Lay out a Transformer's weights for decoding (bound by the bytes of weight read per token):
-    transposed fp32, bf16 or weight-only int8 (lmforge.generation.fast)."""
+    transposed fp32, bf16, weight-only int8 or int4 (lmforge.generation.fast)."""
 
     if isinstance(model, (GPT, Seq2Seq)):
-        return prepare_for_decoding(model, dtype)
+        return prepare_for_decoding(model, dtype, group_size)
     if dtype != "fp32":
         raise LMForgeError(f"--dtype {dtype} applies to Transformer models (gpt, seq2seq, Hugging Face, GGUF); "
                            f"this is a {model.model_type} model")
@@ -348,7 +374,7 @@ def _print_piece(piece: str) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     kw = _generation_kwargs(a)
-    model = _with_dtype(_load(a.run, a.adapter), a.dtype)
+    model = _load_for_decoding(a.run, a)
     if model.is_seq2seq:
         raise LMForgeError(f"{a.run} is a seq2seq (encoder-decoder) model: it needs a source; use "
                            f"lmforge translate {a.run} \"TEXT\"")
@@ -361,6 +387,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             raise LMForgeError(no_template_message(a.run))
         reply = session.ask(a.chat, on_text=_print_piece if a.stream else None)
         print("" if a.stream else reply)
+        _report_speculative(kw)
         return 0
     for i in range(n if a.stream else 1):
         if n > 1:
@@ -376,6 +403,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 if n > 1:
                     print(f"--- sample {j + 1} ---")
                 print(text)
+    _report_speculative(kw)
     return 0
 
 
@@ -405,6 +433,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report directory (runs are kept in OUT/runs)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="split to score; default: test")
     p.add_argument("--eval-max-tokens", type=int, default=None, help="score at most this many tokens per model")
+    p.add_argument("--force", action="store_true",
+                   help="replace the report (table.txt, compare.json/csv/png) of an earlier comparison in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
@@ -414,7 +444,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     for m in a.models:  # fail fast, before any training
         ModelSpec.parse(m)
     compare(a.data, budget or 300.0, a.models, a.out, split=a.split, progress=not a.no_progress,
-            eval_max_tokens=a.eval_max_tokens)
+            eval_max_tokens=a.eval_max_tokens, force=a.force)
     return 0
 
 
@@ -427,20 +457,22 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
                         "(default: the model's own; without one the model continues your text)")
     p.add_argument("--chat", default=None, metavar="MESSAGE", help="one message, print the reply, exit")
     _add_decoding_options(p, CHAT_DEFAULTS, only=("max_new_tokens", "temperature", "top_k", "top_p",
-                                                  "repetition_penalty", "seed"))
+                                                  "repetition_penalty", "seed", "compile", "speculative",
+                                                  "draft_tokens"))
     p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP)
     p.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
     kw = _generation_kwargs(a)
-    model = _with_dtype(_load(a.model, a.adapter), a.dtype)
+    model = _load_for_decoding(a.model, a)
     session = open_session(model, a.template, system=a.system, **kw)
     if not session.chat:
         print(f"lmforge: {no_template_message(a.model)}; meanwhile the model continues each message",
               file=sys.stderr)
     if a.chat is not None:
         print(session.ask(a.chat))
+        _report_speculative(kw)
     else:
         repl(session)
     return 0
@@ -455,6 +487,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", default=None, help="file of sources, one per line (- = stdin)")
     p.add_argument("--output", default=None, help="write translations here (default stdout)")
     p.add_argument("--dtype", default="fp32", choices=DECODE_DTYPES, help="weights for decoding; default: fp32")
+    p.add_argument("--force", action="store_true", help="replace the --output file if it exists")
     p.set_defaults(func=cmd_translate, options=add_options(p, TranslateConfig, defaults=TRANSLATE_DEFAULTS))
 
 
@@ -464,6 +497,8 @@ TRANSLATE_DEFAULTS = {"beam": 4}
 def cmd_translate(a: argparse.Namespace) -> int:
     if bool(a.text) == bool(a.input):
         raise LMForgeError("give the source text as arguments or --input FILE (not both)")
+    if a.output:
+        check_output_file(a.output, a.force)  # before any decoding
     c = TranslateConfig(**{**TRANSLATE_DEFAULTS, **given(a, a.options)})
     model = load_model(a.run)
     require_seq2seq(model, a.run)
@@ -515,6 +550,63 @@ def cmd_export(a: argparse.Namespace) -> int:
                            "export); add --merge to write the base with the adapter merged in")
     out = export_hf(_load(a.run, a.adapter), a.out)  # type: ignore[arg-type]
     print(f"exported {a.run} -> {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+SERVE_ONLY = ("host", "port", "api_key", "max_body")  # ServeConfig fields that batch jobs do without
+
+
+def _add_serve_options(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The model, ``--template`` and the flags declared on lmforge.serve.ServeConfig."""
+    p.add_argument("model", help="run directory, Hugging Face directory, .gguf file, or smollm2")
+    p.add_argument("--template", default=None, metavar="NAME|FILE",
+                   help="chat template: a built-in name (chatml, simple) or a Jinja file, rendered sandboxed "
+                        "(default: the model's own; without one, chat requests get HTTP 400)")
+    return add_options(p, ServeConfig, exclude=exclude)
+
+
+def serve_config_from_args(a: argparse.Namespace) -> ServeConfig:
+    opts = given(a, a.options)
+    if "api_key" in a.options and "api_key" not in opts and os.environ.get("LMFORGE_API_KEY"):
+        opts["api_key"] = os.environ["LMFORGE_API_KEY"]
+    if a.template is not None:
+        tpl, stop = load_template(a.template)
+        opts.update(chat_template=tpl.text, chat_stop=stop)
+    return ServeConfig(model=a.model, **opts)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and a web page",
+                       description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /tokenize, "
+                                   "/detokenize, /v1/models, /health, /metrics, and a chat page at /.")
+    p.set_defaults(func=cmd_serve, options=_add_serve_options(p))
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    server = Server(serve_config_from_args(a), log_level="info")
+    print(f"lmforge: serving {a.model} on {server.url} (web page at {server.url}/, OpenAI API at "
+          f"{server.url}/v1); loading the model...", file=sys.stderr, flush=True)
+    server.run()
+    return 0
+
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch", help="run an OpenAI batch file (JSONL requests) through the batching engine",
+                       description="Each input line is {custom_id, method, url, body} (OpenAI's batch format, url "
+                                   "/v1/completions or /v1/chat/completions). Results are appended to --output as "
+                                   "they finish; a rerun skips custom_ids already there.")
+    options = _add_serve_options(p, exclude=SERVE_ONLY)
+    p.add_argument("--input", required=True, help="requests, one JSON object per line")
+    p.add_argument("--output", required=True, help="results file (JSONL; appended to when resuming)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_batch, options=options)
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    s = run_batch(serve_config_from_args(a), a.input, a.output, progress=not a.no_progress)
+    print(f"{s['done']} requests done ({s['failed']} failed), {s['skipped']} already in {a.output}, "
+          f"{s['completion_tokens']:,} tokens generated in {s['seconds']:.1f}s "
+          f"({s['completion_tokens'] / max(s['seconds'], 1e-9):,.1f} tokens/s) -> {a.output}", file=sys.stderr)
     return 0
 
 
@@ -577,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_translate(sub)
     _add_inspect(sub)
+    _add_serve(sub)
+    _add_batch(sub)
     ngram_cli.add_ngram_parser(sub)
     return parser
 

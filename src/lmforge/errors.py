@@ -16,3 +16,9 @@ class LMForgeError(Exception):
     def __init__(self, message: str) -> None:
         # Keep it to one line: multi-line messages are folded so the CLI prints a single line.
         super().__init__(" ".join(str(message).split()))
+
+
+def first_line(error: BaseException, limit: int = 120) -> str:
+    """The first line of a library's exception message, for a one-line error (its type name when empty)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

@@ -51,6 +51,19 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
         raise
 
 
+def check_output_file(path: str | Path, force: bool = False, option: str = "--output") -> Path:
+    """An output file lmforge is about to write: never a directory, and never an existing file unless the
+    user said ``--force`` (a report or a translation the user kept is not replaced silently)."""
+    path = Path(path)
+    if path.is_dir():
+        raise LMForgeError(f"{option} {path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise LMForgeError(f"{path} already exists; pass --force to replace it, or choose another {option}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise LMForgeError(f"{option} {path}: {path.parent} is a file, not a directory")
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     def _w(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -80,7 +93,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # damaged bytes: line dropped
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -90,11 +103,25 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
-def refuse_nonempty(out: str | Path, hint: str = "choose another --out") -> None:
+def refuse_nonempty(out: str | Path, hint: str = "choose another --out") -> Path:
     """An output directory must not exist or be empty: the files in it are someone's."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    out = refuse_file(out)
+    if out.is_dir() and any(out.iterdir()):
         raise LMForgeError(f"{out} already exists; {hint}")
+    return out
+
+
+def refuse_file(out: str | Path, option: str = "--out") -> Path:
+    """An output directory must not be an existing file, nor lie below one."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LMForgeError(f"{option} {out} is an existing file, not a directory; choose another {option}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LMForgeError(f"{option} {out}: {parent} is a file, not a directory")
+            break
+    return out
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(ms|s|sec|m|min|h|hr|d)?\s*$")

@@ -24,7 +24,8 @@ from ..generation import GenerationConfig, generate_ids
 from ..models import MODEL_REGISTRY, load_model, model_class
 from ..tokenizers import load_tokenizer
 from ..train import TrainConfig, train
-from ..utils import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from ..train.checkpoint import read_state
+from ..utils import atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl, refuse_file
 from .ngram_cli import train_ngram
 
 NEURAL_RECIPES: dict[str, dict[str, Any]] = {
@@ -87,19 +88,30 @@ def generation_speed(model: Any, n_tokens: int = 100) -> float:
     return len(out[0]) / (time.perf_counter() - t0)
 
 
+REPORT_FILES = ("table.txt", "compare.json", "compare.csv", "compare.png")
+
+
 def compare(data: str, budget: float, models: list[str], out: str, split: str = "test",
-            progress: bool = True, eval_max_tokens: int | None = None) -> list[dict[str, Any]]:
+            progress: bool = True, eval_max_tokens: int | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """``force``: replace the report files of an earlier comparison in ``out`` (its runs are reused either way)."""
     specs = [ModelSpec.parse(m) for m in models]  # every spec is checked before any training
     if not specs:
         raise LMForgeError("give at least one model in --models, e.g. ngram:3 lstm:small gpt:tiny")
+    out_dir = refuse_file(out)
 
     td = load_data(data)
     if isinstance(td, ParallelData):
         raise LMForgeError(f"{data} holds parallel (source, target) pairs for seq2seq models; compare needs a text "
                            "corpus prepared for language models (lmforge prepare --corpus ...)")
-    out_dir = Path(out)
     for spec in specs:  # an existing run must have been trained with this data's tokenizer
         _check_existing_run(out_dir / "runs" / spec.name, td)
+    kept = [f for f in REPORT_FILES if (out_dir / f).exists()]
+    if kept and not force:  # checked before any training: the report is written at the end
+        raise LMForgeError(f"{out_dir} already holds a comparison report ({', '.join(kept)}); pass --force to "
+                           "replace it (the runs in OUT/runs are reused), or choose another --out")
+    for f in REPORT_FILES:
+        if (out_dir / f).is_dir():
+            raise LMForgeError(f"{out_dir / f} is a directory; the report file cannot be written there")
     if not td.has_split(split):
         split = "val"
     if td.meta["tokenizer"]["kind"] == "word" and any(s.family != "ngram" for s in specs):
@@ -146,13 +158,16 @@ def _check_existing_run(run: Path, data: TokenData) -> None:
 def _existing_train_info(run: Path) -> dict[str, Any]:
     state = run / "checkpoint" / "state.json"
     if state.exists():
-        s = read_json(state, "checkpoint state")
+        s = read_state(state.parent)
         return {"train_seconds": s["train_time"], "tokens_seen": s["tokens_seen"],
                 "tokens_per_s": s["tokens_seen"] / max(s["train_time"], 1e-9)}
     m = run / "metrics.json"
     info = read_json(m, "run metrics") if m.exists() else {}
-    secs = float(info.get("build_seconds", info.get("train_seconds", 0.0)))
-    toks = int(info.get("train_tokens", info.get("tokens", 0)))
+    try:
+        secs = float(info.get("build_seconds", info.get("train_seconds", 0.0)))
+        toks = int(info.get("train_tokens", info.get("tokens", 0)))
+    except (AttributeError, TypeError, ValueError):
+        raise LMForgeError(f"{m} is damaged; delete the run {run} so that compare retrains it") from None
     return {"train_seconds": secs, "tokens_seen": toks, "tokens_per_s": toks / max(secs, 1e-9)}
 
 
@@ -196,12 +211,16 @@ def write_reports(rows: list[dict[str, Any]], out_dir: Path, data_name: str, bud
     print("\n" + table)
     atomic_write_text(out_dir / "table.txt", table + "\n")
     atomic_write_json(out_dir / "compare.json", {"data": data_name, "budget_seconds": budget, "models": rows})
-    with open(out_dir / "compare.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow([k for k, _, _ in COLUMNS] + ["split"])
-        for r in rows:
-            w.writerow([r[k] for k, _, _ in COLUMNS] + [r["split"]])
-    from ..viz.plots import plot_comparison  # matplotlib costs ~0.5 s; only the final chart needs it
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow([k for k, _, _ in COLUMNS] + ["split"])
+            for r in rows:
+                w.writerow([r[k] for k, _, _ in COLUMNS] + [r["split"]])
+
+    atomic_write(out_dir / "compare.csv", write_csv)
+    from ..viz.plots import plot_comparison
 
     plot_comparison(rows, out_dir / "compare.png", title=f"{data_name}: {budget / 60:.1f} min per model")
     print(f"\nwrote {out_dir}/table.txt, compare.json, compare.csv, compare.png")

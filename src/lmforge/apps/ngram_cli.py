@@ -20,7 +20,7 @@ from ..models import load_model
 from ..models.ngram import NGramConfig, NGramModel
 from ..options import add_options, given
 from ..tokenizers import load_tokenizer
-from ..utils import atomic_write_json, refuse_nonempty
+from ..utils import atomic_write_json, check_output_file, refuse_nonempty
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> list[str]:
@@ -31,8 +31,7 @@ def train_ngram(data_dir: str, out: str, order: int = 3, smoothing: str = "modif
                 k: float = 1.0, discount_fallback: bool = False, verbose: bool = True) -> dict[str, Any]:
     """Count and smooth on the train split, save the run directory, report val perplexity."""
     NGramConfig(order=order, smoothing=smoothing, add_k=k, discount_fallback=discount_fallback)  # type: ignore
-    out_dir = Path(out)
-    refuse_nonempty(out_dir)
+    out_dir = refuse_nonempty(out)
     td = TokenData(data_dir)
     tok = td.tokenizer
     t0 = time.perf_counter()
@@ -67,18 +66,18 @@ def train_ngram_from_args(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    check_output_file(a.file, a.force, option="ARPA file")  # before the model is loaded
     model = load_model(a.run)
     if not isinstance(model, NGramModel):
         raise LMForgeError(f"{a.run} is a {model.model_type} model, not an n-gram model")
-    export_arpa(model, a.file)
+    export_arpa(model, a.file, force=a.force)
     print(f"wrote {a.file}")
     return 0
 
 
 def cmd_import(a: argparse.Namespace) -> int:
     tok = load_tokenizer(a.tokenizer_from) if a.tokenizer_from else None
-    out = Path(a.out)
-    refuse_nonempty(out)
+    out = refuse_nonempty(a.out)
     model = import_arpa(a.file, tok)
     model.save_pretrained(out)
     print(f"imported a {model.order}-gram model ({', '.join(map(str, model.meta['counts']))} n-grams) -> {out}")
@@ -130,6 +129,7 @@ def add_ngram_parser(sub: argparse._SubParsersAction) -> None:
     e = s.add_parser("export", help="write an n-gram run as an ARPA file")
     e.add_argument("run", help="n-gram run directory")
     e.add_argument("file", help="ARPA file to write")
+    e.add_argument("--force", action="store_true", help="replace FILE if it exists")
     e.set_defaults(func=cmd_export)
     i = s.add_parser("import", help="read an ARPA file into a run directory")
     i.add_argument("file", help="ARPA file to read")

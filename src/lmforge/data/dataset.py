@@ -17,8 +17,9 @@ from .prepare import FORMAT, PARALLEL_FORMAT
 class TokenSplit:
     """One split (train/val/test) as a sequence of token ids backed by memory-mapped shards."""
 
-    def __init__(self, paths: list[Path], dtype: np.dtype) -> None:
-        self.arrays = []
+    def __init__(self, paths: list[Path], dtype: np.dtype, vocab_size: int | None = None) -> None:
+        self.vocab_size = vocab_size  # ids at or above it mean a damaged shard (checked on every read)
+        self.arrays, self.paths = [], paths
         for p in paths:
             if not p.exists():
                 raise LMForgeError(f"missing token shard {p}; re-run lmforge prepare")
@@ -43,13 +44,20 @@ class TokenSplit:
             out[filled:filled + take] = a[local:local + take]
             filled += take
             pos += take
-        return out
+        return self._checked(out)
+
+    def _checked(self, ids: np.ndarray) -> np.ndarray:
+        if self.vocab_size is not None and ids.size and int(ids.max()) >= self.vocab_size:
+            where = ", ".join(str(p) for p in self.paths)
+            raise LMForgeError(f"token shard {where} holds id {int(ids.max())}, outside the vocabulary of "
+                               f"{self.vocab_size}; the shard is damaged: re-run lmforge prepare")
+        return ids
 
     def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """A (len(starts), length) int64 matrix of windows; vectorised for a single shard."""
         if len(self.arrays) == 1:
             idx = starts[:, None] + np.arange(length)[None, :]
-            return self.arrays[0][idx].astype(np.int64)
+            return self._checked(self.arrays[0][idx].astype(np.int64))
         return np.stack([self.read(int(s), length) for s in starts])
 
 
@@ -69,6 +77,18 @@ class TokenData:
         if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
             raise LMForgeError(f"{self.path} is not an lmforge data directory (bad meta.json); "
                                "re-run lmforge prepare")
+        if self.meta.get("task") == "seq2seq":
+            raise LMForgeError(f"{self.path} holds parallel (source, target) pairs for seq2seq models; this model "
+                               "reads a token stream: prepare a text corpus (lmforge prepare --corpus FILE)")
+        splits = self.meta.get("splits")
+        tok = self.meta.get("tokenizer")
+        if not (isinstance(tok, dict) and isinstance(tok.get("vocab_size"), int) and tok["vocab_size"] > 0):
+            raise LMForgeError(f"{self.path}/meta.json is damaged (tokenizer vocab_size); re-run lmforge prepare")
+        if self.meta.get("dtype") not in ("uint16", "uint32") or not isinstance(splits, dict) or not all(
+                isinstance(s, dict) and isinstance(s.get("tokens"), int) and isinstance(s.get("shards"), list)
+                and all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..") for f in s["shards"])
+                for s in splits.values()):
+            raise LMForgeError(f"{self.path}/meta.json is damaged (dtype or splits); re-run lmforge prepare")
         self.dtype = np.dtype(self.meta["dtype"])
         self._splits: dict[str, TokenSplit] = {}
 
@@ -91,7 +111,7 @@ class TokenData:
             if info["tokens"] == 0:
                 raise LMForgeError(f"split {name!r} of {self.path} is empty (prepared with a zero fraction); "
                                    "choose another split or re-run lmforge prepare")
-            self._splits[name] = TokenSplit([self.path / s for s in info["shards"]], self.dtype)
+            self._splits[name] = TokenSplit([self.path / s for s in info["shards"]], self.dtype, self.vocab_size)
         return self._splits[name]
 
     def bytes_per_token(self, name: str) -> float:

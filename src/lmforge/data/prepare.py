@@ -17,6 +17,7 @@ exactly nanoGPT's split for Tiny Shakespeare with ``--val-frac 0.1 --test-frac 0
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ class PrepareConfig(Options):
     target_file: str | None = option(None, metavar="FILE", help="parallel data from two line-aligned files: "
                                      "--corpus SOURCE --target-file TARGET")
     separate_vocab: bool = option(False, help="parallel data: one tokenizer per side instead of a shared one")
+    force: bool = option(False, help="replace an existing data directory even if it holds files lmforge did not "
+                         "write (they are deleted)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,19 +81,33 @@ class PrepareConfig(Options):
             raise LMForgeError("--val-frac and --test-frac must sum to less than 1")
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse an --out that exists and is not an lmforge data directory (its files are the user's)."""
+# Every file ``prepare`` (and ``prepare_parallel``) writes; anything else in a data directory is the user's.
+DATA_FILES = re.compile(r"(meta\.json|tokenizer\.json|source_tokenizer\.json|(train|val|test)-\d{5}\.bin"
+                        r"|(train|val|test)\.jsonl|(train|val|test)\.(src|tgt)\.(bin|idx))")
+
+
+def check_out_dir(out: Path, force: bool = False) -> None:
+    """``--out`` may be new, empty, or an lmforge data directory to re-prepare, which is replaced whole;
+    never a file, another kind of directory, or a data directory holding files the user put there
+    (replacing it would delete them) unless ``force``."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         meta = out / "meta.json"
         if not (out.is_dir() and meta.exists()):
-            raise LMForgeError(f"refusing to overwrite {out}: it exists and is not an lmforge data directory; "
-                               "choose another --out")
+            kind = "a directory that is not an lmforge data directory" if out.is_dir() else "an existing file"
+            raise LMForgeError(f"refusing to overwrite {out}: it is {kind}; choose another --out")
         try:
-            ok = read_json(meta).get("format") in (FORMAT, PARALLEL_FORMAT)
+            m = read_json(meta)
+            ok = isinstance(m, dict) and m.get("format") in (FORMAT, PARALLEL_FORMAT)
         except LMForgeError:
             ok = False
         if not ok:
             raise LMForgeError(f"refusing to overwrite {out}: its meta.json is not lmforge's; choose another --out")
+        foreign = sorted(p.name for p in out.iterdir() if not DATA_FILES.fullmatch(p.name))
+        if foreign and not force:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise LMForgeError(f"refusing to replace the data directory {out}: it also holds files lmforge did not "
+                               f"write ({shown}); move them elsewhere, choose another --out, or pass --force to "
+                               "delete them")
 
 
 def _assign_splits(corpus: Corpus, cfg: PrepareConfig) -> tuple[str, dict[str, list[int]]]:
@@ -221,7 +238,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
                            ".tsv, --target-file); lmforge.prepare and lmforge prepare route those")
     t0 = time.time()
     out = Path(cfg.out)
-    check_out_dir(out)
+    check_out_dir(out, cfg.force)
     corpus = load_corpus(cfg.corpus, errors=cfg.errors)
     mode, assign = _assign_splits(corpus, cfg)
     tokenizer = _train_tokenizer(cfg, _split_texts(corpus, mode, assign, cfg, "train"))

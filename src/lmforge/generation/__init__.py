@@ -19,13 +19,15 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import torch
 
 from ..errors import LMForgeError
 from ..models.base import LanguageModel
 from ..options import INT64_MAX, Options, label, option
+from .fast import StaticDecoder, should_compile
+from .logits import exp_noise, race, warp_logits
 from .streaming import TextStream
 
 # Below this a softmax of logits / T overflows to inf/nan in fp32; use 0 (greedy) for "no randomness".
@@ -49,46 +51,47 @@ class GenerationConfig(Options):
     num_return_sequences: int = option(1, ge=1, le=4096, help="samples per prompt")
     use_cache: bool = option(True, flag="cache", help="carry the KV cache / state (--no-cache re-runs the whole "
                              "context at every step)")
+    compile: Literal["auto", "on", "off"] = option(
+        "auto", help="torch.compile the fixed-shape decode step (generation/fast.py): auto only for long "
+        "generations (compiling takes minutes on a small CPU), on, or off")
+    speculative: str | LanguageModel | None = option(
+        None, metavar="prompt-lookup|RUN", help="speculative decoding, exact (generation/speculative.py): draft "
+        "with prompt lookup (an n-gram over the prompt and the output so far) or with a smaller model RUN sharing "
+        "the tokenizer (a GPT, or an n-gram trained on your corpus); the acceptance rate goes to stderr",
+        default_text="off")
+    draft_tokens: int = option(4, ge=1, le=64, help="tokens drafted per target forward pass (speculative "
+                               "decoding)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if 0 < self.temperature < MIN_TEMPERATURE:
             f = next(f for f in fields(self) if f.name == "temperature")
             raise LMForgeError(f"{label(f)} must be 0 (greedy) or >= {MIN_TEMPERATURE:g} (got {self.temperature:g})")
+        if self.speculative is not None and self.num_return_sequences != 1:
+            raise LMForgeError("speculative decoding decodes one sequence at a time; use --num-return-sequences 1")
 
     def validate(self) -> None:
         """Checked on construction; kept for callers that re-check a config they changed."""
         self.__post_init__()
 
 
+def seen_mask(seqs: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) mask of the tokens present in each row of ``seqs`` (for the repetition penalty)."""
+    return torch.zeros(seqs.shape[0], vocab_size, dtype=torch.bool, device=seqs.device).scatter_(1, seqs, True)
+
+
 def process_logits(logits: torch.Tensor, seqs: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     """Apply repetition penalty, temperature, top-k and top-p to (B, V) logits."""
-    logits = logits.float()
-    if cfg.repetition_penalty != 1.0:
-        prev = logits.gather(1, seqs)
-        prev = torch.where(prev > 0, prev / cfg.repetition_penalty, prev * cfg.repetition_penalty)
-        logits = logits.scatter(1, seqs, prev)
-    if cfg.temperature == 0:
-        return logits
-    logits = logits / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass strictly before it already reaches p (the top token always stays)
-        drop = (probs.cumsum(-1) - probs) >= cfg.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    return logits
+    seen = seen_mask(seqs, logits.shape[-1]) if cfg.repetition_penalty != 1.0 else None
+    return warp_logits(logits, seen, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
 
 
 def choose(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """The greedy token, or a sample of softmax(logits) (the exponential race of generation/logits.py,
+    the same draw as a compiled decode step makes)."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return race(torch.softmax(logits, dim=-1), exp_noise(tuple(logits.shape), generator, logits.device))
 
 
 @torch.no_grad()
@@ -123,12 +126,26 @@ def generate_ids(model: LanguageModel, prompt_ids: list[int], cfg: GenerationCon
     if cfg.ignore_eos:
         eos = None
     total = len(prompt) + cfg.max_new_tokens
-    state = model.init_state(B, min(total, ctx) if ctx else total) if cfg.use_cache else None
-    logits, state = model.forward_logits(seqs, state, last_only=True)  # the prompt's last position only
+    if cfg.speculative is not None and ctx and total + cfg.draft_tokens + 1 > ctx:
+        warnings.warn(f"speculative decoding keeps the whole sequence in the context ({ctx} tokens); "
+                      f"this generation needs {total + cfg.draft_tokens + 1}: decoding without it", stacklevel=2)
+    elif cfg.speculative is not None and cfg.max_new_tokens > 0:
+        from .speculative import speculative_generate
+
+        out = speculative_generate(model, prompt, cfg, on_token, generator=generator)
+        return [out]
+    static = None
+    if cfg.use_cache and not (ctx and total > ctx) and should_compile(model, B * cfg.max_new_tokens, cfg.compile):
+        static = StaticDecoder(model, B, total, cfg, compile=True, generator=generator)
+        nxt = static.prefill(seqs)
+    else:
+        state = model.init_state(B, min(total, ctx) if ctx else total) if cfg.use_cache else None
+        logits, state = model.forward_logits(seqs, state, last_only=True)  # the prompt's last position only
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), cfg.max_new_tokens, dtype=torch.long)
     for t in range(cfg.max_new_tokens):
-        nxt = choose(process_logits(logits[:, -1, :], seqs, cfg), cfg, generator)
+        if static is None:
+            nxt = choose(process_logits(logits[:, -1, :], seqs, cfg), cfg, generator)
         seqs = torch.cat([seqs, nxt[:, None]], dim=1)
         if eos is not None:
             newly = (nxt == eos) & ~finished
@@ -139,7 +156,9 @@ def generate_ids(model: LanguageModel, prompt_ids: list[int], cfg: GenerationCon
             break
         if bool(finished.all()) or t == cfg.max_new_tokens - 1:
             break
-        if state is not None and not (ctx and seqs.size(1) > ctx):
+        if static is not None:  # a fixed-shape (compiled) step: forward, processing and choice in one
+            nxt = static.step(nxt)
+        elif state is not None and not (ctx and seqs.size(1) > ctx):
             logits, state = model.forward_logits(nxt[:, None], state)
         elif state is not None:  # the cache is full: rebuild it from the last `ctx` tokens
             state = model.init_state(B, ctx)

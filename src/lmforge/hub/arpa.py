@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import LMForgeError
 from ..models.ngram import NGramModel
 from ..tokenizers.word import WordTokenizer
-from ..utils import atomic_write
+from ..utils import atomic_write, check_output_file
 
 LOG10 = math.log(10)
 
@@ -71,7 +71,9 @@ def _fmt(x: float) -> str:
     return "-99" if not math.isfinite(x) else f"{x:.7g}"
 
 
-def export_arpa(model: NGramModel, path: str | Path) -> None:
+def export_arpa(model: NGramModel, path: str | Path, force: bool = False) -> None:
+    """Write ``path`` (atomically); an existing file is replaced only with ``force``."""
+    check_output_file(path, force, option="ARPA file")
     words = vocabulary_strings(model)
     V, N = model.V, model.order
     # the word ids of every n-gram, order by order (keys are context_id * V + word)
@@ -158,6 +160,11 @@ def import_arpa(path: str | Path, tokenizer=None) -> NGramModel:  # noqa: ANN001
                 raise err(f"malformed {n}-gram line {lines[i]!r}") from None
             if len(text) != n:
                 raise err(f"expected {n} words, got {len(text)} in {lines[i]!r}")
+            # log10 p must be a probability's (<= 0; -99 or -inf for zero); a backoff weight may exceed 1
+            # but must be a number
+            if math.isnan(lp) or lp > 0 or math.isnan(bo) or bo == math.inf:
+                raise err(f"{n}-gram line {lines[i]!r}: log10 probabilities must be <= 0 and backoffs finite; "
+                          "the file is damaged")
             rows.append((lp, tuple(text), bo))
             i += 1
         entries.append(rows)
@@ -183,6 +190,12 @@ def import_arpa(path: str | Path, tokenizer=None) -> NGramModel:  # noqa: ANN001
     if missing:
         raise LMForgeError(f"{path}: {len(missing)} unigrams are not in the tokenizer's vocabulary "
                            f"(e.g. {missing[0]!r})")
+    unigram_set = set(unigrams)
+    for n, rows in enumerate(entries[1:], start=2):
+        unknown = next((w for _, ws, _ in rows for w in ws if w not in unigram_set), None)
+        if unknown is not None:
+            raise LMForgeError(f"{path}: the {n}-grams use the word {unknown!r}, which is not a unigram; "
+                               "the file is inconsistent")
     keys, logp, logbo = [], [], []
     prev_ids: dict[tuple[int, ...], int] = {}
     for n in range(1, N + 1):
@@ -209,6 +222,8 @@ def import_arpa(path: str | Path, tokenizer=None) -> NGramModel:  # noqa: ANN001
             k[r] = ctx * V + toks[-1]
             toks_list.append(toks)
         order = np.argsort(k, kind="stable")
+        if np.any(np.diff(k[order]) == 0):
+            raise LMForgeError(f"{path}: an {n}-gram is listed twice; the file is inconsistent")
         keys.append(k[order])
         logp.append(np.array([rows[o][0] for o in order]) * LOG10)
         logbo.append(np.array([rows[o][2] for o in order]) * LOG10)

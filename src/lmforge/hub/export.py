@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models
 from ..errors import LMForgeError
 from ..models.gpt import GPT
 from ..tokenizers import EOT, BPETokenizer, CharTokenizer
-from ..utils import atomic_write, atomic_write_json, refuse_nonempty
+from ..utils import atomic_directory, atomic_write, atomic_write_json, refuse_nonempty
 from .weight_maps import GPT2, GPT2_PREFIX, LLAMA, LLAMA_PREFIX, rows
 
 
@@ -106,11 +106,21 @@ def char_tokenizer_to_hf(tok: CharTokenizer):  # noqa: ANN201
 
 
 def export_hf(model: GPT, out: str | Path) -> Path:
+    """Write the Hugging Face directory ``out``, built in a temporary sibling and renamed into place at the
+    end: a failure (a tokenizer with no Hugging Face form, a full disk, Ctrl-C) leaves no half-written
+    ``out``."""
     if not isinstance(model, GPT):
         raise LMForgeError(f"only GPT models export to Hugging Face format, not {model.model_type}")
-    out = Path(out)
-    refuse_nonempty(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = refuse_nonempty(out)
+    tok = model.tokenizer
+    if tok is not None and not isinstance(tok, (BPETokenizer, CharTokenizer)):  # fail before writing anything
+        raise LMForgeError(f"the {tok.kind} tokenizer has no Hugging Face form; only char and bpe runs export")
+    with atomic_directory(out) as tmp:
+        _write_hf(model, tmp)
+    return out
+
+
+def _write_hf(model: GPT, out: Path) -> None:
     cfg, weights = hf_config_and_weights(model)
     tok = model.tokenizer
     if tok is not None:
@@ -136,4 +146,3 @@ def export_hf(model: GPT, out: str | Path) -> Path:
         atomic_write_json(out / "tokenizer_config.json", conf)
     (out / "README.md").write_text(f"Exported by lmforge from a {model.config.n_layer}-layer GPT "
                                    f"({json.dumps(cfg['model_type'])}).\n", encoding="utf-8")
-    return out

@@ -23,6 +23,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import LMForgeError
 from ..models.gpt import GPT, GPTConfig
+from ..models.weights import check_shapes
+from ..tokenizers import check_tokenizer_fits
 from ..tokenizers.bpe import BPETokenizer
 from ..utils import read_json
 from .weight_maps import GPT2, GPT2_PREFIX, LLAMA, LLAMA_PREFIX, rows
@@ -31,65 +33,128 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED = ("gpt2", *LLAMA_LIKE)
 
 
+def weight_file(directory: Path, name: Any, index: Path | None = None) -> Path:
+    """The path of a weight file named by a checkpoint (``model.safetensors`` or a shard of the index),
+    refused unless it lies inside ``directory``: a model's files must not read ``../other.safetensors``,
+    an absolute path or, through a symlink, anything else on the machine. The one exception is Hugging
+    Face's cache layout, where ``snapshots/REV/NAME`` links into the repository's ``blobs/``."""
+    where = f"{index}: weight shard" if index else "weight file"
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise LMForgeError(f"{where} {name!r} is not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise LMForgeError(f"{where} {name!r} points outside the model directory {directory}; refusing to read it")
+    path = directory / rel
+    if not path.exists():
+        raise LMForgeError(f"{directory}: {where} {name} is missing" if index else
+                           f"{directory}: {name} is missing")
+    root, target = directory.resolve(), path.resolve()
+    inside = target.is_relative_to(root)
+    hf_cache = root.parent.name == "snapshots" and target.is_relative_to(root.parent.parent / "blobs")
+    if not (inside or hf_cache):
+        raise LMForgeError(f"{where} {name!r} is a link to {target}, outside the model directory {directory}; "
+                           "refusing to read it")
+    if not target.is_file():
+        raise LMForgeError(f"{where} {name!r} is not a regular file")
+    return path
+
+
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(read_json(index, "safetensors index")["weight_map"].values()))
-    elif (directory / "model.safetensors").exists():
-        files = ["model.safetensors"]
+        obj = read_json(index, "safetensors index")
+        wmap = obj.get("weight_map") if isinstance(obj, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise LMForgeError(f"{index} is damaged: expected {{\"weight_map\": {{tensor name: shard file}}}}")
+        files = list(dict.fromkeys(weight_file(directory, f, index) for f in wmap.values()))
+    elif (directory / "model.safetensors").exists() or (directory / "model.safetensors").is_symlink():
+        files = [weight_file(directory, "model.safetensors")]
     else:
         raise LMForgeError(f"{directory} has no model.safetensors (nor a sharded index); only safetensors "
                            "checkpoints are read")
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        if not (directory / f).exists():
-            raise LMForgeError(f"{directory}: weight shard {f} named in the index is missing")
         try:
-            out.update(load_file(str(directory / f)))
-        except (SafetensorError, OSError) as e:
-            raise LMForgeError(f"{directory / f} is truncated or corrupted ({str(e)[:80]})") from None
+            out.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LMForgeError(f"{f} is truncated or corrupted ({str(e)[:80]})") from None
     return out
 
 
+_REQUIRED = object()
+
+
+def _field(cfg: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED, minimum: float | None = None
+           ) -> Any:
+    """``config.json[key]`` checked: present (unless it has a default), of ``kind`` (int accepted for float,
+    bool never taken for a number) and at least ``minimum``; a damaged config is a one-line error."""
+    v = cfg.get(key, default)
+    if v is _REQUIRED:
+        raise LMForgeError(f"config.json of this {cfg.get('model_type')} checkpoint has no {key!r}; the checkpoint "
+                           "is incomplete or damaged")
+    if v is None and default is None:
+        return None
+    numeric = kind in (int, float)
+    ok = isinstance(v, kind) or (kind is float and isinstance(v, int))
+    if not ok or (numeric and isinstance(v, bool)):
+        raise LMForgeError(f"config.json: {key} must be {'an' if kind is int else 'a'} {kind.__name__}, not {v!r}")
+    if numeric and minimum is not None and not v >= minimum:  # also refuses nan
+        raise LMForgeError(f"config.json: {key} must be at least {minimum}, not {v!r}")
+    return v
+
+
 def gpt_config_from_hf(cfg: dict[str, Any]) -> GPTConfig:
+    if not isinstance(cfg, dict):
+        raise LMForgeError("config.json must be a JSON object of settings")
+    try:
+        return _gpt_config_from_hf(cfg)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:  # a combination no check foresaw
+        raise LMForgeError(f"config.json does not describe a model lmforge can build ({e})") from None
+
+
+def _gpt_config_from_hf(cfg: dict[str, Any]) -> GPTConfig:
     mt = cfg.get("model_type")
     if mt == "gpt2":
-        act = cfg.get("activation_function", "gelu_new")
-        return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg.get("n_positions", 1024),
-                         n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], bias=True,
+        act = _field(cfg, "activation_function", str, "gelu_new")
+        return GPTConfig(vocab_size=_field(cfg, "vocab_size", int, minimum=1),
+                         block_size=_field(cfg, "n_positions", int, 1024, minimum=1),
+                         n_layer=_field(cfg, "n_layer", int, minimum=1), n_head=_field(cfg, "n_head", int, minimum=1),
+                         n_embd=_field(cfg, "n_embd", int, minimum=1), bias=True,
                          mlp="gelu" if act == "gelu" else "gelu_tanh", norm="layernorm",
-                         norm_eps=cfg.get("layer_norm_epsilon", 1e-5), pos="learned",
-                         tie_embeddings=cfg.get("tie_word_embeddings", True), extra={"hf_model_type": mt})
+                         norm_eps=_field(cfg, "layer_norm_epsilon", float, 1e-5, minimum=0), pos="learned",
+                         tie_embeddings=_field(cfg, "tie_word_embeddings", bool, True), extra={"hf_model_type": mt})
     if mt in LLAMA_LIKE:
-        d, h = cfg["hidden_size"], cfg["num_attention_heads"]
-        if cfg.get("head_dim") not in (None, d // h):
+        d, h = _field(cfg, "hidden_size", int, minimum=1), _field(cfg, "num_attention_heads", int, minimum=1)
+        if _field(cfg, "head_dim", int, None) not in (None, d // h):
             raise LMForgeError(f"unsupported: head_dim {cfg['head_dim']} != hidden_size / heads ({d // h})")
-        act = cfg.get("hidden_act", "silu")
+        act = _field(cfg, "hidden_act", str, "silu")
         gelu = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
         if act != "silu" and not (gelu and cfg.get("mlp_bias")):
             raise LMForgeError(f"unsupported activation {act!r} (SwiGLU with silu, or lmforge's own GELU export)")
         if act == "silu" and cfg.get("mlp_bias"):
             raise LMForgeError("unsupported: biases in a SwiGLU MLP (mlp_bias)")
-        scaling = cfg.get("rope_scaling")
+        scaling = _field(cfg, "rope_scaling", dict, None)
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "default"):
             raise LMForgeError(f"unsupported rope_scaling {scaling!r} (linear only)")
         if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
-            scaling = {"type": "linear", "factor": scaling["factor"]}
+            scaling = {"type": "linear", "factor": _field(scaling, "factor", float, minimum=1e-9)}
         else:
             scaling = None
-        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        theta = cfg.get("rope_theta") or (_field(cfg, "rope_parameters", dict, None) or {}).get("rope_theta", 10000.0)
+        theta = _field({"rope_theta": theta}, "rope_theta", float, minimum=1e-9)
         # Mistral attends to the last `sliding_window` positions only; Qwen2 only with use_sliding_window
-        window = cfg.get("sliding_window") if (mt == "mistral" or cfg.get("use_sliding_window")) else None
-        return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg.get("max_position_embeddings", 2048),
-                         n_layer=cfg["num_hidden_layers"], n_head=h,
-                         n_kv_head=cfg.get("num_key_value_heads") or h, n_embd=d,
-                         mlp_hidden=cfg["intermediate_size"], mlp=gelu or "swiglu", norm="rmsnorm",
-                         norm_eps=cfg.get("rms_norm_eps", 1e-6), pos="rope", rope_theta=float(theta),
-                         rope_scaling=scaling, bias=False,
+        window = _field(cfg, "sliding_window", int, None, minimum=1) if (mt == "mistral" or cfg.get(
+            "use_sliding_window")) else None
+        return GPTConfig(vocab_size=_field(cfg, "vocab_size", int, minimum=1),
+                         block_size=_field(cfg, "max_position_embeddings", int, 2048, minimum=1),
+                         n_layer=_field(cfg, "num_hidden_layers", int, minimum=1), n_head=h,
+                         n_kv_head=_field(cfg, "num_key_value_heads", int, None, minimum=1) or h, n_embd=d,
+                         mlp_hidden=_field(cfg, "intermediate_size", int, minimum=1), mlp=gelu or "swiglu",
+                         norm="rmsnorm", norm_eps=_field(cfg, "rms_norm_eps", float, 1e-6, minimum=0), pos="rope",
+                         rope_theta=float(theta), rope_scaling=scaling, bias=False,
                          qkv_bias=True if mt == "qwen2" else bool(cfg.get("attention_bias", False)),
                          tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                          sliding_window=int(window) if window else None, extra={"hf_model_type": mt})
-    raise LMForgeError(f"unsupported architecture {mt!r}; lmforge reads {', '.join(SUPPORTED)}")
 
 
 def _strip(t: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -151,6 +216,7 @@ def load_hf_tokenizer(directory: Path):  # noqa: ANN201
                 continue
             tok = c.get("eos_token")
             eos = (tok.get("content") if isinstance(tok, dict) else tok) if tok else None
+            eos = eos if isinstance(eos, str) else None
             if eos is None and isinstance(c.get("eos_token_id"), int):
                 eos = c["eos_token_id"]
             if eos is not None:
@@ -175,23 +241,19 @@ def load_hf_tokenizer(directory: Path):  # noqa: ANN201
     return BPETokenizer(hf, eot=eos)
 
 
-def check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:  # noqa: ANN001
-    """A tokenizer whose ids run past the model's embedding would index rows that do not exist (or,
-    worse, silently wrong ones); refuse it with the two sizes."""
-    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
-        raise LMForgeError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                           f"has only {vocab_size}; this tokenizer belongs to another model")
-
-
 class HFCheckpoint:
     """Registry entry for Hugging Face model types: ``from_pretrained`` returns an lmforge GPT."""
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> GPT:
         directory = Path(directory)
-        cfg = gpt_config_from_hf(read_json(directory / "config.json", "model config"))
+        try:
+            cfg = gpt_config_from_hf(read_json(directory / "config.json", "model config"))
+        except LMForgeError as e:
+            raise LMForgeError(f"{directory}: {e}") from None
         model = GPT(cfg)
         sd = gpt_state_dict_from_hf(cfg, read_safetensors(directory))
+        check_shapes(model, sd, str(directory))
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
         if missing or unexpected:
@@ -211,10 +273,14 @@ def hf_chat_template(directory: Path) -> str | None:
     conf = read_json(p, "tokenizer config") if p.exists() else {}
     tpl = conf.get("chat_template") if isinstance(conf, dict) else None
     if isinstance(tpl, list):
-        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        named = {t.get("name"): t.get("template") for t in tpl
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
         tpl = named.get("default")
     if not tpl and (directory / "chat_template.jinja").exists():
-        tpl = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            tpl = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            raise LMForgeError(f"{directory / 'chat_template.jinja'} cannot be read as UTF-8 text ({e})") from None
     if tpl is not None and not isinstance(tpl, str):
         raise LMForgeError(f"{p}: chat_template must be a string")
     return tpl or None

@@ -36,13 +36,16 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def load_model(spec: str | Path) -> LanguageModel:
-    """A run directory, a Hugging Face directory, a ``.gguf`` file or a shortcut, as an lmforge model."""
+def load_model(spec: str | Path, decode_dtype: str | None = None) -> LanguageModel:
+    """A run directory, a Hugging Face directory, a ``.gguf`` file or a shortcut, as an lmforge model.
+
+    ``decode_dtype`` ("int8"/"int4") loads a GGUF file's quantized tensors straight into that decoding
+    layout (gguf_io.py); other models ignore it (lay them out with generation.fast.prepare_for_decoding)."""
     path = Path(resolve_model(str(spec)))
     if path.is_file() and path.suffix.lower() == ".gguf":
         from .gguf_io import load_gguf  # the gguf package costs start-up time; only GGUF files need it
 
-        return load_gguf(path)
+        return load_gguf(path, decode_dtype)
     if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         from .peft import load_adapter_run  # a LoRA run: its base model with the adapter merged in
 

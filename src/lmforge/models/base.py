@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LMForgeError
-from ..tokenizers import Tokenizer, load_tokenizer
-from ..utils import atomic_write_json, read_json
+from ..tokenizers import Tokenizer, check_tokenizer_fits, load_tokenizer
+from ..utils import atomic_write_json
+from .config_file import read_model_config
 from .weights import load_weights, save_weights
 
 # Bounds of model options: far beyond any CPU model, small enough to refuse typos before allocating.
@@ -79,8 +80,12 @@ class LanguageModel:
     #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json, a
     #: fine-tuning run's chat_template.jinja); None = none
     chat_template: str | None = None
-    #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8); None = training layout
+    #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8, int4; or a GGUF file
+    #: loaded straight into int8/int4); None = training layout
     decode_dtype: str | None = None
+    #: ``init_slots`` gives a cache in which many sequences decode at their own positions in one batched
+    #: forward (continuous batching, generation/engine.py); False = served one sequence at a time
+    batches_slots: bool = False
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; the default decays every trainable parameter (families override it
@@ -112,11 +117,27 @@ class LanguageModel:
     def context_length(self) -> int | None:
         return None
 
-    def init_state(self, batch_size: int, max_length: int) -> Any:
+    #: ``init_state(..., static=True)`` gives a state whose decoding steps all have the same shapes
+    #: (positions as tensors: a StaticKVCache), so ``torch.compile`` can capture one step (generation/fast.py)
+    supports_static_state: bool = False
+    #: ``state_rewind`` can forget the last tokens fed (speculative decoding drops rejected drafts);
+    #: models without it are re-fed from scratch when used as draft models
+    rewindable_state: bool = False
+
+    def init_state(self, batch_size: int, max_length: int, static: bool = False) -> Any:
         """A fresh state for incremental decoding of ``batch_size`` sequences of at most
         ``max_length`` tokens (a pre-allocated KV cache for Transformers). None when the model
-        has no incremental state (then callers re-feed the whole sequence)."""
+        has no incremental state (then callers re-feed the whole sequence). ``static`` asks for a
+        fixed-shape state (only where ``supports_static_state``)."""
         return None
+
+    def state_rewind(self, state: Any, n: int) -> Any:
+        """Forget the last ``n`` tokens fed into ``state`` (only where ``rewindable_state``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rewind its state")
+
+    def init_slots(self, slots: int, max_length: int) -> Any:
+        """A cache of ``slots`` independent sequences of at most ``max_length`` tokens each (``batches_slots``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode sequences in slots")
 
     def forward_logits(self, input_ids: torch.Tensor, state: Any = None,
                        last_only: bool = False) -> tuple[torch.Tensor, Any]:
@@ -205,12 +226,12 @@ class LanguageModel:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanguageModel:
         directory = Path(directory)
-        cfg = cls.config_class.from_dict(read_json(directory / "config.json", "model config"), strict=False)
-        model = cls(cfg)  # type: ignore[call-arg]
+        model = cls(read_model_config(cls.config_class, directory))  # type: ignore[call-arg]
         load_weights(model, directory / "model.safetensors")  # type: ignore[arg-type]
         model.eval()  # type: ignore[attr-defined]
         if (directory / "tokenizer.json").exists():
             model.tokenizer = load_tokenizer(directory)
+            check_tokenizer_fits(model.tokenizer, model.config.vocab_size, str(directory))  # type: ignore
         if (directory / "chat_template.jinja").exists():
             model.chat_template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         return model

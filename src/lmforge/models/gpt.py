@@ -24,6 +24,8 @@ from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, Languag
 from .layers import (
     Block,
     KVCache,
+    SlotKVCache,
+    StaticKVCache,
     decay_param_groups,
     init_weights,
     make_norm,
@@ -112,6 +114,7 @@ def packed_positions_and_mask(doc_ids: torch.Tensor, window: int | None = None
 
 class GPT(nn.Module, LanguageModel):
     model_type = "gpt"
+    batches_slots = True
     config_class = GPTConfig
     presets = PRESETS
     default_preset = "tiny"
@@ -149,37 +152,53 @@ class GPT(nn.Module, LanguageModel):
     _init_weights = staticmethod(init_weights)
 
     # --- the model -----------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False, doc_ids: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | SlotKVCache | None = None, last_only: bool = False,
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V); given targets, (None, the mean cross-entropy in nats over the targets that are not
         -100). Only target positions go through the output head: fine-tuning data with masked prompts skips the
         (T, V) logits of every prompt token. ``doc_ids`` (B, T) packs several examples in one row: attention
         stays inside each example (block-diagonal causal mask) and positions restart at each example's start."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
-                             f"{self.config.block_size}")
         x = self.wte(idx)
-        pos: torch.Tensor | slice = slice(start, start + T)
         mask = None
-        if doc_ids is not None:
-            pos, mask = packed_positions_and_mask(doc_ids, self.config.sliding_window)
         rope = None
-        if self.config.pos == "learned":
-            x = x + self.wpe.weight[pos]
-        elif self.config.pos == "sinusoidal":
-            x = x + self.pe[pos]
+        if doc_ids is not None or isinstance(cache, SlotKVCache):
+            if doc_ids is not None:  # packed examples: positions restart per example, attention stays inside
+                pos, mask = packed_positions_and_mask(doc_ids, self.config.sliding_window)
+            else:  # continuous batching: row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1
+                pos = cache.begin(T, self.config.sliding_window)  # (B, T), checked against the cache's length
+            if self.config.pos == "learned":
+                x = x + self.wpe(pos)
+            elif self.config.pos == "sinusoidal":
+                x = x + self.pe[pos]
+            else:
+                rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, hd): per row
+        elif isinstance(cache, StaticKVCache):
+            # fixed shapes for a compiled step: positions are a tensor the caller wrote (no Python int)
+            pos = cache.positions                              # (T,)
+            if self.config.pos == "learned":
+                x = x + self.wpe(pos)
+            elif self.config.pos == "sinusoidal":
+                x = x + self.pe[pos]
+            else:
+                rope = (self.rope_cos[pos], self.rope_sin[pos])
         else:
-            rope = (self.rope_cos[pos], self.rope_sin[pos])
-            if doc_ids is not None:  # (B, T, hd) -> (B, 1, T, hd): one table per row, shared by the heads
-                rope = (rope[0][:, None], rope[1][:, None])
+            start = cache.pos if cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
+                                 f"{self.config.block_size}")
+            if self.config.pos == "learned":
+                x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            elif self.config.pos == "sinusoidal":
+                x = x + self.pe[start:start + T]
+            else:
+                rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache, mask)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.ln_f(x)
         if targets is not None:
             keep = targets != -100
@@ -192,7 +211,7 @@ class GPT(nn.Module, LanguageModel):
                 return None, logits.sum() * 0.0
             return None, F.cross_entropy(logits.float(), y)
         if last_only:
-            x = x[:, -1:]
+            x = cache.take_last(x) if isinstance(cache, SlotKVCache) else x[:, -1:]
         return self.lm_head(x), None
 
     # --- LanguageModel protocol ----------------------------------------------------------------
@@ -204,11 +223,28 @@ class GPT(nn.Module, LanguageModel):
     def context_length(self) -> int:
         return self.config.block_size
 
-    def init_state(self, batch_size: int, max_length: int) -> KVCache:
+    supports_static_state = True
+    rewindable_state = True
+
+    def init_state(self, batch_size: int, max_length: int, static: bool = False) -> KVCache:
         c = self.config
         p = self.wte.weight  # (the head may have been rewritten for decoding: generation/fast.py)
-        return KVCache(c.n_layer, batch_size, c.n_kv_head or c.n_head, min(max_length, c.block_size),
-                       c.n_embd // c.n_head, dtype=p.dtype, device=p.device)
+        shape = (c.n_layer, batch_size, c.n_kv_head or c.n_head, min(max_length, c.block_size), c.n_embd // c.n_head)
+        if static:
+            return StaticKVCache(*shape, dtype=p.dtype, device=p.device, sliding_window=c.sliding_window)
+        return KVCache(*shape, dtype=p.dtype, device=p.device)
+
+    def state_rewind(self, state: KVCache, n: int) -> KVCache:
+        state.pos -= n  # the stale entries are overwritten by the next tokens
+        return state
+
+    def init_slots(self, slots: int, max_length: int) -> SlotKVCache:
+        """A cache of ``slots`` independent sequences of at most ``max_length`` tokens (continuous batching;
+        see :class:`lmforge.generation.engine.Engine`)."""
+        c = self.config
+        p = self.wte.weight
+        return SlotKVCache(c.n_layer, slots, c.n_kv_head or c.n_head, min(max_length, c.block_size),
+                           c.n_embd // c.n_head, dtype=p.dtype, device=p.device)
 
     def forward_logits(self, input_ids: torch.Tensor, state: KVCache | None = None,
                        last_only: bool = False) -> tuple[torch.Tensor, KVCache | None]:

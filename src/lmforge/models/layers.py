@@ -186,6 +186,9 @@ class KVCache:
     token allocates nothing and never concatenates. ``pos`` is how many positions are filled.
     """
 
+    #: True for StaticKVCache (tensor positions, fixed shapes for torch.compile)
+    static = False
+
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_length: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (n_layer, batch, n_kv_head, max_length, head_dim)
@@ -208,11 +211,131 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def advance(self, T: int) -> None:
+        self.pos += T
+
     def select(self, index: torch.Tensor) -> KVCache:
         """Keep/reorder batch rows (beam search)."""
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
         return self
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose every decoding step has the same shapes, for ``torch.compile`` (gpt-fast's design).
+
+    Positions are a tensor, not a Python int: the caller writes them with :meth:`set_positions`, keys and
+    values go in with ``index_copy_`` at those positions, and attention always spans the whole buffer
+    under a mask (key j visible to a query at position p iff j <= p, and p - j < window with a sliding
+    window). Nothing is reallocated and no shape depends on how far decoding has got, so one captured
+    graph serves every step; the positions past the end hold stale or zero entries that the mask hides.
+    """
+
+    static = True
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_length: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 sliding_window: int | None = None) -> None:
+        super().__init__(n_layer, batch, n_kv_head, max_length, head_dim, dtype, device)
+        self.window = sliding_window
+        self.key_pos = torch.arange(max_length, device=device)
+        self.positions = torch.zeros(1, dtype=torch.long, device=device)          # (T,)
+        self.mask = torch.zeros(1, max_length, dtype=torch.bool, device=device)    # (T, max_length)
+
+    def set_positions(self, positions: torch.Tensor) -> None:
+        """Positions (T,) of the next tokens fed; written in place when T is unchanged."""
+        if positions.shape != self.positions.shape:
+            self.positions = positions.clone()
+            self.mask = torch.zeros(positions.shape[0], self.max_length, dtype=torch.bool,
+                                    device=self.mask.device)
+        else:
+            self.positions.copy_(positions)
+        p, j = self.positions[:, None], self.key_pos[None, :]
+        visible = j <= p
+        if self.window is not None:
+            visible &= j > p - self.window
+        self.mask.copy_(visible)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.positions, k)
+        self.v[layer].index_copy_(2, self.positions, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, T: int) -> None:
+        """Nothing: the caller writes the next positions (set_positions)."""
+
+
+class SlotKVCache:
+    """A key/value cache for continuous batching: ``slots`` rows, each holding ONE sequence at its own length.
+
+    Keys/values live in (n_layer, slots, n_kv_head, max_length, head_dim) tensors, like :class:`KVCache`, but
+    ``lengths[s]`` counts the filled positions of slot ``s`` separately, so sequences that started at different
+    times decode together: a forward over rows ``rows`` writes row b's T new keys at positions
+    ``lengths[b] .. lengths[b] + T - 1`` and lets its queries see keys ``j <= lengths[b] + t`` only (a per-row
+    causal mask over the longest row's prefix; shorter rows' stale keys beyond their length are masked out).
+
+    The decoding engine (generation/engine.py) calls :meth:`select` before each forward: the slots of new
+    prompts to prefill together (right-padded to the longest; ``valid`` says how many tokens of each row are
+    real: padding lands beyond the row's length, where causal masking hides it from the real tokens and the
+    next tokens overwrite it), or the prefix ``0 .. n`` of slots to decode one token for each in one pass.
+    """
+
+    def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_length: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (n_layer, slots, n_kv_head, max_length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: masked keys must be finite
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long)
+        self.max_length = max_length
+        self.rows: slice | torch.Tensor = slice(0, slots)
+        self.valid: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    def select(self, rows: slice | torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """The rows (a slice: a view; a tensor of slot indices: a copy) the next forward reads and writes, and,
+        for right-padded prompts, the number of real tokens in each row (None: all of them)."""
+        self.rows, self.valid = rows, valid
+
+    def take_last(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, 1, C): each row's last real position (``last_only``)."""
+        if self.valid is None:
+            return x[:, -1:]
+        return x[torch.arange(x.shape[0], device=x.device), self.valid.to(x.device) - 1][:, None]
+
+    def begin(self, T: int, sliding_window: int | None = None) -> torch.Tensor:
+        """Positions (B, T) of the next forward's tokens, row by row; prepares the attention mask."""
+        start = self.lengths[self.rows]                                      # (B,)
+        pos = start[:, None] + torch.arange(T)                               # (B, T)
+        end = int(pos.max()) + 1 if pos.numel() else 0
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: {end} > {self.max_length}")
+        kpos = torch.arange(end)
+        mask = kpos[None, None, :] <= pos[:, :, None]                        # (B, T, L): causal, per row
+        if sliding_window is not None:
+            mask &= kpos[None, None, :] > pos[:, :, None] - sliding_window
+        device = self.k.device
+        self._pos, self._mask = pos.to(device), mask[:, None].to(device)    # mask (B, 1, T, L) over heads
+        return self._pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write (B, H, T, hd) keys/values at each row's own positions; return the rows' keys, values and mask."""
+        assert self._pos is not None and self._mask is not None, "call begin() first"
+        rows = (torch.arange(self.rows.start, self.rows.stop) if isinstance(self.rows, slice)
+                else self.rows)[:, None].to(self.k.device)                             # (B, 1)
+        self.k[layer, rows, :, self._pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
+        self.v[layer, rows, :, self._pos] = v.transpose(1, 2)
+        L = self._mask.shape[-1]
+        return self.k[layer, self.rows, :, :L], self.v[layer, self.rows, :, :L], self._mask
+
+    def advance(self, T: int) -> None:
+        self.lengths[self.rows] += T if self.valid is None else self.valid
+        self._pos = self._mask = None
 
 
 class CausalSelfAttention(nn.Module, RecordsAttention):
@@ -239,7 +362,7 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
@@ -260,17 +383,23 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
         return self.resid_dropout(self.proj(y))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None, T: int,
+                rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | SlotKVCache | None, T: int,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        gqa = self.n_kv_head != self.n_head
+        if isinstance(cache, SlotKVCache):  # continuous batching: every row at its own position
+            k, v, mask = cache.update(self.layer_idx, k, v)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         past = 0
+        if cache is not None and cache.static:  # fixed shapes: the whole buffer under the cache's mask
+            k, v = cache.update(self.layer_idx, k, v)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
         if self.record:
             return self._exact(q, k, v, self._mask(past, T, q.device, attn_mask))
-        gqa = self.n_kv_head != self.n_head
         p = self.dropout if self.training else 0.0
         if not self.causal:  # an encoder: every position sees every (non-padding) position
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, enable_gqa=gqa)
@@ -345,7 +474,7 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, mlp_hidden, mlp, bias, dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
 

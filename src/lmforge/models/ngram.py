@@ -43,7 +43,7 @@ from safetensors.numpy import load_file, save_file
 
 from ..errors import LMForgeError
 from ..options import Options, option
-from ..tokenizers import load_tokenizer
+from ..tokenizers import check_tokenizer_fits, load_tokenizer
 from ..utils import atomic_write, atomic_write_json, read_json
 from .base import LanguageModel, Trace
 
@@ -367,19 +367,58 @@ class NGramModel(LanguageModel):
     def from_pretrained(cls, directory: str | Path) -> NGramModel:
         directory = Path(directory)
         cfg = read_json(directory / "config.json", "model config")
+        where = directory / "config.json"
+
+        def whole(key: str, low: int, high: float = math.inf, optional: bool = False) -> int | None:
+            v = cfg.get(key)
+            if v is None and optional:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v < high:
+                raise LMForgeError(f"{where} is damaged: {key} must be a whole number in [{low}, {high}), not "
+                                   f"{str(v)[:40]!r}")
+            return v
+
+        if not isinstance(cfg, dict):
+            raise LMForgeError(f"{where} must be a JSON object of settings")
+        N, V = whole("order", 1, 64), whole("vocab", 2)
+        bos, eos, unk = whole("bos", 0, V), whole("eos", 0, V), whole("unk", 0, V, optional=True)
         path = directory / "model.safetensors"
         if not path.exists():
             raise LMForgeError(f"n-gram tables {path} are missing; the run directory is incomplete")
         try:
             t = load_file(str(path))
-            N = int(cfg["order"])
             keys = [t[f"keys.{n}"] for n in range(1, N + 1)]
             logp = [t[f"logp.{n}"] for n in range(1, N + 1)]
             logbo = [t[f"logbo.{n}"] for n in range(1, N + 1)]
         except (SafetensorError, OSError, KeyError, ValueError) as e:
             raise LMForgeError(f"n-gram tables {path} are truncated or corrupted ({str(e)[:80]})") from None
+        check_tables(keys, logp, logbo, V, str(path))
         meta = {k: v for k, v in cfg.items() if k not in ("model_type", "order", "vocab", "bos", "eos", "unk")}
-        model = cls(N, int(cfg["vocab"]), int(cfg["bos"]), int(cfg["eos"]), cfg.get("unk"), keys, logp, logbo, meta)
+        model = cls(N, V, bos, eos, unk, keys, logp, logbo, meta)  # type: ignore[arg-type]
         if (directory / "tokenizer.json").exists():
             model.tokenizer = load_tokenizer(directory)
+            check_tokenizer_fits(model.tokenizer, V, str(directory))
         return model
+
+
+def check_tables(keys: list[np.ndarray], logp: list[np.ndarray], logbo: list[np.ndarray], V: int,
+                 where: str) -> None:
+    """The invariants scoring relies on (a damaged file would index out of bounds or score silently wrong):
+    per order, three 1-D tables of one length; unigram keys are 0..V-1; higher orders' keys are sorted,
+    unique, and their context is an entry of the order below; probabilities are log-probabilities
+    (<= 0, -inf allowed) and backoffs are not nan."""
+    for n, (k, p, b) in enumerate(zip(keys, logp, logbo), start=1):
+        def bad(what: str, n: int = n) -> LMForgeError:
+            return LMForgeError(f"n-gram tables {where} are inconsistent: order {n} {what}; retrain or restore them")
+
+        if any(a.ndim != 1 for a in (k, p, b)) or not len(k) == len(p) == len(b):
+            raise bad(f"has tables of lengths {len(k)}, {len(p)}, {len(b)}")
+        if k.dtype.kind not in "iu" or p.dtype.kind != "f" or b.dtype.kind != "f":
+            raise bad("has tables of the wrong types")
+        if n == 1:
+            if len(k) != V or not np.array_equal(k, np.arange(V)):
+                raise bad(f"must list the {V} words of the vocabulary")
+        elif len(k) and (k[0] < 0 or np.any(np.diff(k) <= 0) or k[-1] // V >= len(keys[n - 2])):
+            raise bad("has unsorted keys or keys whose context is not an entry of the order below")
+        if np.any(np.isnan(p)) or np.any(p > 1e-6) or np.any(np.isnan(b)) or np.any(np.isposinf(b)):
+            raise bad("holds nan or positive log-probabilities")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import LMForgeError
 from ..options import Options, option
-from ..tokenizers import SOURCE_TOKENIZER, load_tokenizer
+from ..tokenizers import SOURCE_TOKENIZER, check_tokenizer_fits, load_tokenizer
 from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace
 from .layers import (
     Block,
@@ -287,4 +287,6 @@ class Seq2Seq(nn.Module, LanguageModel):
         model = super().from_pretrained(directory)
         p = Path(directory) / SOURCE_TOKENIZER
         model.source_tokenizer = load_tokenizer(p) if p.exists() else model.tokenizer  # type: ignore[attr-defined]
+        c = model.config  # type: ignore[attr-defined]
+        check_tokenizer_fits(model.source_tokenizer, c.source_vocab_size or c.vocab_size, str(p))
         return model  # type: ignore[return-value]

@@ -8,7 +8,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import LMForgeError
+from ..errors import LMForgeError, first_line
 from ..utils import atomic_write
 
 
@@ -37,8 +37,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LMForgeError(f"weights file {path} is truncated or corrupted ({str(e).splitlines()[0]}); "
+        raise LMForgeError(f"weights file {path} is truncated or corrupted ({first_line(e)}); "
                            "restore it or retrain") from None
+    check_shapes(model, tensors, str(path))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     # Tied weights are stored once; a missing key is fine when it shares storage with a loaded one.
     own = model.state_dict()
@@ -48,3 +49,16 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     if really_missing or unexpected:
         raise LMForgeError(f"weights file {path} does not match the model config "
                            f"(missing {really_missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def check_shapes(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor the model has must come with the model's shape: a one-line error naming the first
+    that does not (``load_state_dict`` would list them all, one per line)."""
+    own = model.state_dict()
+    bad = [(k, list(v.shape), list(own[k].shape)) for k, v in tensors.items()
+           if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        k, got, want = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise LMForgeError(f"{where}: tensor {k} has shape {got} but the model's config.json needs {want}{more}; "
+                           "the weights and the config belong to different models")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import LMForgeError
+
 EOT = "<|endoftext|>"
 
 
@@ -58,3 +60,11 @@ class Tokenizer(ABC):
 
     def id_to_token(self, i: int) -> str:
         return self.decode([i])
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer | None, vocab_size: int, where: str) -> None:
+    """A tokenizer whose ids run past the model's embedding would index rows that do not exist (or,
+    worse, silently wrong ones); refuse it with the two sizes."""
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise LMForgeError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                           f"has only {vocab_size}; this tokenizer belongs to another model")

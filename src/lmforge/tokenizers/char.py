@@ -63,9 +63,10 @@ class CharTokenizer(Tokenizer):
         if found.all():
             return ids
         if not self.byte_fallback:
-            bad = text[int(np.argmin(found))]
-            raise LMForgeError(f"character {bad!r} is not in the vocabulary and byte fallback is off "
-                               "(--no-byte-fallback); prepare the data with byte fallback to encode unseen text")
+            at = int(np.argmin(found))
+            raise LMForgeError(f"character {text[at]!r} (U+{ord(text[at]):04X}, at character {at}) is not in the "
+                               "char vocabulary and this tokenizer has no byte fallback (--no-byte-fallback); "
+                               "remove the character or prepare the data without --no-byte-fallback")
         # Rare path: splice in the UTF-8 bytes of unseen characters.
         out: list[np.ndarray] = []
         start = 0
@@ -113,5 +114,9 @@ class CharTokenizer(Tokenizer):
         return path
 
     @classmethod
-    def from_json(cls, obj: dict) -> CharTokenizer:
-        return cls(list(obj["chars"]), byte_fallback=obj.get("byte_fallback", True))
+    def from_json(cls, obj: dict, where: str = "tokenizer.json") -> CharTokenizer:
+        chars, fallback = obj.get("chars"), obj.get("byte_fallback", True)
+        if not isinstance(chars, str) or not isinstance(fallback, bool):
+            raise LMForgeError(f"{where} is damaged: a char tokenizer needs \"chars\" (a string) and "
+                               "\"byte_fallback\" (true/false); restore it from the data directory")
+        return cls(list(chars), byte_fallback=fallback)

@@ -49,7 +49,8 @@ class ChatTemplate:
             raise
         except SecurityError as e:
             raise LMForgeError(f"{self.source} tried an unsafe operation and was stopped ({e})") from None
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError,
+                RecursionError) as e:
             raise LMForgeError(f"{self.source} failed to render ({type(e).__name__}: {e})") from None
 
 

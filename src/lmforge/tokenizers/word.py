@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import LMForgeError
 from ..utils import atomic_write_text
 from .base import Tokenizer
 
@@ -29,7 +30,7 @@ class WordTokenizer(Tokenizer):
         self.words = [BOS, EOS, UNK] + [w for w in words if w not in (BOS, EOS, UNK)]
         self.index = {w: i for i, w in enumerate(self.words)}
         self.pattern = pattern
-        self._re = re.compile(pattern) if pattern else None
+        self._re = compile_word_pattern(pattern) if pattern else None
         self.lowercase = lowercase
 
     bos_id, unk_id = 0, 2
@@ -50,7 +51,7 @@ class WordTokenizer(Tokenizer):
     def split(self, line: str) -> list[str]:
         if self.lowercase:
             line = line.lower()
-        return self._re.findall(line) if self._re else line.split()
+        return [w for w in self._re.findall(line) if w] if self._re else line.split()
 
     @classmethod
     def train(cls, texts: Iterable[str], pattern: str | None = None, min_count: int = 1,
@@ -103,5 +104,25 @@ class WordTokenizer(Tokenizer):
         return path
 
     @classmethod
-    def from_json(cls, obj: dict) -> WordTokenizer:
-        return cls(obj["words"], obj.get("pattern"), obj.get("lowercase", False))
+    def from_json(cls, obj: dict, where: str = "tokenizer.json") -> WordTokenizer:
+        words, pattern, lower = obj.get("words"), obj.get("pattern"), obj.get("lowercase", False)
+        if not (isinstance(words, list) and all(isinstance(w, str) and w for w in words)
+                and isinstance(pattern, (str, type(None))) and isinstance(lower, bool)):
+            raise LMForgeError(f"{where} is damaged: a word tokenizer needs \"words\" (a list of non-empty "
+                               "strings), \"pattern\" (a string or null) and \"lowercase\" (true/false)")
+        if len(set(words)) != len(words) or words[:3] != [BOS, EOS, UNK]:
+            raise LMForgeError(f"{where} is damaged: its word list must start with {BOS} {EOS} {UNK} and hold "
+                               "each word once")
+        return cls(words, pattern, lower)
+
+
+def compile_word_pattern(pattern: str) -> re.Pattern:
+    """``--word-pattern``: a regular expression matching one token (``re.findall``), e.g. ``\\w+|[^\\w\\s]``."""
+    try:
+        rx = re.compile(pattern)
+    except (re.error, OverflowError, RecursionError) as e:
+        raise LMForgeError(f"--word-pattern {pattern!r} is not a valid regular expression ({e})") from None
+    if rx.groups > 1:  # findall would return tuples, not words
+        raise LMForgeError(f"--word-pattern {pattern!r} has {rx.groups} capturing groups; use (?:...) groups so "
+                           "that each match is one word")
+    return rx

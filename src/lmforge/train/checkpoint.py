@@ -16,13 +16,16 @@ leaves a complete checkpoint in ``checkpoint/`` or ``checkpoint.old/``, which re
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import LMForgeError
+from ..errors import LMForgeError, first_line
 from ..models.weights import load_weights, save_weights
 from ..utils import atomic_write_json, read_json
 
@@ -67,18 +70,53 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+STATE_FIELDS = {"step": int, "tokens_seen": int, "train_time": (int, float), "config": dict}
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """``state.json``, checked: a damaged one (``{}``, a wrong type) is a one-line error, not a KeyError."""
+    path = Path(ckpt) / "state.json"
+    state = read_json(path, "checkpoint state")
+    if not isinstance(state, dict):
+        raise LMForgeError(f"{path} is damaged: expected a JSON object; restore it or start a new run")
+    for key, kind in STATE_FIELDS.items():
+        v = state.get(key)
+        if isinstance(v, bool) or not isinstance(v, kind) or (kind is int and v < 0):
+            raise LMForgeError(f"{path} is damaged: {key!r} is {'missing' if v is None else repr(v)[:40]}; "
+                               "restore it or start a new run")
+    return state
+
+
+def _torch_load(path: Path) -> Any:
+    """Tensors and plain containers only (``weights_only``): a pickle that would build any other object
+    (run code) is refused with one line. PyTorch's multi-line explanation and its warning about the
+    pickle protocol are not shown."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise LMForgeError(f"{path} holds objects other than tensors{what}, which lmforge never unpickles (the file "
+                           "may be malicious); restore the checkpoint or start a new run") from None
+
+
 def load_checkpoint(ckpt: Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore weights (and optimizer state); return (state, rng)."""
-    state = read_json(ckpt / "state.json", "checkpoint state")
+    state = read_state(ckpt)
     load_weights(model, ckpt / "model.safetensors")
     try:
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        rng = torch.load(ckpt / "rng.pt", weights_only=True)
+            optimizer.load_state_dict(_torch_load(ckpt / "optimizer.pt"))
+        rng = _torch_load(ckpt / "rng.pt")
     except FileNotFoundError as e:
         raise LMForgeError(f"checkpoint {ckpt} is incomplete: {Path(e.filename).name} is missing") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise LMForgeError(f"checkpoint {ckpt} is truncated or corrupted ({str(e).splitlines()[0][:120]})") \
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError, IndexError) as e:
+        raise LMForgeError(f"checkpoint {ckpt} is truncated or corrupted ({first_line(e)})") \
             from None
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or \
+            not isinstance(rng.get("sampler"), dict):
+        raise LMForgeError(f"checkpoint {ckpt} is damaged: rng.pt does not hold lmforge's RNG states")
     return state, rng

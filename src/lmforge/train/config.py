@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..errors import LMForgeError
+from ..errors import LMForgeError, first_line
 from ..models import model_class
 from ..options import INT64_MAX, Options, option
 from ..utils import parse_duration
@@ -87,10 +87,13 @@ class TrainConfig(Options):
             d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise LMForgeError(f"config file {path} not found") from None
-        except UnicodeDecodeError:
-            raise LMForgeError(f"config file {path} is not UTF-8 text; give a YAML file") from None
-        except yaml.YAMLError as e:
-            raise LMForgeError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        except IsADirectoryError:
+            raise LMForgeError(f"config file {path} is a directory; give a YAML file") from None
+        except UnicodeDecodeError as e:
+            raise LMForgeError(f"config file {path} is not UTF-8 text (byte offset {e.start}); give a YAML file") \
+                from None
+        except (yaml.YAMLError, RecursionError) as e:
+            raise LMForgeError(f"config file {path} is not valid YAML ({first_line(e)})") from None
         if not isinstance(d, dict):
             raise LMForgeError(f"config file {path} must be a mapping of option: value")
         return cls.from_dict(d, what="training option")

@@ -33,12 +33,11 @@ from ..utils import (
     atomic_write_text,
     human,
     native_bf16,
-    read_json,
     read_jsonl,
     refuse_nonempty,
     resolve_dtype,
 )
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .schedule import learning_rate
 
@@ -202,8 +201,7 @@ class Trainer:
         ckpt = find_checkpoint(run_dir)
         if ckpt is None:
             raise LMForgeError(f"cannot resume: {run_dir} is not a run directory with a checkpoint")
-        state = read_json(ckpt / "state.json", "checkpoint state")
-        d = dict(state["config"])
+        d = dict(read_state(ckpt)["config"])
         d.update({k: v for k, v in overrides.items() if v is not None})
         if "max_time" in overrides and overrides["max_time"] is not None and "max_steps" not in overrides:
             d["max_steps"] = None
@@ -399,7 +397,8 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [json.dumps(rec) for rec in read_jsonl(path) if rec.get("step", 0) <= self.step]
+        keep = [json.dumps(rec) for rec in read_jsonl(path)
+                if isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= self.step]
         atomic_write_text(path, "\n".join(keep) + ("\n" if keep else ""))
         self._log({"event": "resume", "step": self.step})
 

@@ -42,13 +42,13 @@ def _write_side(directory: Path, name: str, seqs: list[np.ndarray], dtype: np.dt
 def prepare_parallel(corpus_spec: str, out: str | Path, tokenizer: str = "bpe", vocab_size: int = 8000,
                      seed: int = 1337, val_frac: float = 0.05, test_frac: float = 0.05,
                      target_file: str | None = None, separate_vocab: bool = False, errors: str = "strict",
-                     progress: bool = True) -> dict:
+                     progress: bool = True, force: bool = False) -> dict:
     """Tokenize a parallel corpus: one tokenizer shared by both sides (default) or one per side."""
     t0 = time.time()
     if tokenizer not in ("bpe", "char"):
         _train_tokenizer(tokenizer, [], vocab_size)  # raises the one-line error before any work
     out = Path(out)
-    check_out_dir(out)
+    check_out_dir(out, force)
     corpus = load_parallel_corpus(corpus_spec, target_file, errors)
     if corpus.fixed_split is not None:
         split_of = corpus.fixed_split

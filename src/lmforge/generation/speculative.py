@@ -1,0 +1,298 @@
+"""Speculative decoding: a cheap draft proposes K tokens, the target model checks them in one forward pass.
+
+Leviathan et al. 2023 ("Fast Inference from Transformers via Speculative Decoding") and Chen et al.
+2023 ("Accelerating LLM Decoding with Speculative Sampling"). Each round:
+
+1. the drafter proposes d_1..d_K, drawn from its distributions q_1..q_K (a point mass for a
+   deterministic drafter such as prompt lookup);
+2. the target reads [last token, d_1..d_K] in ONE forward pass (its KV cache holds everything before),
+   giving its (processed: penalty, temperature, top-k, top-p) distributions p_1..p_{K+1};
+3. d_j is accepted with probability min(1, p_j(d_j) / q_j(d_j)), left to right; at the first rejection
+   the token is resampled from the residual norm(max(0, p_j - q_j)) and the round ends; if all K are
+   accepted, one more token is drawn from p_{K+1}. The target's cache is rewound past the rejected drafts.
+
+Every emitted token is then distributed exactly as the target alone would sample it (the theorem of
+both papers; tests/test_speculative.py checks it with a chi-square test). With temperature 0 a draft is
+accepted iff it equals the target's argmax, so the output is plain greedy decoding's, token for token
+(up to floating-point ties: the target scores K+1 positions in one matrix product instead of one at a
+time). A round costs one target forward of K+1 tokens -- about the price of one token when decoding is
+bound by reading the weights -- and yields between 1 and K+1 tokens.
+
+Drafters:
+
+* :class:`PromptLookup` (Saxena 2023, "prompt lookup decoding"): an n-gram index over the prompt and the
+  output so far; the last n tokens (n = 4, 3, 2: one matching token predicts too little) are looked up
+  and the tokens that followed their latest earlier occurrence are proposed. Free to run, and very
+  effective when the output copies the input (editing or summarising code or text given in the prompt).
+* :class:`ModelDrafter`: any lmforge model sharing the target's tokenizer -- a small GPT, or an n-gram
+  model trained on the user's corpus (``lmforge ngram``), sampled with the same processing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import LMForgeError
+from .logits import warp_logits
+
+
+@dataclass
+class SpecStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+    def summary(self) -> str:
+        return (f"speculative decoding: {self.accepted}/{self.drafted} drafted tokens accepted "
+                f"({100 * self.acceptance_rate:.1f}%), {self.tokens_per_round:.2f} tokens per target pass")
+
+
+#: statistics of the most recent speculative generation in this process (the CLI prints them)
+last_stats = SpecStats()
+
+
+class Drafter:
+    """Proposes draft tokens. ``propose`` returns the drafts and, unless the drafter is deterministic,
+    their proposal distributions q (n, V) (probabilities, already processed like the target's)."""
+
+    deterministic: bool = True
+
+    def start(self, prompt: list[int], max_length: int) -> None:
+        """A new sequence begins."""
+
+    def propose(self, tokens: list[int], k: int, cfg: Any,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        raise NotImplementedError
+
+    def commit(self, n_accepted: int, n_drafted: int) -> None:
+        """``n_accepted`` of the ``n_drafted`` last proposals were kept."""
+
+
+class PromptLookup(Drafter):
+    """Prompt-lookup decoding: propose what followed the latest earlier occurrence of the last n tokens."""
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise LMForgeError("prompt lookup needs 1 <= min_ngram <= max_ngram")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.index: dict[tuple[int, ...], int] = {}
+        self.indexed = 0
+
+    def start(self, prompt: list[int], max_length: int) -> None:
+        self.index, self.indexed = {}, 0
+
+    def _extend(self, tokens: list[int]) -> None:
+        # register each n-gram once the token after it exists: key -> end index of its latest occurrence
+        for i in range(max(self.indexed, 1), len(tokens)):
+            end = i - 1
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if end - n + 1 >= 0:
+                    self.index[tuple(tokens[end - n + 1:end + 1])] = end
+        self.indexed = len(tokens)
+
+    def propose(self, tokens: list[int], k: int, cfg: Any,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        self._extend(tokens)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if len(tokens) < n:
+                continue
+            end = self.index.get(tuple(tokens[-n:]))
+            if end is not None:
+                return tokens[end + 1:end + 1 + k], None
+        return [], None
+
+
+class ModelDrafter(Drafter):
+    """A draft language model with the target's tokenizer, sampled with the target's processing."""
+
+    deterministic = False
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.state: Any = None
+        self.fed = 0  # tokens consumed by ``state``
+
+    def start(self, prompt: list[int], max_length: int) -> None:
+        self.max_length = max_length
+        self.state = self.model.init_state(1, max_length) if self.model.rewindable_state else None
+        self.fed = 0
+
+    def _logits(self, tokens: list[int], new: list[int]) -> torch.Tensor:
+        m = self.model
+        if m.rewindable_state:  # incremental: feed only what the cache has not seen
+            logits, self.state = m.forward_logits(torch.tensor([new]), self.state, last_only=True)
+        else:  # no rewindable state (n-gram, RNN): re-read the context
+            ctx = m.context_length
+            logits, _ = m.forward_logits(torch.tensor([tokens[-ctx:] if ctx else tokens]), None, last_only=True)
+        return logits[0, -1]
+
+    def propose(self, tokens: list[int], k: int, cfg: Any,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        drafts: list[int] = []
+        qs = []
+        seq = list(tokens)
+        new = tokens[self.fed:]
+        for _ in range(k):
+            z = self._logits(seq, new)
+            seen = None
+            if cfg.repetition_penalty != 1.0:
+                seen = torch.zeros(1, z.shape[-1], dtype=torch.bool)
+                seen[0, torch.tensor(seq)] = True
+            w = warp_logits(z[None], seen, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)[0]
+            if cfg.temperature == 0:
+                d = int(w.argmax())
+                q = torch.zeros_like(w)
+                q[d] = 1.0
+            else:
+                q = torch.softmax(w, dim=-1)
+                d = int(torch.multinomial(q, 1, generator=generator))
+            drafts.append(d)
+            qs.append(q)
+            seq.append(d)
+            new = [d]
+        # the state has read tokens + drafts[:-1]
+        self.fed = len(tokens) + k - 1
+        self._n_tokens = len(tokens)
+        return drafts, torch.stack(qs) if qs else None
+
+    def commit(self, n_accepted: int, n_drafted: int) -> None:
+        if n_drafted == 0:
+            return
+        keep = min(n_accepted, n_drafted - 1)  # drafts the state has read and that were kept
+        if self.model.rewindable_state:
+            self.state = self.model.state_rewind(self.state, (n_drafted - 1) - keep)
+        self.fed = self._n_tokens + keep
+
+
+def make_drafter(spec: Any, target: Any) -> Drafter:
+    """``"prompt-lookup"``, a Drafter, or a LanguageModel (checked to share the target's tokenizer)."""
+    if isinstance(spec, Drafter):
+        return spec
+    if spec == "prompt-lookup":
+        return PromptLookup()
+    if isinstance(spec, str):
+        raise LMForgeError(f"unknown speculative draft {spec!r}; give prompt-lookup or a model")
+    if spec.vocab_size > target.vocab_size:
+        raise LMForgeError(f"the draft model's vocabulary ({spec.vocab_size}) is larger than the target's "
+                           f"({target.vocab_size}); the draft must use the target's tokenizer")
+    a, b = spec.tokenizer, target.tokenizer
+    if a is not None and b is not None:
+        probe = "The quick brown fox, 123 -- ROMEO: def f(x):\n\treturn x"
+        if a.encode(probe) != b.encode(probe):
+            raise LMForgeError("the draft model's tokenizer differs from the target's; train the draft on data "
+                               "prepared with the same tokenizer")
+    return ModelDrafter(spec)
+
+
+def _probs(z: torch.Tensor, seqs: list[int], cfg: Any) -> torch.Tensor:
+    """The target's processed next-token distribution (B=1) after ``seqs``."""
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros(1, z.shape[-1], dtype=torch.bool)
+        seen[0, torch.tensor(seqs)] = True
+    w = warp_logits(z[None], seen, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)[0]
+    return w if cfg.temperature == 0 else torch.softmax(w, dim=-1)
+
+
+def accept_drafts(p: torch.Tensor, drafts: list[int], q: torch.Tensor | None, greedy: bool,
+                  generator: torch.Generator | None) -> tuple[int, int]:
+    """The acceptance rule. ``p`` (n+1, V): the target's distributions (processed logits when greedy) at
+    each draft position and one past; ``q`` (n, V): the proposal distributions (None: point masses).
+    Returns (number of drafts accepted, the token emitted after them)."""
+    for j, d in enumerate(drafts):
+        if greedy:
+            best = int(p[j].argmax())
+            if best != d:
+                return j, best
+            continue
+        qd = 1.0 if q is None else float(q[j, d])
+        pd = float(p[j, d])
+        r = float(torch.rand(1, generator=generator))
+        if r * qd < pd:  # accept with probability min(1, p/q)
+            continue
+        if q is None:
+            resid = p[j].clone()
+            resid[d] = 0.0
+        else:
+            resid = (p[j] - q[j]).clamp(min=0)
+        if float(resid.sum()) <= 0:  # p == q: rejection had probability 0; numerically, fall back to p
+            resid = p[j]
+        return j, int(torch.multinomial(resid / resid.sum(), 1, generator=generator))
+    last = p[len(drafts)]
+    return len(drafts), int(last.argmax()) if greedy else int(torch.multinomial(last, 1, generator=generator))
+
+
+@torch.no_grad()
+def speculative_generate(model: Any, prompt: list[int], cfg: Any,
+                         on_token: Callable[[torch.Tensor], bool | None] | None = None,
+                         generator: torch.Generator | None = None) -> list[int]:
+    """New tokens for one prompt, decoded speculatively with ``cfg.speculative`` as the draft."""
+    global last_stats
+    if not model.rewindable_state:
+        raise LMForgeError(f"speculative decoding needs a target whose cache can be rewound (a Transformer); "
+                           f"this is a {model.model_type} model")
+    drafter = make_drafter(cfg.speculative, model)
+    K = cfg.draft_tokens
+    ctx = model.context_length
+    total = len(prompt) + cfg.max_new_tokens + K + 1
+    if ctx and total > ctx:
+        raise LMForgeError(f"speculative decoding keeps the whole sequence in the context: prompt + "
+                           f"--max-new-tokens + --draft-tokens ({total}) exceeds the model's {ctx}")
+    eos = cfg.eos_token_id
+    if eos is None and not cfg.ignore_eos and model.tokenizer is not None:
+        eos = model.tokenizer.eot_id
+    if cfg.ignore_eos:
+        eos = None
+    stats = SpecStats()
+    state = model.init_state(1, total)
+    if len(prompt) > 1:  # invariant: the target's cache holds every committed token but the last
+        model.forward_logits(torch.tensor([prompt[:-1]]), state, last_only=True)
+    drafter.start(prompt, total)
+    tokens = list(prompt)
+    out: list[int] = []
+    greedy = cfg.temperature == 0
+    while len(out) < cfg.max_new_tokens:
+        k = min(K, cfg.max_new_tokens - len(out) - 1)
+        drafts, q = drafter.propose(tokens, k, cfg, generator) if k > 0 else ([], None)
+        drafts = drafts[:k]
+        if q is not None:
+            q = q[:len(drafts)]
+        logits, state = model.forward_logits(torch.tensor([[tokens[-1]] + drafts]), state)
+        z = logits[0].float()
+        p = torch.stack([_probs(z[j], tokens + drafts[:j], cfg) for j in range(len(drafts) + 1)])
+        n_acc, extra = accept_drafts(p, drafts, q, greedy, generator)
+        model.state_rewind(state, len(drafts) - n_acc)
+        drafter.commit(n_acc, len(drafts))
+        stats.rounds += 1
+        stats.drafted += len(drafts)
+        stats.accepted += n_acc
+        stop = False
+        for tok in drafts[:n_acc] + [extra]:
+            if eos is not None and tok == eos:
+                stop = True
+                break
+            tokens.append(tok)
+            out.append(tok)
+            stats.emitted += 1
+            if on_token is not None and on_token(torch.tensor([out])):
+                stop = True
+                break
+            if len(out) >= cfg.max_new_tokens:
+                break
+        if stop:
+            break
+    last_stats = stats
+    return out

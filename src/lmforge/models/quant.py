@@ -1,0 +1,134 @@
+"""Linear layers laid out for decoding: transposed fp32, bf16, weight-only int8 and group-wise int4.
+
+Batch-1 decoding reads every weight once per token, so it is bound by memory bandwidth: what counts is
+how many bytes each token reads and how fast the kernel streams them. ``QuantLinear`` holds one layout:
+
+* ``fp32``: W stored transposed, (in, out), so that ``x @ W^T`` streams whole contiguous output rows.
+* ``bf16``: W in bf16 on the usual (out, in) layout (``F.linear``), half the bytes.
+* ``int8``: ``w[o, i] ~ s[o] * q[o, i]``, one scale per output channel, q in [-127, 127], through PyTorch's
+  ``_weight_int8pack_mm``: a quarter of fp32's bytes (layers whose input width is not a multiple of 16
+  fall back to bf16: the kernel crashes on them).
+* ``int4``: group-wise asymmetric 4-bit, ``w[o, i] ~ (q[o, i] - 8) * s[o, g] + z[o, g]`` with q in [0, 15]
+  and one (scale, zero) pair per group of ``group_size`` inputs (g = i // group_size), through
+  ``_weight_int4pack_mm_for_cpu`` (the weight packed by ``_convert_weight_to_int4pack_for_cpu``): an eighth
+  of fp32's bytes plus 4 bytes per group (layers the kernel cannot take fall back to int8). This is
+  exactly llama.cpp's Q4_0 (z = 0), Q4_1 (z = m + 8 d) and Q4_K (per 32-weight sub-block) formats, so GGUF
+  files load into it without a detour through fp32 (hub/gguf_io.py).
+
+The int8/int4 kernels take bf16 activations (with fp32 activations PyTorch 2.13 has no fast CPU path:
+~50x slower); the output is bf16. Layers live in models/ because both the GGUF loader (hub/) and the
+decoding preparation (generation/fast.py) build them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+QUANT_MODES = ("fp32", "bf16", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: returns (q (out, in) int8, scale (out,) fp32)."""
+    wf = w.float()
+    scale = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise 4-bit (min/max per group, round to nearest): returns q (out, in) in [0, 15]
+    (int32), scale and zero (out, in / group_size) with w ~ (q - 8) * scale + zero."""
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    return q.reshape(out_f, in_f).to(torch.int32), scale, lo + 8 * scale
+
+
+def int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
+    """The packed int4 kernel needs whole groups along the input and outputs in multiples of 16."""
+    return in_features % group_size == 0 and out_features % 16 == 0 and in_features >= group_size
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W in one decoding layout (see the module docstring); inference only."""
+
+    def __init__(self, mode: str, out_features: int, in_features: int, group_size: int = 0) -> None:
+        super().__init__()
+        if mode not in QUANT_MODES:
+            raise ValueError(f"unknown layout {mode!r}; choose {', '.join(QUANT_MODES)}")
+        self.mode, self.out_features, self.in_features, self.group_size = mode, out_features, in_features, group_size
+        self.bias: torch.Tensor | None
+        self.register_buffer("bias", None)
+
+    # --- constructors ------------------------------------------------------------------------------
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, mode: str, group_size: int = 32) -> QuantLinear:
+        """Lay out a float weight (out, in); an int4 layer whose shape the kernel cannot take falls back to int8."""
+        w = w.detach()
+        out_f, in_f = w.shape
+        if mode == "int4" and not int4_supported(out_f, in_f, group_size):
+            mode = "int8"
+        if mode == "int8" and in_f % 16:  # PyTorch 2.13's int8 kernel crashes (SIGSEGV) on such shapes
+            mode = "bf16"
+        m = cls(mode, out_f, in_f, group_size if mode == "int4" else 0)
+        if mode == "int8":
+            q, scale = quantize_int8(w)
+            m.set_int8(q, scale)
+        elif mode == "int4":
+            m.set_int4(*quantize_int4(w, group_size))
+        elif mode == "bf16":  # bf16 GEMV is fastest on the (out, in) layout (F.linear)
+            m.register_buffer("weight", w.to(torch.bfloat16))
+        else:
+            m.register_buffer("weight_t", w.float().t().contiguous())
+        act = torch.float32 if mode == "fp32" else torch.bfloat16
+        m.bias = None if bias is None else bias.detach().to(act)
+        return m
+
+    def set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.register_buffer("qweight", q.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+
+    def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """q (out, in) in [0, 15]; scale/zero (out, in / group) with w = (q - 8) * scale + zero."""
+        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1))
+        # the kernel's layout: (groups, out, 2) holding [scale, zero]
+        sz = torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_zeros", sz.to(torch.bfloat16))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "bf16":
+            return F.linear(x.to(torch.bfloat16), self.weight, self.bias)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.mode == "int8":
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
+        elif self.mode == "int4":
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
+                                                  self.scales_zeros)
+        else:
+            y = x2.to(torch.float32) @ self.weight_t
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"{self.in_features}, {self.out_features}, mode={self.mode}{g}"
+
+
+def finish_decoding_layout(model: nn.Module, dtype: str) -> None:
+    """After the Linear layers are laid out: norms, embeddings and the KV cache follow the activations
+    (bf16 for bf16/int8/int4), gradients are off, and ``model.decode_dtype`` records the layout."""
+    if dtype != "fp32":
+        model.to(torch.bfloat16)  # QuantLinear's int8/uint8 buffers stay as they are
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.decode_dtype = dtype  # type: ignore[assignment]
