@@ -24,11 +24,12 @@ class _LN(nn.Module):
 
 
 class _Attn(nn.Module):
-    def __init__(self, d: int, h: int, bias: bool) -> None:
+    def __init__(self, d: int, h: int, bias: bool, dropout: float = 0.0) -> None:
         super().__init__()
         self.c_attn = nn.Linear(d, 3 * d, bias=bias)
         self.c_proj = nn.Linear(d, d, bias=bias)
-        self.h = h
+        self.h, self.dropout = h, dropout
+        self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
@@ -36,26 +37,29 @@ class _Attn(nn.Module):
         k = k.view(B, T, self.h, C // self.h).transpose(1, 2)
         q = q.view(B, T, self.h, C // self.h).transpose(1, 2)
         v = v.view(B, T, self.h, C // self.h).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0)
+        return self.resid_drop(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
 class _Block(nn.Module):
-    def __init__(self, d: int, h: int, bias: bool) -> None:
+    def __init__(self, d: int, h: int, bias: bool, dropout: float = 0.0) -> None:
         super().__init__()
-        self.ln_1, self.attn, self.ln_2 = _LN(d, bias), _Attn(d, h, bias), _LN(d, bias)
+        self.ln_1, self.attn, self.ln_2 = _LN(d, bias), _Attn(d, h, bias, dropout), _LN(d, bias)
         self.c_fc, self.c_proj = nn.Linear(d, 4 * d, bias=bias), nn.Linear(4 * d, d, bias=bias)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
-        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        return x + self.drop(self.c_proj(F.gelu(self.c_fc(self.ln_2(x)))))
 
 
 class NanoGPT(nn.Module):
-    def __init__(self, vocab: int, block: int, n_layer: int, n_head: int, d: int, bias: bool = False) -> None:
+    def __init__(self, vocab: int, block: int, n_layer: int, n_head: int, d: int, bias: bool = False,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
-        self.h = nn.ModuleList(_Block(d, n_head, bias) for _ in range(n_layer))
+        self.drop = nn.Dropout(dropout)
+        self.h = nn.ModuleList(_Block(d, n_head, bias, dropout) for _ in range(n_layer))
         self.ln_f = _LN(d, bias)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.wte.weight = self.lm_head.weight
@@ -73,17 +77,18 @@ class NanoGPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         t = idx.size(1)
-        x = self.wte(idx) + self.wpe(torch.arange(t))
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(t, device=idx.device)))
         for b in self.h:
             x = b(x)
         logits = self.lm_head(self.ln_f(x))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
-    def optimizer(self, lr: float = 1e-3, wd: float = 0.1) -> torch.optim.Optimizer:
+    def optimizer(self, lr: float = 1e-3, wd: float = 0.1, fused: bool = False) -> torch.optim.Optimizer:
+        """nanoGPT's configure_optimizers (fused on CUDA, as nanoGPT does there)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), **({"fused": True} if fused else {}))
 
 
 def get_batch(data: np.ndarray, batch: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,7 @@ def test_train_help_shows_defaults_and_choices(capsys: pytest.CaptureFixture) ->
                  "--warmup-steps", "--max-steps", "--order", "--smoothing", "--seed"):
         assert "default:" in flags[flag].help, flag
     assert "one of: cosine, linear, constant" in flags["--schedule"].help
-    assert "one of: fp32, bf16, auto" in flags["--dtype"].help
+    assert "one of: fp32, bf16, fp16, auto" in flags["--dtype"].help
     assert "one of: learned, sinusoidal, rope" in flags["--pos"].help
     assert "one of: gelu, gelu_tanh, swiglu" in flags["--mlp"].help
     assert "allowed: >= 0 and < 1" in flags["--beta1"].help

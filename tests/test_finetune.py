@@ -137,8 +137,8 @@ def test_packing_equals_the_unpacked_mean_loss() -> None:
     assert packed == pytest.approx(total / count, abs=1e-5)
     # the sampler packs whole examples into rows of the block size
     s = SFTSampler(exs, 2, 128, seed=0, pad_id=tok.eot_id, packing=True)
-    x, y, doc = s.next()
-    assert x.shape[1] == 128 and doc is not None
+    inputs, y = s.next()
+    assert inputs["input_ids"].shape[1] == 128 and inputs["doc_ids"].shape == y.shape
 
 
 # --- LoRA ----------------------------------------------------------------------------------------
@@ -237,11 +237,11 @@ def test_resume_is_exact(tmp_path: Path, base_dir: Path, chat_data: Path) -> Non
     tuner = FineTuner(FineTuneConfig(base=str(base_dir), data=str(chat_data), out=str(tmp_path / "b"), **opts))
     orig, calls = tuner.train_step, {"n": 0}
 
-    def ctrl_c_at_step_4() -> float:
+    def ctrl_c_at_step_4(stop_asked: int = 0) -> tuple[float, int, int]:
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return orig()
+        return orig(stop_asked)
 
     tuner.train_step = ctrl_c_at_step_4  # type: ignore[method-assign]
     with pytest.raises(TrainingInterrupted, match="lmforge finetune --resume"):

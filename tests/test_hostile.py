@@ -211,7 +211,7 @@ class Evil:
 
 
 def evil_pickle(d: Path, case: Path) -> None:
-    with open(d / "checkpoint" / "optimizer.pt", "wb") as f:
+    with open(d / "checkpoint" / ".metadata", "wb") as f:  # the pickled index of a DCP checkpoint
         pickle.dump(Evil(), f)
 
 
@@ -265,7 +265,7 @@ CASES: list[tuple[str, Callable | None, list[str], str]] = [
     ("ngram-tables-inconsistent", copy_and("ng3", ngram_tables_cut), ["eval", "{case}/x"], "inconsistent"),
     ("ngram-vocab-inconsistent", copy_and("ng3", lambda d, c: edit_json(d / "config.json", upd(vocab=5))),
      ["eval", "{case}/x"], "inconsistent"),
-    ("optimizer-pt-empty", copy_and("gpt", lambda d, c: (d / "checkpoint" / "optimizer.pt").write_bytes(b"")),
+    ("checkpoint-shard-empty", copy_and("gpt", lambda d, c: (d / "checkpoint" / "__0_0.distcp").write_bytes(b"")),
      ["train", "--resume", "{case}/x", "--max-steps", "25", "--no-progress"], "truncated or corrupted"),
     ("shard-ids-outside-vocabulary", copy_and("char", lambda d, c: (d / "val-00000.bin").write_bytes(b"\xff" * 64)),
      ["eval", "{gpt}", "--data", "{case}/x", "--json"], "outside the vocabulary"),

@@ -88,11 +88,11 @@ def test_lstm_trains_resumes_evaluates_generates(tmp_path: Path, char_data: Path
                                         checkpoint_interval=3, model_args=shape))
     orig, calls = trainer.train_step, []
 
-    def stop_at_7() -> float:
+    def stop_at_7(*args: int) -> tuple[float, int, int]:
         calls.append(1)
         if len(calls) == 7:
             raise KeyboardInterrupt
-        return orig()
+        return orig(*args)
 
     trainer.train_step = stop_at_7  # type: ignore[method-assign]
     with pytest.raises(TrainingInterrupted):

@@ -25,7 +25,7 @@ def losses(run: Path) -> dict[int, float]:
 
 def test_run_directory_is_a_loadable_model(trained_run: Path) -> None:
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss_curve.png",
-                 "train_config.yaml", "checkpoint/optimizer.pt", "checkpoint/state.json"):
+                 "train_config.yaml", "checkpoint/.metadata", "checkpoint/state.json"):
         assert (trained_run / name).exists(), name
     assert (trained_run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     m = load(trained_run)
@@ -47,11 +47,11 @@ def test_resume_continues_the_same_trajectory(tmp_path: Path, char_data: Path) -
     orig = trainer.train_step
     calls = {"n": 0}
 
-    def crash_after_10() -> float:
+    def crash_after_10(*args: int) -> tuple[float, int, int]:
         calls["n"] += 1
         if calls["n"] == 11:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of step 11
-        return orig()
+            raise KeyboardInterrupt  # Ctrl-C at the start of step 11
+        return orig(*args)
 
     trainer.train_step = crash_after_10  # type: ignore[method-assign]
     with pytest.raises(TrainingInterrupted, match="lmforge train --resume"):
@@ -85,7 +85,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, char_data: Path) 
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(LMForgeError, match="truncated or corrupted"):
         load(run)
-    o = run / "checkpoint" / "optimizer.pt"
+    o = run / "checkpoint" / "__0_0.distcp"
     o.write_bytes(o.read_bytes()[:50])
     with pytest.raises(LMForgeError, match="truncated or corrupted"):
         Trainer(Trainer.config_for_resume(run, {"max_steps": 6}), resume=True)

@@ -44,7 +44,7 @@ CASES = [
     (TRAIN + ["--batch-size", "abc"], "batch_size (--batch-size) must be an integer (got 'abc')"),
     (TRAIN + ["--batch-size", "0"], "batch_size (--batch-size) must be >= 1"),
     (TRAIN + ["--schedule", "exp"], "schedule (--schedule) must be one of cosine, linear, constant (got 'exp')"),
-    (TRAIN + ["--dtype", "fp8"], "dtype (--dtype) must be one of fp32, bf16, auto"),
+    (TRAIN + ["--dtype", "fp8"], "dtype (--dtype) must be one of fp32, bf16, fp16, auto"),
     (TRAIN + ["--pos", "alibi"], "pos (--pos) must be one of learned, sinusoidal, rope"),
     (TRAIN + ["--max-time", "0s"], "max_time (--max-time): duration '0s' must be positive"),
     (TRAIN + ["--max-time", "soon"], "max_time (--max-time): cannot parse duration 'soon'"),

@@ -29,7 +29,7 @@ from .apps import ngram_cli
 from .apps.chat import load_template, no_template_message, open_session, repl
 from .apps.compare import ModelSpec, compare
 from .apps.demo import run_demo
-from .data import PrepareConfig, prepare
+from .data import PrepareConfig, check_run_data, prepare
 from .data.corpora import read_text_file
 from .data.parallel import is_parallel_spec, prepare_parallel
 from .errors import LMForgeError
@@ -42,6 +42,7 @@ from .generation.seq2seq import TranslateConfig, require_seq2seq, translate
 from .hub import load_model
 from .hub.export import export_hf
 from .hub.peft import apply_adapter, is_adapter_dir
+from .models import on_device
 from .models.gpt import GPT, GPTConfig
 from .models.rnn import RNNConfig
 from .models.seq2seq import Seq2Seq, Seq2SeqConfig
@@ -50,11 +51,13 @@ from .serve import ServeConfig, Server
 from .serve.batch import run_batch
 from .train import TrainConfig, Trainer, TrainingInterrupted, train
 from .train.finetune import FineTuneConfig, FineTuner
+from .train.launch import launch_torchrun
 from .utils import atomic_write_text, check_output_file, parse_duration, read_json
 
 # The flags are built from the config dataclasses of every room, so the parser imports them all (torch
 # included): function-local imports here would save no start-up time.
 DECODE_DTYPES = ["fp32", "bf16", "int8", "int4"]
+DEVICE_HELP = "where to run: auto (CUDA when present), cpu, cuda, cuda:N or mps; default: auto"
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -104,6 +107,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in RUN from its checkpoint "
                    "(with its own configuration; budget and logging options may be changed)")
     train_opts = add_options(p, TrainConfig)
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="start N processes on this machine through torchrun (the same as torchrun --standalone "
+                        "--nproc-per-node N -m lmforge train ...; see docs/distributed.md)")
     g = p.add_argument_group("model options (override the preset; gpt, lstm/gru/rnn or seq2seq)")
     seen: set[str] = set()
     model_opts = [n for cls in (GPTConfig, RNNConfig, Seq2SeqConfig) for n in add_options(g, cls, seen=seen)]
@@ -144,12 +150,22 @@ def cmd_train(a: argparse.Namespace) -> int:
         ngram_cli.train_ngram_from_args(a)
         return 0
 
+    if a.nproc is not None:
+        return launch_torchrun(a.nproc, a.argv)
     cfg, resume = train_config_from_args(a)
     try:
         r = train(cfg, resume=resume)
     except TrainingInterrupted as e:
-        print(f"\nlmforge: {e}", file=sys.stderr)
-        return 130
+        if e.is_main:
+            print(f"\nlmforge: {e}", file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # A clean, saved stop: exit 0 so torchrun does not report the workers as failed; the
+            # `--nproc` launcher still returns 130/143 (rank 0's code, handed over in LMFORGE_EXIT_FILE).
+            _REPORTED_CODE[0] = 128 + e.signum
+            return 0
+        return 128 + e.signum
+    if not r.is_main:
+        return 0
     val = f", val loss {r.val_loss:.4f}" if r.val_loss is not None else ""
     print(f"trained {r.step} steps, {r.tokens_seen:,} tokens in {r.train_time:.0f}s "
           f"({r.tokens_per_second:,.0f} tokens/s): train loss {r.train_loss:.4f}{val}")
@@ -194,7 +210,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         r = tuner.train()
     except TrainingInterrupted as e:
         print(f"\nlmforge: {e}", file=sys.stderr)
-        return 130
+        return 128 + e.signum
     val = f", held-out masked loss {r.val_loss:.4f}" if r.val_loss is not None else ""
     print(f"fine-tuned {r.step} steps, {r.tokens_seen:,} tokens in {r.train_time:.0f}s "
           f"({r.tokens_per_second:,.0f} tokens/s): train loss {r.train_loss:.4f}{val}")
@@ -224,6 +240,9 @@ def _data_for_run(run: str, data: str | None) -> str:
         if not isinstance(d, str):
             raise LMForgeError(f"{p} is damaged (no \"data\" path); pass --data")
         if Path(d).exists():
+            problem = check_run_data(run, d)
+            if problem:
+                warnings.warn(f"{problem}; the figures below are for the new data", stacklevel=1)
             return d
         raise LMForgeError(f"the data this run was trained on ({d}) is gone; pass --data")
     raise LMForgeError(f"{run} does not record its data directory; pass --data")
@@ -235,6 +254,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, metavar="DIR", help="prepared data (default: the run's own)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_eval, options=add_options(p, EvalConfig))
 
 
@@ -274,7 +294,7 @@ def cmd_eval_instructed(a: argparse.Namespace, model: Any, c: Any, instruction: 
 
 def cmd_eval(a: argparse.Namespace) -> int:
     c = EvalConfig(**given(a, a.options))  # refuse bad values before loading anything
-    model = _load(a.run, a.adapter)
+    model = on_device(_load(a.run, a.adapter), a.device)
     if model.is_seq2seq:
         return cmd_eval_seq2seq(a, model, c)
     found = instruction_for_eval(a.adapter or a.run, a.data)
@@ -328,9 +348,8 @@ def _generation_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 def _load_for_decoding(path: str, a: argparse.Namespace) -> Any:
     """Load ``path`` laid out for decoding (a GGUF file goes straight into int8/int4); a LoRA ``--adapter`` is
     merged into the fp32 weights first."""
-    if a.adapter is not None:
-        return _with_dtype(_load(path, a.adapter), a.dtype, a.group_size)
-    return _with_dtype(load_model(path, decode_dtype=a.dtype), a.dtype, a.group_size)
+    model = _load(path, a.adapter) if a.adapter is not None else load_model(path, decode_dtype=a.dtype)
+    return _with_dtype(on_device(model, a.device), a.dtype, a.group_size)
 
 
 def _report_speculative(kw: dict[str, Any]) -> None:
@@ -352,6 +371,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "(default: the model's own)")
     _add_decoding_options(p, GENERATE_DEFAULTS)
     p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_generate)
 
 
@@ -436,6 +456,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace the report (table.txt, compare.json/csv/png) of an earlier comparison in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_compare)
 
 
@@ -444,7 +465,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     for m in a.models:  # fail fast, before any training
         ModelSpec.parse(m)
     compare(a.data, budget or 300.0, a.models, a.out, split=a.split, progress=not a.no_progress,
-            eval_max_tokens=a.eval_max_tokens, force=a.force)
+            eval_max_tokens=a.eval_max_tokens, force=a.force, device=a.device)
     return 0
 
 
@@ -460,6 +481,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
                                                   "repetition_penalty", "seed", "compile", "speculative",
                                                   "draft_tokens"))
     p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_chat)
 
 
@@ -487,6 +509,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", default=None, help="file of sources, one per line (- = stdin)")
     p.add_argument("--output", default=None, help="write translations here (default stdout)")
     p.add_argument("--dtype", default="fp32", choices=DECODE_DTYPES, help="weights for decoding; default: fp32")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--force", action="store_true", help="replace the --output file if it exists")
     p.set_defaults(func=cmd_translate, options=add_options(p, TranslateConfig, defaults=TRANSLATE_DEFAULTS))
 
@@ -500,7 +523,7 @@ def cmd_translate(a: argparse.Namespace) -> int:
     if a.output:
         check_output_file(a.output, a.force)  # before any decoding
     c = TranslateConfig(**{**TRANSLATE_DEFAULTS, **given(a, a.options)})
-    model = load_model(a.run)
+    model = on_device(load_model(a.run), a.device)
     require_seq2seq(model, a.run)
     model = _with_dtype(model, a.dtype)
     if a.input:
@@ -680,17 +703,37 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
     return f"lmforge: warning: {message}\n"
 
 
+_REPORTED_CODE: list[int | None] = [None]  # the exit code to report to the `--nproc` launcher, if not the own
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # while parsing or importing, before the command's own handling
+        print("\nlmforge: interrupted", file=sys.stderr)
+        code = 130
+    exit_file = os.environ.get("LMFORGE_EXIT_FILE")  # set by `lmforge train --nproc` (train/launch.py)
+    if exit_file:
+        if os.environ.get("RANK", "0") == "0":
+            Path(exit_file).write_text(str(_REPORTED_CODE[0] or code))
+        if code == 2:  # an error every rank agreed on, already said in one line: the launcher returns 2,
+            return 0   # and torchrun need not add its report of failed workers
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning  # type: ignore[assignment]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except LMForgeError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the error; rank 0 says it
+            print(f"lmforge: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("\nlmforge: interrupted", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -11,6 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .errors import LMForgeError
 
@@ -34,12 +37,51 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
+class DirectoryLock:
+    """An advisory lock (``flock``) on a directory itself: no lock file to leave behind, released by the
+    kernel when the process ends however it ends (SIGKILL included). Exclusive for a writer (a run
+    being trained, ``prepare`` rewriting data), shared for readers (a run training on its data)."""
+
+    def __init__(self, path: str | Path, shared: bool = False, busy: str = "") -> None:
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise LMForgeError(busy or f"{self.path} is in use by another lmforge process; wait for it to "
+                               "finish or stop it") from None
+
+    @staticmethod
+    def is_held(path: str | Path) -> bool:
+        """Whether another process holds a lock on ``path`` (without keeping one)."""
+        try:
+            DirectoryLock(path).release()
+            return False
+        except LMForgeError:
+            return True
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = -1
+
+    def __enter__(self) -> DirectoryLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 @contextmanager
 def atomic_directory(out: str | Path) -> Iterator[Path]:
     """Build a directory in a temporary sibling and swap it in at the end: an interrupted build
-    leaves the old directory (or none), never a half-written one; a failed build leaves no trace."""
+    leaves the old directory (or none), never a half-written one; a failed build leaves no trace.
+    An existing ``out`` is locked while it is rebuilt: a run training on it makes this refuse."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(out, busy=f"{out} is in use (a run is training on it, or another prepare is "
+                         "writing it); wait for it to finish or choose another --out") if out.is_dir() else None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
@@ -49,6 +91,9 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def check_output_file(path: str | Path, force: bool = False, option: str = "--output") -> Path:
@@ -181,3 +226,26 @@ def human(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
+
+
+def resolve_device(spec: str | None, local_rank: int = 0) -> torch.device:
+    """``auto``: CUDA when present (GPU ``local_rank`` under torchrun), else CPU."""
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise LMForgeError(f"--device {spec}: no CUDA GPU is visible (PyTorch {torch.__version__}, {build}); "
+                               "use --device cpu")
+        index = int(spec.split(":", 1)[1]) if ":" in spec else local_rank
+        if index >= torch.cuda.device_count():
+            raise LMForgeError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    if spec == "mps":
+        if not torch.backends.mps.is_available():
+            raise LMForgeError("--device mps: Apple's Metal backend is not available here; use --device cpu")
+        return torch.device("mps")
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise LMForgeError(f"unknown --device {spec!r}; choose auto, cpu, cuda, cuda:N or mps")

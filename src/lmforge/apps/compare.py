@@ -21,7 +21,7 @@ from ..data.parallel import ParallelData, load_data
 from ..errors import LMForgeError
 from ..evaluate import evaluate
 from ..generation import GenerationConfig, generate_ids
-from ..models import MODEL_REGISTRY, load_model, model_class
+from ..models import MODEL_REGISTRY, load_model, model_class, on_device
 from ..tokenizers import load_tokenizer
 from ..train import TrainConfig, train
 from ..train.checkpoint import read_state
@@ -92,8 +92,10 @@ REPORT_FILES = ("table.txt", "compare.json", "compare.csv", "compare.png")
 
 
 def compare(data: str, budget: float, models: list[str], out: str, split: str = "test",
-            progress: bool = True, eval_max_tokens: int | None = None, force: bool = False) -> list[dict[str, Any]]:
-    """``force``: replace the report files of an earlier comparison in ``out`` (its runs are reused either way)."""
+            progress: bool = True, eval_max_tokens: int | None = None, force: bool = False,
+            device: str = "auto") -> list[dict[str, Any]]:
+    """``force``: replace the report files of an earlier comparison in ``out`` (its runs are reused either way);
+    ``device``: where the neural models train and are evaluated (``--device``)."""
     specs = [ModelSpec.parse(m) for m in models]  # every spec is checked before any training
     if not specs:
         raise LMForgeError("give at least one model in --models, e.g. ngram:3 lstm:small gpt:tiny")
@@ -125,8 +127,8 @@ def compare(data: str, budget: float, models: list[str], out: str, split: str = 
             train_info = _existing_train_info(run)
         else:
             print(f"== {spec.name}: training for {budget:.0f}s")
-            train_info = _train(spec, data, str(run), budget, progress)
-        model = load_model(run)
+            train_info = _train(spec, data, str(run), budget, progress, device)
+        model = on_device(load_model(run), device if spec.family != "ngram" else "cpu")
         res = evaluate(model, td, split=split, max_tokens=eval_max_tokens)
         rows.append({
             "model": spec.name, "family": spec.family, "parameters": model.num_parameters(),
@@ -171,7 +173,8 @@ def _existing_train_info(run: Path) -> dict[str, Any]:
     return {"train_seconds": secs, "tokens_seen": toks, "tokens_per_s": toks / max(secs, 1e-9)}
 
 
-def _train(spec: ModelSpec, data: str, run: str, budget: float, progress: bool) -> dict[str, Any]:
+def _train(spec: ModelSpec, data: str, run: str, budget: float, progress: bool,
+           device: str = "auto") -> dict[str, Any]:
     if spec.family == "ngram":
 
         t0 = time.perf_counter()
@@ -184,7 +187,7 @@ def _train(spec: ModelSpec, data: str, run: str, budget: float, progress: bool) 
 
     recipe = dict(NEURAL_RECIPES.get(spec.family, NEURAL_RECIPES["lstm"]))
     cfg = TrainConfig(data=data, out=run, model=spec.family, preset=spec.arg, max_time=budget,
-                      eval_interval=100, eval_iters=10, progress=progress, **recipe)
+                      eval_interval=100, eval_iters=10, progress=progress, device=device, **recipe)
     r = train(cfg)
     return {"train_seconds": r.train_time, "tokens_seen": r.tokens_seen, "tokens_per_s": r.tokens_per_second}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import cached_property
 from pathlib import Path
 
@@ -119,12 +120,38 @@ class TokenData:
         return info["bytes"] / max(info["tokens"], 1)
 
 
-class BatchSampler:
+class Sampler:
+    """What the trainer draws batches from: ``(inputs, labels)`` pairs, resumable from ``state_dict``.
+
+    One optimizer step trains on a *global batch* of ``world x accum`` micro-batches, drawn in one
+    order that depends only on the seed. Rank ``r`` of ``world`` processes trains micro-batches
+    ``r*accum .. r*accum+accum-1`` and skips the others (advancing the generator without reading
+    their tokens), so 1 process with accumulation and N processes see the same sequences in every
+    step, and the shares of the ranks are disjoint."""
+
+    wrapped = False  # the last step started the data over (the trainer resets carried state)
+
+    def draw(self, read: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.draw()
+        assert batch is not None
+        return batch
+
+    def step_batches(self, rank: int = 0, world: int = 1, accum: int = 1) -> list:
+        """This rank's ``accum`` micro-batches of the next global batch."""
+        out = []
+        for j in range(world * accum):
+            b = self.draw(read=j // accum == rank)
+            if b is not None:
+                out.append(b)
+        return out
+
+
+class BatchSampler(Sampler):
     """Random contiguous windows (nanoGPT's ``get_batch``) from a split, driven by its own seeded
     generator whose state is saved in checkpoints, so a resumed run sees the same batches."""
-
-    #: tokens trained on in the last batch when they vary (seq2seq); 0 = fixed windows of batch x block
-    last_tokens: int = 0
 
     def __init__(self, split: TokenSplit, batch_size: int, block_size: int, seed: int) -> None:
         if len(split) < block_size + 2:
@@ -133,9 +160,11 @@ class BatchSampler:
         self.split, self.batch_size, self.block_size = split, batch_size, block_size
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self, read: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
         hi = len(self.split) - self.block_size - 1
         starts = torch.randint(0, hi + 1, (self.batch_size,), generator=self.generator).numpy()
+        if not read:
+            return None
         w = torch.from_numpy(self.split.windows(starts, self.block_size + 1))
         return w[:, :-1], w[:, 1:]
 
@@ -145,42 +174,75 @@ class BatchSampler:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
 
-    @property
-    def wrapped(self) -> bool:
-        return False
 
-
-class StreamSampler:
+class StreamSampler(Sampler):
     """Consecutive windows for truncated back-propagation through time (stateful models).
 
-    The split is cut into ``batch_size`` equal, contiguous streams (Zaremba et al.'s batching);
-    step k returns window k of every stream, so row b of one batch continues row b of the last
-    and the model's hidden state can be carried across steps. At the end the streams wrap around
-    (``wrapped`` tells the trainer to reset the carried state)."""
+    The split is cut into ``n_streams`` equal, contiguous streams (Zaremba et al.'s batching; by
+    default ``batch_size``, in training the global batch); a step returns window k of every stream,
+    micro-batch j holding streams ``j*batch_size ..``, so row b of one batch continues row b of the
+    last and the model's hidden state can be carried across steps. At the end the streams wrap
+    around (``wrapped`` tells the trainer to reset the carried state)."""
 
-    last_tokens: int = 0  # fixed windows (see BatchSampler)
-
-    def __init__(self, split: TokenSplit, batch_size: int, block_size: int, seed: int = 0) -> None:
-        self.stream_len = (len(split) - 1) // batch_size
+    def __init__(self, split: TokenSplit, batch_size: int, block_size: int, seed: int = 0,
+                 n_streams: int | None = None) -> None:
+        n_streams = n_streams or batch_size
+        self.stream_len = (len(split) - 1) // n_streams
         if self.stream_len < block_size + 1:
             raise LMForgeError(f"block size {block_size} is larger than the data: {len(split)} tokens make "
-                               f"{batch_size} streams of only {self.stream_len}; use a smaller --block-size or "
+                               f"{n_streams} streams of only {self.stream_len}; use a smaller --block-size or "
                                "--batch-size")
-        self.split, self.batch_size, self.block_size = split, batch_size, block_size
+        self.split, self.batch_size, self.block_size, self.n_streams = split, batch_size, block_size, n_streams
         self.pos = 0
         self.wrapped = False
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _window(self, first_stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = (first_stream + np.arange(self.batch_size, dtype=np.int64)) * self.stream_len + self.pos
+        w = torch.from_numpy(self.split.windows(starts, self.block_size + 1))
+        return w[:, :-1], w[:, 1:]
+
+    def step_batches(self, rank: int = 0, world: int = 1, accum: int = 1) -> list:
+        if world * accum * self.batch_size != self.n_streams:
+            raise ValueError(f"{world} x {accum} micro-batches of {self.batch_size} != {self.n_streams} streams")
         self.wrapped = False
         if self.pos + self.block_size + 1 > self.stream_len:
             self.pos, self.wrapped = 0, True
-        starts = np.arange(self.batch_size, dtype=np.int64) * self.stream_len + self.pos
-        w = torch.from_numpy(self.split.windows(starts, self.block_size + 1))
+        out = [self._window((rank * accum + k) * self.batch_size) for k in range(accum)]
         self.pos += self.block_size
-        return w[:, :-1], w[:, 1:]
+        return out
+
+    def draw(self, read: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.step_batches(0, 1, self.n_streams // self.batch_size)[0]
 
     def state_dict(self) -> dict:
         return {"pos": torch.tensor(self.pos)}
 
     def load_state_dict(self, state: dict) -> None:
         self.pos = int(state["pos"])
+
+
+def data_fingerprint(path: str | Path) -> str:
+    """sha256 of a prepared data directory's meta.json and tokenizer file(s): it changes whenever
+    ``prepare`` rewrites the directory with other text, split or tokenizer. Runs record it in
+    data.json; resuming refuses and evaluating warns when the data no longer matches."""
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in Path(path).glob("*.json")):
+        h.update(name.encode() + b"\0" + (Path(path) / name).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def check_run_data(run_dir: str | Path, data_dir: str | Path) -> str | None:
+    """None when ``data_dir`` is the data the run in ``run_dir`` recorded (or nothing was recorded),
+    else a sentence saying what changed."""
+    p = Path(run_dir) / "data.json"
+    if not p.exists():
+        return None
+    rec = read_json(p, "run data pointer")
+    want = rec.get("fingerprint") if isinstance(rec, dict) else None
+    if not want or not Path(data_dir).is_dir():
+        return None
+    have = data_fingerprint(data_dir)
+    if have == want:
+        return None
+    return (f"the data in {data_dir} changed since {run_dir} was trained on it (fingerprint {have[:12]} != "
+            f"recorded {want[:12]}: prepare rewrote it)")

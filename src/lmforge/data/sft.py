@@ -33,6 +33,7 @@ import torch
 from ..errors import LMForgeError
 from ..tokenizers import Tokenizer
 from ..tokenizers.chat_template import ChatTemplate, load_template
+from .dataset import Sampler
 from .prepare import seeded_split
 
 IGNORE = -100
@@ -399,11 +400,12 @@ def pack_rows(rows: list[list[Encoded]], block: int, pad_id: int) -> tuple[torch
     return x, y, doc
 
 
-class SFTSampler:
+class SFTSampler(Sampler):
     """Epochs over the examples in a seeded random order (a new permutation each epoch). Without packing a
     batch is ``batch_size`` examples padded to the longest; with packing, ``batch_size`` rows of ``block``
-    tokens filled greedily with whole examples. ``next()`` gives (x, y, doc_ids or None). The state
-    (epoch, position) makes resume exact."""
+    tokens filled greedily with whole examples. ``next()`` gives ``(inputs, labels)`` (the trainer's batch):
+    ``inputs`` is the ids (B, T), or ``{"input_ids", "doc_ids"}`` when packing. The state (epoch, position)
+    makes resume exact."""
 
     def __init__(self, examples: list[Encoded], batch_size: int, block: int, seed: int, pad_id: int,
                  packing: bool = False, shuffle: bool = True) -> None:
@@ -439,7 +441,7 @@ class SFTSampler:
     def batches_per_epoch(self, epoch: int = 0) -> int:
         return len(self.plan(epoch))
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def draw(self, read: bool = True) -> tuple[Any, torch.Tensor] | None:
         if self._plan is None:
             self._plan = self.plan(self.epoch)
         if self.pos >= len(self._plan):
@@ -447,20 +449,18 @@ class SFTSampler:
             self._plan = self.plan(self.epoch)
         rows = [[self.examples[i] for i in row] for row in self._plan[self.pos]]
         self.pos += 1
+        if not read:
+            return None
         if self.packing:
             x, y, doc = pack_rows(rows, self.block, self.pad_id)
             self.last_tokens = sum(len(r.ids) - 1 for row in rows for r in row)
-            return x, y, doc
+            return {"input_ids": x, "doc_ids": doc}, y
         x, y = pad_rows([row[0] for row in rows], self.pad_id)
         self.last_tokens = sum(len(row[0].ids) - 1 for row in rows)
-        return x, y, None
-
-    @property
-    def wrapped(self) -> bool:
-        return False
+        return x, y
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": torch.tensor(self.epoch), "pos": torch.tensor(self.pos)}  # tensors: DCP restores in place
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos, self._plan = int(state["epoch"]), int(state["pos"]), None

@@ -81,6 +81,7 @@ def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "v
     unk = model.tokenizer.unk_id if model.tokenizer is not None else None
     total_nll, total_n, oov_n, oov_nll = 0.0, 0, 0, 0.0
     ctx = model.context_length
+    device = model.device  # inputs go where the weights are (--device)
 
     def accumulate(logp: torch.Tensor, tgt: torch.Tensor, weight: torch.Tensor) -> None:
         nonlocal total_nll, total_n, oov_n, oov_nll
@@ -99,7 +100,7 @@ def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "v
         for b in range(0, len(plan), batch_size):
             lo, group, ends = zip(*plan[b:b + batch_size])
             win = np.stack([tokens.read(a, L + 1) for a in lo])
-            x, y = torch.from_numpy(win[:, :-1]), torch.from_numpy(win[:, 1:])
+            x, y = torch.from_numpy(win[:, :-1]).to(device), torch.from_numpy(win[:, 1:]).to(device)
             logp, _ = model.score(x, y, None)
             weight = torch.zeros_like(logp)
             for i, (a, s, e) in enumerate(zip(lo, group, ends)):
@@ -115,7 +116,7 @@ def evaluate(model: LanguageModel, data: str | Path | TokenData, split: str = "v
         for off in range(0, per, chunk):
             length = min(chunk, per - off)
             win = np.stack([tokens.read(i * per + off, length + 1) for i in range(streams)])
-            x, y = torch.from_numpy(win[:, :-1]), torch.from_numpy(win[:, 1:])
+            x, y = torch.from_numpy(win[:, :-1]).to(device), torch.from_numpy(win[:, 1:]).to(device)
             logp, state = model.score(x, y, state)
             accumulate(logp, y, torch.ones_like(logp))
             bar.update(length)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import torch
+
 from ..errors import LMForgeError
 from ..utils import read_json
 from .base import LanguageModel
@@ -56,4 +58,17 @@ def load_model(path: str | Path) -> LanguageModel:
     return model_class(model_type).from_pretrained(path)
 
 
-__all__ = ["LanguageModel", "MODEL_REGISTRY", "model_class", "create_model", "load_model"]
+def on_device(model: LanguageModel, device: str | None) -> LanguageModel:
+    """The model on ``--device`` (auto: CUDA when present). Families without tensors (n-grams) stay on
+    the CPU; asking them for a GPU is an error."""
+    from ..utils import resolve_device
+
+    dev = resolve_device(device)
+    if not isinstance(model, torch.nn.Module):
+        if device not in (None, "auto", "cpu"):
+            raise LMForgeError(f"a {model.model_type} model runs on the CPU only; drop --device {device}")
+        return model
+    return model.to(dev)
+
+
+__all__ = ["LanguageModel", "MODEL_REGISTRY", "model_class", "create_model", "load_model", "on_device"]

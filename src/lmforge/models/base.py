@@ -16,6 +16,12 @@ Evaluation (``lmforge.evaluate``) and decoding (``lmforge.generation``) are writ
 this protocol and never branch on the family. What a family may offer beyond it is *declared* below
 (``is_seq2seq``, ``stateful``, ``source_tokenizer``, ``chat_template``, ``decode_dtype``,
 ``param_groups``) with a default, so callers read an attribute instead of probing with getattr/hasattr.
+
+Training has one more operation, written once in ``lmforge.train`` for every gradient-trained family:
+
+* ``loss(batch, state)``: the mean cross-entropy over the target positions of ``batch = (inputs,
+  labels)`` (labels of -100 are not targets: padding, prompts, packed-document boundaries), the
+  number of target positions, and the state to carry into the next window (stateful models).
 """
 
 from __future__ import annotations
@@ -40,6 +46,16 @@ MAX_CONTEXT = 1 << 30
 MAX_LAYERS = 4096
 MAX_WIDTH = 1 << 16
 PRESET = "from the preset"
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                         label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy (nats) over positions whose label is not -100, and their number. A batch
+    without targets gives loss 0 (not nan), so it adds nothing to an accumulated step."""
+    n = (labels != -100).sum()
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
+                            reduction="sum", label_smoothing=label_smoothing)
+    return total / n.clamp(min=1), n
 
 
 @dataclass
@@ -170,6 +186,41 @@ class LanguageModel:
             return None
         raise NotImplementedError(f"{type(self).__name__} does not support state reordering")
 
+    # --- training ---------------------------------------------------------------------------
+    def loss(self, batch: tuple[Any, torch.Tensor], state: Any = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Teacher-forced loss on ``batch = (inputs, labels)``: ``(mean_loss, n_targets, state)``.
+
+        ``inputs`` is what the family reads (token ids (B, T); a dict of tensors for seq2seq), ``labels``
+        (B, T) the token to predict at each position, -100 where nothing is predicted. ``mean_loss`` is
+        the mean cross-entropy over the ``n_targets`` positions with a label (a 0-dim tensor each), so
+        the trainer can weight micro-batches and ranks by their share of the global batch's targets.
+        The default reads ``forward_logits``; families override it to fuse or smooth."""
+        inputs, labels = batch
+        logits, state = self.forward_logits(inputs, state)
+        return (*masked_cross_entropy(logits, labels), state)
+
+    def detach_state(self, state: Any) -> Any:
+        """The state cut from the autograd graph (truncated back-propagation through time)."""
+        if state is None:
+            return None
+        if isinstance(state, torch.Tensor):
+            return state.detach()
+        return type(state)(self.detach_state(s) for s in state)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: callers put inputs there."""
+        if isinstance(self, torch.nn.Module):
+            p = next(self.parameters(), None)
+            if p is not None:
+                return p.device
+        return torch.device("cpu")
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        """Sub-modules that FSDP shards one by one (the Transformer blocks); the root shards the rest.
+        Empty for families FSDP does not suit (``--strategy fsdp`` then refuses them)."""
+        return []
+
     # --- persistence --------------------------------------------------------------------------
     #: the config dataclass of a torch model (with to_dict/from_dict); families without one override
     #: save_pretrained/from_pretrained (n-grams)
@@ -209,11 +260,13 @@ class LanguageModel:
         """A fresh model: the preset's config, then ``overrides``, for a vocabulary of ``vocab_size``."""
         return cls(cls.config_for(preset, vocab_size, **overrides))  # type: ignore[call-arg]
 
-    def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True) -> None:
-        """config.json (model_type + config), model.safetensors and tokenizer.json, like Hugging Face."""
+    def save_pretrained(self, directory: str | Path, save_tokenizer: bool = True,
+                        weights: dict[str, torch.Tensor] | None = None) -> None:
+        """config.json (model_type + config), model.safetensors and tokenizer.json, like Hugging Face.
+        ``weights``: the full tensors to write instead of the module's own (gathered from FSDP shards)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_weights(self, directory / "model.safetensors")  # type: ignore[arg-type]
+        save_weights(self, directory / "model.safetensors", weights)  # type: ignore[arg-type]
         atomic_write_json(directory / "config.json",
                           {"model_type": self.model_type, **self.config.to_dict()})  # type: ignore[attr-defined]
         if save_tokenizer and self.tokenizer is not None:

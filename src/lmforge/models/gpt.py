@@ -267,6 +267,20 @@ class GPT(nn.Module, LanguageModel):
     def param_groups(self, weight_decay: float) -> list[dict]:
         return decay_param_groups(self, weight_decay)
 
+    def loss(self, batch: tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor], state: None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """``inputs`` is the ids (B, T), or ``{"input_ids", "doc_ids"}`` for rows packed with several examples
+        (fine-tuning); only target positions go through the output head."""
+        inputs, labels = batch                                # (B, T) each; labels -100 = no target
+        doc_ids = None
+        if isinstance(inputs, dict):
+            inputs, doc_ids = inputs["input_ids"], inputs.get("doc_ids")
+        _, loss = self(inputs, labels, doc_ids=doc_ids)
+        return loss, (labels != -100).sum(), None
+
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def flops_per_token(self) -> float:
         """Training FLOPs per token, 6N + 12 L T d (Kaplan et al. 2020; PaLM appendix B)."""
         c = self.config

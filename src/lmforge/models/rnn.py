@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..options import Options, option
 from ..utils import native_bf16
-from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace
+from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace, masked_cross_entropy
 
 RNNState = Any  # (h, c) for LSTM, h for GRU/RNN; h of shape (n_layer, B, hidden)
 
@@ -175,8 +175,15 @@ class RNNLM(nn.Module, LanguageModel):
         logits = self.head(y)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-100)
         return logits, loss, state
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: RNNState = None
+             ) -> tuple[torch.Tensor, torch.Tensor, RNNState]:
+        idx, labels = batch                                   # (B, T) each; labels -100 = no target
+        logits, _, state = self(idx, state=state)             # (B, T, V), state after the window
+        return (*masked_cross_entropy(logits, labels), state)
 
     # --- LanguageModel protocol ----------------------------------------------------------------
     @property

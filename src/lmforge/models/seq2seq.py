@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..errors import LMForgeError
 from ..options import Options, option
 from ..tokenizers import SOURCE_TOKENIZER, check_tokenizer_fits, load_tokenizer
-from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace
+from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace, masked_cross_entropy
 from .layers import (
     Block,
     CrossAttention,
@@ -275,9 +275,20 @@ class Seq2Seq(nn.Module, LanguageModel):
     def param_groups(self, weight_decay: float) -> list[dict]:
         return decay_param_groups(self, weight_decay)
 
+    def loss(self, batch: tuple[dict[str, torch.Tensor], torch.Tensor], state: None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        inputs, labels = batch                                # {src, src_mask, tgt}, (B, T) with -100 at padding
+        logits, _ = self(inputs)                              # (B, T, V)
+        smoothing = self.config.label_smoothing if self.training else 0.0
+        return (*masked_cross_entropy(logits, labels, smoothing), None)
+
+    def shard_units(self) -> list[nn.Module]:
+        return [*self.encoder, *self.decoder]
+
     # --- persistence: the source tokenizer too, when the vocabularies are separate -------------
-    def save_pretrained(self, directory: Any, save_tokenizer: bool = True) -> None:
-        super().save_pretrained(directory, save_tokenizer)
+    def save_pretrained(self, directory: Any, save_tokenizer: bool = True,
+                        weights: dict[str, torch.Tensor] | None = None) -> None:
+        super().save_pretrained(directory, save_tokenizer, weights)
         src_tok = self.source_tokenizer
         if save_tokenizer and src_tok is not None and src_tok is not self.tokenizer:
             src_tok.save(directory, SOURCE_TOKENIZER)

@@ -25,8 +25,10 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(model: torch.nn.Module, path: str | Path) -> None:
-    tensors = state_dict_for_saving(model)
+def save_weights(model: torch.nn.Module, path: str | Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model's weights to a safetensors file; ``weights``: given tensors instead (tied ones once)."""
+    tensors = state_dict_for_saving(model) if weights is None else \
+        {k: t.detach().contiguous().cpu() for k, t in weights.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 

@@ -30,7 +30,7 @@ class TrainConfig(Options):
     model_args: dict[str, Any] = option(default_factory=dict, cli=False,
                                         help="overrides of the preset's model options (n_layer, ...)")
     # optimisation
-    batch_size: int = option(32, ge=1, le=1 << 20, help="sequences per micro-batch")
+    batch_size: int = option(32, ge=1, le=1 << 20, help="sequences per micro-batch, per process")
     grad_accum: int = option(1, ge=1, le=1 << 16, help="micro-batches per optimizer step (gradient accumulation)")
     lr: float = option(2e-3, gt=0, le=10, help="peak learning rate (AdamW)")
     min_lr_ratio: float = option(0.1, ge=0, le=1, help="final learning rate as a fraction of --lr")
@@ -53,12 +53,26 @@ class TrainConfig(Options):
     checkpoint_interval: int | None = option(None, ge=1, le=MAX_COUNT, help="save a checkpoint every N steps",
                                              default_text="at every evaluation")
     # numerics and speed
-    dtype: Literal["fp32", "bf16", "auto"] = option(
-        "fp32", help="training precision: bf16 autocast, or auto = bf16 where the CPU has it natively")
+    dtype: Literal["fp32", "bf16", "fp16", "auto"] = option(
+        "fp32", help="autocast precision: bf16, fp16 (with a gradient scaler), or auto = bf16 on GPUs that have "
+                     "it (else fp16) and on CPUs with native bf16 (else fp32)")
     compile: bool = option(False, help="torch.compile the model")
     threads: int | None = option(None, ge=1, le=4096, help="CPU threads for torch", default_text="torch's choice")
     seed: int = option(1337, ge=0, le=INT64_MAX, help="random seed (initialisation and batches)")
     progress: bool = option(True, help="show a progress bar")
+    # devices and processes (docs/distributed.md)
+    device: str = option("auto", help="where to train: auto (CUDA when present, one GPU per process), cpu, cuda, "
+                         "cuda:N or mps")
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = option(
+        "auto", help="how processes share the work under torchrun: ddp (replicate the model, average gradients; "
+                     "the default when WORLD_SIZE > 1), fsdp (FSDP2: shard parameters, gradients and optimizer "
+                     "state per block) or none (one process)")
+    backend: Literal["auto", "nccl", "gloo"] = option(
+        "auto", help="torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo")
+    global_batch: int | None = option(
+        None, ge=1, le=1 << 30, help="sequences per optimizer step over all processes (fixes the global batch; "
+                                     "--grad-accum is derived as global_batch / (batch_size x processes))",
+        default_text="batch_size x grad_accum x processes")
 
     def __post_init__(self) -> None:
         super().__post_init__()

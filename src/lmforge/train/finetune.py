@@ -16,7 +16,6 @@ from typing import Any, Literal
 import torch
 
 from ..data.sft import (
-    IGNORE,
     EncodedSplit,
     SFTEncoder,
     SFTSampler,
@@ -122,6 +121,9 @@ class SFTData:
 
 
 class FineTuner(Trainer):
+    """One process (CPU or one GPU): DDP/FSDP are refused (the held-out loss and LoRA checkpoints are
+    per-process)."""
+
     config_class = FineTuneConfig
     command = "finetune"
     validate_at_start = True
@@ -132,6 +134,10 @@ class FineTuner(Trainer):
         from ..models.gpt import GPT
 
         cfg = self.cfg
+        if self.rt.distributed:
+            raise LMForgeError(f"lmforge finetune runs in one process ({self.rt.world} were started); run it "
+                               "without torchrun")
+        self.seq2seq = False
         model = load_model(cfg.base)
         if not isinstance(model, GPT):
             raise LMForgeError(f"{cfg.base} is a {model.model_type} model; fine-tuning takes GPT-family models "
@@ -152,32 +158,31 @@ class FineTuner(Trainer):
             steps += math.ceil(part * sampler.batches_per_epoch(whole))
             cfg.max_steps = max(steps, 1)
 
-    def _sampler(self, split: str, seed: int, warn: bool = True) -> SFTSampler:
+    def _sampler(self, split: str, seed: int, warn: bool = True, n_streams: int | None = None) -> SFTSampler:
         return SFTSampler(self.data.splits[split].examples, self.cfg.batch_size, self.block_size, seed,
                           self.tokenizer.eot_id, packing=self.cfg.packing)
-
-    def batch_loss(self, batch: tuple) -> torch.Tensor:
-        x, y, doc = batch
-        return self.forward(x, y, doc_ids=doc)[1]
 
     @torch.no_grad()
     def estimate_loss(self, split: str = "val") -> float:
         """Mean masked loss over every target token of the split's first ``eval_iters`` batches (all of a
-        small split): the held-out loss of the assistant turns."""
+        small split, each example once, in order: the trainer's shared estimate draws ``eval_iters`` batches,
+        which would repeat the examples of a small split): the held-out loss of the assistant turns."""
         ex = self.data.splits[split].examples[: self.cfg.eval_iters * self.cfg.batch_size]
         self.model.eval()
         total, count = 0.0, 0
         with self._autocast():
             for x, y in batches_in_order(ex, self.cfg.batch_size, self.tokenizer.eot_id):
-                n = int((y != IGNORE).sum())
-                total += float(self.forward(x, y)[1]) * n
-                count += n
+                loss, n, _ = self.eval_fn(x.to(self.rt.device), y.to(self.rt.device), None)
+                total += float(loss) * int(n)
+                count += int(n)
         self.model.train()
         return total / max(count, 1)
 
     def save_model(self) -> None:
         from ..hub.peft import save_adapter
 
+        if not self.rt.is_main:
+            return
         if self.lora is not None:
             save_adapter(self.model, self.lora, self.run_dir, self.cfg.base)
         else:

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..dataset import Sampler
 from .reader import ParallelSplit
 
 
@@ -41,7 +42,7 @@ def make_batch(src: list[np.ndarray], tgt: list[np.ndarray], eot: int, src_eot: 
     return {"src": src_ids, "src_mask": src_mask, "tgt": dec_in}, labels
 
 
-class ParallelBatchSampler:
+class ParallelBatchSampler(Sampler):
     """Length-bucketed, padding-aware batches of pairs for teacher-forced training.
 
     Each epoch shuffles the pairs, cuts them into pools of 50 batches, sorts each pool by length
@@ -66,7 +67,6 @@ class ParallelBatchSampler:
         self.epoch, self.pos = 0, 0
         self._epoch_start = self.generator.get_state()
         self._batches = self._plan()
-        self.last_tokens = 0
         self.wrapped = False
 
     def _plan(self) -> list[np.ndarray]:
@@ -80,17 +80,17 @@ class ParallelBatchSampler:
         order = torch.randperm(len(batches), generator=self.generator).numpy()
         return [batches[i] for i in order]
 
-    def next(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def draw(self, read: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
         if self.pos >= len(self._batches):
             self.epoch, self.pos = self.epoch + 1, 0
             self._epoch_start = self.generator.get_state()
             self._batches = self._plan()
         idx = self._batches[self.pos]
         self.pos += 1
-        x, y = make_batch([self.split.ids("src", int(i)) for i in idx], [self.split.ids("tgt", int(i)) for i in idx],
+        if not read:  # another rank's micro-batch: advance past it without reading it
+            return None
+        return make_batch([self.split.ids("src", int(i)) for i in idx], [self.split.ids("tgt", int(i)) for i in idx],
                           self.eot, self.src_eot, self.max_source, self.max_target)
-        self.last_tokens = int((y != -100).sum())
-        return x, y
 
     def state_dict(self) -> dict:
         return {"generator": self._epoch_start, "epoch": torch.tensor(self.epoch), "pos": torch.tensor(self.pos)}
