@@ -564,3 +564,27 @@ def test_int8_and_bf16_engines_decode(gpt_run: Path) -> None:
             assert [o[:3] for o in outs] == [r[:3] for r in refs], dtype
         finally:
             svc.close()
+
+
+def test_serve_a_lora_adapter(tmp_path: Path) -> None:
+    """--adapter: a LoRA run of lmforge finetune is merged into its base and answers like lmforge.load(base,
+    adapter=run) does."""
+    from lmforge.hub.export import export_hf
+
+    from .test_finetune import chat_tokenizer, ft_options, tiny_model
+
+    base = export_hf(tiny_model(chat_tokenizer()), tmp_path / "base")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f" {i} {i}"}) + "\n" for i in range(30)),
+                    encoding="utf-8")
+    run = tmp_path / "lora"
+    lmforge.finetune(base, data, run, **ft_options(max_steps=3, lr=5e-2))
+    ref = lmforge.generate(lmforge.load(base, adapter=run), "Say 7.", max_new_tokens=8, temperature=0,
+                           return_full_text=False)
+    assert ref != lmforge.generate(lmforge.load(base), "Say 7.", max_new_tokens=8, temperature=0,
+                                   return_full_text=False)  # the adapter changes the answer
+    with Server(ServeConfig(model=str(base), adapter=str(run), port=0, parallel=1)) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"model": srv.app.state.lmforge["service"].name,
+                                                          "prompt": "Say 7.", "max_tokens": 8, "temperature": 0},
+                       timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref

@@ -18,12 +18,27 @@ if TYPE_CHECKING:
     from .models.base import LanguageModel
 
 
-def load(path: str | Path) -> LanguageModel:
+def load(path: str | Path, adapter: str | Path | None = None) -> LanguageModel:
     """Load a run directory (config.json + model.safetensors + tokenizer.json), a Hugging Face checkpoint
-    directory, a ``.gguf`` file or a shortcut (``smollm2``) as a model."""
+    directory, a ``.gguf`` file or a shortcut (``smollm2``) as a model; ``adapter`` applies a LoRA adapter
+    (PEFT format: a run of ``lmforge finetune``) and merges it into the weights."""
     from .hub import load_model
 
-    return load_model(path)
+    model = load_model(path)
+    if adapter is not None:
+        from .hub.peft import apply_adapter
+
+        apply_adapter(model, adapter)  # type: ignore[arg-type]
+    return model
+
+
+def finetune(model: str | Path, data: str | Path, out: str | Path, resume: bool = False, **options: Any) -> Any:
+    """Fine-tune ``model`` on ``data`` into the run directory ``out`` (LoRA by default); ``options`` are the
+    fields of :class:`lmforge.train.finetune.FineTuneConfig` (``method="full"``, ``lora_r=16``, ``max_time=600``,
+    ``epochs=1``, ``packing=True``, ...). Returns the trainer's result."""
+    from .train.finetune import finetune as _finetune
+
+    return _finetune(str(model), str(data), str(out), resume=resume, **options)
 
 
 def generate(model: LanguageModel | str | Path, prompt: str | list[str], **kwargs: Any) -> str | list[str]:
@@ -89,4 +104,4 @@ def inspect(model: LanguageModel | str | Path, text: str | None = None, *, sourc
     return report
 
 
-__all__ = ["__version__", "load", "prepare", "evaluate", "generate", "translate", "inspect"]
+__all__ = ["__version__", "load", "prepare", "evaluate", "generate", "translate", "inspect", "finetune"]

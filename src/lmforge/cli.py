@@ -34,12 +34,14 @@ from .data.corpora import read_text_file
 from .data.parallel import is_parallel_spec, prepare_parallel
 from .errors import LMForgeError
 from .evaluate import EvalConfig, evaluate
+from .evaluate.instructions import evaluate_instructed, instruction_for_eval, run_record
 from .evaluate.seq2seq import evaluate_seq2seq
 from .generation import GenerationConfig, generate_text
 from .generation.fast import prepare_for_decoding
 from .generation.seq2seq import TranslateConfig, require_seq2seq, translate
 from .hub import load_model
 from .hub.export import export_hf
+from .hub.peft import apply_adapter, is_adapter_dir
 from .models import on_device
 from .models.gpt import GPT, GPTConfig
 from .models.rnn import RNNConfig
@@ -48,6 +50,7 @@ from .options import add_options, given
 from .serve import ServeConfig, Server
 from .serve.batch import run_batch
 from .train import TrainConfig, Trainer, TrainingInterrupted, train
+from .train.finetune import FineTuneConfig, FineTuner
 from .train.launch import launch_torchrun
 from .utils import atomic_write_text, check_output_file, parse_duration, read_json
 
@@ -171,6 +174,62 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model (LoRA or full) on chat/instruction data",
+                       description="Supervised fine-tuning on the shared trainer (checkpoints, exact resume, metrics, "
+                                   "loss plot). Data: JSONL {text} | {prompt, completion} | {messages}, Alpaca JSON, "
+                                   "parallel data (de-en, code-doc, .tsv) as instructions, or the built-in dialogue "
+                                   "sets chatterbot[:LANGUAGE] and chitchat.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="the model to adapt: a Hugging Face directory, a .gguf file, smollm2, or an lmforge GPT run")
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue the fine-tuning run RUN from its checkpoint "
+                   "(with its own configuration; budget and logging options may be changed)")
+    p.set_defaults(func=cmd_finetune, options=add_options(p, FineTuneConfig))
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    opts = given(a, a.options)
+    if a.resume:
+        fixed = [k for k in ("data", "out") if k in opts] + (["MODEL"] if a.model else [])
+        if fixed:
+            raise LMForgeError(f"--resume continues {a.resume} as it was configured; drop "
+                               f"{', '.join(f if f == 'MODEL' else '--' + f for f in fixed)}")
+        tuner = FineTuner(FineTuner.config_for_resume(a.resume, opts), resume=True)
+    else:
+        if not a.model or "data" not in opts or "out" not in opts:
+            raise LMForgeError("give MODEL, --data and --out (e.g. lmforge finetune smollm2 --data chatterbot "
+                               "--out runs/ft --max-time 10m)")
+        tuner = FineTuner(FineTuneConfig(base=a.model, **opts))
+    summary = tuner.data.summary()
+    for k, v in summary["splits"].items():
+        extra = "".join(f", {v[c]} {c}" for c in ("cut", "skipped") if v[c])
+        print(f"{k:5s} {v['examples']:>7,} examples {v['target_tokens']:>10,} trained tokens{extra}")
+    if summary["duplicates_removed"]:
+        print(f"      {summary['duplicates_removed']:,} duplicate examples removed")
+    try:
+        r = tuner.train()
+    except TrainingInterrupted as e:
+        print(f"\nlmforge: {e}", file=sys.stderr)
+        return 128 + e.signum
+    val = f", held-out masked loss {r.val_loss:.4f}" if r.val_loss is not None else ""
+    print(f"fine-tuned {r.step} steps, {r.tokens_seen:,} tokens in {r.train_time:.0f}s "
+          f"({r.tokens_per_second:,.0f} tokens/s): train loss {r.train_loss:.4f}{val}")
+    print(f"saved {r.run_dir}  (try: lmforge chat {r.run_dir}; lmforge export {r.run_dir} --format hf --merge "
+          f"--out DIR)")
+    return 0
+
+
+def _load(model: str, adapter: str | None) -> Any:
+    """MODEL for the commands, with a LoRA adapter merged in when --adapter is given."""
+    loaded = load_model(model)
+    if adapter is not None:
+        apply_adapter(loaded, adapter)
+    return loaded
+
+
+ADAPTER_HELP = "a LoRA adapter (a run of lmforge finetune --method lora, or a PEFT adapter directory) to apply"
+
+
 def _data_for_run(run: str, data: str | None) -> str:
     if data:
         return data
@@ -194,6 +253,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory (or Hugging Face directory / .gguf file)")
     p.add_argument("--data", default=None, metavar="DIR", help="prepared data (default: the run's own)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_eval, options=add_options(p, EvalConfig))
 
@@ -215,11 +275,31 @@ def cmd_eval_seq2seq(a: argparse.Namespace, model: Any, c: Any) -> int:
     return 0
 
 
+def cmd_eval_instructed(a: argparse.Namespace, model: Any, c: Any, instruction: str, data: str) -> int:
+    res = evaluate_instructed(model, data, instruction, split=c.split, beam=c.beam, batch_size=c.batch_size,
+                              length_penalty=c.length_penalty, max_pairs=c.max_pairs, progress=not a.json,
+                              record=run_record(a.adapter or a.run))
+    if a.json:
+        print(json.dumps(res, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{a.run} on {data} {c.split} ({res['pairs']:,} pairs, {'greedy' if c.beam == 1 else f'beam {c.beam}'}, "
+          f"prompt \"{instruction} ...\" in the chat template):")
+    print(f"  BLEU          {res['bleu']:.2f}   {res['bleu_signature']}")
+    print(f"  chrF          {res['chrf']:.2f}   {res['chrf_signature']}")
+    print(f"  speed         {res['sentences_per_second']:.1f} sentences/s")
+    for s in res["samples"][:3]:
+        print(f"  src: {s['source']}\n  ref: {s['reference']}\n  hyp: {s['hypothesis']}")
+    return 0
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     c = EvalConfig(**given(a, a.options))  # refuse bad values before loading anything
-    model = on_device(load_model(a.run), a.device)
+    model = on_device(_load(a.run, a.adapter), a.device)
     if model.is_seq2seq:
         return cmd_eval_seq2seq(a, model, c)
+    found = instruction_for_eval(a.adapter or a.run, a.data)
+    if found is not None:  # a fine-tuned decoder-only model on parallel data: generate, score BLEU/chrF
+        return cmd_eval_instructed(a, model, c, *found)
     res = evaluate(model, _data_for_run(a.run, a.data), split=c.split, batch_size=c.batch_size,
                    max_tokens=c.max_tokens, stride=c.stride, progress=not a.json)
     if a.json:
@@ -266,8 +346,10 @@ def _generation_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_for_decoding(path: str, a: argparse.Namespace) -> Any:
-    """Load ``path`` laid out for decoding (a GGUF file goes straight into int8/int4)."""
-    return _with_dtype(on_device(load_model(path, decode_dtype=a.dtype), a.device), a.dtype, a.group_size)
+    """Load ``path`` laid out for decoding (a GGUF file goes straight into int8/int4); a LoRA ``--adapter`` is
+    merged into the fp32 weights first."""
+    model = _load(path, a.adapter) if a.adapter is not None else load_model(path, decode_dtype=a.dtype)
+    return _with_dtype(on_device(model, a.device), a.dtype, a.group_size)
 
 
 def _report_speculative(kw: dict[str, Any]) -> None:
@@ -288,6 +370,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="chat template for --chat: a built-in name (chatml, simple) or a Jinja file "
                         "(default: the model's own)")
     _add_decoding_options(p, GENERATE_DEFAULTS)
+    p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_generate)
 
@@ -397,6 +480,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     _add_decoding_options(p, CHAT_DEFAULTS, only=("max_new_tokens", "temperature", "top_k", "top_p",
                                                   "repetition_penalty", "seed", "compile", "speculative",
                                                   "draft_tokens"))
+    p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_chat)
 
@@ -477,11 +561,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--format", default="hf", choices=["hf"], help="hf: loads in transformers' Auto classes")
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    p.add_argument("--merge", action="store_true",
+                   help="RUN is a LoRA run: write its base model with the adapter merged into the weights")
+    p.add_argument("--adapter", default=None, metavar="RUN", help=ADAPTER_HELP + " (merged)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    out = export_hf(load_model(a.run), a.out)  # type: ignore[arg-type]
+    if is_adapter_dir(a.run) and not a.merge:
+        raise LMForgeError(f"{a.run} holds a LoRA adapter (PEFT format, loadable with peft on the base model's "
+                           "export); add --merge to write the base with the adapter merged in")
+    out = export_hf(_load(a.run, a.adapter), a.out)  # type: ignore[arg-type]
     print(f"exported {a.run} -> {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
@@ -594,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_prepare(sub)
     _add_train(sub)
+    _add_finetune(sub)
     _add_eval(sub)
     _add_generate(sub)
     _add_compare(sub)

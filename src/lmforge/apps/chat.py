@@ -16,36 +16,8 @@ from typing import Any, TextIO
 
 from ..errors import LMForgeError
 from ..generation import GenerationConfig, open_streams, run_streams
-from ..tokenizers.chat_template import ChatTemplate
+from ..tokenizers.chat_template import ChatTemplate, load_template
 from ..utils import atomic_write_text
-
-FALLBACK_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
-                     "{% if add_generation_prompt %}Assistant:{% endif %}")
-
-
-# Built-in templates for --template NAME: (Jinja text, end-of-turn stop strings for models that lack the token).
-TEMPLATES = {
-    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
-               ["<|im_end|>", "<|im_start|>"]),
-    "simple": (FALLBACK_TEMPLATE, ["\nUser:"]),
-}
-
-
-def load_template(spec: str) -> tuple[ChatTemplate, list[str]]:
-    """``--template NAME|FILE``: a built-in template or a Jinja file, compiled sandboxed."""
-    if spec in TEMPLATES and not Path(spec).exists():
-        text, stop = TEMPLATES[spec]
-        return ChatTemplate(text, f"the built-in {spec!r} template"), list(stop)
-    path = Path(spec)
-    if not path.is_file():
-        raise LMForgeError(f"--template {spec}: no such file and not a built-in template "
-                           f"({', '.join(TEMPLATES)}); give a name or a Jinja file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LMForgeError(f"--template {spec}: cannot read it ({e})") from None
-    return ChatTemplate(text, f"template file {spec}"), []
 
 
 def open_session(model: Any, template: str | None = None, **kwargs: Any) -> ChatSession:

@@ -139,8 +139,10 @@ def _write_hf(model: GPT, out: Path) -> None:
             raise LMForgeError(f"the {tok.kind} tokenizer has no Hugging Face form")
         atomic_write(out / "tokenizer.json", lambda tmp: hf.save(tmp))
         eot = tok.id_to_token(tok.eot_id)
-        atomic_write_json(out / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eot, "bos_token": eot,
-            "model_max_length": model.config.block_size, "clean_up_tokenization_spaces": False})
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eot, "bos_token": eot,
+                "model_max_length": model.config.block_size, "clean_up_tokenization_spaces": False}
+        if model.chat_template is not None:  # transformers' apply_chat_template reads it here
+            conf["chat_template"] = model.chat_template
+        atomic_write_json(out / "tokenizer_config.json", conf)
     (out / "README.md").write_text(f"Exported by lmforge from a {model.config.n_layer}-layer GPT "
                                    f"({json.dumps(cfg['model_type'])}).\n", encoding="utf-8")

@@ -1,8 +1,9 @@
 """Model resolution: one name for anything lmforge can load.
 
 ``load_model(spec)`` accepts a named shortcut (``smollm2``: a file an installed package ships), a ``.gguf``
-file, a Hugging Face checkpoint directory (``config.json`` with a transformers ``model_type``) or an
-lmforge run directory (``lmforge.models.load_model``). ``lmforge.load`` and every command call it.
+file, a Hugging Face checkpoint directory (``config.json`` with a transformers ``model_type``), an
+lmforge run directory (``lmforge.models.load_model``) or a LoRA run (its base with the adapter merged).
+``lmforge.load`` and every command call it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def load_model(spec: str | Path, decode_dtype: str | None = None) -> LanguageMod
         from .gguf_io import load_gguf  # the gguf package costs start-up time; only GGUF files need it
 
         return load_gguf(path, decode_dtype)
+    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        from .peft import load_adapter_run  # a LoRA run: its base model with the adapter merged in
+
+        return load_adapter_run(path)
     if path.is_dir() and (path / "config.json").exists():
         cfg = read_json(path / "config.json", "model config")
         if isinstance(cfg, dict) and cfg.get("model_type") in hf.SUPPORTED:

@@ -93,7 +93,8 @@ class LanguageModel:
     stateful: bool = False
     #: the tokenizer of the source side (seq2seq with separate vocabularies); None = ``tokenizer``
     source_tokenizer: Tokenizer | None = None
-    #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json); None = none
+    #: a Jinja chat template from the model's files (GGUF metadata, tokenizer_config.json, a
+    #: fine-tuning run's chat_template.jinja); None = none
     chat_template: str | None = None
     #: the weight layout prepared for decoding (generation/fast.py: fp32, bf16, int8, int4; or a GGUF file
     #: loaded straight into int8/int4); None = training layout
@@ -270,6 +271,10 @@ class LanguageModel:
                           {"model_type": self.model_type, **self.config.to_dict()})  # type: ignore[attr-defined]
         if save_tokenizer and self.tokenizer is not None:
             self.tokenizer.save(directory)
+        if self.chat_template is not None:  # Hugging Face's file name for it
+            from ..utils import atomic_write_text
+
+            atomic_write_text(directory / "chat_template.jinja", self.chat_template)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LanguageModel:
@@ -280,6 +285,8 @@ class LanguageModel:
         if (directory / "tokenizer.json").exists():
             model.tokenizer = load_tokenizer(directory)
             check_tokenizer_fits(model.tokenizer, model.config.vocab_size, str(directory))  # type: ignore
+        if (directory / "chat_template.jinja").exists():
+            model.chat_template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         return model
 
     def num_parameters(self) -> int:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import LMForgeError
 from ..options import Options, option
-from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace, masked_cross_entropy
+from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace
 from .layers import (
     Block,
     KVCache,
@@ -93,6 +93,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def packed_positions_and_mask(doc_ids: torch.Tensor, window: int | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions that restart at each example of a packed row, and the (B, 1, T, T) attention mask that lets
+    query i see key j only when j <= i and both belong to the same example (and, with a sliding window,
+    i - j < window). The diagonal is always allowed, so no row of the mask is empty."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    starts = torch.where(first, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    pos = idx - starts                                                      # (B, T)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]                       # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    mask = same & causal
+    if window is not None:
+        mask &= (idx[:, :, None] - idx[:, None, :]) < window
+    return pos, mask[:, None]
+
+
 class GPT(nn.Module, LanguageModel):
     model_type = "gpt"
     batches_slots = True
@@ -134,15 +153,21 @@ class GPT(nn.Module, LanguageModel):
 
     # --- the model -----------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | SlotKVCache | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) and, given targets, the mean cross-entropy loss (nats/token)."""
+                cache: KVCache | SlotKVCache | None = None, last_only: bool = False,
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, V); given targets, (None, the mean cross-entropy in nats over the targets that are not
+        -100). Only target positions go through the output head: fine-tuning data with masked prompts skips the
+        (T, V) logits of every prompt token. ``doc_ids`` (B, T) packs several examples in one row: attention
+        stays inside each example (block-diagonal causal mask) and positions restart at each example's start."""
         B, T = idx.shape
         x = self.wte(idx)
+        mask = None
         rope = None
-        if isinstance(cache, SlotKVCache):
-            # continuous batching: row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1
-            pos = cache.begin(T, self.config.sliding_window)  # (B, T), checked against the cache's length
+        if doc_ids is not None or isinstance(cache, SlotKVCache):
+            if doc_ids is not None:  # packed examples: positions restart per example, attention stays inside
+                pos, mask = packed_positions_and_mask(doc_ids, self.config.sliding_window)
+            else:  # continuous batching: row b's tokens sit at positions lengths[b] .. lengths[b] + T - 1
+                pos = cache.begin(T, self.config.sliding_window)  # (B, T), checked against the cache's length
             if self.config.pos == "learned":
                 x = x + self.wpe(pos)
             elif self.config.pos == "sinusoidal":
@@ -171,15 +196,20 @@ class GPT(nn.Module, LanguageModel):
                 rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x)
         if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-            return logits, loss
+            keep = targets != -100
+            if bool(keep.all()):
+                h, y = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+            else:
+                h, y = x[keep], targets[keep]                    # (N, C), (N,)
+            logits = self.lm_head(h)
+            if y.numel() == 0:  # nothing to learn from here (a batch of masked prompts only)
+                return None, logits.sum() * 0.0
+            return None, F.cross_entropy(logits.float(), y)
         if last_only:
             x = cache.take_last(x) if isinstance(cache, SlotKVCache) else x[:, -1:]
         return self.lm_head(x), None
@@ -237,11 +267,16 @@ class GPT(nn.Module, LanguageModel):
     def param_groups(self, weight_decay: float) -> list[dict]:
         return decay_param_groups(self, weight_decay)
 
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], state: None = None
+    def loss(self, batch: tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor], state: None = None
              ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        idx, labels = batch                                   # (B, T) each; labels -100 = no target
-        logits, _ = self(idx)                                 # (B, T, V)
-        return (*masked_cross_entropy(logits, labels), None)
+        """``inputs`` is the ids (B, T), or ``{"input_ids", "doc_ids"}`` for rows packed with several examples
+        (fine-tuning); only target positions go through the output head."""
+        inputs, labels = batch                                # (B, T) each; labels -100 = no target
+        doc_ids = None
+        if isinstance(inputs, dict):
+            inputs, doc_ids = inputs["input_ids"], inputs.get("doc_ids")
+        _, loss = self(inputs, labels, doc_ids=doc_ids)
+        return loss, (labels != -100).sum(), None
 
     def shard_units(self) -> list[nn.Module]:
         return list(self.blocks)

@@ -403,6 +403,8 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
         p = self.dropout if self.training else 0.0
         if not self.causal:  # an encoder: every position sees every (non-padding) position
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, enable_gqa=gqa)
+        if attn_mask is not None:  # a caller's own causal mask (packed examples: block-diagonal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, enable_gqa=gqa)
         W = self.sliding_window
         if W is not None and past + T > W:
             # sliding-window attention (Mistral): query at position i sees keys j with i - W < j <= i

@@ -19,6 +19,7 @@ from ..generation import MIN_TEMPERATURE
 from ..generation.engine import Engine, EngineObserver, Finished, PromptTooLong, QueueFull, SamplingParams, Sequence
 from ..generation.fast import prepare_for_decoding
 from ..hub import load_model
+from ..hub.peft import apply_adapter
 from ..models.base import LanguageModel
 from ..options import Options, option, validate
 from ..tokenizers.chat_template import ChatTemplate
@@ -30,6 +31,9 @@ class ServeConfig(Options):
     """``lmforge serve`` / ``lmforge batch`` options (declared once: their help, bounds and flags)."""
 
     model: str = option("", cli=False, help="run directory, Hugging Face directory, .gguf file, or smollm2")
+    adapter: str | None = option(None, metavar="RUN", default_text="none",
+                                 help="a LoRA adapter (a run of lmforge finetune --method lora, or a PEFT adapter "
+                                      "directory) merged into the model's weights before serving")
     host: str = option("127.0.0.1", help="address to bind; any other than loopback without --api-key warns")
     port: int = option(8000, ge=0, le=65535, help="port to listen on (0 = any free port)")
     parallel: int = option(4, ge=1, le=256, help="decoding slots: sequences decoded together in one batched "
@@ -69,7 +73,10 @@ def load_service(cfg: ServeConfig, observer: EngineObserver | None = None) -> Mo
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = load_model(cfg.model, decode_dtype=cfg.dtype)
+    if cfg.adapter is not None:  # merged into the fp32 weights, then laid out for decoding like any model
+        model = apply_adapter(load_model(cfg.model), cfg.adapter)
+    else:
+        model = load_model(cfg.model, decode_dtype=cfg.dtype)
     if model.batches_slots or model.is_seq2seq:  # the Transformers (GPT, seq2seq)
         prepare_for_decoding(model, cfg.dtype)
     elif cfg.dtype != "fp32":

@@ -8,6 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import LMForgeError
+from ..utils import read_json
 from .base import EOT, Tokenizer, check_tokenizer_fits
 from .bpe import BPETokenizer
 from .char import CharTokenizer
@@ -47,6 +48,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         except Exception as e:  # the tokenizers library raises plain Exception subclasses of its own
             raise LMForgeError(f"tokenizer file {path} cannot be read by the tokenizers library "
                                f"({str(e)[:120]})") from None
-        return BPETokenizer(hf)
+        conf = path.parent / "tokenizer_config.json"  # the end-of-text token, when it is not <|endoftext|>
+        eos = read_json(conf, "tokenizer config").get("eos_token") if conf.exists() else None
+        return BPETokenizer(hf, eot=eos.get("content") if isinstance(eos, dict) else eos)
     raise LMForgeError(f"unrecognised tokenizer file {path}: expected lmforge char/word or a Hugging Face "
                        "tokenizer.json")

@@ -79,4 +79,9 @@ class BPETokenizer(Tokenizer):
         path.parent.mkdir(parents=True, exist_ok=True)
 
         atomic_write(path, lambda tmp: self.hf.save(tmp))
+        eot = self.id_to_token(self._eot)
+        if name == "tokenizer.json" and eot != EOT:  # e.g. SmolLM2's <|im_end|>: recorded as transformers does
+            from ..utils import atomic_write_json
+
+            atomic_write_json(path.parent / "tokenizer_config.json", {"eos_token": eot})
         return path

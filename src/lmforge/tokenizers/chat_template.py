@@ -9,6 +9,7 @@ no mutation of the objects passed in. Anything a template does wrong (a syntax e
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..errors import LMForgeError
@@ -51,3 +52,34 @@ class ChatTemplate:
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError,
                 RecursionError) as e:
             raise LMForgeError(f"{self.source} failed to render ({type(e).__name__}: {e})") from None
+
+
+FALLBACK_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+# Built-in templates for --template NAME: (Jinja text, end-of-turn stop strings for models that lack the token).
+TEMPLATES = {
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+               ["<|im_end|>", "<|im_start|>"]),
+    "simple": (FALLBACK_TEMPLATE, ["\nUser:"]),
+}
+
+
+def load_template(spec: str) -> tuple[ChatTemplate, list[str]]:
+    """``--template NAME|FILE``: a built-in template or a Jinja file, compiled sandboxed."""
+    if spec in TEMPLATES and not Path(spec).exists():
+        text, stop = TEMPLATES[spec]
+        return ChatTemplate(text, f"the built-in {spec!r} template"), list(stop)
+    path = Path(spec)
+    if not path.is_file():
+        raise LMForgeError(f"--template {spec}: no such file and not a built-in template "
+                           f"({', '.join(TEMPLATES)}); give a name or a Jinja file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LMForgeError(f"--template {spec}: cannot read it ({e})") from None
+    return ChatTemplate(text, f"template file {spec}"), []
+
+
+__all__ = ["ChatTemplate", "FALLBACK_TEMPLATE", "TEMPLATES", "load_template"]

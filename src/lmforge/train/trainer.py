@@ -56,10 +56,11 @@ from .schedule import learning_rate
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C or SIGTERM once the checkpoint is safely on disk."""
 
-    def __init__(self, run_dir: Path, step: int, signum: int = signal.SIGINT, is_main: bool = True) -> None:
+    def __init__(self, run_dir: Path, step: int, signum: int = signal.SIGINT, is_main: bool = True,
+                 command: str = "train") -> None:
         name = signal.Signals(signum).name
         super().__init__(f"{name} at step {step}; checkpoint saved. Continue with: "
-                         f"lmforge train --resume {run_dir}")
+                         f"lmforge {command} --resume {run_dir}")
         self.run_dir, self.step, self.signum, self.is_main = run_dir, step, signum, is_main
 
 
@@ -147,6 +148,13 @@ def _leaves(state: Any) -> list[torch.Tensor]:
 
 
 class Trainer:
+    """Subclasses (fine-tuning: ``train/finetune.py``) replace ``build`` (data and model), ``_sampler``,
+    ``estimate_loss`` and ``save_model``; the loop, the step, checkpoints and logging stay shared."""
+
+    config_class: type[TrainConfig] = TrainConfig
+    command = "train"  # the CLI command that resumes a run
+    validate_at_start = False  # log the validation loss before the first step (fine-tuning: the base's loss)
+
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         cfg.validate()
         self.cfg = cfg
@@ -192,39 +200,17 @@ class Trainer:
         if Path(cfg.data).is_dir():
             self.data_lock = DirectoryLock(cfg.data, shared=True, busy=f"data directory {cfg.data} is being "
                                            "rewritten by lmforge prepare; wait for it to finish")
-        self.data = load_data(cfg.data)
-        self.tokenizer = self.data.tokenizer
         if rt.is_main:
             self._claim_run_dir(resume)
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
-        cls = model_class(cfg.model)  # validates the name early
-        self.seq2seq = cls.is_seq2seq
-        parallel = isinstance(self.data, ParallelData)
-        if self.seq2seq and not parallel:
-            raise LMForgeError(f"--model {cfg.model} needs parallel data: prepare it from a parallel corpus (de-en, "
-                               f"code-doc, a .tsv, or --target-file); {cfg.data} holds a token stream")
-        if parallel and not self.seq2seq:
-            raise LMForgeError(f"{cfg.data} holds parallel (source, target) pairs, which only --model seq2seq can "
-                               f"learn from; prepare a text corpus for --model {cfg.model}")
-        model_args = dict(cfg.model_args)
-        if parallel:
-            model_args.setdefault("source_vocab_size", self.data.source_vocab_size)
-        else:
-            n_train = len(self.data.split("train"))
-            block = cfg.model_args.get("block_size")
-            if block is not None and block + 2 > n_train:  # checked before allocating a huge model
-                raise LMForgeError(f"block size {block} is larger than the data ({n_train} training tokens); "
-                                   "use a smaller --block-size or more data")
-        self.model: Any = create_model(cfg.model, self.data.vocab_size, cfg.preset, **model_args)
-        self.model.tokenizer = self.tokenizer
-        if parallel:
-            self.model.source_tokenizer = self.data.source_tokenizer
+        #: what checkpoints hold: the whole model (default), or only what trains (LoRA adapters)
+        self.checkpoint_module: torch.nn.Module | None = None
+        self.build()
+        if self.checkpoint_module is None:
+            self.checkpoint_module = self.model
         if rt.strategy == "fsdp" and not self.model.shard_units():
             raise LMForgeError(f"--strategy fsdp shards Transformer blocks, and a {cfg.model} model has none; use "
                                "--strategy ddp")
-        self.block_size = self.model.context_length or self.model.config.block_size  # RNNs: the TBPTT window
-        if rt.device.type == "cpu":
-            check_batch_fits(cfg.batch_size, self.block_size, self.data.vocab_size)
         self.stateful = self.model.stateful
         # Stateful models (RNNs) read consecutive windows of global-batch-many streams and carry their
         # hidden state (TBPTT); Transformers read random windows (nanoGPT's get_batch).
@@ -260,6 +246,38 @@ class Trainer:
         self.eval_fn = torch.compile(self.loss_step) if cfg.compile and self.loss_step is not self.wrapped \
             else self.step_fn
 
+    def build(self) -> None:
+        """Data (``self.data``, ``self.tokenizer``) and a fresh model (``self.model``, ``self.block_size``,
+        ``self.seq2seq``)."""
+        cfg, rt = self.cfg, self.rt
+        self.data = load_data(cfg.data)
+        self.tokenizer = self.data.tokenizer
+        cls = model_class(cfg.model)  # validates the name early
+        self.seq2seq = cls.is_seq2seq
+        parallel = isinstance(self.data, ParallelData)
+        if self.seq2seq and not parallel:
+            raise LMForgeError(f"--model {cfg.model} needs parallel data: prepare it from a parallel corpus (de-en, "
+                               f"code-doc, a .tsv, or --target-file); {cfg.data} holds a token stream")
+        if parallel and not self.seq2seq:
+            raise LMForgeError(f"{cfg.data} holds parallel (source, target) pairs, which only --model seq2seq can "
+                               f"learn from; prepare a text corpus for --model {cfg.model}")
+        model_args = dict(cfg.model_args)
+        if parallel:
+            model_args.setdefault("source_vocab_size", self.data.source_vocab_size)
+        else:
+            n_train = len(self.data.split("train"))
+            block = cfg.model_args.get("block_size")
+            if block is not None and block + 2 > n_train:  # checked before allocating a huge model
+                raise LMForgeError(f"block size {block} is larger than the data ({n_train} training tokens); "
+                                   "use a smaller --block-size or more data")
+        self.model: Any = create_model(cfg.model, self.data.vocab_size, cfg.preset, **model_args)
+        self.model.tokenizer = self.tokenizer
+        if parallel:
+            self.model.source_tokenizer = self.data.source_tokenizer
+        self.block_size = self.model.context_length or self.model.config.block_size  # RNNs: the TBPTT window
+        if rt.device.type == "cpu":
+            check_batch_fits(cfg.batch_size, self.block_size, self.data.vocab_size)
+
     def _claim_run_dir(self, resume: bool) -> None:
         """Rank 0: lock the run directory (resume) or check that a new one may be created."""
         out = self.run_dir
@@ -271,7 +289,7 @@ class Trainer:
                 raise LMForgeError(f"cannot resume: {problem}; resuming would train on other tokens. Prepare the "
                                    "original data again, or start a new run")
             return
-        refuse_nonempty(out, f"continue it with lmforge train --resume {out}, or choose another --out")
+        refuse_nonempty(out, f"continue it with lmforge {self.command} --resume {out}, or choose another --out")
         # A start killed before its first checkpoint left a hidden sibling that nobody holds: remove it.
         for stale in out.parent.glob(f".{out.name}.start-*") if out.parent.is_dir() else []:
             if not DirectoryLock.is_held(stale):
@@ -283,7 +301,7 @@ class Trainer:
         ckpt = Path(ckpt)
         state = read_state(ckpt)
         extra = self._extra_template(state)
-        state, extra = load_checkpoint(ckpt, self.rt, self.model, self.optimizer, extra)
+        state, extra = load_checkpoint(ckpt, self.rt, self.checkpoint_module, self.optimizer, extra)
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.train_time = state["train_time"]
@@ -307,8 +325,8 @@ class Trainer:
         if self.cfg.max_time is not None:
             self.time_budget_total = self.train_time + self.cfg.max_time
 
-    @staticmethod
-    def config_for_resume(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
+    @classmethod
+    def config_for_resume(cls, run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise LMForgeError(f"cannot resume: {run_dir} is not a directory")
@@ -322,7 +340,7 @@ class Trainer:
         if overrides.get("batch_size") is not None and overrides.get("global_batch") is None:
             d["global_batch"] = d.get("global_batch")  # a new per-process batch keeps the run's global batch
         d["out"] = str(run_dir)
-        return TrainConfig.from_dict(d, strict=False)  # runs of older versions may record retired options
+        return cls.config_class.from_dict(d, strict=False)  # runs of older versions may record retired options
 
     # --- checkpoint contents beyond weights and optimizer --------------------------------------
     def _rng_states(self) -> dict[str, torch.Tensor]:
@@ -451,7 +469,16 @@ class Trainer:
                  "world_size": rt.world, "strategy": rt.strategy, "global_batch": self.global_batch,
                  "rng_devices": ["cuda_rng"] if "cuda" in extra["rng"] else [], "carry_layout": layout,
                  "config": cfg.to_dict()}
-        save_checkpoint(self.run_dir, rt, self.model, self.optimizer, extra, state)
+        save_checkpoint(self.run_dir, rt, self.checkpoint_module, self.optimizer, extra, state)
+        self.save_model()
+        if rt.is_main:
+            atomic_write_text(self.run_dir / "train_config.yaml", cfg.to_yaml())
+        rt.barrier()
+        self.saved_step = self.step
+
+    def save_model(self) -> None:
+        """Collective: the top level of the run, a loadable model (Hugging Face's save_pretrained layout)."""
+        rt, cfg = self.rt, self.cfg
         weights = None
         if rt.strategy == "fsdp":  # gather the shards into full tensors on rank 0 (collective)
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -463,9 +490,6 @@ class Trainer:
             atomic_write_json(self.run_dir / "data.json", {
                 "data": str(Path(cfg.data).resolve()), "corpus_sha256": self.data.meta["corpus"]["sha256"],
                 "fingerprint": data_fingerprint(cfg.data)})
-            atomic_write_text(self.run_dir / "train_config.yaml", cfg.to_yaml())
-        rt.barrier()
-        self.saved_step = self.step
 
     def _start_run_dir(self) -> None:
         """A new run is built in a hidden sibling and renamed into place after its first checkpoint, so
@@ -514,12 +538,15 @@ class Trainer:
             self._log({"event": "start", "params": self.model.num_parameters(), "config": cfg.to_dict(),
                        "world_size": rt.world, "strategy": rt.strategy, "device": str(rt.device),
                        "global_batch": self.global_batch})
+            if self.validate_at_start and self.has_val:
+                self._validate()
             self.save()  # a run directory is loadable from the first moment
             self._publish_run_dir()
         elif rt.is_main:
             self._truncate_metrics()
         if rt.is_main:
-            tokens = f" ({self.global_batch * self.block_size:,} tokens)" if not self.seq2seq else ""
+            fixed = isinstance(self.train_sampler, (BatchSampler, StreamSampler))  # windows of block_size tokens
+            tokens = f" ({self.global_batch * self.block_size:,} tokens)" if fixed else ""
             where = f"{rt.world} processes, {rt.strategy}, {rt.backend}" if rt.distributed else "1 process"
             print(f"lmforge: global batch {self.global_batch} sequences{tokens} = {cfg.batch_size} per process x "
                   f"{self.accum} accumulation x {rt.world} process(es); {where} on {rt.device.type}", flush=True)
@@ -583,7 +610,8 @@ class Trainer:
             bar.close()
             if self.consistent and not rt.distributed:  # ranks cannot agree on a save mid-collective
                 self._stop_and_save(signal.SIGINT)
-            raise TrainingInterrupted(Path(cfg.out), self.saved_step, signal.SIGINT, rt.is_main) from None
+            raise TrainingInterrupted(Path(cfg.out), self.saved_step, signal.SIGINT, rt.is_main,
+                                      self.command) from None
         bar.close()
         if stopped and not self.done():
             self._stop_and_save(stopped)
@@ -598,7 +626,7 @@ class Trainer:
         if self.saved_step != self.step:  # saved once: not again when the last step was just checkpointed
             self.save()
         self._plot()
-        raise TrainingInterrupted(Path(self.cfg.out), self.step, signum, self.rt.is_main)
+        raise TrainingInterrupted(Path(self.cfg.out), self.step, signum, self.rt.is_main, self.command)
 
     def train_step(self, stop_asked: int = 0) -> tuple[float, int, int]:
         """One optimizer step on this rank's share of the global batch (with gradient accumulation);
