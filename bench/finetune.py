@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from peak_memory import peak_mib, reset_peak  # bench/peak_memory.py (the scripts run from bench/)
 
 CONFIG = dict(r=8, alpha=16, dropout=0.05, targets=("q", "k", "v", "o", "gate", "up", "down"), lr=1e-4)
 
@@ -42,22 +43,6 @@ def cpu() -> str:
         return f"{info.get('Model name', '?').strip()} ({info.get('CPU(s)', '?').strip()} CPUs; {' '.join(simd)})"
     except (OSError, subprocess.CalledProcessError):
         return "unknown CPU"
-
-
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := current RSS (Linux)
-    except OSError:
-        pass
-
-
-def peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def batches(hf_dir: Path, batch_size: int, seq_len: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

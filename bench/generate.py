@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peak_memory import reset_peak  # bench/peak_memory.py (the scripts run from bench/)
 
 from lmforge.generation import GenerationConfig, generate_ids, speculative
 from lmforge.generation.fast import prepare_for_decoding
@@ -54,22 +55,6 @@ def cpu_info() -> str:
     info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     flags = [f for f in info.get("Flags", "").split() if f.startswith(("avx", "fma", "amx", "f16c"))]
     return f"{info.get('Model name', '?').strip()} ({os.cpu_count()} CPUs) flags: {' '.join(flags)}"
-
-
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux)
-    except OSError:
-        pass
-
-
-def peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def gguf_path() -> str:

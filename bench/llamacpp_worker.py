@@ -18,22 +18,7 @@ import json
 import time
 
 import numpy as np
-
-
-def peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+from peak_memory import peak_mib, reset_peak  # bench/peak_memory.py (the scripts run from bench/)
 
 
 def main() -> None:
