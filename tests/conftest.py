@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,4 +72,14 @@ def tiny_train_config(data: Path, out: Path, **kw) -> TrainConfig:
 def trained_run(tmp_path_factory: pytest.TempPathFactory, char_data: Path) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(tiny_train_config(char_data, out, max_steps=30))
+    return out
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    """The training loss of every logged step of a run (its metrics.jsonl), by step."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
     return out

@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from .conftest import step_losses
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TIMEOUT = 100  # seconds for one torchrun (two processes start, import torch, train a tiny model)
 GPT = ["--model", "gpt", "--preset", "nano", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
@@ -43,14 +45,6 @@ def lmforge_train(nproc: int, *args: str, timeout: float = TIMEOUT) -> subproces
                "-m", "lmforge", "train", *args]
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
 
-
-def step_losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
 
 
 def assert_same_trajectory(a: Path, b: Path, steps: range | None = None) -> None:

@@ -11,16 +11,7 @@ from lmforge.errors import LMForgeError
 from lmforge.train import Trainer, TrainingInterrupted, train
 from lmforge.train.schedule import learning_rate
 
-from .conftest import tiny_train_config
-
-
-def losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
+from .conftest import step_losses, tiny_train_config
 
 
 def test_run_directory_is_a_loadable_model(trained_run: Path) -> None:
@@ -32,7 +23,7 @@ def test_run_directory_is_a_loadable_model(trained_run: Path) -> None:
     assert m.model_type == "gpt" and m.tokenizer is not None
     recs = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in recs)
-    tr = losses(trained_run)
+    tr = step_losses(trained_run)
     assert tr[30] < tr[1]  # it learns
 
 
@@ -60,7 +51,7 @@ def test_resume_continues_the_same_trajectory(tmp_path: Path, char_data: Path) -
     assert state["step"] == 10  # Ctrl-C saved a checkpoint at the last finished step
     r = train(Trainer.config_for_resume(part, {}), resume=True)
     assert r.step == 16
-    a, b = losses(full), losses(part)
+    a, b = step_losses(full), step_losses(part)
     assert set(a) == set(b)
     for step in a:
         assert a[step] == pytest.approx(b[step], abs=1e-6), step

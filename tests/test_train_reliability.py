@@ -20,23 +20,15 @@ from lmforge.data import PrepareConfig, prepare
 from lmforge.errors import LMForgeError
 from lmforge.train import Trainer, TrainingInterrupted, train
 
-from .conftest import tiny_train_config
+from .conftest import step_losses, tiny_train_config
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.1)  # dropout: the RNG state matters
 
 
-def losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
-
 
 def assert_same_run(a: Path, b: Path) -> None:
-    la, lb = losses(a), losses(b)
+    la, lb = step_losses(a), step_losses(b)
     assert la.keys() == lb.keys()
     for s in la:
         assert lb[s] == pytest.approx(la[s], rel=1e-6, abs=1e-7), s

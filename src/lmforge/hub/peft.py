@@ -73,9 +73,8 @@ def save_adapter(model: torch.nn.Module, lora: LoRA, directory: str | Path, base
     tensors = adapter_tensors(lora)
     atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_json(directory / ADAPTER_CONFIG, adapter_config(lora.cfg, base_reference(base)))
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None:
-        tok.save(directory)
+    if model.tokenizer is not None:
+        model.tokenizer.save(directory)
     return directory
 
 

@@ -63,7 +63,7 @@ def target_slices(model: nn.Module) -> dict[str, list[tuple[str, int, int]]]:
 
     if not isinstance(model, GPT):
         raise LMForgeError(f"LoRA adapts GPT-family models (GPT, Llama, Qwen2, SmolLM2), not "
-                           f"{getattr(model, 'model_type', type(model).__name__)}")
+                           f"{type(model).__name__}")
     c = model.config
     if c.pos != "rope" or c.norm != "rmsnorm":
         raise LMForgeError("LoRA adapters are written in PEFT's Llama layout; this model has GPT-2's layout "
