@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
+import platform
 import re
 import shutil
+import statistics
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,32 +197,187 @@ def parse_duration(text: str | float | int | None) -> float | None:
     return total
 
 
-_NATIVE_BF16: bool | None = None
+#: the CPU flags that decide how fast bf16 (and fp32) matmuls run; printed with every bench figure
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@functools.cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This CPU's model name (``lscpu``'s "Model name", read from /proc/cpuinfo) and its flags."""
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:  # x86 / ARM
+                    flags = value
+    except OSError:
+        pass
+    return model or platform.processor() or platform.machine() or "unknown CPU", frozenset(flags.split())
+
+
+def machine_summary() -> str:
+    """One line for every benchmark figure: CPU model, the flags of CPU_FLAGS present or absent, threads."""
+    model, flags = cpu_info()
+    marks = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+    return (f"CPU: {model} ({os.cpu_count()} CPUs; {marks}); torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def native_bf16() -> bool:
-    """Does this CPU compute in bf16 natively (AVX512-BF16 or AMX)? Without it PyTorch emulates bf16,
-    which is slower than fp32 (measured: a seq2seq step 50x slower on an AVX2-only EPYC) and oneDNN's
-    fused LSTM refuses bf16 altogether. ``LMFORGE_BF16=1/0`` overrides the detection."""
-    global _NATIVE_BF16
+    """A CAPABILITY question, not a speed one: does this CPU have bf16 instructions (AVX512-BF16 or AMX)?
+    Without them PyTorch emulates bf16 and oneDNN's fused LSTM has no bf16 kernel at all (models/rnn.py
+    runs it in fp32 then). Whether bf16 is FASTER is measured, not read from flags: see
+    :func:`resolve_dtype` (on some Xeons with avx512_bf16, bf16 matmuls run at half fp32's rate).
+    ``LMFORGE_BF16=1/0`` overrides the detection."""
     env = os.environ.get("LMFORGE_BF16")
     if env is not None:
         return env not in ("0", "", "false", "no")
-    if _NATIVE_BF16 is None:
+    flags = cpu_info()[1]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# --- --dtype auto: a measured choice between fp32 and bf16 ------------------------------------------
+
+#: bf16 is chosen only when its matmuls are at least this much faster than fp32's (bf16 costs accuracy)
+BF16_MARGIN = 1.1
+PROBE_VERSION = 1
+PURPOSES = ("train", "decode")
+_PURPOSE_TEXT = {"train": "training", "decode": "decoding"}
+_CHOICES: dict[tuple[str, int], tuple[str, str]] = {}  # (purpose, threads) -> (dtype, message), per process
+_ANNOUNCED: set[str] = set()
+
+
+def probe_cache_path() -> Path:
+    """``$XDG_CACHE_HOME/lmforge/dtype-probe.json`` (default ``~/.cache/lmforge/``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "lmforge" / "dtype-probe.json"
+
+
+def _probe_key() -> str:
+    model, flags = cpu_info()
+    present = ",".join(f for f in CPU_FLAGS if f in flags) or "none"
+    return f"{model}|{present}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int = 5, budget: float = 0.1) -> float:
+    """Median wall time of ``fn`` after one warm-up call; stops early (at >= 3 repeats) past ``budget`` s."""
+    fn()
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 3 or sum(times) < budget):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _train_matmuls(bf16: bool) -> Callable[[], Any]:
+    """A training step's matmuls for a (B*T=4096, 128) activation through a Linear(128, 512): the forward
+    product and the two backward products (input and weight gradients). The bf16 side runs them under
+    ``torch.autocast("cpu", bf16)`` on fp32 tensors, exactly as the trainer does (fp32 master weights, cast
+    per op), so the casts' cost is counted too; autograd runs a backward matmul in its forward's dtype."""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(*s, generator=g) for s in ((4096, 128), (512, 128), (4096, 512)))
+
+    def step() -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return x @ w.t(), dy @ w, dy.t() @ x  # y (4096, 512); dx (4096, 128); dW (512, 128)
+    return step
+
+
+def _decode_matmuls(bf16: bool) -> Callable[[], Any]:
+    """Batch-1 decoding's matrix-vector products, at the shapes of a small Llama (SmolLM2-135M: d=576, MLP
+    1536, and a wide 576 -> 16384 head slice), in decoding's layouts (generation/fast.py): fp32 weights
+    stored (in, out) and ``x @ W``; bf16 weights (out, in) and ``F.linear`` on bf16 activations."""
+    g = torch.Generator().manual_seed(0)
+    shapes = ((576, 1536), (1536, 576), (576, 16384))
+    ws = [torch.randn(o, i, generator=g) for i, o in shapes]
+    xs = [torch.randn(1, i, generator=g) for i, _ in shapes]
+    if bf16:
+        wb, xb = [w.to(torch.bfloat16) for w in ws], [x.to(torch.bfloat16) for x in xs]
+        return lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xb, wb)]
+    wt = [w.t().contiguous() for w in ws]
+    return lambda: [x @ w for x, w in zip(xs, wt)]
+
+
+def measure_bf16_speedup(purpose: str) -> dict[str, float]:
+    """Time ``purpose``'s matmuls in fp32 and in bf16 (median of a few repeats; well under a second in all):
+    ``{"fp32_s", "bf16_s", "speedup"}`` where speedup = fp32 time / bf16 time (> 1: bf16 is faster)."""
+    make = _train_matmuls if purpose == "train" else _decode_matmuls
+    with torch.no_grad():
+        fp32_s, bf16_s = _median_seconds(make(False)), _median_seconds(make(True))
+    return {"fp32_s": fp32_s, "bf16_s": bf16_s, "speedup": fp32_s / bf16_s}
+
+
+def _read_probe_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # absent, unreadable or corrupt: measure again
+    ok = isinstance(data, dict) and data.get("version") == PROBE_VERSION and isinstance(data.get("entries"), dict)
+    return data["entries"] if ok else {}
+
+
+def _probe(purpose: str) -> tuple[str, str]:
+    """The measured choice for ``purpose`` on this machine and thread count, from the cache when there."""
+    path, key = probe_cache_path(), _probe_key()
+    entries = _read_probe_cache(path)
+    entry = entries.get(key, {}).get(purpose) if isinstance(entries.get(key), dict) else None
+    try:
+        speedup, measured = float(entry["speedup"]), str(entry["measured"])  # type: ignore[index]
+        where = f"cached in {path}"
+    except (TypeError, KeyError, ValueError):
+        entry = measure_bf16_speedup(purpose)
+        speedup, measured = entry["speedup"], time.strftime("%Y-%m-%d %H:%M", time.localtime())
+        entries.setdefault(key, {})
+        if not isinstance(entries[key], dict):
+            entries[key] = {}
+        entries[key][purpose] = {**entry, "measured": measured}
         try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                flags = next((line for line in f if line.startswith("flags")), "").split()
+            atomic_write_json(path, {"version": PROBE_VERSION, "entries": entries})
+            where = f"now cached in {path}"
         except OSError:
-            flags = []
-        _NATIVE_BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
-    return _NATIVE_BF16
+            where = f"not cached: {path} is not writable"
+    dtype = "bf16" if speedup >= BF16_MARGIN else "fp32"
+    why = (f"bf16 matmuls {speedup:.2f}x fp32's speed on {cpu_info()[0]}, {torch.get_num_threads()} threads; "
+           f"bf16 needs >= {BF16_MARGIN}x; measured {measured}, {where}")
+    return dtype, why
 
 
-def resolve_dtype(dtype: str) -> str:
-    """``auto`` -> bf16 where the CPU has native bf16, else fp32."""
-    if dtype == "auto":
-        return "bf16" if native_bf16() else "fp32"
-    return dtype
+def resolve_dtype(dtype: str, purpose: str = "train", device: torch.device | str = "cpu",
+                  announce: bool = True) -> str:
+    """``--dtype auto`` -> ``fp32`` or ``bf16`` for ``purpose`` ("train": autocast training steps; "decode":
+    batch-1 decoding weights); any other ``dtype`` is returned as it is.
+
+    On a CPU the choice is MEASURED, not read from flags: a short matmul probe (:func:`measure_bf16_speedup`)
+    picks bf16 only when it is at least BF16_MARGIN faster than fp32, cached per CPU model, flags, torch
+    version and thread count in :func:`probe_cache_path`. ``LMFORGE_BF16=1/0`` forces the choice. On CUDA:
+    bf16 where the GPU supports it (training falls back to fp16 in train/distributed.py). The choice and its
+    reason go to stderr once per process and purpose (``announce=False``: silent, e.g. on ranks > 0)."""
+    if dtype != "auto":
+        return dtype
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown purpose {purpose!r}; choose {', '.join(PURPOSES)}")
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if torch.device(device).type != "cpu":
+        return "fp32"  # MPS: fp32 unless asked
+    env = os.environ.get("LMFORGE_BF16")
+    if env is not None:
+        choice = ("fp32", "bf16")[env not in ("0", "", "false", "no")]
+        reason = f"forced by LMFORGE_BF16={env}; no measurement"
+    else:
+        threads = torch.get_num_threads()
+        if (purpose, threads) not in _CHOICES:
+            _CHOICES[purpose, threads] = _probe(purpose)
+        choice, reason = _CHOICES[purpose, threads]
+    if announce and purpose not in _ANNOUNCED:
+        _ANNOUNCED.add(purpose)
+        print(f"lmforge: --dtype auto -> {choice} for {_PURPOSE_TEXT[purpose]} ({reason})", file=sys.stderr)
+    return choice
 
 
 def human(n: float) -> str:
