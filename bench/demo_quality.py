@@ -27,6 +27,7 @@ from lmforge.apps.demo import DEMO_RECIPE
 from lmforge.data import PrepareConfig, TokenData, prepare
 from lmforge.evaluate import evaluate
 from lmforge.train import TrainConfig, train
+from lmforge.utils import machine_summary
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -86,6 +87,7 @@ def main() -> None:
             recipe[k] = val
     run = tmp / "run"
     cfg = TrainConfig(data=str(data), out=str(run), max_time=args.minutes * 60, model_args=model_args, **recipe)
+    print(machine_summary())
     print(f"recipe: {cfg.to_dict()}")
     result = train(cfg)
     res = evaluate(load(run), TokenData(data), split="val", batch_size=32)

@@ -219,12 +219,13 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return model or platform.processor() or platform.machine() or "unknown CPU", frozenset(flags.split())
 
 
-def machine_summary() -> str:
-    """One line for every benchmark figure: CPU model, the flags of CPU_FLAGS present or absent, threads."""
+def machine_summary(threads: int | None = None) -> str:
+    """One line for every benchmark figure: CPU model, each flag of CPU_FLAGS present (yes) or absent (no),
+    torch's version and thread count (``threads``: the count the measured work uses, when not this process's)."""
     model, flags = cpu_info()
     marks = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
     return (f"CPU: {model} ({os.cpu_count()} CPUs; {marks}); torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+            f"{threads or torch.get_num_threads()} threads")
 
 
 def native_bf16() -> bool:
@@ -347,6 +348,16 @@ def _probe(purpose: str) -> tuple[str, str]:
     return dtype, why
 
 
+def dtype_probe(purpose: str) -> tuple[str, str]:
+    """The probe's choice for ``purpose`` on this CPU at the current thread count, and why (the measured
+    speed ratio, where it is cached): measured at most once per process and thread count, and once per
+    machine while the cache lasts. Ignores LMFORGE_BF16 (see :func:`resolve_dtype`)."""
+    key = (purpose, torch.get_num_threads())
+    if key not in _CHOICES:
+        _CHOICES[key] = _probe(purpose)
+    return _CHOICES[key]
+
+
 def resolve_dtype(dtype: str, purpose: str = "train", device: torch.device | str = "cpu",
                   announce: bool = True) -> str:
     """``--dtype auto`` -> ``fp32`` or ``bf16`` for ``purpose`` ("train": autocast training steps; "decode":
@@ -370,10 +381,7 @@ def resolve_dtype(dtype: str, purpose: str = "train", device: torch.device | str
         choice = ("fp32", "bf16")[env not in ("0", "", "false", "no")]
         reason = f"forced by LMFORGE_BF16={env}; no measurement"
     else:
-        threads = torch.get_num_threads()
-        if (purpose, threads) not in _CHOICES:
-            _CHOICES[purpose, threads] = _probe(purpose)
-        choice, reason = _CHOICES[purpose, threads]
+        choice, reason = dtype_probe(purpose)
     if announce and purpose not in _ANNOUNCED:
         _ANNOUNCED.add(purpose)
         print(f"lmforge: --dtype auto -> {choice} for {_PURPOSE_TEXT[purpose]} ({reason})", file=sys.stderr)
