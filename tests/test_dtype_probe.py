@@ -128,8 +128,9 @@ def test_probe_is_not_run_on_import_or_for_explicit_dtypes(probe, tmp_path):
 
 
 def test_real_probe_returns_positive_timings():
-    r = utils.measure_bf16_speedup("decode")
-    assert r["fp32_s"] > 0 and r["bf16_s"] > 0 and r["speedup"] == pytest.approx(r["fp32_s"] / r["bf16_s"])
+    for purpose in ("train", "decode"):
+        r = utils.measure_bf16_speedup(purpose, rounds=3)
+        assert r["fp32_s"] > 0 and r["bf16_s"] > 0 and r["speedup"] > 0
 
 
 @pytest.mark.parametrize("speedup", [2.0, 0.5])

@@ -264,28 +264,28 @@ def _probe_key() -> str:
     return f"{model}|{present}|torch {torch.__version__}|{torch.get_num_threads()} threads"
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int = 5, budget: float = 0.1) -> float:
-    """Median wall time of ``fn`` after one warm-up call; stops early (at >= 3 repeats) past ``budget`` s."""
+def _time_once(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
     fn()
-    times: list[float] = []
-    while len(times) < repeats and (len(times) < 3 or sum(times) < budget):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return time.perf_counter() - t
 
 
 def _train_matmuls(bf16: bool) -> Callable[[], Any]:
     """A training step's matmuls for a (B*T=4096, 128) activation through a Linear(128, 512): the forward
-    product and the two backward products (input and weight gradients). The bf16 side runs them under
-    ``torch.autocast("cpu", bf16)`` on fp32 tensors, exactly as the trainer does (fp32 master weights, cast
-    per op), so the casts' cost is counted too; autograd runs a backward matmul in its forward's dtype."""
+    product and the two backward products (input and weight gradients). The bf16 side does what a step under
+    ``torch.autocast("cpu", bf16)`` does (the trainer's way): the forward casts the fp32 activation and the
+    fp32 master weight to bf16; the backward multiplies the bf16 output gradient by the saved bf16 operands,
+    and the cast's backward returns both gradients in fp32. (Plain autocast on fp32 tensors here would recast
+    the output gradient and the operands in the backward too, which a real step does not.)"""
     g = torch.Generator().manual_seed(0)
     x, w, dy = (torch.randn(*s, generator=g) for s in ((4096, 128), (512, 128), (4096, 512)))
+    if not bf16:
+        return lambda: (x @ w.t(), dy @ w, dy.t() @ x)  # y (4096, 512); dx (4096, 128); dW (512, 128)
+    dyb = dy.to(torch.bfloat16)  # a bf16 product's output gradient is bf16
 
     def step() -> Any:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return x @ w.t(), dy @ w, dy.t() @ x  # y (4096, 512); dx (4096, 128); dW (512, 128)
+        xb, wb = x.to(torch.bfloat16), w.to(torch.bfloat16)
+        return xb @ wb.t(), (dyb @ wb).float(), (dyb.t() @ xb).float()
     return step
 
 
@@ -304,13 +304,23 @@ def _decode_matmuls(bf16: bool) -> Callable[[], Any]:
     return lambda: [x @ w for x, w in zip(xs, wt)]
 
 
-def measure_bf16_speedup(purpose: str) -> dict[str, float]:
-    """Time ``purpose``'s matmuls in fp32 and in bf16 (median of a few repeats; well under a second in all):
-    ``{"fp32_s", "bf16_s", "speedup"}`` where speedup = fp32 time / bf16 time (> 1: bf16 is faster)."""
+def measure_bf16_speedup(purpose: str, rounds: int = 5, budget: float = 0.3) -> dict[str, float]:
+    """Time ``purpose``'s matmuls in fp32 and in bf16, interleaved (fp32, bf16, fp32, ...: a load that comes
+    and goes hits both alike), after one warm-up each: ``{"fp32_s", "bf16_s", "speedup"}`` with the median
+    times and speedup = the median over rounds of fp32 time / bf16 time (> 1: bf16 is faster). At least 3
+    rounds, fewer than ``rounds`` once ``budget`` seconds are spent: well under a second in all."""
     make = _train_matmuls if purpose == "train" else _decode_matmuls
+    fp32, bf16 = make(False), make(True)
+    t32: list[float] = []
+    t16: list[float] = []
+    start = time.perf_counter()
     with torch.no_grad():
-        fp32_s, bf16_s = _median_seconds(make(False)), _median_seconds(make(True))
-    return {"fp32_s": fp32_s, "bf16_s": bf16_s, "speedup": fp32_s / bf16_s}
+        fp32(), bf16()
+        while len(t32) < rounds and (len(t32) < 3 or time.perf_counter() - start < budget):
+            t32.append(_time_once(fp32))
+            t16.append(_time_once(bf16))
+    return {"fp32_s": statistics.median(t32), "bf16_s": statistics.median(t16),
+            "speedup": statistics.median(a / b for a, b in zip(t32, t16))}
 
 
 def _read_probe_cache(path: Path) -> dict[str, Any]:
@@ -329,22 +339,24 @@ def _probe(purpose: str) -> tuple[str, str]:
     entry = entries.get(key, {}).get(purpose) if isinstance(entries.get(key), dict) else None
     try:
         speedup, measured = float(entry["speedup"]), str(entry["measured"])  # type: ignore[index]
+        load = float(entry.get("load", 0.0))  # type: ignore[union-attr]
         where = f"cached in {path}"
-    except (TypeError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError, AttributeError):
         entry = measure_bf16_speedup(purpose)
         speedup, measured = entry["speedup"], time.strftime("%Y-%m-%d %H:%M", time.localtime())
-        entries.setdefault(key, {})
-        if not isinstance(entries[key], dict):
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if not isinstance(entries.get(key), dict):
             entries[key] = {}
-        entries[key][purpose] = {**entry, "measured": measured}
+        entries[key][purpose] = {**entry, "measured": measured, "load": round(load, 2)}
         try:
             atomic_write_json(path, {"version": PROBE_VERSION, "entries": entries})
             where = f"now cached in {path}"
         except OSError:
             where = f"not cached: {path} is not writable"
     dtype = "bf16" if speedup >= BF16_MARGIN else "fp32"
+    busy = f" under load {load:.1f} (delete the cache to measure again)" if load > (os.cpu_count() or 1) else ""
     why = (f"bf16 matmuls {speedup:.2f}x fp32's speed on {cpu_info()[0]}, {torch.get_num_threads()} threads; "
-           f"bf16 needs >= {BF16_MARGIN}x; measured {measured}, {where}")
+           f"bf16 needs >= {BF16_MARGIN}x; measured {measured}{busy}, {where}")
     return dtype, why
 
 
