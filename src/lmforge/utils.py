@@ -355,7 +355,8 @@ def _probe(purpose: str) -> tuple[str, str]:
             where = f"not cached: {path} is not writable"
     dtype = "bf16" if speedup >= BF16_MARGIN else "fp32"
     busy = f" under load {load:.1f} (delete the cache to measure again)" if load > (os.cpu_count() or 1) else ""
-    why = (f"bf16 matmuls {speedup:.2f}x fp32's speed on {cpu_info()[0]}, {torch.get_num_threads()} threads; "
+    n = torch.get_num_threads()
+    why = (f"bf16 matmuls {speedup:.2f}x fp32's speed on {cpu_info()[0]}, {n} thread{'s' * (n != 1)}; "
            f"bf16 needs >= {BF16_MARGIN}x; measured {measured}{busy}, {where}")
     return dtype, why
 
