@@ -356,7 +356,8 @@ def format_table(rows: list[dict[str, Any]], budget: Budget | None = None) -> st
             lines.append("  ".join("-" * w for w in widths))
     if budget is not None and any(r["family"] == "ngram" for r in rows):
         lines.append("n-grams count each training token once (tokens seen): "
-                     + ("the first N tokens of the budget, as more passes would add nothing to the counts"
+                     + ("the first N tokens of the budget (the whole train split when shorter), as more "
+                        "passes would add nothing to the counts"
                         if budget.kind == "tokens" else "the whole train split; the time budget does not bind"))
     return "\n".join(lines)
 

@@ -83,9 +83,10 @@ def plot_comparison(rows: list[dict], png: str | Path, title: str = "") -> Path:
             ax.text(0.99, r["test_loss"], f"{r['model']} {r['test_loss']:.3f}", transform=ax.get_yaxis_transform(),
                     ha="right", va="bottom", fontsize=7, color="#333")
         ax.set_xlabel(xlabel)
+        ax.set_xlim(left=0)  # both panels from the start of training
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="upper center")
+            ax.legend(fontsize=8, loc="best")
     by_tokens.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
     by_time.set_ylabel("validation loss (nats/token)")
     by_time.set_title("validation loss over wall-clock time", fontsize=10)
