@@ -28,7 +28,10 @@ from lmforge.data import PrepareConfig, TokenData, prepare
 from lmforge.evaluate import evaluate
 from lmforge.train import TrainConfig, train
 
-TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe_machine, shared_data  # noqa: E402
+
+TINY = shared_data("tinyshakespeare.txt")
 
 
 def nanogpt_baseline(data: Path) -> dict:
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--set", nargs="*", default=[], help="override recipe entries, e.g. lr=2e-3")
     args = ap.parse_args()
+    print(describe_machine())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp())

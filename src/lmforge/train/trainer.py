@@ -50,6 +50,7 @@ from ..utils import DirectoryLock, atomic_write_json, atomic_write_text, human, 
 from .checkpoint import find_checkpoint, init_optimizer_state, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import autocast_dtype, gradient_sync, setup, wrap
+from .optim import MuonAdamW
 from .schedule import learning_rate
 
 
@@ -105,6 +106,18 @@ class StopSignals:
 def make_optimizer(model: Any, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
     groups = model.param_groups(cfg.weight_decay)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if cfg.optimizer == "muon":
+        hidden = [p for p in model.hidden_matrices() if p.requires_grad]
+        if not hidden:
+            raise LMForgeError(f"--optimizer muon: a {model.model_type} model declares no hidden weight matrices for "
+                               "Muon; use --optimizer adamw")
+        ids = {id(p) for p in hidden}
+        groups = [dict(g, params=[p for p in g["params"] if id(p) not in ids]) for g in groups]
+        # no weight decay on the Muon matrices: at lr 0.02 it would shrink them e^-0.002 per step, far more
+        # than AdamW's lr x wd, and short CPU runs do not need the regularisation
+        groups.append({"params": hidden, "weight_decay": 0.0, "muon": True, "lr": cfg.muon_lr,
+                       "lr_scale": cfg.muon_lr / cfg.lr})
+        return MuonAdamW([g for g in groups if g["params"]], **kw)
     if fused:
         try:
             return torch.optim.AdamW(groups, fused=True, **kw)
@@ -208,6 +221,9 @@ class Trainer:
         self.build()
         if self.checkpoint_module is None:
             self.checkpoint_module = self.model
+        if rt.strategy == "fsdp" and cfg.optimizer == "muon":
+            raise LMForgeError("--optimizer muon orthogonalises whole matrices and FSDP shards them across processes; "
+                               "use --strategy ddp (or none) with Muon, or --optimizer adamw with FSDP")
         if rt.strategy == "fsdp" and not self.model.shard_units():
             raise LMForgeError(f"--strategy fsdp shards Transformer blocks, and a {cfg.model} model has none; use "
                                "--strategy ddp")
@@ -571,7 +587,7 @@ class Trainer:
                 lr = learning_rate(self.step, self.progress(), cfg.lr, min_lr, cfg.warmup_steps, cfg.schedule,
                                    cfg.cooldown_frac)
                 for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon's matrices follow the schedule at their own peak
                 try:
                     self.last_loss, step_tokens, stopped = self.train_step(stop.signum)
                 except (MemoryError, RuntimeError) as e:  # a failed allocation: bad input, not a bug
