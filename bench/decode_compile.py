@@ -17,6 +17,7 @@ import torch
 
 from lmforge.generation import GenerationConfig, generate_ids
 from lmforge.hub import load_model
+from lmforge.utils import machine_summary
 
 
 def main() -> None:
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    print(machine_summary())
     model = load_model("smollm2", decode_dtype=a.dtype)
     prompt = list(range(100, 116))
 

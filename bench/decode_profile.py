@@ -19,6 +19,7 @@ from torch.profiler import profile
 
 from lmforge.generation.fast import prepare_for_decoding
 from lmforge.hub import load_model
+from lmforge.utils import machine_summary
 
 GROUPS = {
     "weight matmuls": ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    print(machine_summary())
     for layout in a.layouts:
         model = load_model("smollm2", decode_dtype=layout) if layout in ("int8", "int4") else \
             prepare_for_decoding(load_model("smollm2"), layout)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from lmforge.generation.fast import prepare_for_decoding
 from lmforge.hub import load_model
+from lmforge.utils import machine_summary
 
 # the shared benchmark text (read, never copied into the repo): next to the checkout, or /work/shared
 SHAKESPEARE = next((p / "shared" / "data" / "tinyshakespeare.txt" for p in Path(__file__).resolve().parents
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    print(machine_summary())
     base = load_model("smollm2")
     tok = base.tokenizer
     texts = {"tinyshakespeare": SHAKESPEARE.read_text(encoding="utf-8")[:60000],

@@ -27,6 +27,7 @@ from lmforge.apps.demo import DEMO_RECIPE
 from lmforge.data import PrepareConfig, TokenData, prepare
 from lmforge.evaluate import evaluate
 from lmforge.train import TrainConfig, train
+from lmforge.utils import machine_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe_machine, shared_data  # noqa: E402
@@ -90,6 +91,7 @@ def main() -> None:
             recipe[k] = val
     run = tmp / "run"
     cfg = TrainConfig(data=str(data), out=str(run), max_time=args.minutes * 60, model_args=model_args, **recipe)
+    print(machine_summary())
     print(f"recipe: {cfg.to_dict()}")
     result = train(cfg)
     res = evaluate(load(run), TokenData(data), split="val", batch_size=32)

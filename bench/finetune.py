@@ -31,18 +31,9 @@ from pathlib import Path
 import torch
 from peak_memory import peak_mib, reset_peak  # bench/peak_memory.py (the scripts run from bench/)
 
+from lmforge.utils import machine_summary
+
 CONFIG = dict(r=8, alpha=16, dropout=0.05, targets=("q", "k", "v", "o", "gate", "up", "down"), lr=1e-4)
-
-
-def cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        flags = info.get("Flags", "").split()
-        simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma") if f in flags]
-        return f"{info.get('Model name', '?').strip()} ({info.get('CPU(s)', '?').strip()} CPUs; {' '.join(simd)})"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
 
 
 def batches(hf_dir: Path, batch_size: int, seq_len: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -138,7 +129,7 @@ def main() -> None:
     from lmforge.hub import load_model
     from lmforge.hub.export import export_hf
 
-    print(f"CPU: {cpu()}; torch {torch.__version__}, {args.threads} thread(s); load average "
+    print(f"{machine_summary(args.threads)}; load average "
           f"{os.getloadavg()[0]:.1f} (a shared machine when it exceeds the core count)")
     print(f"SmolLM2-135M-Instruct, LoRA r={CONFIG['r']} alpha={CONFIG['alpha']} dropout={CONFIG['dropout']} on "
           f"{','.join(CONFIG['targets'])}; batch {args.batch_size} x {args.seq_len} tokens, {args.dtype}, AdamW")

@@ -44,17 +44,11 @@ from lmforge.generation import GenerationConfig, generate_ids, speculative
 from lmforge.generation.fast import prepare_for_decoding
 from lmforge.hub import load_model
 from lmforge.models.gpt import GPT, PRESETS, GPTConfig
+from lmforge.utils import machine_summary
 
 ROOT = Path(__file__).resolve().parent
 LLAMA_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
 SAME_PRECISION = {"int8": ("Q8_0",), "int4": ("Q4_1", "Q4_0")}
-
-
-def cpu_info() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = [f for f in info.get("Flags", "").split() if f.startswith(("avx", "fma", "amx", "f16c"))]
-    return f"{info.get('Model name', '?').strip()} ({os.cpu_count()} CPUs) flags: {' '.join(flags)}"
 
 
 def gguf_path() -> str:
@@ -220,7 +214,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"CPU: {cpu_info()}; torch {torch.__version__}, {a.threads} threads; machine load "
+    print(f"{machine_summary(a.threads)}; machine load "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     g = torch.Generator().manual_seed(1)
     results: list[dict] = []
@@ -274,7 +268,7 @@ def main() -> None:
                           flush=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"cpu": cpu_info(), "results": results, "speculative": spec_rows}, f, indent=2)
+            json.dump({"cpu": machine_summary(a.threads), "results": results, "speculative": spec_rows}, f, indent=2)
 
 
 def table(results: list[dict], a: argparse.Namespace) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 import lmforge
 from lmforge.evaluate.inspect_html import render_html
+from lmforge.utils import machine_summary
 
 
 def induction_scores(model, length: int, seed: int) -> np.ndarray:  # noqa: ANN001
@@ -55,9 +55,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--out", default="bench/out")
     a = ap.parse_args()
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    cpu = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
-    print(f"CPU: {cpu}; torch threads {torch.get_num_threads()}")
+    cpu = machine_summary()
+    print(cpu)
     model = lmforge.load(a.model)
     runs = [induction_scores(model, a.length, seed) for seed in range(a.seeds)]
     scores = np.mean([r[0] for r in runs], axis=0)

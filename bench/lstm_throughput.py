@@ -21,6 +21,7 @@ import torch.nn as nn
 from lmforge.data import PrepareConfig, prepare
 from lmforge.models.rnn import PRESETS, LSTMCellRef
 from lmforge.train import TrainConfig, Trainer
+from lmforge.utils import machine_summary
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -73,6 +74,7 @@ def main() -> None:
             tr.optimizer = torch.optim.AdamW(tr.model.parameters(), lr=1e-3)
         rows[label] = measure(tr, args.seconds)
     base = rows["LSTMCellRef (hand-written)"]
+    print(machine_summary())
     print(f"LSTM preset {args.preset} ({PRESETS[args.preset]}), batch 32, {torch.get_num_threads()} threads")
     for label, tps in rows.items():
         print(f"  {label:28s} {tps:10,.0f} tokens/s  {tps / base:5.2f}x")

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.utils import machine_summary
+
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -110,6 +112,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp()
     report: dict = {"builds": []}
     corpora = ["shakespeare"] + ([] if args.skip_stdlib else ["python-stdlib"])
+    print(machine_summary())
     print(f"{'corpus':14s} {'order':>5s} {'words':>11s} {'build s':>8s} {'peak MB':>8s} {'test ppl':>9s} "
           f"{'ppl excl OOV':>12s} {'bits/byte':>9s} {'score w/s':>11s}")
     for corpus in corpora:

@@ -30,20 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from lmforge.utils import machine_summary
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = next((p / "shared" / "data" / "tinyshakespeare.txt" for p in ROOT.parents
                     if (p / "shared" / "data" / "tinyshakespeare.txt").exists()), Path("tinyshakespeare.txt"))
 SHAPE = ["--preset", "nano", "--n-layer", "6", "--n-head", "6", "--n-embd", "384", "--block-size", "256",
          "--dropout", "0", "--dtype", "fp32"]
 GLOBAL_BATCH = 8
-
-
-def cpu_info() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), [])
-    keep = [f for f in flags if f.startswith(("avx", "amx", "fma"))]
-    return f"{model}, {os.cpu_count()} logical CPUs, flags {' '.join(keep)}"
 
 
 def env(threads: int) -> dict[str, str]:
@@ -119,7 +113,7 @@ def main() -> None:
     configs = [("1 proc x 1 thread", 1, 1, "none"), ("1 proc x 2 threads", 1, 2, "none"),
                ("DDP 2 procs x 1 thread", 2, 1, "ddp"), ("FSDP2 2 procs x 1 thread", 2, 1, "fsdp")]
     tokens_per_step = GLOBAL_BATCH * 256
-    print(f"CPU: {cpu_info()}")
+    print(f"{machine_summary()} (each configuration sets its own threads, below)")
     print(f"torch: {__import__('torch').__version__}; global batch {GLOBAL_BATCH} x 256 tokens; {a.steps} steps "
           f"per run, {a.rounds} interleaved rounds; the machine may be shared with other work")
     with tempfile.TemporaryDirectory(prefix="lmforge-scaling-") as tmp:

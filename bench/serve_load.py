@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -29,20 +28,11 @@ from pathlib import Path
 
 import httpx
 
+from lmforge.utils import machine_summary
+
 PROMPTS = ["The history of the Roman empire", "A recipe for bread:", "Once upon a time, in a small village,",
            "The three laws of motion are", "Dear diary, today I", "In computer science, a hash table",
            "The best way to learn a language is", "Paris is the capital of"]
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        flags = fields.get("Flags", "")
-        isa = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags.split())
-        return f"{fields.get('Model name', '?').strip()} ({fields.get('CPU(s)', '?').strip()} CPUs; {isa})"
-    except OSError:
-        return platform.processor() or "?"
 
 
 def free_port() -> int:
@@ -160,7 +150,7 @@ def main() -> int:
                 return 1
             time.sleep(0.5)
         load_s = time.perf_counter() - t0
-        print(f"CPU: {cpu_model()}; load average {os.getloadavg()[0]:.1f} (a shared machine: other work runs "
+        print(f"{machine_summary()}; load average {os.getloadavg()[0]:.1f} (a shared machine: other work runs "
               "on the same cores)")
         print(f"server: lmforge serve {a.model} --parallel {a.parallel} --ctx {a.ctx} --threads {a.threads} "
               f"--dtype {a.dtype} (ready in {load_s:.1f}s); {a.max_tokens} tokens per streamed response")
@@ -195,7 +185,7 @@ def main() -> int:
         cancelled = [line for line in metrics.splitlines() if line.startswith("lmforge_sequences_total")]
         print("server sequences:", "; ".join(cancelled))
         if a.json:
-            Path(a.json).write_text(json.dumps({"cpu": cpu_model(), "args": vars(a), "rounds": rows}, indent=2))
+            Path(a.json).write_text(json.dumps({"cpu": machine_summary(), "args": vars(a), "rounds": rows}, indent=2))
         return 0 if failed == 0 else 1
     finally:
         server.terminate()

@@ -26,6 +26,7 @@ from nanogpt_ref import NanoGPT, train_step  # noqa: E402
 
 from lmforge.data import PrepareConfig, prepare  # noqa: E402
 from lmforge.train import TrainConfig, Trainer  # noqa: E402
+from lmforge.utils import dtype_probe, machine_summary, resolve_dtype  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 SHAPES = {
@@ -64,7 +65,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/train_throughput.json")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(machine_summary())
+    auto = resolve_dtype("auto", "train")  # what --dtype auto trains in here (the probe's line goes to stderr)
+    print(f"--dtype auto -> {auto} for training: {dtype_probe('train')[1]}")
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     print(f"matmul peak (1024^3): fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
     tmp = Path(tempfile.mkdtemp())

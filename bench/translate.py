@@ -19,6 +19,7 @@ from lmforge.data.parallel import ParallelData
 from lmforge.evaluate.seq2seq import bleu_chrf
 from lmforge.generation.seq2seq import translate
 from lmforge.models import load_model
+from lmforge.utils import machine_summary
 
 
 def main() -> None:
@@ -48,6 +49,7 @@ def main() -> None:
         rows.append({"decoding": name, "beam": beam, "batch_size": bs, "sentences": n,
                      "sentences_per_s": n / dt, "bleu": scores["bleu"], "chrf": scores["chrf"]})
     base = rows[0]["sentences_per_s"]
+    print(machine_summary())
     print(f"{'decoding':8s} {'batch':>5s} {'sents':>6s} {'sent/s':>8s} {'vs greedy@32':>12s} {'BLEU':>6s} {'chrF':>6s}")
     for r in rows:
         print(f"{r['decoding']:8s} {r['batch_size']:5d} {r['sentences']:6d} {r['sentences_per_s']:8.1f} "

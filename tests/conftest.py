@@ -35,6 +35,15 @@ def sample_text(n_chars: int = 60_000) -> str:
         return (FALLBACK_TEXT * (n_chars // len(FALLBACK_TEXT) + 1))[:n_chars]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _probe_cache(tmp_path_factory: pytest.TempPathFactory):
+    """No test run writes the user's ~/.cache: --dtype auto's probe cache (utils.probe_cache_path) lives in a
+    temporary XDG_CACHE_HOME for the whole suite (subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _threads() -> None:
     # Tiny test models run best on one thread (and do not suffer when other work shares the cores).

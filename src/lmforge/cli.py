@@ -37,7 +37,7 @@ from .evaluate import EvalConfig, evaluate
 from .evaluate.instructions import evaluate_instructed, instruction_for_eval, run_record
 from .evaluate.seq2seq import evaluate_seq2seq
 from .generation import GenerationConfig, generate_text
-from .generation.fast import prepare_for_decoding
+from .generation.fast import DECODE_CHOICES, prepare_for_decoding
 from .generation.seq2seq import TranslateConfig, require_seq2seq, translate
 from .hub import load_model
 from .hub.export import export_hf
@@ -56,7 +56,6 @@ from .utils import atomic_write_text, check_output_file, parse_duration, read_js
 
 # The flags are built from the config dataclasses of every room, so the parser imports them all (torch
 # included): function-local imports here would save no start-up time.
-DECODE_DTYPES = ["fp32", "bf16", "int8", "int4"]
 DEVICE_HELP = "where to run: auto (CUDA when present), cpu, cuda, cuda:N or mps; default: auto"
 
 
@@ -327,9 +326,10 @@ def _add_decoding_options(p: argparse.ArgumentParser, defaults: dict[str, Any],
                           only: tuple[str, ...] | None = None) -> None:
 
     p.set_defaults(options=add_options(p, GenerationConfig, only=only, defaults=defaults), defaults=defaults)
-    p.add_argument("--dtype", default="fp32", choices=DECODE_DTYPES,
+    p.add_argument("--dtype", default="fp32", choices=DECODE_CHOICES,
                    help="weights for decoding: bf16 halves, int8 quarters, int4 (group-wise) eighths the bytes read "
-                        "per token; a GGUF file loads its quantized tensors straight into int8/int4; default: fp32")
+                        "per token; a GGUF file loads its quantized tensors straight into int8/int4; auto: fp32 or "
+                        "bf16, whichever a short probe measures faster here (docs/training.md); default: fp32")
     p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256],
                    help="int4: inputs sharing one scale and zero (smaller = closer to fp32, more bytes); default: 32")
 
@@ -381,7 +381,7 @@ def _with_dtype(model: Any, dtype: str, group_size: int = 32) -> Any:
 
     if isinstance(model, (GPT, Seq2Seq)):
         return prepare_for_decoding(model, dtype, group_size)
-    if dtype != "fp32":
+    if dtype not in ("fp32", "auto"):  # auto: fp32 for the families without decoding layouts
         raise LMForgeError(f"--dtype {dtype} applies to Transformer models (gpt, seq2seq, Hugging Face, GGUF); "
                            f"this is a {model.model_type} model")
     return model
@@ -508,7 +508,8 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="*", help="source sentence(s)")
     p.add_argument("--input", default=None, help="file of sources, one per line (- = stdin)")
     p.add_argument("--output", default=None, help="write translations here (default stdout)")
-    p.add_argument("--dtype", default="fp32", choices=DECODE_DTYPES, help="weights for decoding; default: fp32")
+    p.add_argument("--dtype", default="fp32", choices=DECODE_CHOICES,
+                   help="weights for decoding (auto: fp32 or bf16, whichever is measured faster here); default: fp32")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--force", action="store_true", help="replace the --output file if it exists")
     p.set_defaults(func=cmd_translate, options=add_options(p, TranslateConfig, defaults=TRANSLATE_DEFAULTS))

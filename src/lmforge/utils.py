@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
+import platform
 import re
 import shutil
+import statistics
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,32 +197,208 @@ def parse_duration(text: str | float | int | None) -> float | None:
     return total
 
 
-_NATIVE_BF16: bool | None = None
+#: the CPU flags that decide how fast bf16 (and fp32) matmuls run; printed with every bench figure
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@functools.cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This CPU's model name (``lscpu``'s "Model name", read from /proc/cpuinfo) and its flags."""
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:  # x86 / ARM
+                    flags = value
+    except OSError:
+        pass
+    return model or platform.processor() or platform.machine() or "unknown CPU", frozenset(flags.split())
+
+
+def machine_summary(threads: int | None = None) -> str:
+    """One line for every benchmark figure: CPU model, each flag of CPU_FLAGS present (yes) or absent (no),
+    torch's version and thread count (``threads``: the count the measured work uses, when not this process's)."""
+    model, flags = cpu_info()
+    marks = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+    return (f"CPU: {model} ({os.cpu_count()} CPUs; {marks}); torch {torch.__version__}, "
+            f"{threads or torch.get_num_threads()} threads")
 
 
 def native_bf16() -> bool:
-    """Does this CPU compute in bf16 natively (AVX512-BF16 or AMX)? Without it PyTorch emulates bf16,
-    which is slower than fp32 (measured: a seq2seq step 50x slower on an AVX2-only EPYC) and oneDNN's
-    fused LSTM refuses bf16 altogether. ``LMFORGE_BF16=1/0`` overrides the detection."""
-    global _NATIVE_BF16
+    """A CAPABILITY question, not a speed one: does this CPU have bf16 instructions (AVX512-BF16 or AMX)?
+    Without them PyTorch emulates bf16 and oneDNN's fused LSTM has no bf16 kernel at all (models/rnn.py
+    runs it in fp32 then). Whether bf16 is FASTER is measured, not read from flags: see
+    :func:`resolve_dtype` (on some Xeons with avx512_bf16, bf16 matmuls run at half fp32's rate).
+    ``LMFORGE_BF16=1/0`` overrides the detection."""
     env = os.environ.get("LMFORGE_BF16")
     if env is not None:
         return env not in ("0", "", "false", "no")
-    if _NATIVE_BF16 is None:
+    flags = cpu_info()[1]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# --- --dtype auto: a measured choice between fp32 and bf16 ------------------------------------------
+
+#: bf16 is chosen only when its matmuls are at least this much faster than fp32's (bf16 costs accuracy)
+BF16_MARGIN = 1.1
+PROBE_VERSION = 1
+PURPOSES = ("train", "decode")
+_PURPOSE_TEXT = {"train": "training", "decode": "decoding"}
+_CHOICES: dict[tuple[str, int], tuple[str, str]] = {}  # (purpose, threads) -> (dtype, message), per process
+_ANNOUNCED: set[str] = set()
+
+
+def probe_cache_path() -> Path:
+    """``$XDG_CACHE_HOME/lmforge/dtype-probe.json`` (default ``~/.cache/lmforge/``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "lmforge" / "dtype-probe.json"
+
+
+def _probe_key() -> str:
+    model, flags = cpu_info()
+    present = ",".join(f for f in CPU_FLAGS if f in flags) or "none"
+    return f"{model}|{present}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+
+
+def _time_once(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _train_matmuls(bf16: bool) -> Callable[[], Any]:
+    """A training step's matmuls for a (B*T=4096, 128) activation through a Linear(128, 512): the forward
+    product and the two backward products (input and weight gradients). The bf16 side does what a step under
+    ``torch.autocast("cpu", bf16)`` does (the trainer's way): the forward casts the fp32 activation and the
+    fp32 master weight to bf16; the backward multiplies the bf16 output gradient by the saved bf16 operands,
+    and the cast's backward returns both gradients in fp32. (Plain autocast on fp32 tensors here would recast
+    the output gradient and the operands in the backward too, which a real step does not.)"""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(*s, generator=g) for s in ((4096, 128), (512, 128), (4096, 512)))
+    if not bf16:
+        return lambda: (x @ w.t(), dy @ w, dy.t() @ x)  # y (4096, 512); dx (4096, 128); dW (512, 128)
+    dyb = dy.to(torch.bfloat16)  # a bf16 product's output gradient is bf16
+
+    def step() -> Any:
+        xb, wb = x.to(torch.bfloat16), w.to(torch.bfloat16)
+        return xb @ wb.t(), (dyb @ wb).float(), (dyb.t() @ xb).float()
+    return step
+
+
+def _decode_matmuls(bf16: bool) -> Callable[[], Any]:
+    """Batch-1 decoding's matrix-vector products, at the shapes of a small Llama (SmolLM2-135M: d=576, MLP
+    1536, and a wide 576 -> 16384 head slice), in decoding's layouts (generation/fast.py): fp32 weights
+    stored (in, out) and ``x @ W``; bf16 weights (out, in) and ``F.linear`` on bf16 activations."""
+    g = torch.Generator().manual_seed(0)
+    shapes = ((576, 1536), (1536, 576), (576, 16384))
+    ws = [torch.randn(o, i, generator=g) for i, o in shapes]
+    xs = [torch.randn(1, i, generator=g) for i, _ in shapes]
+    if bf16:
+        wb, xb = [w.to(torch.bfloat16) for w in ws], [x.to(torch.bfloat16) for x in xs]
+        return lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xb, wb)]
+    wt = [w.t().contiguous() for w in ws]
+    return lambda: [x @ w for x, w in zip(xs, wt)]
+
+
+def measure_bf16_speedup(purpose: str, rounds: int = 5, budget: float = 0.3) -> dict[str, float]:
+    """Time ``purpose``'s matmuls in fp32 and in bf16, interleaved (fp32, bf16, fp32, ...: a load that comes
+    and goes hits both alike), after one warm-up each: ``{"fp32_s", "bf16_s", "speedup"}`` with the median
+    times and speedup = the median over rounds of fp32 time / bf16 time (> 1: bf16 is faster). At least 3
+    rounds, fewer than ``rounds`` once ``budget`` seconds are spent: well under a second in all."""
+    make = _train_matmuls if purpose == "train" else _decode_matmuls
+    fp32, bf16 = make(False), make(True)
+    t32: list[float] = []
+    t16: list[float] = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        fp32(), bf16()
+        while len(t32) < rounds and (len(t32) < 3 or time.perf_counter() - start < budget):
+            t32.append(_time_once(fp32))
+            t16.append(_time_once(bf16))
+    return {"fp32_s": statistics.median(t32), "bf16_s": statistics.median(t16),
+            "speedup": statistics.median(a / b for a, b in zip(t32, t16))}
+
+
+def _read_probe_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # absent, unreadable or corrupt: measure again
+    ok = isinstance(data, dict) and data.get("version") == PROBE_VERSION and isinstance(data.get("entries"), dict)
+    return data["entries"] if ok else {}
+
+
+def _probe(purpose: str) -> tuple[str, str]:
+    """The measured choice for ``purpose`` on this machine and thread count, from the cache when there."""
+    path, key = probe_cache_path(), _probe_key()
+    entries = _read_probe_cache(path)
+    entry = entries.get(key, {}).get(purpose) if isinstance(entries.get(key), dict) else None
+    try:
+        speedup, measured = float(entry["speedup"]), str(entry["measured"])  # type: ignore[index]
+        load = float(entry.get("load", 0.0))  # type: ignore[union-attr]
+        where = f"cached in {path}"
+    except (TypeError, KeyError, ValueError, AttributeError):
+        entry = measure_bf16_speedup(purpose)
+        speedup, measured = entry["speedup"], time.strftime("%Y-%m-%d %H:%M", time.localtime())
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if not isinstance(entries.get(key), dict):
+            entries[key] = {}
+        entries[key][purpose] = {**entry, "measured": measured, "load": round(load, 2)}
         try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                flags = next((line for line in f if line.startswith("flags")), "").split()
+            atomic_write_json(path, {"version": PROBE_VERSION, "entries": entries})
+            where = f"now cached in {path}"
         except OSError:
-            flags = []
-        _NATIVE_BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
-    return _NATIVE_BF16
+            where = f"not cached: {path} is not writable"
+    dtype = "bf16" if speedup >= BF16_MARGIN else "fp32"
+    busy = f" under load {load:.1f} (delete the cache to measure again)" if load > (os.cpu_count() or 1) else ""
+    n = torch.get_num_threads()
+    why = (f"bf16 matmuls {speedup:.2f}x fp32's speed on {cpu_info()[0]}, {n} thread{'s' * (n != 1)}; "
+           f"bf16 needs >= {BF16_MARGIN}x; measured {measured}{busy}, {where}")
+    return dtype, why
 
 
-def resolve_dtype(dtype: str) -> str:
-    """``auto`` -> bf16 where the CPU has native bf16, else fp32."""
-    if dtype == "auto":
-        return "bf16" if native_bf16() else "fp32"
-    return dtype
+def dtype_probe(purpose: str) -> tuple[str, str]:
+    """The probe's choice for ``purpose`` on this CPU at the current thread count, and why (the measured
+    speed ratio, where it is cached): measured at most once per process and thread count, and once per
+    machine while the cache lasts. Ignores LMFORGE_BF16 (see :func:`resolve_dtype`)."""
+    key = (purpose, torch.get_num_threads())
+    if key not in _CHOICES:
+        _CHOICES[key] = _probe(purpose)
+    return _CHOICES[key]
+
+
+def resolve_dtype(dtype: str, purpose: str = "train", device: torch.device | str = "cpu",
+                  announce: bool = True) -> str:
+    """``--dtype auto`` -> ``fp32`` or ``bf16`` for ``purpose`` ("train": autocast training steps; "decode":
+    batch-1 decoding weights); any other ``dtype`` is returned as it is.
+
+    On a CPU the choice is MEASURED, not read from flags: a short matmul probe (:func:`measure_bf16_speedup`)
+    picks bf16 only when it is at least BF16_MARGIN faster than fp32, cached per CPU model, flags, torch
+    version and thread count in :func:`probe_cache_path`. ``LMFORGE_BF16=1/0`` forces the choice. On CUDA:
+    bf16 where the GPU supports it (training falls back to fp16 in train/distributed.py). The choice and its
+    reason go to stderr once per process and purpose (``announce=False``: silent, e.g. on ranks > 0)."""
+    if dtype != "auto":
+        return dtype
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown purpose {purpose!r}; choose {', '.join(PURPOSES)}")
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if torch.device(device).type != "cpu":
+        return "fp32"  # MPS: fp32 unless asked
+    env = os.environ.get("LMFORGE_BF16")
+    if env is not None:
+        choice = ("fp32", "bf16")[env not in ("0", "", "false", "no")]
+        reason = f"forced by LMFORGE_BF16={env}; no measurement"
+    else:
+        choice, reason = dtype_probe(purpose)
+    if announce and purpose not in _ANNOUNCED:
+        _ANNOUNCED.add(purpose)
+        print(f"lmforge: --dtype auto -> {choice} for {_PURPOSE_TEXT[purpose]} ({reason})", file=sys.stderr)
+    return choice
 
 
 def human(n: float) -> str:

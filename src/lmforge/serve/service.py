@@ -41,9 +41,10 @@ class ServeConfig(Options):
     max_queue: int = option(64, ge=0, help="requests allowed to wait for a slot; one more gets HTTP 429")
     ctx: int | None = option(None, ge=2, default_text="the model's context, at most 4096",
                              help="context length per sequence (the slot cache holds parallel x ctx positions)")
-    dtype: Literal["fp32", "bf16", "int8", "int4"] = option(
+    dtype: Literal["auto", "fp32", "bf16", "int8", "int4"] = option(
         "fp32", help="decoding layout of a Transformer's weights: bf16 halves, int8 quarters, int4 (group-wise "
-                     "scales) eighths the bytes read per token; a GGUF file loads straight into int8/int4")
+                     "scales) eighths the bytes read per token; a GGUF file loads straight into int8/int4; auto: "
+                     "fp32 or bf16, whichever a short probe measures faster here")
     api_key: str | None = option(None, default_text="the LMFORGE_API_KEY environment variable",
                                  help="require 'Authorization: Bearer KEY' on every endpoint but / and /health")
     name: str | None = option(None, default_text="the model's directory or file name",
@@ -79,7 +80,7 @@ def load_service(cfg: ServeConfig, observer: EngineObserver | None = None) -> Mo
         model = load_model(cfg.model, decode_dtype=cfg.dtype)
     if model.batches_slots or model.is_seq2seq:  # the Transformers (GPT, seq2seq)
         prepare_for_decoding(model, cfg.dtype)
-    elif cfg.dtype != "fp32":
+    elif cfg.dtype not in ("fp32", "auto"):  # auto: fp32 for the families without decoding layouts
         raise LMForgeError(f"--dtype {cfg.dtype} applies to Transformer models; this is a {model.model_type} model")
     ctx = cfg.ctx
     if ctx is None and model.context_length and model.context_length > DEFAULT_MAX_CTX:

@@ -22,17 +22,16 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..errors import LMForgeError
-from ..utils import resolve_device
+from ..utils import resolve_device, resolve_dtype
 
 
-def autocast_dtype(dtype: str, device: torch.device, native_cpu_bf16: bool) -> torch.dtype | None:
-    """The autocast precision of ``--dtype`` on ``device``; None = fp32 (no autocast)."""
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast precision of ``--dtype`` on ``device``; None = fp32 (no autocast). ``auto``: bf16 on GPUs
+    that have it, else fp16; on a CPU, what the measured probe picks (utils.resolve_dtype); fp32 on MPS."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu":
-            return torch.bfloat16 if native_cpu_bf16 else None
-        return None  # MPS: fp32 unless asked
+        dtype = resolve_dtype("auto", "train", device)
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 

@@ -46,7 +46,16 @@ from ..data.parallel import ParallelBatchSampler, ParallelData, load_data
 from ..errors import LMForgeError
 from ..models import create_model, model_class
 from ..models.weights import state_dict_for_saving
-from ..utils import DirectoryLock, atomic_write_json, atomic_write_text, human, native_bf16, read_jsonl, refuse_nonempty
+from ..utils import (
+    DirectoryLock,
+    atomic_write_json,
+    atomic_write_text,
+    human,
+    native_bf16,
+    read_jsonl,
+    refuse_nonempty,
+    resolve_dtype,
+)
 from .checkpoint import find_checkpoint, init_optimizer_state, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import autocast_dtype, gradient_sync, setup, wrap
@@ -195,7 +204,12 @@ class Trainer:
         if cfg.dtype == "bf16" and rt.device.type == "cpu" and not native_bf16() and rt.is_main:
             warnings.warn("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slower than fp32; "
                           "use --dtype auto or fp32", stacklevel=3)
-        self.amp_dtype = autocast_dtype(cfg.dtype, rt.device, native_bf16())  # decided once, not every step
+        dtype = cfg.dtype
+        if dtype == "auto" and rt.device.type == "cpu":  # measured once, by rank 0; every rank follows its choice
+            dtype = rt.broadcast(resolve_dtype("auto", "train", rt.device) if rt.is_main else None)
+        self.amp_dtype = autocast_dtype(dtype, rt.device)  # decided once, not every step
+        #: the precision the steps run in (``auto`` resolved), recorded in metrics.jsonl's start/resume events
+        self.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=self.amp_dtype == torch.float16)
         # Batch arithmetic: the global batch is fixed by the run; accumulation fills it on any world size.
         if cfg.global_batch:
@@ -553,7 +567,7 @@ class Trainer:
             self._start_run_dir()
             self._log({"event": "start", "params": self.model.num_parameters(), "config": cfg.to_dict(),
                        "world_size": rt.world, "strategy": rt.strategy, "device": str(rt.device),
-                       "global_batch": self.global_batch})
+                       "global_batch": self.global_batch, "precision": self.precision})
             if self.validate_at_start and self.has_val:
                 self._validate()
             self.save()  # a run directory is loadable from the first moment
@@ -714,7 +728,7 @@ class Trainer:
                 if isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= self.step]
         atomic_write_text(path, "\n".join(keep) + ("\n" if keep else ""))
         self._log({"event": "resume", "step": self.step, "world_size": self.rt.world,
-                   "strategy": self.rt.strategy})
+                   "strategy": self.rt.strategy, "precision": self.precision})
 
     def _plot(self) -> None:
         if not self.rt.is_main:
