@@ -30,7 +30,7 @@ from lmforge.train import TrainConfig, train
 from lmforge.utils import machine_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe_machine, shared_data  # noqa: E402
+from paths import shared_data  # noqa: E402
 
 TINY = shared_data("tinyshakespeare.txt")
 
@@ -69,7 +69,6 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--set", nargs="*", default=[], help="override recipe entries, e.g. lr=2e-3")
     args = ap.parse_args()
-    print(describe_machine())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp())

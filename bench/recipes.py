@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 
 from lmforge import load
+from lmforge.apps.compare import NEURAL_RECIPES
 from lmforge.apps.demo import DEMO_RECIPE
 from lmforge.data import PrepareConfig, TokenData, prepare
 from lmforge.evaluate import evaluate
 from lmforge.train import TrainConfig, train
+from lmforge.utils import machine_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe_machine, shared_data  # noqa: E402
+from paths import shared_data  # noqa: E402
 
 TINY = shared_data("tinyshakespeare.txt")
 
@@ -51,11 +53,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--base", default="demo", help="the recipe variants start from: demo (lmforge demo's GPT) or "
+                    "FAMILY:PRESET, compare's recipe for that family (e.g. lstm:small)")
     ap.add_argument("--out", default="bench/out/recipes.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(describe_machine())
+    print(machine_summary())
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "tinyshakespeare-char"
     prepare(PrepareConfig(corpus=str(TINY), out=str(data), split="contiguous", val_frac=0.1, test_frac=0.0),
@@ -64,7 +68,12 @@ def main() -> None:
     for r in range(args.rounds):
         for spec in args.variants:
             name, recipe_over, model_over = parse_variant(spec)
-            recipe = dict(DEMO_RECIPE, **recipe_over)
+            if args.base == "demo":
+                base = dict(DEMO_RECIPE)
+            else:
+                family, _, preset = args.base.partition(":")
+                base = dict(NEURAL_RECIPES[family], model=family, preset=preset or None)
+            recipe = dict(base, **recipe_over)
             model_args = dict(recipe.pop("model_args", {}), **model_over)
             run = tmp / f"{name}-{r}"
             cfg = TrainConfig(data=str(data), out=str(run), max_time=args.seconds, model_args=model_args,
@@ -76,12 +85,12 @@ def main() -> None:
             rows.append(row)
             print(f"  {name:<16} round {r}: val {row['val_loss']:.4f} nats/char  {row['steps']} steps  "
                   f"{row['tokens']:,} tokens  {row['tokens_per_s']:,} tok/s", flush=True)
-    print(f"\n{describe_machine()}\nbudget {args.seconds:.0f}s per variant, threads {torch.get_num_threads()}")
+    print(f"\n{machine_summary()}\nbudget {args.seconds:.0f}s per variant, threads {torch.get_num_threads()}")
     print(f"{'variant':<16} {'val loss':>9} {'tok/s':>8}  spec")
     for row in rows:
         print(f"{row['variant']:<16} {row['val_loss']:>9.4f} {row['tokens_per_s']:>8,}  {row['spec']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": describe_machine(), "seconds": args.seconds,
+    Path(args.out).write_text(json.dumps({"machine": machine_summary(), "seconds": args.seconds,
                                           "threads": torch.get_num_threads(), "rows": rows}, indent=2))
     shutil.rmtree(tmp, ignore_errors=True)
 
