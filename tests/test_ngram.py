@@ -15,6 +15,7 @@ from lmforge.hub.arpa import escape, export_arpa, import_arpa, unescape
 from lmforge.models import load_model
 from lmforge.models.ngram import SMOOTHINGS, NGramModel
 from lmforge.tokenizers.word import WordTokenizer
+from lmforge.utils import read_json
 
 # a tiny corpus whose counts are easy to do by hand
 CORPUS = "a b\na a\nb\n"
@@ -251,3 +252,18 @@ def test_same_probabilities_as_lmplz(tmp_path: Path, tiny_text: str) -> None:
         ctx = np.concatenate([[tok.eot_id], ids[:-1]])
         ours = m.score(torch.from_numpy(ctx[None]), torch.from_numpy(ids[None]))[0].sum().item() / math.log(10)
         assert ours == pytest.approx(k.score(line, bos=True, eos=True), abs=1e-4)
+
+
+def test_ngram_token_budget_counts_the_first_tokens(tmp_path: Path, char_data: Path) -> None:
+    """`lmforge train --model ngram --max-tokens N` counts the first N training tokens (once)."""
+    from lmforge.data import TokenData
+
+    assert main(["train", "--model", "ngram", "--order", "2", "--data", str(char_data), "--out",
+                 str(tmp_path / "r"), "--max-tokens", "10k"]) == 0
+    assert read_json(tmp_path / "r" / "metrics.json")["train_tokens"] == 10_000
+    td = TokenData(char_data)
+    tok = td.tokenizer
+    first = np.asarray(td.split("train").read(0, 10_000))
+    want = NGramModel.train(first, 2, tok.vocab_size, eos=tok.eot_id, bos=tok.bos_id, unk=tok.unk_id,
+                            smoothing="modified-kneser-ney")
+    assert load_model(tmp_path / "r").meta["counts"] == want.meta["counts"]

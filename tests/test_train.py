@@ -125,3 +125,41 @@ def test_torch_compile_option(tmp_path: Path, char_data: Path) -> None:
     b = train(tiny_train_config(char_data, tmp_path / "b", max_steps=3, eval_interval=3, model_args=shape,
                                 compile=True))
     assert b.step == 3 and b.train_loss == pytest.approx(a.train_loss, rel=1e-3)
+
+
+TINY_CLI = ["--preset", "nano", "--batch-size", "4", "--block-size", "32", "--n-layer", "2", "--n-head", "2",
+            "--n-embd", "32", "--log-interval", "1", "--warmup-steps", "3", "--eval-interval", "6",
+            "--eval-iters", "2", "--lr", "3e-3", "--no-progress"]
+
+
+def _logged(run: Path, key: str) -> dict[int, float]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in recs if key in r and "loss" in r}
+
+
+def test_token_budget_stops_at_the_budget_and_the_schedule_ends_there(tmp_path: Path, char_data: Path) -> None:
+    """`lmforge train --max-tokens`: training stops at the first step boundary with >= N target tokens
+    seen, and the learning-rate schedule runs its course over the tokens as it does over steps."""
+    from lmforge.cli import main
+
+    step_tokens = 4 * 32  # batch x block: every window has block_size targets
+    base = ["train", "--data", str(char_data), *TINY_CLI]
+    assert main([*base, "--out", str(tmp_path / "tok"), "--max-tokens", f"{24 * step_tokens}tok"]) == 0
+    assert main([*base, "--out", str(tmp_path / "steps"), "--max-steps", "24"]) == 0
+    state = json.loads((tmp_path / "tok" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 24 and state["tokens_seen"] == 24 * step_tokens
+    assert state["config"]["max_tokens"] == 24 * step_tokens and state["config"]["max_steps"] is None
+    by_tokens, by_steps = _logged(tmp_path / "tok", "lr"), _logged(tmp_path / "steps", "lr")
+    assert by_tokens == pytest.approx(by_steps)  # tokens/N == steps/24 here: the same schedule, step for step
+    assert by_tokens[24] < 3e-3 * 0.1 + 0.01 * 3e-3 * 0.9  # decayed to (nearly) the floor at the budget's end
+    # a budget that is not a whole number of steps: stop at >= N and < N + one step's tokens (the k suffix)
+    assert main([*base, "--out", str(tmp_path / "k"), "--max-tokens", "3k"]) == 0
+    state = json.loads((tmp_path / "k" / "checkpoint" / "state.json").read_text())
+    assert 3000 <= state["tokens_seen"] < 3000 + step_tokens and state["tokens_seen"] == state["step"] * step_tokens
+
+
+def test_a_budget_given_on_resume_replaces_the_saved_ones(trained_run: Path) -> None:
+    cfg = Trainer.config_for_resume(trained_run, {"max_tokens": "5k"})
+    assert (cfg.max_tokens, cfg.max_steps, cfg.max_time) == (5000, None, None)
+    cfg = Trainer.config_for_resume(trained_run, {})
+    assert (cfg.max_tokens, cfg.max_steps) == (None, 30)

@@ -21,6 +21,7 @@ from lmforge.train import TrainConfig
 
 TRAIN = ["train", "--data", "{data}", "--out", "{tmp}/r", "--max-steps", "2", "--preset", "nano", "--no-progress"]
 BIG = "99999999999999999999999"
+COMPARE = ["compare", "--data", "{data}", "--models", "ngram:2", "--out", "{tmp}/cmp", "--budget"]
 
 CASES = [
     # training options (issue #11 items 7 and 10)
@@ -49,6 +50,21 @@ CASES = [
     (TRAIN + ["--max-time", "0s"], "max_time (--max-time): duration '0s' must be positive"),
     (TRAIN + ["--max-time", "soon"], "max_time (--max-time): cannot parse duration 'soon'"),
     (TRAIN + ["--batch-size", "1000000"], "--batch-size 1000000 cannot fit in memory"),
+    (TRAIN + ["--max-time", "5M"], "max_time (--max-time): cannot parse duration '5M': capital M means million"),
+    (TRAIN + ["--max-tokens", "0"], "max_tokens (--max-tokens): token count '0' must be positive"),
+    (TRAIN + ["--max-tokens=-1M"], "max_tokens (--max-tokens): cannot parse token count '-1M'"),
+    (TRAIN + ["--max-tokens", "nan"], "max_tokens (--max-tokens): cannot parse token count 'nan'"),
+    (TRAIN + ["--max-tokens", "5m"], "max_tokens (--max-tokens): cannot parse token count '5m'"),
+    (TRAIN + ["--max-tokens", "0.5k5"], "max_tokens (--max-tokens): cannot parse token count"),
+    (TRAIN + ["--max-tokens", BIG], "max_tokens (--max-tokens): token count '" + BIG + "' is absurdly large"),
+    # compare's budget: time (5m = minutes) or tokens (5M = million)
+    (COMPARE + ["5x"], "bad budget '5x': not a time or a token count"),
+    (COMPARE[:-1] + ["--budget=-1M"], "bad budget '-1M': it must be positive"),
+    (COMPARE + ["0"], "bad budget '0': give a unit"),
+    (COMPARE + ["nan"], "bad budget 'nan': not a time or a token count"),
+    (COMPARE + ["1e9"], "bad budget '1e9': not a time or a token count"),
+    (COMPARE + ["999999999G"], "absurdly large"),
+    (COMPARE + ["99999h"], "more than a year of training per model"),
     (["train", "--model", "ngram", "--data", "{data}", "--out", "{tmp}/r", "--add-k", "-1"],
      "add_k (--add-k) must be > 0"),
     (["train", "--model", "ngram", "--data", "{data}", "--out", "{tmp}/r", "--order", "0"],
@@ -190,6 +206,8 @@ def test_good_values_are_converted_once(char_data: Path) -> None:
     c = TrainConfig(data=str(char_data), out="x", lr="1e-3", max_time="1m30s", batch_size="8",
                     model_args={"n_layer": "2", "dropout": "0.1"})
     assert (c.lr, c.max_time, c.batch_size) == (1e-3, 90.0, 8)
+    assert [TrainConfig(max_tokens=t).max_tokens for t in ("5M", "500k", "2000000", "20000tok", 300)] == \
+        [5_000_000, 500_000, 2_000_000, 20_000, 300]
     assert c.model_args == {"n_layer": 2, "dropout": 0.1}
     assert GenerationConfig(temperature=0, top_k="5").top_k == 5
 

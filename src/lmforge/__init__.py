@@ -41,6 +41,16 @@ def finetune(model: str | Path, data: str | Path, out: str | Path, resume: bool 
     return _finetune(str(model), str(data), str(out), resume=resume, **options)
 
 
+def compare(data: str | Path, budget: str | float, models: list[str], out: str | Path, **options: Any) -> list[dict]:
+    """Train (or reuse) and evaluate each of ``models`` (``"ngram:3"``, ``"gpt:tiny"``, ...) on ``data`` with the
+    same ``budget`` per model: seconds (a number) or text, ``"5m"`` (5 minutes) or ``"5M"`` (5 million training
+    tokens); the report goes to ``out``. ``options``: ``split``, ``progress``, ``eval_max_tokens``, ``force``,
+    ``device`` (see :func:`lmforge.apps.compare.compare`). Returns one dict per model."""
+    from .apps.compare import compare as _compare
+
+    return _compare(str(data), budget, list(models), str(out), **options)
+
+
 def generate(model: LanguageModel | str | Path, prompt: str | list[str], **kwargs: Any) -> str | list[str]:
     """Decode text from ``prompt``; see :func:`lmforge.generation.generate_text` for the arguments."""
     from .generation import generate_text
@@ -104,4 +114,4 @@ def inspect(model: LanguageModel | str | Path, text: str | None = None, *, sourc
     return report
 
 
-__all__ = ["__version__", "load", "prepare", "evaluate", "generate", "translate", "inspect", "finetune"]
+__all__ = ["__version__", "load", "prepare", "evaluate", "generate", "translate", "inspect", "finetune", "compare"]

@@ -27,7 +27,7 @@ from typing import Any
 from . import __version__
 from .apps import ngram_cli
 from .apps.chat import load_template, no_template_message, open_session, repl
-from .apps.compare import ModelSpec, compare
+from .apps.compare import Budget, ModelSpec, compare
 from .apps.demo import run_demo
 from .data import PrepareConfig, check_run_data, prepare
 from .data.corpora import read_text_file
@@ -146,7 +146,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 
         if not a.data or not a.out:
             raise LMForgeError("give --data and --out")
-        ngram_cli.train_ngram_from_args(a)
+        # n-grams count the corpus once: of the budgets only --max-tokens means something (the first N tokens)
+        budget = given(a, ["max_tokens"])
+        ngram_cli.train_ngram_from_args(a, TrainConfig(**budget).max_tokens if budget else None)
         return 0
 
     if a.nproc is not None:
@@ -444,13 +446,20 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="train and compare model families on the same data and budget",
-                       description="Train (or load) each model with the same wall-clock budget, evaluate all on "
-                                   "the same split, and write a table (terminal, JSON, CSV) and a chart (PNG).")
+                       description="Train (or load) each model with the same budget, wall-clock training time "
+                                   "(equal compute) or training tokens (equal data), evaluate all on the same "
+                                   "split, and write a table (terminal, JSON, CSV) and a chart (PNG).")
     p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--budget", default="5m", help="training time per model; default: 5m")
+    p.add_argument("--budget", default="5m", metavar="TIME|TOKENS",
+                   help="per model: training TIME, a number with s, m/min or h (lowercase m = MINUTES: 5m, 300s, "
+                        "1h), or training TOKENS, a number with k/K, M or G (thousand, capital M = MILLION, "
+                        "billion) and/or tok/tokens (5M, 200k, 20000tok); 5m and 5M differ only in case. A bare "
+                        "number is refused as ambiguous. N-grams count the first N training tokens once. "
+                        "Default: 5m")
     p.add_argument("--models", nargs="+", required=True, metavar="FAMILY:ARG",
                    help="e.g. ngram:3 ngram:6 lstm:small gpt:tiny")
-    p.add_argument("--out", required=True, help="report directory (runs are kept in OUT/runs)")
+    p.add_argument("--out", required=True, help="report directory (runs are kept in OUT/runs and reused when "
+                   "trained under the same budget)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="split to score; default: test")
     p.add_argument("--eval-max-tokens", type=int, default=None, help="score at most this many tokens per model")
     p.add_argument("--force", action="store_true",
@@ -461,10 +470,10 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    budget = parse_duration(a.budget)
+    budget = Budget.parse(a.budget)
     for m in a.models:  # fail fast, before any training
         ModelSpec.parse(m)
-    compare(a.data, budget or 300.0, a.models, a.out, split=a.split, progress=not a.no_progress,
+    compare(a.data, budget, a.models, a.out, split=a.split, progress=not a.no_progress,
             eval_max_tokens=a.eval_max_tokens, force=a.force, device=a.device)
     return 0
 

@@ -180,9 +180,13 @@ _UNIT_SECONDS = {None: 1.0, "s": 1.0, "sec": 1.0, "ms": 1e-3, "m": 60.0, "min": 
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
-    """Parse '5m', '90s', '1.5h', '300' (seconds) into seconds."""
+    """Parse '5m', '90s', '1.5h', '300' (seconds) into seconds. A capital M is refused: it means
+    million in token counts (``5M`` tokens), and silently reading it as minutes would mislead."""
     if text is None or isinstance(text, (int, float)):
         return None if text is None else float(text)
+    if re.search(r"\d\s*M(?![iI][nN])", text):
+        raise LMForgeError(f"cannot parse duration {text!r}: capital M means million (tokens); write minutes as "
+                           "a lowercase m or min, e.g. 5m")
     total = 0.0
     parts = re.findall(r"\d+(?:\.\d*)?\s*[a-z]*", text.strip().lower())
     if not parts or "".join(p.replace(" ", "") for p in parts) != text.strip().lower().replace(" ", ""):
@@ -226,6 +230,37 @@ def machine_summary(threads: int | None = None) -> str:
     marks = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
     return (f"CPU: {model} ({os.cpu_count()} CPUs; {marks}); torch {torch.__version__}, "
             f"{threads or torch.get_num_threads()} threads")
+
+
+MAX_TOKEN_COUNT = 1 << 50  # ~1.1e15 training tokens: beyond any corpus, a typo rather than a plan
+# Token counts: a number, then an optional multiplier k/K (thousand), M (million) or G (billion), then an
+# optional "tok"/"tokens". Lowercase m is not a multiplier: in budgets it means minutes (parse_duration).
+_TOKEN_COUNT = re.compile(r"^(\d+(?:\.\d*)?)\s*([kKMG]?)\s*(tok|tokens)?$")
+_MULTIPLIER = {"": 1, "k": 1_000, "K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
+
+
+def parse_token_count(text: str | int) -> int:
+    """Parse '500k', '5M', '5Mtok', '2G', '2000000' or '20000 tokens' into a positive whole number of tokens."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    else:
+        m = _TOKEN_COUNT.match(str(text).strip().replace("_", ""))
+        if not m:
+            raise LMForgeError(f"cannot parse token count {text!r}; use e.g. 500k, 5M (capital M = million), "
+                               "2000000 or 5Mtok")
+        value = float(m.group(1)) * _MULTIPLIER[m.group(2)]
+        if value != int(value):
+            raise LMForgeError(f"token count {text!r} is not a whole number of tokens")
+        n = int(value)
+    if n <= 0:
+        raise LMForgeError(f"token count {text!r} must be positive")
+    if n > MAX_TOKEN_COUNT:
+        raise LMForgeError(f"token count {text!r} is absurdly large (more than {MAX_TOKEN_COUNT:,}); check the "
+                           "number and its suffix")
+    return n
+
+
+_NATIVE_BF16: bool | None = None
 
 
 def native_bf16() -> bool:

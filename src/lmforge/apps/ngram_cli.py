@@ -28,21 +28,25 @@ def add_train_arguments(p: argparse.ArgumentParser) -> list[str]:
 
 
 def train_ngram(data_dir: str, out: str, order: int = 3, smoothing: str = "modified-kneser-ney",
-                k: float = 1.0, discount_fallback: bool = False, verbose: bool = True) -> dict[str, Any]:
-    """Count and smooth on the train split, save the run directory, report val perplexity."""
+                k: float = 1.0, discount_fallback: bool = False, verbose: bool = True,
+                max_tokens: int | None = None) -> dict[str, Any]:
+    """Count and smooth on the train split, save the run directory, report val perplexity.
+    ``max_tokens``: count only the first N training tokens (a token budget; further passes over the
+    same tokens would add nothing to the counts)."""
     NGramConfig(order=order, smoothing=smoothing, add_k=k, discount_fallback=discount_fallback)  # type: ignore
     out_dir = refuse_nonempty(out)
     td = TokenData(data_dir)
     tok = td.tokenizer
     t0 = time.perf_counter()
-    stream = np.asarray(td.split("train").read(0, len(td.split("train"))))
+    n_train = len(td.split("train"))
+    stream = np.asarray(td.split("train").read(0, n_train if max_tokens is None else min(n_train, max_tokens)))
     model = NGramModel.train(stream, order, tok.vocab_size, eos=tok.eot_id, bos=tok.bos_id,
                              unk=tok.unk_id, smoothing=smoothing, k=k,
                              discount_fallback=discount_fallback)
     secs = time.perf_counter() - t0
     model.tokenizer = tok
     model.save_pretrained(out_dir)
-    metrics: dict[str, Any] = {"build_seconds": secs, "train_tokens": int(len(stream)),
+    metrics: dict[str, Any] = {"build_seconds": secs, "train_tokens": int(len(stream)), "max_tokens": max_tokens,
                                "ngram_counts": model.meta["counts"], "discounts": model.meta["discounts"]}
     if td.has_split("val"):
         res = evaluate(model, td, split="val")
@@ -59,10 +63,10 @@ def train_ngram(data_dir: str, out: str, order: int = 3, smoothing: str = "modif
     return metrics
 
 
-def train_ngram_from_args(a: argparse.Namespace) -> dict[str, Any]:
+def train_ngram_from_args(a: argparse.Namespace, max_tokens: int | None = None) -> dict[str, Any]:
     c = NGramConfig(**given(a, [f.name for f in fields(NGramConfig)]))
     return train_ngram(a.data, a.out, order=c.order, smoothing=c.smoothing, k=c.add_k,
-                       discount_fallback=c.discount_fallback)
+                       discount_fallback=c.discount_fallback, max_tokens=max_tokens)
 
 
 def cmd_export(a: argparse.Namespace) -> int:

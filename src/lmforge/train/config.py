@@ -14,7 +14,7 @@ import yaml
 from ..errors import LMForgeError, first_line
 from ..models import model_class
 from ..options import INT64_MAX, Options, option
-from ..utils import parse_duration
+from ..utils import MAX_TOKEN_COUNT, parse_duration, parse_token_count
 
 MAX_COUNT = 1 << 40  # any step/interval count beyond this is a typo, not a plan
 
@@ -50,7 +50,12 @@ class TrainConfig(Options):
     # budget: whichever comes first
     max_steps: int | None = option(None, ge=1, le=MAX_COUNT, help="stop after this many optimizer steps")
     max_time: float | None = option(None, gt=0, parse=parse_duration, metavar="DURATION",
-                                    help="training time budget, e.g. 90s, 5m, 1h (evaluation time excluded)")
+                                    help="training time budget, e.g. 90s, 5m, 1h (lowercase m = minutes; evaluation "
+                                         "time excluded; on --resume: extra time)")
+    max_tokens: int | None = option(None, ge=1, le=MAX_TOKEN_COUNT, parse=parse_token_count, metavar="TOKENS",
+                                    help="training token budget, e.g. 500k, 5M, 2G or 2000000 (capital M = million, "
+                                         "unlike --max-time's 5m = minutes): stop at the first step boundary where "
+                                         "the target tokens seen since the run began reach it")
     # evaluation, logging, checkpoints
     eval_interval: int = option(200, ge=1, le=MAX_COUNT, help="evaluate on val every N steps")
     eval_iters: int = option(20, ge=1, le=MAX_COUNT, help="batches per validation estimate")
@@ -95,8 +100,8 @@ class TrainConfig(Options):
 
     def validate(self) -> None:
         """What only a training run needs (a config may be written without a budget)."""
-        if self.max_steps is None and self.max_time is None:
-            raise LMForgeError("give a training budget: --max-steps or --max-time")
+        if self.max_steps is None and self.max_time is None and self.max_tokens is None:
+            raise LMForgeError("give a training budget: --max-steps, --max-time or --max-tokens")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:

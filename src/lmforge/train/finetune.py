@@ -83,8 +83,8 @@ class FineTuneConfig(TrainConfig):
             raise LMForgeError("give the model to fine-tune (a Hugging Face directory, a .gguf file, smollm2 or a run)")
         if self.epochs is not None and self.max_time is not None:
             raise LMForgeError("give one budget: --epochs or --max-time")
-        if self.epochs is None and self.max_steps is None and self.max_time is None:
-            raise LMForgeError("give a training budget: --max-time, --epochs or --max-steps")
+        if self.epochs is None and self.max_steps is None and self.max_time is None and self.max_tokens is None:
+            raise LMForgeError("give a training budget: --max-time, --epochs, --max-steps or --max-tokens")
         if self.val_frac + self.test_frac >= 1:
             raise LMForgeError("--val-frac and --test-frac must sum to less than 1")
 

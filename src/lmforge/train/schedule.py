@@ -1,7 +1,8 @@
 """Learning-rate schedules: linear warmup, then cosine decay or constant-then-linear cooldown.
 
-Progress is a number in [0, 1]: the share of the step budget, or of the time budget when training
-is limited by wall-clock time, so the decay always ends when the budget does.
+Progress is a number in [0, 1]: the share of the step budget, of the time budget when training is
+limited by wall-clock time, or of the token budget when it is limited by tokens seen (the largest
+share when several are given), so the decay always ends when the budget does.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The training loop, written once for every gradient-trained family, from one CPU to many GPUs.
 
 nanoGPT's loop with the production parts a user needs: AdamW with weight-decay groups (fused when
-PyTorch has it), warmup + cosine/linear schedule over a step or wall-clock budget, gradient
+PyTorch has it), warmup + cosine/linear schedule over a step, wall-clock or token budget, gradient
 accumulation and clipping, autocast (bf16, or fp16 with a gradient scaler), optional torch.compile,
 periodic validation, a progress bar with loss, tokens/s and ETA, ``metrics.jsonl`` +
 ``loss_curve.png``, and atomic checkpoints that resume on exactly the same trajectory.
@@ -365,8 +365,11 @@ class Trainer:
             raise LMForgeError(f"cannot resume: {run_dir} is not a run directory with a checkpoint")
         d = dict(read_state(ckpt)["config"])
         d.update({k: v for k, v in overrides.items() if v is not None})
-        if "max_time" in overrides and overrides["max_time"] is not None and "max_steps" not in overrides:
-            d["max_steps"] = None
+        budgets = ("max_steps", "max_time", "max_tokens")
+        if any(overrides.get(k) is not None for k in budgets):  # a new budget replaces the saved ones
+            for k in budgets:
+                if overrides.get(k) is None:
+                    d[k] = None
         if overrides.get("batch_size") is not None and overrides.get("global_batch") is None:
             d["global_batch"] = d.get("global_batch")  # a new per-process batch keeps the run's global batch
         d["out"] = str(run_dir)
@@ -430,17 +433,24 @@ class Trainer:
         return contextlib.nullcontext()
 
     def progress(self) -> float:
-        """Share of the budget used, in [0, 1]: the larger of steps and time."""
+        """Share of the budget used, in [0, 1]: the largest of steps, time and tokens."""
         p = 0.0
         if self.cfg.max_steps:
             p = max(p, self.step / self.cfg.max_steps)
+        if self.cfg.max_tokens:
+            p = max(p, self.tokens_seen / self.cfg.max_tokens)
         total = self.time_budget_total or self.cfg.max_time
         if total:
             p = max(p, self.train_time / total)
         return min(p, 1.0)
 
+    def _bar_count(self, unit: str) -> int:
+        return {"step": self.step, "tok": self.tokens_seen, "s": round(self.train_time)}[unit]
+
     def done(self) -> bool:
         if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
+            return True
+        if self.cfg.max_tokens is not None and self.tokens_seen >= self.cfg.max_tokens:
             return True
         total = self.time_budget_total or self.cfg.max_time
         return total is not None and self.train_time >= total
@@ -583,11 +593,11 @@ class Trainer:
         self.model.train()
         ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
         min_lr = cfg.lr * cfg.min_lr_ratio
-        by_time = cfg.max_steps is None
-        total = self.time_budget_total or cfg.max_time
-        bar = tqdm(total=round(total) if by_time else cfg.max_steps,
-                   initial=round(self.train_time) if by_time else self.step,
-                   unit="s" if by_time else "step", desc=f"train {Path(cfg.out).name}",
+        # the bar counts what the budget counts: steps, else tokens, else seconds
+        unit = "step" if cfg.max_steps is not None else "tok" if cfg.max_tokens is not None else "s"
+        total = cfg.max_steps if unit == "step" else cfg.max_tokens if unit == "tok" else \
+            round(self.time_budget_total or cfg.max_time)
+        bar = tqdm(total=total, initial=self._bar_count(unit), unit=unit, desc=f"train {Path(cfg.out).name}",
                    disable=not (cfg.progress and rt.is_main), dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}]{postfix}")
         window_tokens, window_time = 0, 0.0
@@ -631,11 +641,7 @@ class Trainer:
                     self._validate()
                 if self.step % ckpt_every == 0:
                     self.save()
-                if by_time:
-                    bar.n = min(round(self.train_time), bar.total)
-                    bar.refresh()
-                else:
-                    bar.update(1)
+                bar.update(min(self._bar_count(unit), bar.total) - bar.n)
         except KeyboardInterrupt:  # no handler installed (not the main thread): raised wherever it struck
             bar.close()
             if self.consistent and not rt.distributed:  # ranks cannot agree on a save mid-collective
