@@ -118,3 +118,11 @@ def test_recipe_options_from_the_cli_and_saved_config(tmp_path: Path, char_data:
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["qk_norm"] is True and cfg["mlp"] == "relu2"
     assert load(run).config.qk_norm is True
+
+
+def test_qk_norm_export_is_refused_in_one_line(tmp_path: Path) -> None:
+    from lmforge.hub.export import hf_config_and_weights
+
+    m = GPT(GPTConfig(vocab_size=50, pos="rope", norm="rmsnorm", qk_norm=True, **SHAPE))
+    with pytest.raises(LMForgeError, match="QK-norm"):
+        hf_config_and_weights(m)
