@@ -86,11 +86,24 @@ def test_muon_resume_is_exact(tmp_path: Path, char_data: Path) -> None:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-6)
 
 
-def test_muon_is_refused_where_it_cannot_work(tmp_path: Path, char_data: Path) -> None:
+def test_muon_is_refused_where_it_cannot_work(tmp_path: Path, char_data: Path, monkeypatch) -> None:
+    from lmforge.models.rnn import RNNLM
+
+    monkeypatch.setattr(RNNLM, "hidden_matrices", lambda self: [])  # a family without hidden matrices
     with pytest.raises(LMForgeError, match="no hidden weight matrices"):
         train(tiny_train_config(char_data, tmp_path / "lstm", max_steps=2, model="lstm", preset="tiny", model_args={},
                                 optimizer="muon"))
     assert not (tmp_path / "lstm").exists()
+    with pytest.raises(LMForgeError, match="FSDP"):
+        train(tiny_train_config(char_data, tmp_path / "fsdp", max_steps=2, optimizer="muon", strategy="fsdp"))
+
+
+def test_muon_trains_an_lstm(tmp_path: Path, char_data: Path) -> None:
+    run = tmp_path / "lstm"
+    train(tiny_train_config(char_data, run, max_steps=20, model="lstm", preset="tiny", model_args={},
+                            optimizer="muon"))
+    losses = step_losses(run)
+    assert losses[20] < losses[1] - 0.3
 
 
 @pytest.mark.parametrize("over", [dict(qk_norm=True), dict(mlp="relu2"), dict(qk_norm=True, mlp="relu2")])
