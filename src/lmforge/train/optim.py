@@ -45,7 +45,9 @@ class MuonAdamW(torch.optim.Optimizer):
     and ``momentum``/``nesterov`` (Muon) or ``betas``/``eps`` (AdamW)."""
 
     def __init__(self, groups: Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.99),
-                 eps: float = 1e-8, momentum: float = 0.95, nesterov: bool = True) -> None:
+                 eps: float = 1e-8, momentum: float = 0.95, nesterov: bool = True,
+                 ns_dtype: torch.dtype = torch.float32) -> None:
+        self.ns_dtype = ns_dtype  # the precision of the Newton-Schulz matmuls (an approximation either way)
         defaults = dict(lr=lr, weight_decay=0.0, muon=False, lr_scale=1.0, betas=betas, eps=eps,
                         momentum=momentum, nesterov=nesterov)
         super().__init__(list(groups), defaults)
@@ -76,7 +78,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     d = p.grad.add(buf, alpha=mu) if g["nesterov"] else buf
                     by_shape.setdefault(p.shape, []).append((p, d))
                 for shape, items in by_shape.items():  # one batched Newton-Schulz per shape (n layers at once)
-                    o = newton_schulz5(torch.stack([d.float() for _, d in items]))
+                    o = newton_schulz5(torch.stack([d.to(self.ns_dtype) for _, d in items]))
                     scale = -lr * max(1.0, shape[0] / shape[1]) ** 0.5
                     for (p, _), oi in zip(items, o):
                         p.mul_(1 - lr * wd).add_(oi.to(p.dtype), alpha=scale)

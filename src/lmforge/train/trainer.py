@@ -112,7 +112,10 @@ class StopSignals:
         self._old.clear()
 
 
-def make_optimizer(model: Any, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: Any, cfg: TrainConfig, fused: bool, ns_dtype: torch.dtype = torch.float32
+                   ) -> torch.optim.Optimizer:
+    """AdamW, or Muon + AdamW; ``ns_dtype``: Muon's Newton-Schulz iterations run in bf16 when the steps do (where
+    bf16 matmuls are the faster ones: what ``--dtype auto`` measured), as the reference implementation does."""
     groups = model.param_groups(cfg.weight_decay)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     if cfg.optimizer == "muon":
@@ -126,7 +129,7 @@ def make_optimizer(model: Any, cfg: TrainConfig, fused: bool) -> torch.optim.Opt
         # than AdamW's lr x wd, and short CPU runs do not need the regularisation
         groups.append({"params": hidden, "weight_decay": 0.0, "muon": True, "lr": cfg.muon_lr,
                        "lr_scale": cfg.muon_lr / cfg.lr})
-        return MuonAdamW([g for g in groups if g["params"]], **kw)
+        return MuonAdamW([g for g in groups if g["params"]], ns_dtype=ns_dtype, **kw)
     if fused:
         try:
             return torch.optim.AdamW(groups, fused=True, **kw)
@@ -253,7 +256,8 @@ class Trainer:
         self.wrapped = wrap(rt, self.model)
         # Evaluation skips DDP's wrapper (no gradient sync; buffers need no broadcast); FSDP must all-gather.
         self.loss_step = self.wrapped.module if rt.strategy == "ddp" else self.wrapped
-        self.optimizer = make_optimizer(self.model, cfg, fused=rt.strategy != "fsdp")
+        self.optimizer = make_optimizer(self.model, cfg, fused=rt.strategy != "fsdp",
+                                        ns_dtype=torch.bfloat16 if self.amp_dtype == torch.bfloat16 else torch.float32)
         init_optimizer_state(self.optimizer)
         torch.manual_seed(cfg.seed + 1 + rt.rank)  # dropout masks differ between ranks
         self.carry: list[Any] = [None] * self.accum  # the carried recurrent state of each micro-batch
