@@ -94,8 +94,6 @@ def test_muon_is_refused_where_it_cannot_work(tmp_path: Path, char_data: Path, m
         train(tiny_train_config(char_data, tmp_path / "lstm", max_steps=2, model="lstm", preset="tiny", model_args={},
                                 optimizer="muon"))
     assert not (tmp_path / "lstm").exists()
-    with pytest.raises(LMForgeError, match="FSDP"):
-        train(tiny_train_config(char_data, tmp_path / "fsdp", max_steps=2, optimizer="muon", strategy="fsdp"))
 
 
 def test_muon_trains_an_lstm(tmp_path: Path, char_data: Path) -> None:
