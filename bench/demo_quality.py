@@ -29,7 +29,10 @@ from lmforge.evaluate import evaluate
 from lmforge.train import TrainConfig, train
 from lmforge.utils import machine_summary
 
-TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+sys.path.insert(0, str(Path(__file__).parent))
+from paths import shared_data  # noqa: E402
+
+TINY = shared_data("tinyshakespeare.txt")
 
 
 def nanogpt_baseline(data: Path) -> dict:

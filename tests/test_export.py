@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.mark.parametrize("shape", [
     dict(pos="learned", norm="layernorm", mlp="gelu", tie_embeddings=True),   # -> GPT-2
     dict(pos="rope", norm="rmsnorm", mlp="gelu", tie_embeddings=False),       # -> Llama (the demo's shape)
+    dict(pos="rope", norm="rmsnorm", mlp="relu2", tie_embeddings=True),       # -> Llama with ReLU^2
     dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1),              # -> Llama with GQA
 ])
 def test_export_round_trip_through_transformers(tmp_path: Path, char_data: Path, shape: dict) -> None:

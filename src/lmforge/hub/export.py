@@ -33,6 +33,9 @@ def hf_config_and_weights(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
     def zeros(n: int) -> torch.Tensor:
         return torch.zeros(n)
 
+    if c.qk_norm:
+        raise LMForgeError("QK-norm has no GPT-2 or Llama form in Hugging Face; export a model trained without "
+                           "--qk-norm")
     if c.pos == "learned" and c.norm == "layernorm" and c.mlp in ("gelu", "gelu_tanh"):
         if (c.n_kv_head or c.n_head) != c.n_head:
             raise LMForgeError("GPT-2 format has no grouped-query attention")
@@ -60,7 +63,7 @@ def hf_config_and_weights(model: GPT) -> tuple[dict, dict[str, torch.Tensor]]:
                "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
                "tie_word_embeddings": c.tie_embeddings, "attention_bias": bool(c.qkv_bias or c.bias),
                "mlp_bias": (not gated) or c.bias,
-               "hidden_act": "silu" if gated else ("gelu_pytorch_tanh" if c.mlp == "gelu_tanh" else "gelu")}
+               "hidden_act": "silu" if gated else {"gelu_tanh": "gelu_pytorch_tanh"}.get(c.mlp, c.mlp)}
         present = ({"qkv_bias"} if cfg["attention_bias"] else set()) | (set() if c.tie_embeddings else {"untied"})
         w = {}
         for r in rows(LLAMA, c.n_layer, present):

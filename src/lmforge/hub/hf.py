@@ -128,7 +128,7 @@ def _gpt_config_from_hf(cfg: dict[str, Any]) -> GPTConfig:
         if _field(cfg, "head_dim", int, None) not in (None, d // h):
             raise LMForgeError(f"unsupported: head_dim {cfg['head_dim']} != hidden_size / heads ({d // h})")
         act = _field(cfg, "hidden_act", str, "silu")
-        gelu = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
+        gelu = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu2": "relu2"}.get(act)
         if act != "silu" and not (gelu and cfg.get("mlp_bias")):
             raise LMForgeError(f"unsupported activation {act!r} (SwiGLU with silu, or lmforge's own GELU export)")
         if act == "silu" and cfg.get("mlp_bias"):

@@ -109,6 +109,11 @@ class LanguageModel:
         params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
         return [{"params": params, "weight_decay": weight_decay}]
 
+    def hidden_matrices(self) -> list[Any]:
+        """The 2-D weight matrices inside the network (not embeddings, output head, norms or biases): what the
+        Muon optimizer updates (``--optimizer muon``). Empty = the family does not support Muon."""
+        return []
+
     @property
     def encoder_tokenizer(self) -> Tokenizer | None:
         """The tokenizer of the model's input side: ``source_tokenizer`` when separate, else ``tokenizer``."""

@@ -47,13 +47,14 @@ class GPTConfig(Options):
     n_embd: int = option(384, ge=1, le=MAX_WIDTH, help="model width (embedding size)", default_text=PRESET)
     mlp_hidden: int | None = option(None, ge=1, le=MAX_WIDTH * 8, help="MLP hidden width",
                                     default_text="4 x n_embd (gelu) or ~8/3 x n_embd rounded to 64 (swiglu)")
-    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = option(
-        "gelu", help="MLP: exact GELU, GPT-2's tanh GELU, or SwiGLU (Llama)", default_text=PRESET)
+    mlp: Literal["gelu", "gelu_tanh", "relu2", "swiglu"] = option(
+        "gelu", help="MLP: exact GELU, GPT-2's tanh GELU, ReLU^2 (Primer), or SwiGLU (Llama)", default_text=PRESET)
     norm: Literal["layernorm", "rmsnorm"] = option("layernorm", help="normalisation", default_text=PRESET)
     norm_eps: float = option(1e-5, gt=0, lt=1, cli=False, help="epsilon of the norms")
     pos: Literal["learned", "sinusoidal", "rope"] = option("learned", help="position encoding", default_text=PRESET)
     rope_theta: float = option(10000.0, gt=0, cli=False, help="RoPE base")
     rope_scaling: dict | None = option(None, cli=False, help="RoPE scaling ({type: linear, factor: F})")
+    qk_norm: bool = option(False, help="RMSNorm on each head's queries and keys (QK-norm)", default_text=PRESET)
     bias: bool = option(False, cli=False, help="biases in Linear and LayerNorm")
     qkv_bias: bool | None = option(None, cli=False, help="QKV biases only (Qwen2); None = same as bias")
     tie_embeddings: bool = option(True, help="share the token embedding with the output head", default_text=PRESET)
@@ -137,7 +138,7 @@ class GPT(nn.Module, LanguageModel):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
             Block(c.n_embd, c.n_head, c.n_kv_head, c.hidden, c.mlp, c.norm, c.norm_eps, c.bias, c.qkv_bias,
-                  c.dropout, i, sliding_window=c.sliding_window) for i in range(c.n_layer))
+                  c.dropout, i, sliding_window=c.sliding_window, qk_norm=c.qk_norm) for i in range(c.n_layer))
         self.ln_f = make_norm(c.norm, c.n_embd, c.bias, c.norm_eps)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -266,6 +267,9 @@ class GPT(nn.Module, LanguageModel):
     # --- optimisation --------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
         return decay_param_groups(self, weight_decay)
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        return [p for p in self.blocks.parameters() if p.dim() == 2]
 
     def loss(self, batch: tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor], state: None = None
              ) -> tuple[torch.Tensor, torch.Tensor, None]:

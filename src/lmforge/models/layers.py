@@ -346,7 +346,7 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, bias: bool = False,
                  qkv_bias: bool | None = None, dropout: float = 0.0, layer_idx: int = 0, causal: bool = True,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, qk_norm: bool = False) -> None:
         super().__init__()
         self.causal = causal
         self.sliding_window = sliding_window
@@ -358,6 +358,10 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
         # W^Q, W^K, W^V fused in one matmul: output is [Q | K | V].
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)  # W^O
+        # QK-norm (Dehghani et al. 2023; OLMo 2, Qwen3): RMSNorm over each head's query and key bounds the
+        # attention logits, which lets a small model take a higher learning rate without loss spikes.
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
@@ -369,6 +373,8 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         out_dtype = q.dtype
         if out_dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
             # PyTorch's CPU flash-attention backward is about 4x slower in bf16 than in fp32 (1.05 vs
@@ -435,23 +441,26 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
 
 class MLP(nn.Module):
     """Position-wise feed-forward network: GELU (exact, as nanoGPT), GELU with GPT-2's tanh approximation
-    (``gelu_tanh``; twice as slow on a CPU, kept for checkpoint parity), or SwiGLU (Llama)."""
+    (``gelu_tanh``; twice as slow on a CPU, kept for checkpoint parity), ReLU^2 (``relu2``: max(0, x)^2,
+    So et al. 2021, Primer; cheaper than GELU and sparse), or SwiGLU (Llama)."""
 
     def __init__(self, d_model: int, hidden: int, kind: str = "gelu", bias: bool = False,
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.kind = kind
-        if kind in ("gelu", "gelu_tanh"):
+        if kind in ("gelu", "gelu_tanh", "relu2"):
             self.fc = nn.Linear(d_model, hidden, bias=bias)
         elif kind == "swiglu":
             self.fc = nn.Linear(d_model, 2 * hidden, bias=bias)  # [gate | up] fused
         else:
-            raise ValueError(f"unknown mlp {kind!r}; choose gelu, gelu_tanh or swiglu")
+            raise ValueError(f"unknown mlp {kind!r}; choose gelu, gelu_tanh, relu2 or swiglu")
         self.proj = nn.Linear(hidden, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind != "swiglu":
+        if self.kind == "relu2":
+            h = F.relu(self.fc(x)).square()
+        elif self.kind != "swiglu":
             h = F.gelu(self.fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
         else:
             gate, up = self.fc(x).chunk(2, dim=-1)
@@ -465,11 +474,12 @@ class Block(nn.Module):
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None, mlp_hidden: int, mlp: str,
                  norm: str, norm_eps: float, bias: bool, qkv_bias: bool | None, dropout: float,
-                 layer_idx: int, causal: bool = True, sliding_window: int | None = None) -> None:
+                 layer_idx: int, causal: bool = True, sliding_window: int | None = None,
+                 qk_norm: bool = False) -> None:
         super().__init__()
         self.ln_1 = make_norm(norm, d_model, bias, norm_eps)
         self.attn = CausalSelfAttention(d_model, n_head, n_kv_head, bias, qkv_bias, dropout, layer_idx, causal,
-                                        sliding_window)
+                                        sliding_window, qk_norm)
         self.ln_2 = make_norm(norm, d_model, bias, norm_eps)
         self.mlp = MLP(d_model, mlp_hidden, mlp, bias, dropout)
 

@@ -217,6 +217,10 @@ class RNNLM(nn.Module, LanguageModel):
         # Recurrent matrices are not decayed: weight decay on U shrinks the memory of the state.
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        # the input and recurrent matrices W, U of every layer (all gates stacked, as nn.LSTM keeps them)
+        return [p for p in self.rnn.parameters() if p.dim() == 2]
+
     def flops_per_token(self) -> float:
         return 6.0 * self.num_parameters()
 

@@ -32,7 +32,12 @@ class TrainConfig(Options):
     # optimisation
     batch_size: int = option(32, ge=1, le=1 << 20, help="sequences per micro-batch, per process")
     grad_accum: int = option(1, ge=1, le=1 << 16, help="micro-batches per optimizer step (gradient accumulation)")
+    optimizer: Literal["adamw", "muon"] = option(
+        "adamw", help="adamw, or muon: Muon on the hidden weight matrices (Transformer blocks), AdamW on embeddings, "
+                      "head, norms and biases")
     lr: float = option(2e-3, gt=0, le=10, help="peak learning rate (AdamW)")
+    muon_lr: float = option(0.02, gt=0, le=10, help="peak learning rate of the Muon matrices (--optimizer muon); "
+                                                    "follows the same schedule as --lr")
     min_lr_ratio: float = option(0.1, ge=0, le=1, help="final learning rate as a fraction of --lr")
     weight_decay: float = option(0.1, ge=0, le=10, help="AdamW weight decay (not on biases, norms, embeddings)")
     beta1: float = option(0.9, ge=0, lt=1, help="AdamW beta1 (first-moment decay)")

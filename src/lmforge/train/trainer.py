@@ -59,6 +59,7 @@ from ..utils import (
 from .checkpoint import find_checkpoint, init_optimizer_state, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import autocast_dtype, gradient_sync, setup, wrap
+from .optim import MuonAdamW
 from .schedule import learning_rate
 
 
@@ -111,9 +112,24 @@ class StopSignals:
         self._old.clear()
 
 
-def make_optimizer(model: Any, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: Any, cfg: TrainConfig, fused: bool, ns_dtype: torch.dtype = torch.float32
+                   ) -> torch.optim.Optimizer:
+    """AdamW, or Muon + AdamW; ``ns_dtype``: Muon's Newton-Schulz iterations run in bf16 when the steps do (where
+    bf16 matmuls are the faster ones: what ``--dtype auto`` measured), as the reference implementation does."""
     groups = model.param_groups(cfg.weight_decay)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if cfg.optimizer == "muon":
+        hidden = [p for p in model.hidden_matrices() if p.requires_grad]
+        if not hidden:
+            raise LMForgeError(f"--optimizer muon: a {model.model_type} model declares no hidden weight matrices for "
+                               "Muon; use --optimizer adamw")
+        ids = {id(p) for p in hidden}
+        groups = [dict(g, params=[p for p in g["params"] if id(p) not in ids]) for g in groups]
+        # no weight decay on the Muon matrices: at lr 0.02 it would shrink them e^-0.002 per step, far more
+        # than AdamW's lr x wd, and short CPU runs do not need the regularisation
+        groups.append({"params": hidden, "weight_decay": 0.0, "muon": True, "lr": cfg.muon_lr,
+                       "lr_scale": cfg.muon_lr / cfg.lr})
+        return MuonAdamW([g for g in groups if g["params"]], ns_dtype=ns_dtype, **kw)
     if fused:
         try:
             return torch.optim.AdamW(groups, fused=True, **kw)
@@ -222,6 +238,9 @@ class Trainer:
         self.build()
         if self.checkpoint_module is None:
             self.checkpoint_module = self.model
+        if rt.strategy == "fsdp" and cfg.optimizer == "muon":
+            raise LMForgeError("--optimizer muon orthogonalises whole matrices and FSDP shards them across processes; "
+                               "use --strategy ddp (or none) with Muon, or --optimizer adamw with FSDP")
         if rt.strategy == "fsdp" and not self.model.shard_units():
             raise LMForgeError(f"--strategy fsdp shards Transformer blocks, and a {cfg.model} model has none; use "
                                "--strategy ddp")
@@ -237,7 +256,8 @@ class Trainer:
         self.wrapped = wrap(rt, self.model)
         # Evaluation skips DDP's wrapper (no gradient sync; buffers need no broadcast); FSDP must all-gather.
         self.loss_step = self.wrapped.module if rt.strategy == "ddp" else self.wrapped
-        self.optimizer = make_optimizer(self.model, cfg, fused=rt.strategy != "fsdp")
+        self.optimizer = make_optimizer(self.model, cfg, fused=rt.strategy != "fsdp",
+                                        ns_dtype=torch.bfloat16 if self.amp_dtype == torch.bfloat16 else torch.float32)
         init_optimizer_state(self.optimizer)
         torch.manual_seed(cfg.seed + 1 + rt.rank)  # dropout masks differ between ranks
         self.carry: list[Any] = [None] * self.accum  # the carried recurrent state of each micro-batch
@@ -595,7 +615,7 @@ class Trainer:
                 lr = learning_rate(self.step, self.progress(), cfg.lr, min_lr, cfg.warmup_steps, cfg.schedule,
                                    cfg.cooldown_frac)
                 for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon's matrices follow the schedule at their own peak
                 try:
                     self.last_loss, step_tokens, stopped = self.train_step(stop.signum)
                 except (MemoryError, RuntimeError) as e:  # a failed allocation: bad input, not a bug
