@@ -203,6 +203,10 @@ class GPT(nn.Module, LanguageModel):
         x = self.ln_f(x)
         if targets is not None:
             keep = targets != -100
+            if torch.compiler.is_compiling():
+                # no data-dependent shapes inside a compiled graph (they break it): every position goes through
+                # the head and cross_entropy skips the -100 targets (ignore_index)
+                return None, F.cross_entropy(self.lm_head(x).flatten(0, 1).float(), targets.flatten())
             if bool(keep.all()):
                 h, y = x.reshape(-1, x.size(-1)), targets.reshape(-1)
             else:
