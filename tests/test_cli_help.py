@@ -45,7 +45,8 @@ def test_train_help_shows_defaults_and_choices(capsys: pytest.CaptureFixture) ->
     assert "one of: cosine, linear, constant" in flags["--schedule"].help
     assert "one of: fp32, bf16, fp16, auto" in flags["--dtype"].help
     assert "one of: learned, sinusoidal, rope" in flags["--pos"].help
-    assert "one of: gelu, gelu_tanh, swiglu" in flags["--mlp"].help
+    assert "one of: gelu, gelu_tanh, relu2, swiglu" in flags["--mlp"].help
+    assert "one of: adamw, muon" in flags["--optimizer"].help
     assert "allowed: >= 0 and < 1" in flags["--beta1"].help
     assert "default: 0.002" in flags["--lr"].help
     with pytest.raises(SystemExit):
