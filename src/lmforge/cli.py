@@ -268,12 +268,17 @@ def cmd_eval_seq2seq(a: argparse.Namespace, model: Any, c: Any) -> int:
     print(f"{a.run} on {c.split} ({res['pairs']:,} pairs, {'greedy' if c.beam == 1 else f'beam {c.beam}'}):")
     print(f"  loss          {res['loss']:.4f} nats/target token")
     print(f"  perplexity    {res['perplexity']:.3f}")
+    _print_translation_scores(res)
+    return 0
+
+
+def _print_translation_scores(res: dict) -> None:
+    """BLEU, chrF, speed and three samples of a translation evaluation (seq2seq or instruction-tuned)."""
     print(f"  BLEU          {res['bleu']:.2f}   {res['bleu_signature']}")
     print(f"  chrF          {res['chrf']:.2f}   {res['chrf_signature']}")
     print(f"  speed         {res['sentences_per_second']:.1f} sentences/s")
     for s in res["samples"][:3]:
         print(f"  src: {s['source']}\n  ref: {s['reference']}\n  hyp: {s['hypothesis']}")
-    return 0
 
 
 def cmd_eval_instructed(a: argparse.Namespace, model: Any, c: Any, instruction: str, data: str) -> int:
@@ -285,11 +290,7 @@ def cmd_eval_instructed(a: argparse.Namespace, model: Any, c: Any, instruction: 
         return 0
     print(f"{a.run} on {data} {c.split} ({res['pairs']:,} pairs, {'greedy' if c.beam == 1 else f'beam {c.beam}'}, "
           f"prompt \"{instruction} ...\" in the chat template):")
-    print(f"  BLEU          {res['bleu']:.2f}   {res['bleu_signature']}")
-    print(f"  chrF          {res['chrf']:.2f}   {res['chrf_signature']}")
-    print(f"  speed         {res['sentences_per_second']:.1f} sentences/s")
-    for s in res["samples"][:3]:
-        print(f"  src: {s['source']}\n  ref: {s['reference']}\n  hyp: {s['hypothesis']}")
+    _print_translation_scores(res)
     return 0
 
 
