@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from paths import shared_data  # bench/paths.py (the scripts run from bench/)
 
 from lmforge.generation.fast import prepare_for_decoding
 from lmforge.hub import load_model
 from lmforge.utils import machine_summary
 
 # the shared benchmark text (read, never copied into the repo): next to the checkout, or /work/shared
-SHAKESPEARE = next((p / "shared" / "data" / "tinyshakespeare.txt" for p in Path(__file__).resolve().parents
-                    if (p / "shared" / "data" / "tinyshakespeare.txt").exists()), Path("tinyshakespeare.txt"))
+SHAKESPEARE = shared_data("tinyshakespeare.txt")
 
 
 @torch.no_grad()

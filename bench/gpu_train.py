@@ -31,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from nanogpt_ref import NanoGPT  # noqa: E402
+from paths import shared_data  # noqa: E402
 
 from lmforge.data import PrepareConfig, TokenData, prepare  # noqa: E402
 from lmforge.train import TrainConfig, Trainer  # noqa: E402
 
-TINY = next((p / "shared" / "data" / "tinyshakespeare.txt" for p in Path(__file__).resolve().parents
-             if (p / "shared" / "data" / "tinyshakespeare.txt").exists()), Path("tinyshakespeare.txt"))
+TINY = shared_data("tinyshakespeare.txt")
 L, H, D, T, B = 6, 6, 384, 256, 64
 TARGET = 1.47
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from paths import shared_data  # bench/paths.py (the scripts run from bench/)
 
 import lmforge
 from lmforge.evaluate.inspect_html import render_html
@@ -70,9 +71,8 @@ def main() -> None:
 
     # timing: inspect vs one forward pass, interleaved rounds, on real text
     # ../shared/data beside the checkout (or beside the folder of worktrees)
-    found = [d / "shared" / "data" / "tinyshakespeare.txt" for d in Path(__file__).resolve().parents[1:4]]
-    text_path = next((f for f in found if f.exists()), None)
-    text = text_path.read_text(encoding="utf-8")[:20_000] if text_path else "To be, or not to be. " * 400
+    text_path = shared_data("tinyshakespeare.txt")
+    text = text_path.read_text(encoding="utf-8")[:20_000] if text_path.exists() else "To be, or not to be. " * 400
     ids = model.tokenizer.encode_array(text)[: a.tokens - 1]
     stream = np.concatenate([[model.tokenizer.eot_id], ids])
     t_fwd, t_insp, t_html = [], [], []

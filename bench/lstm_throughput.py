@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from paths import shared_data  # bench/paths.py (the scripts run from bench/)
 
 from lmforge.data import PrepareConfig, prepare
 from lmforge.models.rnn import PRESETS, LSTMCellRef
 from lmforge.train import TrainConfig, Trainer
 from lmforge.utils import machine_summary
 
-TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+TINY = shared_data("tinyshakespeare.txt")
 
 
 class StackedRef(nn.Module):

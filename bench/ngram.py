@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from paths import shared_data  # bench/paths.py (the scripts run from bench/)
 
 from lmforge.utils import machine_summary
 
-TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+TINY = shared_data("tinyshakespeare.txt")
 
 
 def build_case(corpus: str, order: int, workdir: str) -> dict:

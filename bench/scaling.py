@@ -30,11 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from paths import shared_data  # bench/paths.py (the scripts run from bench/)
+
 from lmforge.utils import machine_summary
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = next((p / "shared" / "data" / "tinyshakespeare.txt" for p in ROOT.parents
-                    if (p / "shared" / "data" / "tinyshakespeare.txt").exists()), Path("tinyshakespeare.txt"))
+SHAKESPEARE = shared_data("tinyshakespeare.txt")
 SHAPE = ["--preset", "nano", "--n-layer", "6", "--n-head", "6", "--n-embd", "384", "--block-size", "256",
          "--dropout", "0", "--dtype", "fp32"]
 GLOBAL_BATCH = 8

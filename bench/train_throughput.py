@@ -23,12 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from nanogpt_ref import NanoGPT, train_step  # noqa: E402
+from paths import shared_data  # noqa: E402
 
 from lmforge.data import PrepareConfig, prepare  # noqa: E402
 from lmforge.train import TrainConfig, Trainer  # noqa: E402
 from lmforge.utils import dtype_probe, machine_summary, resolve_dtype  # noqa: E402
 
-TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+TINY = shared_data("tinyshakespeare.txt")
 SHAPES = {
     "A": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch=12),
     "B": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=64),
