@@ -164,35 +164,60 @@ CODE = '''def moving_average(values, window):
 '''
 
 
-def bench_speculative(models: dict[str, GPT], new: int, rounds: int, draft_tokens: int) -> list[dict]:
-    """A repetitive task: rewrite code given in the prompt (prompt lookup drafts the copied spans)."""
+#: repetitive chat tasks: the reply rewrites code given in the prompt (prompt lookup drafts the copied spans)
+SPEC_TASKS = {
+    "type-hints": "Add type hints to this Python function (values: list[float], window: int, returns list[float]) "
+                  "and print the whole function:",
+    "rename": "Rename the variable `total` to `running_sum` in this Python function and print the whole function:",
+}
+
+
+def bench_speculative(models: dict[str, GPT], new: int, rounds: int, draft_tokens: int,
+                      tasks: list[str]) -> list[dict]:
+    """Plain vs prompt-lookup speculative greedy decoding of the same prompt, interleaved round by round; wall
+    and CPU time of the whole generation (prefill included), and the prefill alone (for decode-only ratios)."""
+    from lmforge.apps.chat import ChatSession
+
     rows = []
     for dtype, model in models.items():
-        from lmforge.apps.chat import ChatSession
-
-        session = ChatSession(model)
-        session.messages.append({"role": "user", "content": "Add type hints to this Python function (values: "
-                                 "list[float], window: int, returns list[float]) and print the whole function:"
-                                 f"\n```python\n{CODE}```"})
-        prompt = model.tokenizer.encode(session.prompt() + "```python\n")  # the reply starts with the code
-        base = dict(max_new_tokens=new, temperature=0, ignore_eos=False, compile="off")
-        plain_t, spec_t, stats = [], [], None
-        for _ in range(rounds):  # interleaved: plain, speculative, plain, ...
-            t0 = time.perf_counter()
-            plain = generate_ids(model, prompt, GenerationConfig(**base))[0]
-            plain_t.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            spec = generate_ids(model, prompt, GenerationConfig(speculative="prompt-lookup",
-                                                                draft_tokens=draft_tokens, **base))[0]
-            spec_t.append(time.perf_counter() - t0)
-            stats = speculative.last_stats
-        assert stats is not None
-        rows.append(dict(dtype=dtype, prompt_tokens=len(prompt), new_tokens=len(plain), identical=plain == spec,
-                         plain_tok_s=len(plain) / statistics.median(plain_t),
-                         spec_tok_s=len(spec) / statistics.median(spec_t),
-                         speedup=statistics.median(plain_t) / statistics.median(spec_t),
-                         acceptance=stats.acceptance_rate, tokens_per_pass=stats.tokens_per_round,
-                         text=model.tokenizer.decode(spec)))
+        for task in tasks:
+            session = ChatSession(model)
+            session.messages.append({"role": "user", "content": f"{SPEC_TASKS[task]}\n```python\n{CODE}```"})
+            prompt = model.tokenizer.encode(session.prompt() + "```python\n")  # the reply starts with the code
+            base = dict(max_new_tokens=new, temperature=0, ignore_eos=False, compile="off")
+            t: dict[str, list[float]] = {k: [] for k in ("plain", "spec", "prefill", "plain_cpu", "spec_cpu",
+                                                         "prefill_cpu")}
+            stats = None
+            for _ in range(rounds):  # interleaved: prefill alone, plain, speculative, prefill, ...
+                w0, c0 = time.perf_counter(), time.process_time()
+                with torch.no_grad():
+                    model.forward_logits(torch.tensor([prompt]), model.init_state(1, len(prompt)), last_only=True)
+                t["prefill"].append(time.perf_counter() - w0)
+                t["prefill_cpu"].append(time.process_time() - c0)
+                w0, c0 = time.perf_counter(), time.process_time()
+                plain = generate_ids(model, prompt, GenerationConfig(**base))[0]
+                t["plain"].append(time.perf_counter() - w0)
+                t["plain_cpu"].append(time.process_time() - c0)
+                w0, c0 = time.perf_counter(), time.process_time()
+                spec = generate_ids(model, prompt, GenerationConfig(speculative="prompt-lookup",
+                                                                    draft_tokens=draft_tokens, **base))[0]
+                t["spec"].append(time.perf_counter() - w0)
+                t["spec_cpu"].append(time.process_time() - c0)
+                stats = speculative.last_stats
+            assert stats is not None
+            m = {k: statistics.median(v) for k, v in t.items()}
+            pre = m["prefill_cpu"]
+            rows.append(dict(dtype=dtype, task=task, prompt_tokens=len(prompt), new_tokens=len(plain),
+                             identical=plain == spec, plain_tok_s=len(plain) / m["plain"],
+                             spec_tok_s=len(spec) / m["spec"], speedup=m["plain"] / m["spec"],
+                             speedup_cpu=m["plain_cpu"] / m["spec_cpu"],
+                             decode_speedup_cpu=(m["plain_cpu"] - pre) / (m["spec_cpu"] - pre),
+                             prefill_share_cpu=m["prefill_cpu"] / m["plain_cpu"],
+                             acceptance=stats.acceptance_rate, tokens_per_pass=stats.tokens_per_round,
+                             rounds=stats.rounds, timing=stats.timing(), text=model.tokenizer.decode(spec)))
+            r = rows[-1]
+            print(f"  speculative {dtype} {task}: {r['speedup']:.2f}x wall, {r['speedup_cpu']:.2f}x CPU "
+                  f"(decode only {r['decode_speedup_cpu']:.2f}x); {stats.summary()}; {stats.timing()}", flush=True)
     return rows
 
 
@@ -210,7 +235,10 @@ def main() -> None:
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--memory", action="store_true", help="peak RSS of each layout in a fresh process")
     ap.add_argument("--speculative", action="store_true", help="the repetitive-task speculative benchmark")
-    ap.add_argument("--draft-tokens", type=int, default=8)
+    ap.add_argument("--speculative-only", action="store_true", help="skip the throughput table")
+    ap.add_argument("--spec-tasks", nargs="+", default=["type-hints"], choices=sorted(SPEC_TASKS))
+    ap.add_argument("--draft-tokens", type=int, default=15, help="most tokens drafted per pass (prompt lookup "
+                    "drafts up to twice the match length)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -240,7 +268,7 @@ def main() -> None:
             for q, path in llamacpp_models(a.threads).items():
                 runners.append(("llama.cpp", q, lambda b, f=path, p=prompt: run_llamacpp(f, p, b, a.new_tokens,
                                                                                           a.threads)))
-        for r in range(a.rounds):
+        for r in range(0 if a.speculative_only else a.rounds):
             for batch in a.batches:
                 for impl, dtype, fn in runners:
                     res = fn(batch)
@@ -248,17 +276,20 @@ def main() -> None:
                     print(f"  round {r} {impl:12s} {dtype:5s} b{batch}: {res['tokens_per_s']:7.1f} tok/s, "
                           f"{res['tokens_per_cpu_s']:7.1f} tok/CPU-s", flush=True)
         if a.speculative and name == "smollm2":
-            spec_rows = bench_speculative({d: models[d] for d in ("int8", "int4") if d in models}, 160, a.rounds,
-                                          a.draft_tokens)
+            spec_rows = bench_speculative({d: m for d, m in models.items() if d != "plain"}, 160, a.rounds,
+                                          a.draft_tokens, a.spec_tasks)
         del models
     table(results, a)
     if spec_rows:
-        print("\nspeculative decoding (prompt lookup), rewriting code given in the prompt, greedy:")
+        print(f"\nspeculative decoding (prompt lookup, at most {a.draft_tokens} drafts), rewriting code given in "
+              f"the prompt, greedy, prefill included (median of {a.rounds} interleaved rounds):")
         for s in spec_rows:
-            print(f"  smollm2 {s['dtype']}: {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens: plain "
-                  f"{s['plain_tok_s']:.1f} tok/s, speculative {s['spec_tok_s']:.1f} tok/s = {s['speedup']:.2f}x; "
-                  f"identical output: {s['identical']}; acceptance {100 * s['acceptance']:.0f}%, "
-                  f"{s['tokens_per_pass']:.2f} tokens per target pass")
+            print(f"  smollm2 {s['dtype']} {s['task']}: {s['prompt_tokens']}-token prompt, {s['new_tokens']} new "
+                  f"tokens: plain {s['plain_tok_s']:.1f} tok/s, speculative {s['spec_tok_s']:.1f} tok/s = "
+                  f"{s['speedup']:.2f}x wall, {s['speedup_cpu']:.2f}x CPU time "
+                  f"(decode only {s['decode_speedup_cpu']:.2f}x; "
+                  f"the prefill is {100 * s['prefill_share_cpu']:.0f}% of plain); identical output: {s['identical']}; "
+                  f"acceptance {100 * s['acceptance']:.0f}%, {s['tokens_per_pass']:.2f} tokens per target pass")
     if a.memory:
         print("\npeak RSS (fresh process, load + decode), MiB:")
         for name in a.models:

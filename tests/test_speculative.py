@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lmforge.generation import GenerationConfig, generate_ids, speculative
-from lmforge.generation.speculative import ModelDrafter, PromptLookup, accept_drafts
+from lmforge.generation.fast import prepare_for_decoding
+from lmforge.generation.speculative import ModelDrafter, PromptLookup, accept_drafts, verify_rows
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.ngram import NGramModel
 
@@ -86,8 +87,62 @@ def test_prompt_lookup_proposes_the_continuation() -> None:
     pl.start([], 0)
     toks = [1, 2, 3, 4, 5, 9, 2, 3]
     assert pl.propose(toks, 3, None, None) == ([4, 5, 9], None)  # "2 3" was followed by 4 5 9
-    assert pl.propose(toks + [4, 5, 1, 3], 2, None, None) == ([], None)  # "1 3" never seen before
+    assert PromptLookup(4, 2).propose(toks + [4, 5, 1, 3], 2, None, None) == ([], None)  # "1 3" never seen
+    assert pl.propose(toks + [4, 5, 1, 3], 2, None, None) == ([4, 5], None)  # ... but "3" was
     assert PromptLookup(2, 1).propose(toks + [5], 2, None, None) == ([9, 2], None)  # unigram "5"
+
+
+def test_prompt_lookup_prefers_the_longest_match() -> None:
+    """The longest earlier suffix wins over a more recent shorter one; among equally long matches the
+    latest; the draft is at most ``growth`` x the match length (and ``k``)."""
+    a, b, c, x, y = 10, 11, 12, 20, 21
+    #         0  1  2  3  4  5  6  7  8  9  10 11 12 13
+    toks = [a, b, c, 1, 2, 3, 4, 5, 6, x, c, 7, 8, a, b, c]
+    pl = PromptLookup()  # one instance follows one growing sequence (start() resets it)
+    assert pl.match(toks) == (3, 2)  # "a b c" at 0..2, not the more recent unigram "c" at 10
+    assert pl.propose(toks, 16, None, None) == ([1, 2, 3, 4, 5, 6], None)  # 2 x 3 tokens
+    assert pl.propose(toks, 4, None, None) == ([1, 2, 3, 4], None)  # capped by k
+    assert PromptLookup(growth=1).propose(toks, 16, None, None) == ([1, 2, 3], None)
+    toks2 = [x, c, 1, y, c, 2, y, c]  # "y c" occurs at 3..4 only; "c" latest at 4
+    assert PromptLookup().match(toks2) == (2, 4)
+    assert PromptLookup().propose(toks2, 8, None, None) == ([2, y, c], None)
+    assert PromptLookup().match([x, y, 5]) == (0, None)
+    # a copied span keeps being drafted from where the last draft stopped
+    span = list(range(100, 140))
+    seq = span + [7] + span[:10]
+    pl.start(seq, 0)
+    assert pl.match(seq) == (8, 9) and pl.propose(seq, 15, None, None)[0] == span[10:25]
+
+
+def test_verify_passes_fill_kernel_blocks() -> None:
+    assert [verify_rows(d, 4) for d in range(13)] == [0, 1, 2, 3, 3, 3, 3, 7, 7, 7, 7, 11, 11]
+    assert [verify_rows(d, 1) for d in range(5)] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("layout", ["int8", "int4"])
+def test_greedy_identical_with_quantized_target(layout: str) -> None:
+    """A laid-out target verifies in passes of 1-4 or 8 rows (its kernels' blocks) and still decodes
+    exactly plain greedy's tokens. (bf16 activations make a row's logits depend on the pass's length in the
+    last bits, so the head is scaled further to keep this tiny model's greedy choices clear of such ties.)"""
+    target = prepare_for_decoding(gpt(0, head_scale=30.0), layout)
+    prompt = [5, 17, 42, 8, 5, 17, 42, 8, 5, 17, 42, 8, 5, 17]
+    cfg = dict(max_new_tokens=40, temperature=0, ignore_eos=True)
+    plain = generate_ids(target, prompt, GenerationConfig(**cfg))
+    rows: list[int] = []
+    forward = target.forward_logits
+    self_draft = copy.deepcopy(target)
+
+    def recording(ids: torch.Tensor, state: object = None, last_only: bool = False) -> object:
+        rows.append(ids.shape[1])
+        return forward(ids, state, last_only)
+
+    target.forward_logits = recording  # type: ignore[method-assign]
+    for draft in ("prompt-lookup", self_draft):  # the second always drafts all it may (7 of 9)
+        rows.clear()
+        fast = generate_ids(target, prompt, GenerationConfig(speculative=draft, draft_tokens=9, **cfg))
+        assert fast == plain
+        assert rows[0] == len(prompt) - 1 and set(rows[1:]) <= {1, 2, 3, 4, 8}
+    assert rows[1:-1] == [8] * (len(rows) - 2)
 
 
 def test_acceptance_rule_keeps_the_target_distribution() -> None:

@@ -21,15 +21,24 @@ bound by reading the weights -- and yields between 1 and K+1 tokens.
 Drafters:
 
 * :class:`PromptLookup` (Saxena 2023, "prompt lookup decoding"): an n-gram index over the prompt and the
-  output so far; the last n tokens (n = 4, 3, 2: one matching token predicts too little) are looked up
-  and the tokens that followed their latest earlier occurrence are proposed. Free to run, and very
-  effective when the output copies the input (editing or summarising code or text given in the prompt).
+  output so far. The longest suffix of the sequence (n = 8 down to 1 tokens) that occurred before is
+  found, and the tokens that followed its latest earlier occurrence are proposed -- as many as twice the
+  match length (a long match is a copied span that usually goes on; a one-token match is a guess), at
+  most ``draft_tokens``. After a fully accepted round the next lookup finds the same span again, longer,
+  and drafts on from where it stopped. Free to run, and very effective when the output copies the input
+  (editing or summarising code or text given in the prompt).
 * :class:`ModelDrafter`: any lmforge model sharing the target's tokenizer -- a small GPT, or an n-gram
   model trained on the user's corpus (``lmforge ngram``), sampled with the same processing.
+
+Verify passes are cut to whole blocks of the target's matmul kernels (``models.quant.KERNEL_ROWS``: the
+int8/int4 CPU kernels multiply 4 rows at a time, so 4 rows cost ~1.2x one row and the 5th row ~1.6x):
+a draft of 5 tokens (6 rows) is cut to 3 (4 rows), one of 8 to 7. A round without a draft is a plain
+one-token step.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +46,7 @@ from typing import Any
 import torch
 
 from ..errors import LMForgeError
+from ..models.quant import KERNEL_ROWS
 from .logits import warp_logits
 
 
@@ -46,6 +56,10 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
+    prefill_s: float = 0.0  # wall time of the prompt's forward
+    draft_s: float = 0.0    # proposing drafts
+    verify_s: float = 0.0   # the target's passes over [last token, drafts]
+    other_s: float = 0.0    # acceptance, cache rewind, bookkeeping, callbacks
 
     @property
     def acceptance_rate(self) -> float:
@@ -58,6 +72,11 @@ class SpecStats:
     def summary(self) -> str:
         return (f"speculative decoding: {self.accepted}/{self.drafted} drafted tokens accepted "
                 f"({100 * self.acceptance_rate:.1f}%), {self.tokens_per_round:.2f} tokens per target pass")
+
+    def timing(self) -> str:
+        """Where the time went (wall seconds)."""
+        return (f"prefill {self.prefill_s:.2f} s, verify passes {self.verify_s:.2f} s ({self.rounds}), drafting "
+                f"{self.draft_s * 1000:.1f} ms, acceptance and bookkeeping {self.other_s * 1000:.1f} ms")
 
 
 #: statistics of the most recent speculative generation in this process (the CLI prints them)
@@ -82,12 +101,13 @@ class Drafter:
 
 
 class PromptLookup(Drafter):
-    """Prompt-lookup decoding: propose what followed the latest earlier occurrence of the last n tokens."""
+    """Prompt-lookup decoding: find the longest suffix (``max_ngram`` down to ``min_ngram`` tokens) that occurred
+    before and propose what followed its latest earlier occurrence, up to ``growth`` x the match length."""
 
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 2) -> None:
-        if not 1 <= min_ngram <= max_ngram:
-            raise LMForgeError("prompt lookup needs 1 <= min_ngram <= max_ngram")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+    def __init__(self, max_ngram: int = 8, min_ngram: int = 1, growth: int = 2) -> None:
+        if not 1 <= min_ngram <= max_ngram or growth < 1:
+            raise LMForgeError("prompt lookup needs 1 <= min_ngram <= max_ngram and growth >= 1")
+        self.max_ngram, self.min_ngram, self.growth = max_ngram, min_ngram, growth
         self.index: dict[tuple[int, ...], int] = {}
         self.indexed = 0
 
@@ -103,16 +123,22 @@ class PromptLookup(Drafter):
                     self.index[tuple(tokens[end - n + 1:end + 1])] = end
         self.indexed = len(tokens)
 
-    def propose(self, tokens: list[int], k: int, cfg: Any,
-                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+    def match(self, tokens: list[int]) -> tuple[int, int | None]:
+        """(n, end): the longest suffix of ``tokens`` seen before, n tokens ending at index ``end`` (latest
+        earlier occurrence); (0, None) when not even ``min_ngram`` tokens match."""
         self._extend(tokens)
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            if len(tokens) < n:
-                continue
+        for n in range(min(self.max_ngram, len(tokens)), self.min_ngram - 1, -1):
             end = self.index.get(tuple(tokens[-n:]))
             if end is not None:
-                return tokens[end + 1:end + 1 + k], None
-        return [], None
+                return n, end
+        return 0, None
+
+    def propose(self, tokens: list[int], k: int, cfg: Any,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        n, end = self.match(tokens)
+        if end is None:
+            return [], None
+        return tokens[end + 1:end + 1 + min(k, self.growth * n)], None
 
 
 class ModelDrafter(Drafter):
@@ -197,6 +223,12 @@ def make_drafter(spec: Any, target: Any) -> Drafter:
     return ModelDrafter(spec)
 
 
+def verify_rows(drafts: int, block: int) -> int:
+    """How many of ``drafts`` tokens to verify so that the pass (drafts + 1 rows) fills whole kernel blocks."""
+    rows = drafts + 1
+    return drafts if rows <= block else rows // block * block - 1
+
+
 def _probs(z: torch.Tensor, seqs: list[int], cfg: Any) -> torch.Tensor:
     """The target's processed next-token distribution (B=1) after ``seqs``."""
     seen = None
@@ -212,12 +244,13 @@ def accept_drafts(p: torch.Tensor, drafts: list[int], q: torch.Tensor | None, gr
     """The acceptance rule. ``p`` (n+1, V): the target's distributions (processed logits when greedy) at
     each draft position and one past; ``q`` (n, V): the proposal distributions (None: point masses).
     Returns (number of drafts accepted, the token emitted after them)."""
+    if greedy:  # accepted while the draft is the target's argmax
+        best = p.argmax(-1).tolist()
+        j = 0
+        while j < len(drafts) and drafts[j] == best[j]:
+            j += 1
+        return j, best[j]
     for j, d in enumerate(drafts):
-        if greedy:
-            best = int(p[j].argmax())
-            if best != d:
-                return j, best
-            continue
         qd = 1.0 if q is None else float(q[j, d])
         pd = float(p[j, d])
         r = float(torch.rand(1, generator=generator))
@@ -231,8 +264,7 @@ def accept_drafts(p: torch.Tensor, drafts: list[int], q: torch.Tensor | None, gr
         if float(resid.sum()) <= 0:  # p == q: rejection had probability 0; numerically, fall back to p
             resid = p[j]
         return j, int(torch.multinomial(resid / resid.sum(), 1, generator=generator))
-    last = p[len(drafts)]
-    return len(drafts), int(last.argmax()) if greedy else int(torch.multinomial(last, 1, generator=generator))
+    return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=generator))
 
 
 @torch.no_grad()
@@ -257,22 +289,30 @@ def speculative_generate(model: Any, prompt: list[int], cfg: Any,
     if cfg.ignore_eos:
         eos = None
     stats = SpecStats()
+    block = KERNEL_ROWS.get(model.decode_dtype or "", 1)
+    t0 = time.perf_counter()
     state = model.init_state(1, total)
     if len(prompt) > 1:  # invariant: the target's cache holds every committed token but the last
         model.forward_logits(torch.tensor([prompt[:-1]]), state, last_only=True)
+    stats.prefill_s = time.perf_counter() - t0
     drafter.start(prompt, total)
     tokens = list(prompt)
     out: list[int] = []
     greedy = cfg.temperature == 0
+    plain_argmax = greedy and cfg.repetition_penalty == 1.0  # the logits are the processed scores
     while len(out) < cfg.max_new_tokens:
-        k = min(K, cfg.max_new_tokens - len(out) - 1)
+        t0 = time.perf_counter()
+        k = verify_rows(min(K, cfg.max_new_tokens - len(out) - 1), block)
         drafts, q = drafter.propose(tokens, k, cfg, generator) if k > 0 else ([], None)
-        drafts = drafts[:k]
+        drafts = drafts[:verify_rows(min(k, len(drafts)), block)]
         if q is not None:
             q = q[:len(drafts)]
+        t1 = time.perf_counter()
         logits, state = model.forward_logits(torch.tensor([[tokens[-1]] + drafts]), state)
+        t2 = time.perf_counter()
         z = logits[0].float()
-        p = torch.stack([_probs(z[j], tokens + drafts[:j], cfg) for j in range(len(drafts) + 1)])
+        p = z if plain_argmax else torch.stack([_probs(z[j], tokens + drafts[:j], cfg)
+                                                 for j in range(len(drafts) + 1)])
         n_acc, extra = accept_drafts(p, drafts, q, greedy, generator)
         model.state_rewind(state, len(drafts) - n_acc)
         drafter.commit(n_acc, len(drafts))
@@ -292,6 +332,9 @@ def speculative_generate(model: Any, prompt: list[int], cfg: Any,
                 break
             if len(out) >= cfg.max_new_tokens:
                 break
+        stats.draft_s += t1 - t0
+        stats.verify_s += t2 - t1
+        stats.other_s += time.perf_counter() - t2
         if stop:
             break
     last_stats = stats

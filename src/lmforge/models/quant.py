@@ -28,6 +28,10 @@ import torch.nn.functional as F
 
 QUANT_MODES = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+#: rows of activations the int8/int4 CPU kernels multiply together (PyTorch 2.13's BLOCK_M): a forward of 2-4
+#: tokens costs little more than one, the 5th starts a new block (measured for SmolLM2 in docs/hub.md,
+#: "Speculative decoding"); speculative decoding sizes its verify passes by it. 1: no such steps
+KERNEL_ROWS = {"int8": 4, "int4": 4}
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
