@@ -55,7 +55,7 @@ class SpecStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
-    emitted: int = 0
+    emitted: int = 0  # by the verify passes (the first token comes from the prompt's pass)
     prefill_s: float = 0.0  # wall time of the prompt's forward
     draft_s: float = 0.0    # proposing drafts
     verify_s: float = 0.0   # the target's passes over [last token, drafts]
@@ -290,17 +290,36 @@ def speculative_generate(model: Any, prompt: list[int], cfg: Any,
         eos = None
     stats = SpecStats()
     block = KERNEL_ROWS.get(model.decode_dtype or "", 1)
-    t0 = time.perf_counter()
-    state = model.init_state(1, total)
-    if len(prompt) > 1:  # invariant: the target's cache holds every committed token but the last
-        model.forward_logits(torch.tensor([prompt[:-1]]), state, last_only=True)
-    stats.prefill_s = time.perf_counter() - t0
-    drafter.start(prompt, total)
-    tokens = list(prompt)
-    out: list[int] = []
     greedy = cfg.temperature == 0
     plain_argmax = greedy and cfg.repetition_penalty == 1.0  # the logits are the processed scores
-    while len(out) < cfg.max_new_tokens:
+    tokens = list(prompt)
+    out: list[int] = []
+
+    def emit(new: list[int]) -> bool:
+        """Commit tokens as plain decoding would; True: stop (end of text, the callback, the budget)."""
+        for tok in new:
+            if eos is not None and tok == eos:
+                return True
+            tokens.append(tok)
+            out.append(tok)
+            if on_token is not None and on_token(torch.tensor([out])):
+                return True
+            if len(out) >= cfg.max_new_tokens:
+                return True
+        return False
+
+    # the prompt in one pass, as plain decoding reads it (the same rows give the same cache, bit for bit),
+    # and the first token from its last position; from then on the target's cache holds every committed
+    # token but the last, which each round feeds together with the drafts
+    t0 = time.perf_counter()
+    state = model.init_state(1, total)
+    logits, state = model.forward_logits(torch.tensor([prompt]), state, last_only=True)
+    p0 = _probs(logits[0, -1].float(), tokens, cfg)
+    first = int(p0.argmax()) if greedy else int(torch.multinomial(p0, 1, generator=generator))
+    stats.prefill_s = time.perf_counter() - t0
+    drafter.start(prompt, total)
+    stop = emit([first])
+    while not stop:
         t0 = time.perf_counter()
         k = verify_rows(min(K, cfg.max_new_tokens - len(out) - 1), block)
         drafts, q = drafter.propose(tokens, k, cfg, generator) if k > 0 else ([], None)
@@ -319,23 +338,11 @@ def speculative_generate(model: Any, prompt: list[int], cfg: Any,
         stats.rounds += 1
         stats.drafted += len(drafts)
         stats.accepted += n_acc
-        stop = False
-        for tok in drafts[:n_acc] + [extra]:
-            if eos is not None and tok == eos:
-                stop = True
-                break
-            tokens.append(tok)
-            out.append(tok)
-            stats.emitted += 1
-            if on_token is not None and on_token(torch.tensor([out])):
-                stop = True
-                break
-            if len(out) >= cfg.max_new_tokens:
-                break
+        before = len(out)
+        stop = emit(drafts[:n_acc] + [extra])
+        stats.emitted += len(out) - before
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
         stats.other_s += time.perf_counter() - t2
-        if stop:
-            break
     last_stats = stats
     return out
