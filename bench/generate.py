@@ -43,6 +43,7 @@ from peak_memory import reset_peak  # bench/peak_memory.py (the scripts run from
 from lmforge.generation import GenerationConfig, generate_ids, speculative
 from lmforge.generation.fast import prepare_for_decoding
 from lmforge.hub import load_model
+from lmforge.models import layers
 from lmforge.models.gpt import GPT, PRESETS, GPTConfig
 from lmforge.utils import machine_summary
 
@@ -236,12 +237,16 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="peak RSS of each layout in a fresh process")
     ap.add_argument("--speculative", action="store_true", help="the repetitive-task speculative benchmark")
     ap.add_argument("--speculative-only", action="store_true", help="skip the throughput table")
+    ap.add_argument("--fused-verify", action="store_true", help="verify passes attend in one fused masked call "
+                    "instead of row by row (models/layers.py EXACT_CHUNK = 0): faster, not bit-exact")
     ap.add_argument("--spec-tasks", nargs="+", default=["type-hints"], choices=sorted(SPEC_TASKS))
     ap.add_argument("--draft-tokens", type=int, default=15, help="most tokens drafted per pass (prompt lookup "
                     "drafts up to twice the match length)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.fused_verify:
+        layers.EXACT_CHUNK = 0
     print(f"{machine_summary(a.threads)}; machine load "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     g = torch.Generator().manual_seed(1)

@@ -29,6 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+#: chunks after a cached prefix of at most this many tokens attend row by row, bit for bit as one-token steps
+#: (speculative decoding verifies at most this many rows per pass; see CausalSelfAttention._attend)
+EXACT_CHUNK = 16
+
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * g   (Zhang & Sennrich 2019; no mean subtraction, no bias)."""
@@ -422,6 +426,13 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa)
         elif T == 1:  # one new token attends to every cached position
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
+        elif T <= EXACT_CHUNK and p == 0.0:
+            # a short chunk after a cached prefix (speculative decoding's verify pass): each query row exactly
+            # as a one-token step computes it (one fused masked call rounds differently in the last bits,
+            # enough to flip a near-tie between two tokens), so verifying reproduces plain decoding
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + 1], k[:, :, :past + i + 1],
+                                                          v[:, :, :past + i + 1], enable_gqa=gqa)
+                           for i in range(T)], dim=2)
         else:  # a chunk after a cached prefix: query i sees keys j <= past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
