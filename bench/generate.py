@@ -241,7 +241,7 @@ def main() -> None:
                     "instead of row by row (models/layers.py EXACT_CHUNK = 0): faster, not bit-exact")
     ap.add_argument("--spec-tasks", nargs="+", default=["type-hints"], choices=sorted(SPEC_TASKS))
     ap.add_argument("--draft-tokens", type=int, default=15, help="most tokens drafted per pass (prompt lookup "
-                    "drafts up to twice the match length)")
+                    "drafts as many tokens as matched)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

@@ -83,13 +83,14 @@ def test_stops_at_eos_and_callback_like_plain() -> None:
 
 
 def test_prompt_lookup_proposes_the_continuation() -> None:
-    pl = PromptLookup()
+    pl = PromptLookup(growth=2)
     pl.start([], 0)
     toks = [1, 2, 3, 4, 5, 9, 2, 3]
     assert pl.propose(toks, 3, None, None) == ([4, 5, 9], None)  # "2 3" was followed by 4 5 9
     assert PromptLookup(4, 2).propose(toks + [4, 5, 1, 3], 2, None, None) == ([], None)  # "1 3" never seen
     assert pl.propose(toks + [4, 5, 1, 3], 2, None, None) == ([4, 5], None)  # ... but "3" was
-    assert PromptLookup(2, 1).propose(toks + [5], 2, None, None) == ([9, 2], None)  # unigram "5"
+    assert PromptLookup(2, 1, growth=2).propose(toks + [5], 2, None, None) == ([9, 2], None)  # unigram "5"
+    assert PromptLookup().propose(toks + [5], 2, None, None) == ([9], None)  # as many as matched (growth 1)
 
 
 def test_prompt_lookup_prefers_the_longest_match() -> None:
@@ -98,14 +99,14 @@ def test_prompt_lookup_prefers_the_longest_match() -> None:
     a, b, c, x, y = 10, 11, 12, 20, 21
     #         0  1  2  3  4  5  6  7  8  9  10 11 12 13
     toks = [a, b, c, 1, 2, 3, 4, 5, 6, x, c, 7, 8, a, b, c]
-    pl = PromptLookup()  # one instance follows one growing sequence (start() resets it)
+    pl = PromptLookup(growth=2)  # one instance follows one growing sequence (start() resets it)
     assert pl.match(toks) == (3, 2)  # "a b c" at 0..2, not the more recent unigram "c" at 10
     assert pl.propose(toks, 16, None, None) == ([1, 2, 3, 4, 5, 6], None)  # 2 x 3 tokens
     assert pl.propose(toks, 4, None, None) == ([1, 2, 3, 4], None)  # capped by k
-    assert PromptLookup(growth=1).propose(toks, 16, None, None) == ([1, 2, 3], None)
+    assert PromptLookup().propose(toks, 16, None, None) == ([1, 2, 3], None)  # growth 1: 3 tokens
     toks2 = [x, c, 1, y, c, 2, y, c]  # "y c" occurs at 3..4 only; "c" latest at 4
     assert PromptLookup().match(toks2) == (2, 4)
-    assert PromptLookup().propose(toks2, 8, None, None) == ([2, y, c], None)
+    assert PromptLookup(growth=2).propose(toks2, 8, None, None) == ([2, y, c], None)
     assert PromptLookup().match([x, y, 5]) == (0, None)
     # a copied span keeps being drafted from where the last draft stopped
     span = list(range(100, 140))

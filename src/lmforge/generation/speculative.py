@@ -13,20 +13,24 @@ Leviathan et al. 2023 ("Fast Inference from Transformers via Speculative Decodin
 
 Every emitted token is then distributed exactly as the target alone would sample it (the theorem of
 both papers; tests/test_speculative.py checks it with a chi-square test). With temperature 0 a draft is
-accepted iff it equals the target's argmax, so the output is plain greedy decoding's, token for token
-(up to floating-point ties: the target scores K+1 positions in one matrix product instead of one at a
-time). A round costs one target forward of K+1 tokens -- about the price of one token when decoding is
+accepted iff it equals the target's argmax, so the output is plain greedy decoding's, token for token.
+Bit for bit, too: the prompt is read in one pass as plain decoding reads it, the matmul kernels compute
+each row independently of the others, and a verify pass (at most ``models.layers.EXACT_CHUNK`` rows)
+attends row by row with the one-token step's call -- a single fused masked attention call rounds
+differently in the last bits of bf16, which flipped near-ties of SmolLM2 (docs/hub.md). A round costs one target forward of K+1 tokens -- about the price of one token when decoding is
 bound by reading the weights -- and yields between 1 and K+1 tokens.
 
 Drafters:
 
 * :class:`PromptLookup` (Saxena 2023, "prompt lookup decoding"): an n-gram index over the prompt and the
   output so far. The longest suffix of the sequence (n = 8 down to 1 tokens) that occurred before is
-  found, and the tokens that followed its latest earlier occurrence are proposed -- as many as twice the
-  match length (a long match is a copied span that usually goes on; a one-token match is a guess), at
-  most ``draft_tokens``. After a fully accepted round the next lookup finds the same span again, longer,
-  and drafts on from where it stopped. Free to run, and very effective when the output copies the input
-  (editing or summarising code or text given in the prompt).
+  found, and the tokens that followed its latest earlier occurrence are proposed -- as many as the match
+  length (``growth`` x n: a long match is a copied span that usually goes on, a one-token match is a
+  guess; with bit-exact verification every verify row costs ~25% of a step on SmolLM2, and growth 1
+  measured 1.23-1.47x against 1.14-1.34x for growth 2), at most ``draft_tokens``. After a fully accepted
+  round the next lookup finds the same span again, longer, and drafts on from where it stopped. Free to
+  run, and very effective when the output copies the input (editing or summarising code or text given in
+  the prompt).
 * :class:`ModelDrafter`: any lmforge model sharing the target's tokenizer -- a small GPT, or an n-gram
   model trained on the user's corpus (``lmforge ngram``), sampled with the same processing.
 
@@ -104,7 +108,7 @@ class PromptLookup(Drafter):
     """Prompt-lookup decoding: find the longest suffix (``max_ngram`` down to ``min_ngram`` tokens) that occurred
     before and propose what followed its latest earlier occurrence, up to ``growth`` x the match length."""
 
-    def __init__(self, max_ngram: int = 8, min_ngram: int = 1, growth: int = 2) -> None:
+    def __init__(self, max_ngram: int = 8, min_ngram: int = 1, growth: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram or growth < 1:
             raise LMForgeError("prompt lookup needs 1 <= min_ngram <= max_ngram and growth >= 1")
         self.max_ngram, self.min_ngram, self.growth = max_ngram, min_ngram, growth
