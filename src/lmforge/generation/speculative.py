@@ -17,8 +17,9 @@ accepted iff it equals the target's argmax, so the output is plain greedy decodi
 Bit for bit, too: the prompt is read in one pass as plain decoding reads it, the matmul kernels compute
 each row independently of the others, and a verify pass (at most ``models.layers.EXACT_CHUNK`` rows)
 attends row by row with the one-token step's call -- a single fused masked attention call rounds
-differently in the last bits of bf16, which flipped near-ties of SmolLM2 (docs/hub.md). A round costs one target forward of K+1 tokens -- about the price of one token when decoding is
-bound by reading the weights -- and yields between 1 and K+1 tokens.
+differently in the last bits of bf16, which flipped near-ties of SmolLM2 (docs/hub.md). A round costs
+one target forward of K+1 tokens -- about the price of one token when decoding is bound by reading the
+weights -- and yields between 1 and K+1 tokens.
 
 Drafters:
 
