@@ -49,9 +49,9 @@ def chat_tokenizer() -> BPETokenizer:
     return BPETokenizer(tok.hf, eot="<|im_end|>")
 
 
-def tiny_model(tok: BPETokenizer, seed: int = 0) -> GPT:
+def tiny_model(tok: BPETokenizer, seed: int = 0, n_layer: int = 2) -> GPT:
     torch.manual_seed(seed)
-    m = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+    m = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=32,
                       mlp="swiglu", norm="rmsnorm", pos="rope", tie_embeddings=False)).eval()
     m.tokenizer = tok
     m.chat_template = TEMPLATES["chatml"][0]
@@ -182,6 +182,69 @@ def test_merged_equals_unmerged() -> None:
         lora.unmerge()
         torch.testing.assert_close(model.blocks[0].attn.qkv.weight, w, atol=1e-6, rtol=0)
         torch.testing.assert_close(model(x)[0], unmerged, atol=1e-5, rtol=0)
+
+
+def test_lora_dropout_is_inverted_bernoulli_dropout() -> None:
+    """LoRA's own dropout (one fp32 uniform per element) has F.dropout's law: each element kept with
+    probability 1 - p and scaled by 1 / (1 - p), zero otherwise; the gradient is the same mask; identity in
+    eval mode and at p = 0; the input's dtype is kept."""
+    tok = chat_tokenizer()
+    layer = add_lora(tiny_model(tok), LoRAConfig(r=2, dropout=0.25)).layers["blocks_0_attn_qkv"].train()
+    x = torch.full((400, 500), 2.0, requires_grad=True)
+    y = layer.dropout(x)
+    kept = y != 0
+    assert abs(1 - float(kept.float().mean()) - 0.25) < 0.005  # 200,000 draws: sd 0.001
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / 0.75))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    xb = torch.ones(3, 7, dtype=torch.bfloat16)
+    assert layer.dropout(xb).dtype == torch.bfloat16
+    layer.eval()
+    assert layer.dropout(x) is x
+    layer.train()
+    layer.p = 0.0
+    assert layer.dropout(x) is x
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_and_share_one_graph(tmp_path: Path, base_dir: Path, chat_data: Path) -> None:
+    """``finetune --compile`` compiles each block (regional compilation): the loss and the adapters' gradients
+    equal the eager model's, the blocks share graphs (two: the first block's input needs no gradient, the
+    others' do; more blocks cost no more compiling), and a run trains."""
+    from torch._dynamo.utils import counters
+
+    from lmforge.train.finetune import FineTuneConfig, FineTuner
+
+    tok = chat_tokenizer()
+    eager, compiled = tiny_model(tok, n_layer=4), tiny_model(tok, n_layer=4)
+    for m in (eager, compiled):
+        torch.manual_seed(1)
+        lora = add_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():
+            for p in lora.parameters():
+                p.normal_(0, 0.05)
+        m.train()
+    torch._dynamo.reset()
+    counters.clear()
+    for block in compiled.blocks:
+        block.compile()
+    x = torch.randint(0, tok.vocab_size, (2, 24))
+    y = x.clone()
+    y[:, :10] = IGNORE  # masked prompt positions: the eager head sees only the targets
+    losses = []
+    for m in (eager, compiled):
+        loss = m(x, y)[1]
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (n, a), (_, b) in zip(eager.lora.named_parameters(), compiled.lora.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert counters["stats"]["unique_graphs"] == 2  # block 0, and blocks 1-3 together
+    run = tmp_path / "c"
+    tuner = FineTuner(FineTuneConfig(base=str(base_dir), data=str(chat_data), out=str(run),
+                                     **ft_options(max_steps=2, compile=True)))
+    assert tuner.step_fn is tuner.wrapped and all(hasattr(b, "_compiled_call_impl") for b in tuner.model.blocks)
+    assert tuner.train().step == 2
 
 
 def test_peft_round_trip(tmp_path: Path, base_dir: Path, chat_data: Path) -> None:

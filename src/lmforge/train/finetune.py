@@ -158,6 +158,15 @@ class FineTuner(Trainer):
             steps += math.ceil(part * sampler.batches_per_epoch(whole))
             cfg.max_steps = max(steps, 1)
 
+    def compile_steps(self) -> tuple[Any, Any]:
+        """``--compile``, regionally: each Transformer block is compiled on its own (fused norms, RoPE, SwiGLU,
+        LoRA dropout and scaling) and identical blocks share one graph, so compiling costs one block's time, not
+        the whole model's; the output head stays eager, so only target positions go through it (a whole-model
+        graph cannot select them: their number is data-dependent)."""
+        for block in self.model.shard_units():
+            block.compile()
+        return self.wrapped, self.wrapped
+
     def _sampler(self, split: str, seed: int, warn: bool = True, n_streams: int | None = None) -> SFTSampler:
         return SFTSampler(self.data.splits[split].examples, self.cfg.batch_size, self.block_size, seed,
                           self.tokenizer.eot_id, packing=self.cfg.packing)
