@@ -5,7 +5,8 @@
 
 Both sides fine-tune SmolLM2-135M-Instruct (the ``smollm2`` GGUF, dequantised to fp32 and exported to a
 Hugging Face directory that both load) with LoRA r=8, alpha=16, dropout 0.05 on q,k,v,o,gate,up,down, AdamW
-(lr 1e-4), fp32 weights (``--dtype bf16``: bf16 autocast on both sides), on the same batches: chitchat
+(lr 1e-4), fp32 weights (``--dtype bf16``: bf16 autocast on both sides; lmforge stores the frozen block
+weights in bf16 as ``lmforge finetune`` does, the same products that autocast casts to), on the same batches: chitchat
 conversations rendered by the model's chat template, cut to ``--seq-len`` + 1 tokens (every row full, no
 padding), loss on the assistant tokens only (labels -100 elsewhere). transformers gets the standard
 ``labels=`` (it shifts them itself: the same targets but the last position's). A step is forward + backward
@@ -69,9 +70,12 @@ def worker(impl: str, hf_dir: Path, args: argparse.Namespace) -> dict:
     if impl == "lmforge":
         from lmforge.hub import load_model
         from lmforge.models.lora import LoRAConfig, add_lora
+        from lmforge.train.finetune import low_precision_frozen_linears
 
         model = load_model(hf_dir)
         add_lora(model, LoRAConfig(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], targets=c["targets"]))
+        if args.dtype == "bf16":  # as lmforge finetune --dtype bf16: the frozen block weights cast once, not per step
+            low_precision_frozen_linears(model, torch.bfloat16)
         if args.compile:  # regional, as FineTuner.compile_steps: the blocks, not the head
             for block in model.blocks:
                 block.compile()

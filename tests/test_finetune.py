@@ -184,26 +184,40 @@ def test_merged_equals_unmerged() -> None:
         torch.testing.assert_close(model(x)[0], unmerged, atol=1e-5, rtol=0)
 
 
-def test_lora_dropout_is_inverted_bernoulli_dropout() -> None:
-    """LoRA's own dropout (one fp32 uniform per element) has F.dropout's law: each element kept with
-    probability 1 - p and scaled by 1 / (1 - p), zero otherwise; the gradient is the same mask; identity in
-    eval mode and at p = 0; the input's dtype is kept."""
+def test_frozen_linears_stored_in_the_autocast_dtype_give_the_same_step(tmp_path: Path, base_dir: Path,
+                                                                        chat_data: Path) -> None:
+    """LoRA under bf16 autocast keeps the frozen block weights in bf16 (autocast cast them at every forward):
+    the loss and the adapters' gradients are the same bit for bit, and ``finetune --dtype bf16`` does it."""
+    from lmforge.train.finetune import FineTuneConfig, FineTuner, low_precision_frozen_linears
+
     tok = chat_tokenizer()
-    layer = add_lora(tiny_model(tok), LoRAConfig(r=2, dropout=0.25)).layers["blocks_0_attn_qkv"].train()
-    x = torch.full((400, 500), 2.0, requires_grad=True)
-    y = layer.dropout(x)
-    kept = y != 0
-    assert abs(1 - float(kept.float().mean()) - 0.25) < 0.005  # 200,000 draws: sd 0.001
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / 0.75))
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, kept.float() / 0.75)
-    xb = torch.ones(3, 7, dtype=torch.bfloat16)
-    assert layer.dropout(xb).dtype == torch.bfloat16
-    layer.eval()
-    assert layer.dropout(x) is x
-    layer.train()
-    layer.p = 0.0
-    assert layer.dropout(x) is x
+    models = [tiny_model(tok), tiny_model(tok)]
+    for m in models:
+        torch.manual_seed(1)
+        lora = add_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():
+            for p in lora.parameters():
+                p.normal_(0, 0.05)
+        m.train()
+    low_precision_frozen_linears(models[1], torch.bfloat16)
+    assert models[1].blocks[0].mlp.fc.weight.dtype == torch.bfloat16
+    assert models[1].blocks[0].ln_1.weight.dtype == models[1].lm_head.weight.dtype == torch.float32
+    x = torch.randint(0, tok.vocab_size, (2, 24))
+    y = x.clone()
+    y[:, :10] = IGNORE
+    losses = []
+    for m in models:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x, y)[1]
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for a, b in zip(models[0].lora.parameters(), models[1].lora.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    tuner = FineTuner(FineTuneConfig(base=str(base_dir), data=str(chat_data), out=str(tmp_path / "r"),
+                                     **ft_options(max_steps=2, dtype="bf16")))
+    assert tuner.model.blocks[1].attn.qkv.weight.dtype == torch.bfloat16
+    assert math.isfinite(tuner.train().train_loss)
 
 
 @pytest.mark.slow

