@@ -26,6 +26,11 @@ def test_compare_trains_evaluates_and_reports(tmp_path: Path, char_data: Path, c
         assert r["parameters"] == run.num_parameters() and r["tokens_seen"] == state["tokens_seen"]
         assert r["train_seconds"] >= 3
         assert 0 < r["bits_per_byte"] < 10 and r["gen_tokens_per_s"] > 0 and r["split"] == "test"
+        # the GPT is scored with a sliding window (half its context); the LSTM carries its state instead
+        assert r["eval_stride"] == (run.context_length // 2 if name == "gpt-nano" else None)
+    gpt = lmforge.load(out / "runs" / "gpt-nano")
+    assert rows["gpt-nano"]["test_loss"] == pytest.approx(lmforge.evaluate(
+        gpt, char_data, split="test", stride=gpt.context_length // 2)["loss"], rel=1e-6)
     with open(out / "compare.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"

@@ -43,7 +43,29 @@ def lmforge_train(nproc: int, *args: str, timeout: float = TIMEOUT) -> subproces
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "lmforge", "train", *args]
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    return run_group(cmd, timeout)
+
+
+def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run in its own session: on a timeout (or any error) the whole process group dies, torchrun's
+    workers included (subprocess.run's timeout kills only the launcher and would orphan them)."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of the process group a test started (a no-op when all of it has exited)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=10)
 
 
 
@@ -165,8 +187,7 @@ def test_signal_on_any_rank_saves_once_and_exits(tmp_path: Path, char_data: Path
             os.kill(workers[1], signal.SIGTERM)  # one rank only: a scheduler stopping one process
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)  # also a worker the launcher left behind
     name = "SIGINT" if how == "ctrl-c" else "SIGTERM"
     assert err.count(f"lmforge: {name} at step") == 1, err[-2000:]  # rank 0 says it, once
     saved = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
@@ -188,9 +209,8 @@ def test_signal_on_any_rank_saves_once_and_exits(tmp_path: Path, char_data: Path
 def test_bad_setups_are_one_line_errors_on_rank_0(tmp_path: Path, char_data: Path, extra: list[str],
                                                    message: str) -> None:
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "lmforge", "train", "--nproc", "2", "--data", str(char_data),
-                        "--out", str(run), *COMMON, "--max-steps", "5", *extra], env=env(), capture_output=True,
-                       text=True, timeout=TIMEOUT)
+    r = run_group([sys.executable, "-m", "lmforge", "train", "--nproc", "2", "--data", str(char_data),
+                   "--out", str(run), *COMMON, "--max-steps", "5", *extra], TIMEOUT)
     assert r.returncode == 2, (extra, r.stderr[-2000:])
     errors = [line for line in r.stderr.splitlines() if line.startswith("lmforge: error:")]
     assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
@@ -212,14 +232,13 @@ def test_two_nodes_rendezvous_on_localhost(tmp_path: Path, char_data: Path, ref:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lmforge-test", "-m", "lmforge", "train",
            "--data", str(char_data), "--out", str(run), *GPT, *COMMON, "--max-steps", "20"]
-    nodes = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    nodes = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) for _ in range(2)]
     try:
         outs = [n.communicate(timeout=TIMEOUT) for n in nodes]
     finally:
         for n in nodes:
-            if n.poll() is None:
-                n.kill()
+            kill_group(n)
     assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outs]
     assert sum(o[0].count("trained 20 steps") for o in outs) == 1
     assert_same_trajectory(ref["gpt"], run)

@@ -266,7 +266,16 @@ def test_cli_inspect_writes_json_and_html(trained_run: Path, tmp_path: Path, cap
     assert len(maps) == 2 and np.array(maps[0]).shape == (2, 32, 32)
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page and "<script src" not in page
+    # the files are the user's now: a second run refuses to replace them unless --force
+    before = (tmp_path / "r.html").read_bytes()
+    assert main(["inspect", str(trained_run), "--text", "ab", "--html", str(tmp_path / "r.html")]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "r.html").read_bytes() == before
+    assert main(["inspect", str(trained_run), "--text", "ab", "--html", str(tmp_path / "r.html"), "--force"]) == 0
+    assert (tmp_path / "r.html").read_bytes() != before
     for args in (["--text", "a", "--file", str(f)], [], ["--text", "a", "--layers", "9"],
+                 ["--text", "a", "--html", str(tmp_path)], ["--text", "a", "--html", str(tmp_path / "no/x.html")],
+                 ["--text", "a", "--html", str(tmp_path / "s"), "--json", str(tmp_path / "s")],
                  ["--text", "a", "--source", "b"], ["--text", "a", "--top-k", "0"]):
         assert main(["inspect", str(trained_run), *args]) == 2
         err = capsys.readouterr().err

@@ -86,16 +86,24 @@ def evaluate(model: LanguageModel | str | Path, data: str | Path, split: str = "
 
 
 def inspect(model: LanguageModel | str | Path, text: str | None = None, *, source: str | None = None,
-            html: str | Path | None = None, json: str | Path | None = None, **kwargs: Any) -> dict:
+            html: str | Path | None = None, json: str | Path | None = None, force: bool = False,
+            **kwargs: Any) -> dict:
     """Per-token surprisal and ranks, attention maps, logit lens, n-gram back-off of ``model`` on ``text``;
     writes the offline HTML page and/or the JSON report when paths are given and returns the report.
+    An existing file at either path is replaced only with ``force=True`` (checked before any work).
     A seq2seq model reads ``source``; without ``text`` it is inspected on its own greedy translation.
     See :func:`lmforge.evaluate.inspect.inspect` for the other arguments (top_k, layers, heads, stride)."""
+    from .errors import LMForgeError
     from .evaluate.inspect import inspect as _inspect
     from .evaluate.inspect import report_json
     from .evaluate.inspect_html import render_html
-    from .utils import atomic_write_text
+    from .utils import atomic_write_text, refuse_overwrite
 
+    if html is not None and json is not None and Path(html).resolve() == Path(json).resolve():
+        raise LMForgeError(f"--html and --json both name {html}; give two different files")
+    for path, opt in ((html, "--html"), (json, "--json")):
+        if path is not None:
+            refuse_overwrite(path, opt, force)
     name = kwargs.pop("name", None) or (str(model) if isinstance(model, (str, Path)) else None)
     if isinstance(model, (str, Path)):
         model = load(model)

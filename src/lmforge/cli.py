@@ -662,6 +662,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", default=None, help="attention heads to keep, e.g. 0-3 (default all)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride for texts longer than the "
                                                             "context (as lmforge eval --stride)")
+    p.add_argument("--force", action="store_true", help="replace existing --html/--json files")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -676,7 +677,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     if text is None and a.source is None:
         raise LMForgeError("give the text to inspect: --text \"...\" or --file FILE (seq2seq: --source)")
     rep = lmforge.inspect(a.run, text, source=a.source, html=a.html, json=a.json, top_k=a.top_k, layers=a.layers,
-                  heads=a.heads, stride=a.stride)
+                          heads=a.heads, stride=a.stride, force=a.force)
     s = rep["summary"]
     print(f"{a.run}: {s['tokens']:,} tokens, loss {s['loss']:.4f} nats/token, perplexity {s['perplexity']:.3f}, "
           f"{s['bits_per_byte']:.4f} bits/byte; rank top 10/100/1000/beyond: "

@@ -161,6 +161,18 @@ def refuse_nonempty(out: str | Path, hint: str = "choose another --out") -> Path
     return out
 
 
+def refuse_overwrite(path: str | Path, option: str, force: bool = False) -> Path:
+    """An output file must not replace a file the user has unless asked (``--force``), nor a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise LMForgeError(f"{option} {path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise LMForgeError(f"{option} {path} already exists; pass --force to replace it, or choose another file")
+    if not path.parent.is_dir():
+        raise LMForgeError(f"{option} {path}: the folder {path.parent} does not exist")
+    return path
+
+
 def refuse_file(out: str | Path, option: str = "--out") -> Path:
     """An output directory must not be an existing file, nor lie below one."""
     out = Path(out)

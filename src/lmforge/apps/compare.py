@@ -225,7 +225,8 @@ def compare(data: str, budget: str | float | Budget, models: list[str], out: str
                   f"== {spec.name}: counting {_ngram_tokens(budget, n_train):,} training tokens")
             train_info = _train(spec, data, str(run), budget, progress, device)
         model = on_device(load_model(run), device if spec.family != "ngram" else "cpu")
-        res = evaluate(model, td, split=split, max_tokens=eval_max_tokens)
+        stride = eval_stride(model)
+        res = evaluate(model, td, split=split, max_tokens=eval_max_tokens, stride=stride)
         by_time, by_tokens = _val_curves(run)
         rows.append({
             "model": spec.name, "family": spec.family, "budget": _row_budget(spec, budget, n_train),
@@ -233,11 +234,22 @@ def compare(data: str, budget: str | float | Budget, models: list[str], out: str
             "train_seconds": round(train_info["train_seconds"], 1), "tokens_seen": train_info["tokens_seen"],
             "test_loss": res["loss"], "test_perplexity": res["perplexity"], "bits_per_byte": res["bits_per_byte"],
             "train_tokens_per_s": train_info["tokens_per_s"], "gen_tokens_per_s": generation_speed(model),
-            "split": split, "val_curve": by_time, "val_curve_tokens": by_tokens,
+            "split": split, "eval_stride": stride, "val_curve": by_time, "val_curve_tokens": by_tokens,
         })
         print(f"   {spec.name}: {res['bits_per_byte']:.4f} bits/byte on {split}")
     write_reports(rows, out_dir, Path(data).name, budget)
     return rows
+
+
+def eval_stride(model: Any) -> int | None:
+    """How a model is scored so that each family conditions on all the history it can use: an n-gram on
+    its n-1 tokens and a recurrent net on its state carried over the whole split need nothing special; a
+    fixed-window model (GPT) slides its window by half its length, so every scored token after the first
+    window sees at least ``context_length // 2`` tokens of history (non-overlapping windows would score the
+    start of each window from almost nothing). The usual way to score fixed-length models (e.g. Hugging
+    Face's "perplexity of fixed-length models" guide)."""
+    ctx = model.context_length
+    return max(1, ctx // 2) if ctx else None
 
 
 def _ngram_tokens(budget: Budget, n_train: int) -> int:
