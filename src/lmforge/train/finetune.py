@@ -74,6 +74,8 @@ class FineTuneConfig(TrainConfig):
                                 "every N steps")
     eval_iters: int = option(50, ge=1, le=MAX_COUNT, help="validation batches (the whole split when smaller)")
     log_interval: int = option(5, ge=1, le=MAX_COUNT, help="log the training loss every N steps")
+    compile: bool = option(False, help="torch.compile each Transformer block (regional; the output head stays eager). "
+                           "Measured slower than eager for LoRA on a CPU (docs/finetune.md)")
 
     def __post_init__(self) -> None:
         Options.__post_init__(self)  # no model family to check model_args against
