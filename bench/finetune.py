@@ -1,10 +1,12 @@
 """LoRA fine-tuning speed and memory: lmforge vs transformers + peft, same weights, same batches.
 
     python bench/finetune.py [--batch-size 4] [--seq-len 128] [--steps 3] [--rounds 3] [--threads 1] [--dtype bf16]
+                             [--compile]
 
 Both sides fine-tune SmolLM2-135M-Instruct (the ``smollm2`` GGUF, dequantised to fp32 and exported to a
 Hugging Face directory that both load) with LoRA r=8, alpha=16, dropout 0.05 on q,k,v,o,gate,up,down, AdamW
-(lr 1e-4), fp32 weights (``--dtype bf16``: bf16 autocast on both sides), on the same batches: chitchat
+(lr 1e-4), fp32 weights (``--dtype bf16``: bf16 autocast on both sides; lmforge stores the frozen block
+weights in bf16 as ``lmforge finetune`` does, the same products that autocast casts to), on the same batches: chitchat
 conversations rendered by the model's chat template, cut to ``--seq-len`` + 1 tokens (every row full, no
 padding), loss on the assistant tokens only (labels -100 elsewhere). transformers gets the standard
 ``labels=`` (it shifts them itself: the same targets but the last position's). A step is forward + backward
@@ -14,6 +16,8 @@ Each measurement runs in a fresh process (``--worker``), so that peak memory is 
 alone: the peak resident set (VmHWM) from just before the first training step to the end, weights included.
 The two implementations alternate, in alternating order, for ``--rounds`` rounds; the script prints every
 round and the medians. The machine may be shared: ratios of interleaved rounds are the figure to read.
+``--compile``: lmforge compiles each Transformer block (``lmforge finetune --compile``; transformers + peft
+stays eager); its warm-up step, which compiles, is timed and printed as the compile time.
 """
 
 from __future__ import annotations
@@ -66,9 +70,15 @@ def worker(impl: str, hf_dir: Path, args: argparse.Namespace) -> dict:
     if impl == "lmforge":
         from lmforge.hub import load_model
         from lmforge.models.lora import LoRAConfig, add_lora
+        from lmforge.train.finetune import low_precision_frozen_linears
 
         model = load_model(hf_dir)
         add_lora(model, LoRAConfig(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], targets=c["targets"]))
+        if args.dtype == "bf16":  # as lmforge finetune --dtype bf16: the frozen block weights cast once, not per step
+            low_precision_frozen_linears(model, torch.bfloat16)
+        if args.compile:  # regional, as FineTuner.compile_steps: the blocks, not the head
+            for block in model.blocks:
+                block.compile()
 
         def loss_of(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             return model(ids[:, :-1], labels[:, 1:])[1]
@@ -103,13 +113,15 @@ def worker(impl: str, hf_dir: Path, args: argparse.Namespace) -> dict:
                 return plain(ids, labels)
 
     reset_peak()
-    step(*data[0])  # warm-up (allocates the optimizer state)
+    t0 = time.perf_counter()
+    step(*data[0])  # warm-up (allocates the optimizer state; compiles with --compile)
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     losses = [step(*b) for b in data[1:]]
     dt = time.perf_counter() - t0
     tokens = args.steps * args.batch_size * args.seq_len
     return {"impl": impl, "tokens_per_s": tokens / dt, "peak_mib": peak_mib(), "loss": losses[0],
-            "trainable_params": n_params}
+            "trainable_params": n_params, "warmup_s": warmup_s}
 
 
 def main() -> None:
@@ -120,6 +132,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on both sides")
+    ap.add_argument("--compile", action="store_true", help="lmforge compiles each block (finetune --compile)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -132,7 +145,8 @@ def main() -> None:
     print(f"{machine_summary(args.threads)}; load average "
           f"{os.getloadavg()[0]:.1f} (a shared machine when it exceeds the core count)")
     print(f"SmolLM2-135M-Instruct, LoRA r={CONFIG['r']} alpha={CONFIG['alpha']} dropout={CONFIG['dropout']} on "
-          f"{','.join(CONFIG['targets'])}; batch {args.batch_size} x {args.seq_len} tokens, {args.dtype}, AdamW")
+          f"{','.join(CONFIG['targets'])}; batch {args.batch_size} x {args.seq_len} tokens, {args.dtype}, AdamW"
+          + ("; lmforge's blocks compiled" if args.compile else ""))
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "smollm2-hf"
         export_hf(load_model("smollm2"), hf_dir)  # the same fp32 weights for both
@@ -143,11 +157,13 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--worker", "lmforge" if impl == "lmforge" else "hf", "--hf-dir",
                        str(hf_dir), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                        "--steps", str(args.steps), "--threads", str(args.threads), "--dtype", args.dtype]
+                cmd += ["--compile"] if args.compile else []
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 res = json.loads(out.strip().splitlines()[-1])
                 results[impl].append(res)
                 print(f"round {r + 1} {impl:18s} {res['tokens_per_s']:8.1f} tokens/s  peak {res['peak_mib']:7.0f} MiB  "
-                      f"first loss {res['loss']:.4f}  ({res['trainable_params']:,} trainable)", flush=True)
+                      f"first loss {res['loss']:.4f}  ({res['trainable_params']:,} trainable; warm-up step "
+                      f"{res['warmup_s']:.1f} s)", flush=True)
     ours, theirs = results["lmforge"], results["transformers+peft"]
     ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, theirs)]
     med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in results.items()}

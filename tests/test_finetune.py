@@ -49,9 +49,9 @@ def chat_tokenizer() -> BPETokenizer:
     return BPETokenizer(tok.hf, eot="<|im_end|>")
 
 
-def tiny_model(tok: BPETokenizer, seed: int = 0) -> GPT:
+def tiny_model(tok: BPETokenizer, seed: int = 0, n_layer: int = 2) -> GPT:
     torch.manual_seed(seed)
-    m = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+    m = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=32,
                       mlp="swiglu", norm="rmsnorm", pos="rope", tie_embeddings=False)).eval()
     m.tokenizer = tok
     m.chat_template = TEMPLATES["chatml"][0]
@@ -182,6 +182,83 @@ def test_merged_equals_unmerged() -> None:
         lora.unmerge()
         torch.testing.assert_close(model.blocks[0].attn.qkv.weight, w, atol=1e-6, rtol=0)
         torch.testing.assert_close(model(x)[0], unmerged, atol=1e-5, rtol=0)
+
+
+def test_frozen_linears_stored_in_the_autocast_dtype_give_the_same_step(tmp_path: Path, base_dir: Path,
+                                                                        chat_data: Path) -> None:
+    """LoRA under bf16 autocast keeps the frozen block weights in bf16 (autocast cast them at every forward):
+    the loss and the adapters' gradients are the same bit for bit, and ``finetune --dtype bf16`` does it."""
+    from lmforge.train.finetune import FineTuneConfig, FineTuner, low_precision_frozen_linears
+
+    tok = chat_tokenizer()
+    models = [tiny_model(tok), tiny_model(tok)]
+    for m in models:
+        torch.manual_seed(1)
+        lora = add_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():
+            for p in lora.parameters():
+                p.normal_(0, 0.05)
+        m.train()
+    low_precision_frozen_linears(models[1], torch.bfloat16)
+    assert models[1].blocks[0].mlp.fc.weight.dtype == torch.bfloat16
+    assert models[1].blocks[0].ln_1.weight.dtype == models[1].lm_head.weight.dtype == torch.float32
+    x = torch.randint(0, tok.vocab_size, (2, 24))
+    y = x.clone()
+    y[:, :10] = IGNORE
+    losses = []
+    for m in models:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x, y)[1]
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for a, b in zip(models[0].lora.parameters(), models[1].lora.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    tuner = FineTuner(FineTuneConfig(base=str(base_dir), data=str(chat_data), out=str(tmp_path / "r"),
+                                     **ft_options(max_steps=2, dtype="bf16")))
+    assert tuner.model.blocks[1].attn.qkv.weight.dtype == torch.bfloat16
+    assert math.isfinite(tuner.train().train_loss)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_and_share_one_graph(tmp_path: Path, base_dir: Path, chat_data: Path) -> None:
+    """``finetune --compile`` compiles each block (regional compilation): the loss and the adapters' gradients
+    equal the eager model's, the blocks share graphs (two: the first block's input needs no gradient, the
+    others' do; more blocks cost no more compiling), and a run trains."""
+    from torch._dynamo.utils import counters
+
+    from lmforge.train.finetune import FineTuneConfig, FineTuner
+
+    tok = chat_tokenizer()
+    eager, compiled = tiny_model(tok, n_layer=4), tiny_model(tok, n_layer=4)
+    for m in (eager, compiled):
+        torch.manual_seed(1)
+        lora = add_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():
+            for p in lora.parameters():
+                p.normal_(0, 0.05)
+        m.train()
+    torch._dynamo.reset()
+    counters.clear()
+    for block in compiled.blocks:
+        block.compile()
+    x = torch.randint(0, tok.vocab_size, (2, 24))
+    y = x.clone()
+    y[:, :10] = IGNORE  # masked prompt positions: the eager head sees only the targets
+    losses = []
+    for m in (eager, compiled):
+        loss = m(x, y)[1]
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (n, a), (_, b) in zip(eager.lora.named_parameters(), compiled.lora.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert counters["stats"]["unique_graphs"] == 2  # block 0, and blocks 1-3 together
+    run = tmp_path / "c"
+    tuner = FineTuner(FineTuneConfig(base=str(base_dir), data=str(chat_data), out=str(run),
+                                     **ft_options(max_steps=2, compile=True)))
+    assert tuner.step_fn is tuner.wrapped and all(hasattr(b, "_compiled_call_impl") for b in tuner.model.blocks)
+    assert tuner.train().step == 2
 
 
 def test_peft_round_trip(tmp_path: Path, base_dir: Path, chat_data: Path) -> None:

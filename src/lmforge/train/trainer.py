@@ -276,9 +276,12 @@ class Trainer:
             # torch's own code, once per compiled graph, that a user can do nothing about.
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated",
                                     category=DeprecationWarning)
-        self.step_fn = torch.compile(self.wrapped) if cfg.compile else self.wrapped
-        self.eval_fn = torch.compile(self.loss_step) if cfg.compile and self.loss_step is not self.wrapped \
-            else self.step_fn
+        self.step_fn, self.eval_fn = self.compile_steps() if cfg.compile else (self.wrapped, self.wrapped)
+
+    def compile_steps(self) -> tuple[Any, Any]:
+        """``--compile``: the training and evaluation steps, each compiled whole (one graph of the model)."""
+        step = torch.compile(self.wrapped)
+        return step, torch.compile(self.loss_step) if self.loss_step is not self.wrapped else step
 
     def build(self) -> None:
         """Data (``self.data``, ``self.tokenizer``) and a fresh model (``self.model``, ``self.block_size``,
