@@ -147,3 +147,22 @@ def test_gguf_blocks_decode_exactly(kind: str) -> None:
         q, s, z = gguf_int4(data, kind, rows)
         deq = ((q.astype(np.float32) - 8).reshape(rows, -1, 32) * s[..., None] + z[..., None]).reshape(rows, cols)
         np.testing.assert_allclose(deq, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads, kv_heads, masked", [(4, 4, False), (9, 3, True), (6, 2, False)])
+def test_single_query_attention_equals_sdpa(heads: int, kv_heads: int, masked: bool) -> None:
+    """The decoding step's one-query attention (bf16 operands, fp32 inside) matches PyTorch's fused kernel
+    computed in fp32 on the same bf16 values, with grouped-query heads and a static cache's visibility mask."""
+    from lmforge.models.layers import single_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, D, S = 2, 16, 37
+    q = torch.randn(B, heads, 1, D, generator=g).bfloat16()
+    k, v = (torch.randn(B, kv_heads, S, D, generator=g).bfloat16() for _ in range(2))
+    mask = (torch.arange(S) < 29)[None] if masked else None
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=kv_heads != heads)
+    y = single_query_attention(q, k, v, mask)
+    assert y.dtype == torch.bfloat16 and y.shape == (B, heads, 1, D)
+    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
+    assert (y.float() - ref).abs().max() <= ref.abs().max() * 2 ** -7  # one bf16 rounding of the output
