@@ -184,6 +184,18 @@ def test_merged_equals_unmerged() -> None:
         torch.testing.assert_close(model(x)[0], unmerged, atol=1e-5, rtol=0)
 
 
+def lora_twin(tok: BPETokenizer, n_layer: int = 2) -> GPT:
+    """A tiny model with seeded, non-zero LoRA adapters (r=4, no dropout), in training mode: two calls give
+    identical copies to compare one path against another."""
+    m = tiny_model(tok, n_layer=n_layer)
+    torch.manual_seed(1)
+    lora = add_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.05)
+    return m.train()
+
+
 def test_frozen_linears_stored_in_the_autocast_dtype_give_the_same_step(tmp_path: Path, base_dir: Path,
                                                                         chat_data: Path) -> None:
     """LoRA under bf16 autocast keeps the frozen block weights in bf16 (autocast cast them at every forward):
@@ -191,14 +203,7 @@ def test_frozen_linears_stored_in_the_autocast_dtype_give_the_same_step(tmp_path
     from lmforge.train.finetune import FineTuneConfig, FineTuner, low_precision_frozen_linears
 
     tok = chat_tokenizer()
-    models = [tiny_model(tok), tiny_model(tok)]
-    for m in models:
-        torch.manual_seed(1)
-        lora = add_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0))
-        with torch.no_grad():
-            for p in lora.parameters():
-                p.normal_(0, 0.05)
-        m.train()
+    models = [lora_twin(tok), lora_twin(tok)]
     low_precision_frozen_linears(models[1], torch.bfloat16)
     assert models[1].blocks[0].mlp.fc.weight.dtype == torch.bfloat16
     assert models[1].blocks[0].ln_1.weight.dtype == models[1].lm_head.weight.dtype == torch.float32
@@ -230,14 +235,7 @@ def test_compiled_blocks_match_eager_and_share_one_graph(tmp_path: Path, base_di
     from lmforge.train.finetune import FineTuneConfig, FineTuner
 
     tok = chat_tokenizer()
-    eager, compiled = tiny_model(tok, n_layer=4), tiny_model(tok, n_layer=4)
-    for m in (eager, compiled):
-        torch.manual_seed(1)
-        lora = add_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0))
-        with torch.no_grad():
-            for p in lora.parameters():
-                p.normal_(0, 0.05)
-        m.train()
+    eager, compiled = lora_twin(tok, n_layer=4), lora_twin(tok, n_layer=4)
     torch._dynamo.reset()
     counters.clear()
     for block in compiled.blocks:
