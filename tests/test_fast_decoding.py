@@ -19,12 +19,12 @@ from lmforge.models.quant import QuantLinear, quantize_int4
 TOLERANCE = {"fp32": 1e-5, "bf16": 0.02, "int8": 0.02, "int4": 0.08}
 
 
-def separated_model() -> GPT:
+def separated_model(block_size: int = 96) -> GPT:
     """A small Llama-shaped GPT whose logits are well separated (a scaled output head), so that the
     rounding of bf16/int8/int4 cannot flip a greedy choice: every greedy step's top-1/top-2 margin is
     checked to exceed twice the measured logit error."""
     torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=96, block_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos="rope",
+    m = GPT(GPTConfig(vocab_size=96, block_size=block_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos="rope",
                       norm="rmsnorm", mlp="swiglu", tie_embeddings=False)).eval()
     with torch.no_grad():
         m.lm_head.weight.mul_(12.0)
@@ -166,3 +166,29 @@ def test_single_query_attention_equals_sdpa(heads: int, kv_heads: int, masked: b
     assert y.dtype == torch.bfloat16 and y.shape == (B, heads, 1, D)
     torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
     assert (y.float() - ref).abs().max() <= ref.abs().max() * 2 ** -7  # one bf16 rounding of the output
+
+
+def test_bf16_steps_over_many_keys_take_single_query_attention_and_keep_greedy() -> None:
+    """From SINGLE_QUERY_MIN_KEYS cached keys on, bf16 steps (plain KV cache and the static one) attend with
+    single_query_attention; greedy decoding through both still equals the fp32 model's."""
+    from lmforge.models import layers
+
+    model = separated_model(block_size=320)
+    fast = prepare_for_decoding(copy.deepcopy(model), "bf16")
+    prompt = [int(t) for t in torch.randint(0, 96, (250,), generator=torch.Generator().manual_seed(3))]
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0, ignore_eos=True)
+    ref = generate_ids(model, prompt, cfg)[0]
+    calls = []
+    orig = layers.single_query_attention
+    layers.single_query_attention = lambda *a: calls.append(a[1].shape[2]) or orig(*a)
+    try:
+        assert generate_ids(fast, prompt, cfg)[0] == ref
+        assert calls and min(calls) == layers.SINGLE_QUERY_MIN_KEYS  # only from 256 keys on
+        calls.clear()
+        dec = StaticDecoder(fast, 1, len(prompt) + 16, cfg, compile=False)
+        toks = [dec.prefill(torch.tensor([prompt]))]
+        for _ in range(15):
+            toks.append(dec.step(toks[-1]))
+        assert torch.stack(toks, 1)[0].tolist() == ref and set(calls) == {dec.length}
+    finally:
+        layers.single_query_attention = orig

@@ -430,8 +430,8 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
         past = 0
         if cache is not None and cache.static:  # fixed shapes: the whole buffer under the cache's mask
             k, v = cache.update(self.layer_idx, k, v)
-            if T == 1 and q.dtype != torch.float32 and k.shape[2] >= SINGLE_QUERY_MIN_KEYS:
-                return single_query_attention(q, k, v, cache.mask)
+            if T == 1:
+                return self._one_query(q, k, v, 0.0, cache.mask)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
         if cache is not None:
             past = cache.pos
@@ -465,11 +465,14 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         return y
 
-    def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        """One query per row over all keys: the decoding step (and each verify row, identically)."""
+    def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One query per row over the keys (``mask``: a static cache's visible positions): the decoding step,
+        and each verify row identically. The one place that picks single_query_attention or the fused kernel."""
         if q.dtype != torch.float32 and p == 0.0 and k.shape[2] >= SINGLE_QUERY_MIN_KEYS:
-            return single_query_attention(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=self.n_kv_head != self.n_head)
+            return single_query_attention(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                              enable_gqa=self.n_kv_head != self.n_head)
 
     def _mask(self, past: int, T: int, device: torch.device, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The exact path's mask, True where query i (at position past + i) may look at key j."""
