@@ -160,6 +160,7 @@ class StaticDecoder:
         if self.noise is not None:
             self.noise.exponential_(generator=self.generator)
 
+    @torch.no_grad()  # inference only, also when called directly (a bf16 model under grad attends in fp32)
     def prefill(self, seqs: torch.Tensor) -> torch.Tensor:
         """Feed the prompt (B, P); return the first new tokens (B,)."""
         P = seqs.shape[1]
@@ -178,6 +179,7 @@ class StaticDecoder:
         if self.seen is not None:
             self.seen.scatter_(1, tok[:, None], True)
 
+    @torch.no_grad()  # inference only, also when called directly (a bf16 model under grad attends in fp32)
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """Feed ``tok`` (B,) at the next position; return the following tokens (B,)."""
         if self.filled >= self.length:
