@@ -25,7 +25,7 @@ from ..data.parallel import ParallelData, load_data
 from ..errors import LMForgeError
 from ..evaluate import evaluate
 from ..generation import GenerationConfig, generate_ids
-from ..models import MODEL_REGISTRY, load_model, model_class, on_device
+from ..models import MODEL_REGISTRY, LanguageModel, load_model, model_class, on_device
 from ..tokenizers import load_tokenizer
 from ..train import TrainConfig, train
 from ..train.checkpoint import read_state
@@ -241,7 +241,7 @@ def compare(data: str, budget: str | float | Budget, models: list[str], out: str
     return rows
 
 
-def eval_stride(model: Any) -> int | None:
+def eval_stride(model: LanguageModel) -> int | None:
     """How a model is scored so that each family conditions on all the history it can use: an n-gram on
     its n-1 tokens and a recurrent net on its state carried over the whole split need nothing special; a
     fixed-window model (GPT) slides its window by half its length, so every scored token after the first
