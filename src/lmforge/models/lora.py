@@ -12,13 +12,16 @@ lmforge's GPT fuses some of the linear maps that Hugging Face (and PEFT) keep ap
 one of PEFT's modules (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down`` = ``q_proj`` ... ``down_proj``)
 and adapts only its own slice of the fused output, so an adapter maps 1:1 onto PEFT's files
 (``hub/peft.py``). On a fused layer the slices' A matrices are stacked and their B matrices placed
-block-diagonally, so one fused layer costs two small matmuls however many of its slices are adapted:
+block-diagonally; each slice draws its own dropout mask, as PEFT's modules do, all in one call, and one
+batched matmul applies the n masked copies of x to their A matrices:
 
-    delta = (dropout(x) @ [A_q; A_k; A_v]^T) @ blockdiag(B_q, B_k, B_v)^T * (alpha / r)
+    h_s   = (x * m_s) @ A_s^T                               m_s ~ Bernoulli(1 - p), independent per slice s
+    delta = [h_1 | h_2 | ...] @ blockdiag(B_1, B_2, ...)^T * (alpha / r) / (1 - p)
 
-(the slices share one dropout mask, where PEFT draws one per module; without dropout the two agree).
-The update is added by a forward hook, so the base weights keep their names and layout; ``merge``
-folds B A into W for decoding (``unmerge`` takes it out again).
+Dropout's 1 / (1 - p) and alpha / r scale the tiny B matrix rather than the (tokens x out) activations, and
+the update is added inside the second matmul (``addmm``), so LoRA adds no full-size elementwise pass but
+the mask's. The update is added by a forward hook, so the base weights keep their names and layout;
+``merge`` folds B A into W for decoding (``unmerge`` takes it out again).
 """
 
 from __future__ import annotations
@@ -117,12 +120,31 @@ class LoRALayer(nn.Module):
         a = torch.cat([self.lora_A[name] for name, _, _ in self.slices])
         return a, torch.block_diag(*blocks)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.stacked()
-        return F.linear(F.linear(self.dropout(x), a.to(x.dtype)), b.to(x.dtype)) * self.scale
+    def cast_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        """Forward pre-hook: under autocast, cast the layer's input to the autocast dtype once, for the frozen
+        product and the adapter alike (autocast would cast it for each of them; the values are the same)."""
+        x = args[0]
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
+            return (x.to(torch.get_autocast_dtype(dev)),) + args[1:]
+        return None
 
     def hook(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        return output if self.merged else output + self.delta(args[0])
+        """output + the adapters' update (see the module's docstring), x = args[0]: (..., in)."""
+        if self.merged:
+            return output
+        x = args[0].flatten(0, -2)                             # (N, in)
+        a, b = self.stacked()                                  # (n r, in), (out, n r)
+        p = self.dropout.p if self.training else 0.0
+        b = b * (self.scale / (1 - p))                         # both scales on the (out x n r) matrix
+        a, b = a.to(x.dtype), b.to(x.dtype)
+        n = len(self.slices)
+        keep = dropout_keep((n, *x.shape), p, x.device) if p > 0 else None   # (n, N, in): a mask per slice
+        h = F.linear(x, a) if keep is None else masked_product(x, a, keep)     # (N, n r)
+        out = output.flatten(0, -2)                            # (N, out): the frozen product, not saved for backward
+        if out.dtype != h.dtype:  # (an input in another dtype than the layer's output) autocast's addmm casts
+            return torch.addmm(out, h, b.t()).view(output.shape)
+        return out.addmm_(h, b.t()).view(output.shape)         # the update added inside the matmul, in place
 
     @torch.no_grad()
     def merge(self, linear: nn.Linear, sign: float = 1.0) -> None:
@@ -150,7 +172,9 @@ class LoRA(nn.Module):
         self.paths = list(per_layer)
         self.layers = nn.ModuleDict({p.replace(".", "_"): LoRALayer(modules[p], sl, cfg)
                                      for p, sl in per_layer.items()})
-        self._hooks = [modules[p].register_forward_hook(self.layers[p.replace(".", "_")].hook) for p in self.paths]
+        self._hooks = [h for p in self.paths for h in (
+            modules[p].register_forward_pre_hook(self.layers[p.replace(".", "_")].cast_input),
+            modules[p].register_forward_hook(self.layers[p.replace(".", "_")].hook))]
         self._linears = [modules[p] for p in self.paths]
 
     def items(self) -> list[tuple[str, nn.Linear, LoRALayer]]:
@@ -178,6 +202,28 @@ class LoRA(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def dropout_keep(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """A dropout keep mask (bool): each element independently True with probability 1 - p, to within 2^-32 (a
+    32-bit uniform integer against round(p 2^32)). A CPU's ``bernoulli_`` draws a 64-bit number and converts a
+    double per element; here one 64-bit draw makes two elements, three times cheaper. A compiled graph draws
+    ``rand`` (its own fused generator, to within 2^-24)."""
+    if torch.compiler.is_compiling():
+        return torch.rand(shape, device=device) >= p
+    n = math.prod(shape)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2**63, None)
+    return (bits.view(torch.int32)[:n] >= round(p * 2**32) - 2**31).view(shape)
+
+
+def masked_product(x: torch.Tensor, a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[(x * keep_1) A_1^T | (x * keep_2) A_2^T | ...]: x (N, in), a = [A_1; A_2; ...] (n r, in), keep (n, N, in)
+    bool -> (N, n r): the n masked copies of x in one batched matmul."""
+    n = keep.shape[0]
+    if n == 1:
+        return F.linear(torch.where(keep[0], x, 0), a)
+    h = torch.bmm(torch.where(keep, x, 0), a.view(n, a.shape[0] // n, -1).transpose(1, 2))  # (n, N, r)
+    return h.transpose(0, 1).flatten(1)
 
 
 def _peft_name(target: str) -> str:
@@ -217,4 +263,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["LoRAConfig", "LoRA", "TARGETS", "add_lora", "merge_and_unload", "parse_targets", "target_slices"]
+__all__ = ["LoRAConfig", "LoRA", "TARGETS", "add_lora", "dropout_keep", "merge_and_unload", "parse_targets",
+           "target_slices"]
