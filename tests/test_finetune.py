@@ -28,7 +28,7 @@ from lmforge.data.sft import (
 from lmforge.errors import LMForgeError
 from lmforge.hub.export import export_hf
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.models.lora import LoRAConfig, add_lora
+from lmforge.models.lora import LoRAConfig, LoRALayer, add_lora, dropout_keep
 from lmforge.tokenizers import BPETokenizer
 from lmforge.tokenizers.chat_template import TEMPLATES, ChatTemplate
 
@@ -182,6 +182,66 @@ def test_merged_equals_unmerged() -> None:
         lora.unmerge()
         torch.testing.assert_close(model.blocks[0].attn.qkv.weight, w, atol=1e-6, rtol=0)
         torch.testing.assert_close(model(x)[0], unmerged, atol=1e-5, rtol=0)
+
+
+def peft_update(layer: LoRALayer, x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """PEFT's LoRA update of one (possibly fused) layer, module by module: for each adapted slice s,
+    (alpha / r) B_s A_s dropout_s(x), dropout_s scaling the kept elements by 1 / (1 - p); zero elsewhere."""
+    out = torch.zeros(*x.shape[:-1], layer.out_features, dtype=torch.float64)
+    for k, (name, s, e) in enumerate(layer.slices):
+        xd = x.double() if keep is None else torch.where(keep[k], x.double(), 0) / (1 - p)
+        out[..., s:e] = xd @ layer.lora_A[name].double().t() @ layer.lora_B[name].double().t() * layer.scale
+    return out
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_update_is_peft_module_by_module(p: float) -> None:
+    """A fused layer's update (stacked A, block-diagonal B, one mask draw, one batched matmul, scales on B, added
+    inside the matmul) equals PEFT's per-module formula with an independent mask per module: the masks are
+    ``dropout_keep``'s draw for (modules, tokens, features), regenerated here from the same seed; the
+    gradients with respect to A, B and x match too. p = 0 is the update before this layout (no masks)."""
+    tok = chat_tokenizer()
+    model = tiny_model(tok)
+    lora = add_lora(model, LoRAConfig(r=4, alpha=12, dropout=p, targets=("q", "v", "gate", "up", "down")))
+    with torch.no_grad():
+        for prm in lora.parameters():
+            prm.normal_(0, 0.1)
+    model.train()
+    for path, lin, layer in lora.items():
+        x = torch.randn(2, 7, lin.in_features, requires_grad=True)
+        torch.manual_seed(5)
+        got = lin(x)
+        torch.manual_seed(5)
+        n = len(layer.slices)
+        keep = dropout_keep((n, 14, lin.in_features), p, x.device).view(n, 2, 7, -1) if p else None
+        want = F.linear(x, lin.weight).double() + peft_update(layer, x, keep, p)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, msg=path)
+        w = torch.randn_like(want)
+        params = [x, *layer.parameters()]
+        for g1, g2 in zip(torch.autograd.grad((got.double() * w).sum(), params),
+                          torch.autograd.grad((want * w).sum(), params)):
+            torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5, msg=path)
+    with torch.no_grad():  # evaluation: no dropout, the deterministic update
+        model.eval()
+        lin, layer = lora.items()[0][1:]
+        x = torch.randn(2, 7, lin.in_features)
+        torch.testing.assert_close(lin(x).double(), F.linear(x, lin.weight).double() + peft_update(layer, x, None, p),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_keep_is_bernoulli_and_independent() -> None:
+    """The keep mask is i.i.d. Bernoulli(1 - p): the kept share, and the share dropped by two modules' masks at
+    once (p^2 when independent, p when shared), within 5 standard errors."""
+    torch.manual_seed(0)
+    for p in (0.05, 0.3):
+        keep = dropout_keep((3, 64, 1001), p, torch.device("cpu"))   # an odd element count (a half 64-bit draw)
+        n = keep[0].numel()
+        drop = ~keep
+        assert abs(float(drop.float().mean()) - p) < 5 * math.sqrt(p * (1 - p) / keep.numel())
+        both = float((drop[0] & drop[1]).float().mean())
+        assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / n)
+        first = drop[:, :, 0].float().mean()     # no position is favoured (e.g. the first of a draw)
+        assert abs(float(first) - p) < 5 * math.sqrt(p * (1 - p) / (3 * 64))
 
 
 def lora_twin(tok: BPETokenizer, n_layer: int = 2) -> GPT:
