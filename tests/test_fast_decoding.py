@@ -169,7 +169,7 @@ def test_single_query_attention_equals_sdpa(heads: int, kv_heads: int, masked: b
 
 
 def test_bf16_steps_over_many_keys_take_single_query_attention_and_keep_greedy() -> None:
-    """From SINGLE_QUERY_MIN_KEYS cached keys on, bf16 steps (plain KV cache and the static one) attend with
+    """From single_query_min_keys() cached keys on, bf16 steps (plain KV cache and the static one) attend with
     single_query_attention; greedy decoding through both still equals the fp32 model's."""
     from lmforge.models import layers
 
@@ -180,10 +180,12 @@ def test_bf16_steps_over_many_keys_take_single_query_attention_and_keep_greedy()
     ref = generate_ids(model, prompt, cfg)[0]
     calls = []
     orig = layers.single_query_attention
+    orig_min = layers.single_query_min_keys
     layers.single_query_attention = lambda *a: calls.append(a[1].shape[2]) or orig(*a)
+    layers.single_query_min_keys = lambda: 256  # between the prompt's 250 keys and the last step's 266
     try:
         assert generate_ids(fast, prompt, cfg)[0] == ref
-        assert calls and min(calls) == layers.SINGLE_QUERY_MIN_KEYS  # only from 256 keys on
+        assert calls and min(calls) == 256  # only from the threshold on
         calls.clear()
         dec = StaticDecoder(fast, 1, len(prompt) + 16, cfg, compile=False)
         toks = [dec.prefill(torch.tensor([prompt]))]
@@ -192,3 +194,4 @@ def test_bf16_steps_over_many_keys_take_single_query_attention_and_keep_greedy()
         assert torch.stack(toks, 1)[0].tolist() == ref and set(calls) == {dec.length}
     finally:
         layers.single_query_attention = orig
+        layers.single_query_min_keys = orig_min

@@ -342,10 +342,18 @@ class SlotKVCache:
         self._pos = self._mask = None
 
 
-#: from this many keys on, a bf16 decoding step attends with single_query_attention instead of PyTorch's fused
-#: kernel. Measured (SmolLM2 int4/int8, 2 threads, AMD EPYC): whole generations of 400 tokens 1.03-1.11x faster,
-#: of 128 tokens 0.97x (below ~250 keys the three ops' dispatch costs what the kernel loses)
-SINGLE_QUERY_MIN_KEYS = 256
+#: from this many keys per thread on, a bf16 decoding step attends with single_query_attention instead of
+#: PyTorch's fused kernel. Measured per call (SmolLM2's 9 query / 3 kv heads, AMD EPYC): 1 thread, fused vs
+#: single_query 63 vs 34 us at 64 keys, 183 vs 53 at 200; 2 threads about equal at 128 keys and 159 vs 103
+#: at 256: the fused kernel spreads its heads over the threads, the three small ops do not, so the crossing
+#: moves up with the thread count.
+SINGLE_QUERY_KEYS_PER_THREAD = 64
+
+
+@torch.compiler.assume_constant_result  # a compiled decode step reads it once, as a constant
+def single_query_min_keys() -> int:
+    """The number of cached keys from which a bf16 step takes single_query_attention (at this thread count)."""
+    return SINGLE_QUERY_KEYS_PER_THREAD * torch.get_num_threads()
 
 
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -469,7 +477,7 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
                    mask: torch.Tensor | None = None) -> torch.Tensor:
         """One query per row over the keys (``mask``: a static cache's visible positions): the decoding step,
         and each verify row identically. The one place that picks single_query_attention or the fused kernel."""
-        if q.dtype != torch.float32 and p == 0.0 and k.shape[2] >= SINGLE_QUERY_MIN_KEYS:
+        if q.dtype != torch.float32 and p == 0.0 and k.shape[2] >= single_query_min_keys():
             return single_query_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
                                               enable_gqa=self.n_kv_head != self.n_head)
