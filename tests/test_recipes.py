@@ -96,9 +96,14 @@ def test_muon_is_refused_where_it_cannot_work(tmp_path: Path, char_data: Path, m
     assert not (tmp_path / "lstm").exists()
 
 
-def test_muon_trains_an_lstm(tmp_path: Path, char_data: Path) -> None:
-    run = tmp_path / "lstm"
-    train(tiny_train_config(char_data, run, max_steps=20, model="lstm", preset="tiny", model_args={},
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_muon_trains_every_recurrent_cell(tmp_path: Path, char_data: Path, cell: str) -> None:
+    """compare's recurrent recipe (Muon on W and U) for all three cells."""
+    from lmforge.apps.compare import NEURAL_RECIPES
+
+    assert NEURAL_RECIPES[cell]["optimizer"] == "muon"
+    run = tmp_path / cell
+    train(tiny_train_config(char_data, run, max_steps=20, model=cell, preset="tiny", model_args={},
                             optimizer="muon"))
     losses = step_losses(run)
     assert losses[20] < losses[1] - 0.3
