@@ -4,6 +4,7 @@ into int8/int4."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -150,7 +151,7 @@ def test_gguf_blocks_decode_exactly(kind: str) -> None:
 
 
 @pytest.mark.parametrize("batch, keys, mask", [(1, 17, None), (8, 144, "static"), (3, 300, "slots"), (2, 1000, None)])
-def test_one_query_folds_grouped_heads_bit_for_bit(batch: int, keys: int, mask: str | None) -> None:
+def test_one_query_folds_grouped_heads(batch: int, keys: int, mask: str | None) -> None:
     """A bf16 decoding step folds the query heads sharing a key/value head into one call of the fused kernel
     (CausalSelfAttention._one_query), with no mask, a static cache's (1, S) mask and a slot cache's per-row
     (B, 1, 1, S) mask: its output equals the unfolded ``enable_gqa`` call's except for rare elements rounded
@@ -199,7 +200,7 @@ def test_bf16_batched_steps_keep_greedy(cache: str) -> None:
     try:
         with torch.no_grad():
             if cache == "plain":
-                rows = generate_ids(fast, prompt, GenerationConfig(**{**cfg.__dict__, "num_return_sequences": 8}))
+                rows = generate_ids(fast, prompt, dataclasses.replace(cfg, num_return_sequences=8))
             elif cache == "static":
                 dec = StaticDecoder(fast, 8, len(prompt) + 16, cfg, compile=False)
                 toks = [dec.prefill(torch.tensor([prompt] * 8))]
