@@ -221,3 +221,58 @@ def test_bf16_batched_steps_keep_greedy(cache: str) -> None:
         layers.CausalSelfAttention._one_query = orig
     assert rows == [ref] * 8
     assert calls and set(calls) == {8}  # every step of the 8 rows took the one-query path
+
+
+@pytest.mark.parametrize("batch, keys, mask", [(1, 300, None), (2, 300, "static"), (3, 300, "slots")])
+def test_one_query_without_grouped_heads_takes_three_ops(batch: int, keys: int, mask: str | None) -> None:
+    """Without grouped heads (nothing to fold) a bf16 step over >= one_query_min_keys() keys attends by three fp32
+    ops: as accurate as the fused kernel against fp64, with any cache's mask; below the threshold, the kernel."""
+    from lmforge.models import layers
+
+    attn = layers.CausalSelfAttention(4 * 64, 4)
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randn(batch, 4, 1, 64, generator=g).bfloat16()
+    k, v = (torch.randn(batch, 4, keys, 64, generator=g).bfloat16() * 2 for _ in range(2))
+    m = None
+    if mask == "static":
+        m = (torch.arange(keys) < keys - 7)[None]
+    elif mask == "slots":
+        m = (torch.arange(keys)[None] < torch.randint(1, keys, (batch, 1), generator=g))[:, None, None]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    orig_sdpa, orig_min = layers.F.scaled_dot_product_attention, layers.one_query_min_keys
+    layers.F.scaled_dot_product_attention = lambda *a, **kw: calls.append(1) or orig_sdpa(*a, **kw)
+    layers.one_query_min_keys = lambda: 256
+    try:
+        got = attn._one_query(q, k, v, 0.0, m)
+        assert not calls  # 300 >= 256 keys: no fused call
+        attn._one_query(q, k[:, :, :200], v[:, :, :200], 0.0, None if m is None else m[..., :200])
+        assert calls  # 200 keys: the fused kernel
+    finally:
+        layers.F.scaled_dot_product_attention, layers.one_query_min_keys = orig_sdpa, orig_min
+    want = sdpa(q, k, v, attn_mask=m)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    exact = sdpa(q.double(), k.double(), v.double(), attn_mask=m)
+    assert (got.double() - exact).abs().max() <= exact.abs().max() * 2 ** -8  # one rounding to bf16
+    err_got, err_want = ((x.double() - exact).abs().sum() for x in (got, want))
+    assert err_got <= err_want * 1.01  # at least as accurate as the fused kernel
+
+
+def test_mha_bf16_steps_over_many_keys_keep_greedy() -> None:
+    """A GPT without grouped heads, decoding in bf16 past the three-op threshold, keeps the fp32 model's greedy."""
+    from lmforge.models import layers
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=96, block_size=320, n_layer=2, n_head=4, n_embd=64, pos="rope", norm="rmsnorm",
+                          mlp="swiglu", tie_embeddings=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(12.0)
+    fast = prepare_for_decoding(copy.deepcopy(model), "bf16")
+    prompt = [int(t) for t in torch.randint(0, 96, (250,), generator=torch.Generator().manual_seed(3))]
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0, ignore_eos=True)
+    orig_min = layers.one_query_min_keys
+    layers.one_query_min_keys = lambda: 256  # the last 11 steps take the three ops
+    try:
+        assert generate_ids(fast, prompt, cfg)[0] == generate_ids(model, prompt, cfg)[0]
+    finally:
+        layers.one_query_min_keys = orig_min

@@ -342,6 +342,16 @@ class SlotKVCache:
         self._pos = self._mask = None
 
 
+#: keys per thread from which one bf16 query per head (no grouped heads) attends by three fp32 ops instead of the
+#: fused kernel (CausalSelfAttention._one_query): the kernel spreads heads over threads, the small ops do not
+ONE_QUERY_KEYS_PER_THREAD = 64
+
+
+@torch.compiler.assume_constant_result  # a compiled decode step reads it once, as a constant
+def one_query_min_keys() -> int:
+    return ONE_QUERY_KEYS_PER_THREAD * torch.get_num_threads()
+
+
 class CausalSelfAttention(nn.Module, RecordsAttention):
     """Multi-head (optionally grouped-query) self-attention with an optional KV cache.
 
@@ -453,12 +463,22 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
         vs 139 us at batch 1, 196 vs 1084 us at batch 8). The kernel computes in fp32 and rounds once to bf16
         either way; the folded call rounds ~1 output element in 10,000 to the neighbouring bf16 value (the
         same accuracy against an fp64 reference; tests/test_fast_decoding.py). fp32 keeps the unfolded call:
-        there it is as fast."""
+        there it is as fast.
+
+        Without grouped heads (nothing to fold: GPT-2, lmforge's own GPTs) one bf16 query per head costs the fused
+        kernel 2-4x what three small fp32 ops cost (GPT-2's 12 heads, one thread: 82 vs 41 us over 64 keys,
+        319 vs 106 over 256, 1316 vs 296 over 1024), so from ONE_QUERY_KEYS_PER_THREAD keys per thread on
+        those three ops attend (below, their dispatch costs more than the kernel loses)."""
         B, H, _, D = q.shape
         Hkv = k.shape[1]
         if q.dtype != torch.float32 and Hkv != H:
             y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask, dropout_p=p)
             return y.reshape(B, H, 1, D)
+        if q.dtype != torch.float32 and p == 0.0 and k.shape[2] >= one_query_min_keys():
+            att = (q.float() @ k.float().transpose(-1, -2)) * D ** -0.5  # (B, H, 1, S), scores in fp32
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            return (att.softmax(dim=-1) @ v.float()).to(q.dtype)          # (B, H, 1, D), rounded once
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=Hkv != H)
 
     def _mask(self, past: int, T: int, device: torch.device, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
