@@ -1,11 +1,14 @@
 """Where the time of one decoded token goes: torch.profiler over SmolLM2-135M decoding steps, per layout.
 
-    python bench/decode_profile.py [--layouts fp32 int8 int4] [--steps 20] [--threads 1]
+    python bench/decode_profile.py [--layouts fp32 int8 int4] [--steps 20] [--threads 1] [--batch 8]
+                                   [--prompt-tokens 64]
 
 For each layout (fp32: the GGUF dequantized and transposed; int8/int4: loaded straight from the GGUF), 20
-batch-1 decoding steps after a 64-token prompt are profiled; operators are grouped into weight matrix
-products, attention, norms, elementwise/other ops, and what the profiler does not see (Python and
-dispatch between operators: wall time minus the operators' self time).
+decoding steps of ``--batch`` rows after a ``--prompt-tokens`` prompt are profiled; operators are grouped into
+weight matrix products, attention, norms, elementwise/other ops, and what the profiler does not see (Python
+and dispatch between operators: wall time minus the operators' self time). The output head's share of the
+weight products is timed on its own, and the step's CPU time is printed too (a shared machine inflates wall
+time, CPU time much less).
 """
 
 from __future__ import annotations
@@ -40,15 +43,18 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=["fp32", "int8", "int4"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(machine_summary())
     for layout in a.layouts:
         model = load_model("smollm2", decode_dtype=layout) if layout in ("int8", "int4") else \
             prepare_for_decoding(load_model("smollm2"), layout)
-        state = model.init_state(1, 64 + 2 * a.steps + 8)
-        model.forward_logits(torch.arange(100, 164)[None], state)
-        tok = torch.tensor([[5]])
+        B, P = a.batch, a.prompt_tokens
+        state = model.init_state(B, P + 3 * a.steps + 8)
+        model.forward_logits(torch.arange(100, 100 + P)[None].repeat(B, 1), state)
+        tok = torch.full((B, 1), 5)
         for _ in range(3):
             model.forward_logits(tok, state)
         t0 = time.perf_counter()
@@ -56,16 +62,23 @@ def main() -> None:
             for _ in range(a.steps):
                 model.forward_logits(tok, state)
         wall = (time.perf_counter() - t0) / a.steps * 1000
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(a.steps):
             model.forward_logits(tok, state)
         bare = (time.perf_counter() - t0) / a.steps * 1000
+        cpu = (time.process_time() - c0) / a.steps * 1000
+        h = torch.zeros(B, 1, model.config.n_embd, dtype=model.wte.weight.dtype)
+        c0 = time.process_time()
+        for _ in range(a.steps):
+            model.lm_head(h)
+        head = (time.process_time() - c0) / a.steps * 1000
         groups: dict[str, float] = defaultdict(float)
         for ev in prof.key_averages():
             groups[group_of(ev.key)] += ev.self_cpu_time_total / 1000 / a.steps
         seen = sum(groups.values())
         groups["Python + dispatch (unseen by the profiler)"] = max(wall - seen, 0.0)
-        print(f"{layout}: {bare:.1f} ms/token without the profiler, {wall:.1f} ms with it")
+        print(f"{layout}, batch {B}, {P}-token prompt: {bare:.1f} ms/step without the profiler ({cpu:.1f} ms of CPU "
+              f"time; the output head alone {head:.1f} ms of CPU), {wall:.1f} ms with it")
         for g, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
             print(f"  {g:44s} {ms:6.2f} ms  {100 * ms / wall:5.1f}%")
         del model, state

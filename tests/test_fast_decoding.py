@@ -4,6 +4,7 @@ into int8/int4."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -149,49 +150,129 @@ def test_gguf_blocks_decode_exactly(kind: str) -> None:
         np.testing.assert_allclose(deq, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("heads, kv_heads, masked", [(4, 4, False), (9, 3, True), (6, 2, False)])
-def test_single_query_attention_equals_sdpa(heads: int, kv_heads: int, masked: bool) -> None:
-    """The decoding step's one-query attention (bf16 operands, fp32 inside) matches PyTorch's fused kernel
-    computed in fp32 on the same bf16 values, with grouped-query heads and a static cache's visibility mask."""
-    from lmforge.models.layers import single_query_attention
+@pytest.mark.parametrize("batch, keys, mask", [(1, 17, None), (8, 144, "static"), (3, 300, "slots"), (2, 1000, None)])
+def test_one_query_folds_grouped_heads(batch: int, keys: int, mask: str | None) -> None:
+    """A bf16 decoding step folds the query heads sharing a key/value head into one call of the fused kernel
+    (CausalSelfAttention._one_query), with no mask, a static cache's (1, S) mask and a slot cache's per-row
+    (B, 1, 1, S) mask: its output equals the unfolded ``enable_gqa`` call's except for rare elements rounded
+    to the neighbouring bf16 value, and is as close to an fp64 reference."""
+    from lmforge.models.layers import CausalSelfAttention
 
-    g = torch.Generator().manual_seed(0)
-    B, D, S = 2, 16, 37
-    q = torch.randn(B, heads, 1, D, generator=g).bfloat16()
-    k, v = (torch.randn(B, kv_heads, S, D, generator=g).bfloat16() for _ in range(2))
-    mask = (torch.arange(S) < 29)[None] if masked else None
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=kv_heads != heads)
-    y = single_query_attention(q, k, v, mask)
-    assert y.dtype == torch.bfloat16 and y.shape == (B, heads, 1, D)
-    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
-    assert (y.float() - ref).abs().max() <= ref.abs().max() * 2 ** -7  # one bf16 rounding of the output
+    attn = CausalSelfAttention(9 * 64, 9, 3)  # SmolLM2's heads: 9 query heads over 3 key/value heads
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randn(batch, 9, 1, 64, generator=g).bfloat16()
+    k, v = (torch.randn(batch, 3, keys, 64, generator=g).bfloat16() * 2 for _ in range(2))
+    m = None
+    if mask == "static":
+        m = (torch.arange(keys) < keys - 7)[None]                                       # (1, S)
+    elif mask == "slots":
+        m = (torch.arange(keys)[None] < torch.randint(1, keys, (batch, 1), generator=g))[:, None, None]  # (B, 1, 1, S)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    want = sdpa(q, k, v, attn_mask=m, enable_gqa=True)
+    got = attn._one_query(q, k, v, 0.0, m)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7)  # at most one bf16 step
+    assert (got != want).float().mean() < 1e-3
+    exact = sdpa(q.double(), k.double(), v.double(), attn_mask=m, enable_gqa=True)
+    err_got, err_want = ((x.double() - exact).abs().sum() for x in (got, want))
+    assert err_got <= err_want * 1.01
 
 
-def test_bf16_steps_over_many_keys_take_single_query_attention_and_keep_greedy() -> None:
-    """From single_query_min_keys() cached keys on, bf16 steps (plain KV cache and the static one) attend with
-    single_query_attention; greedy decoding through both still equals the fp32 model's."""
+@pytest.mark.parametrize("cache", ["plain", "static", "slots"])
+def test_bf16_batched_steps_keep_greedy(cache: str) -> None:
+    """Batch-8 bf16 decoding through every KV cache (plain, static, the engine's slot cache) takes the folded
+    one-query path and gives the fp32 model's greedy tokens in every row."""
     from lmforge.models import layers
 
     model = separated_model(block_size=320)
     fast = prepare_for_decoding(copy.deepcopy(model), "bf16")
-    prompt = [int(t) for t in torch.randint(0, 96, (250,), generator=torch.Generator().manual_seed(3))]
+    prompt = [int(t) for t in torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(3))]
     cfg = GenerationConfig(max_new_tokens=16, temperature=0, ignore_eos=True)
     ref = generate_ids(model, prompt, cfg)[0]
     calls = []
-    orig = layers.single_query_attention
-    orig_min = layers.single_query_min_keys
-    layers.single_query_attention = lambda *a: calls.append(a[1].shape[2]) or orig(*a)
-    layers.single_query_min_keys = lambda: 256  # between the prompt's 250 keys and the last step's 266
+    orig = layers.CausalSelfAttention._one_query
+
+    def spy(self, q, *a):  # noqa: ANN001, ANN202
+        calls.append(q.shape[0])
+        return orig(self, q, *a)
+
+    layers.CausalSelfAttention._one_query = spy
     try:
-        assert generate_ids(fast, prompt, cfg)[0] == ref
-        assert calls and min(calls) == 256  # only from the threshold on
-        calls.clear()
-        dec = StaticDecoder(fast, 1, len(prompt) + 16, cfg, compile=False)
-        toks = [dec.prefill(torch.tensor([prompt]))]
-        for _ in range(15):
-            toks.append(dec.step(toks[-1]))
-        assert torch.stack(toks, 1)[0].tolist() == ref and set(calls) == {dec.length}
+        with torch.no_grad():
+            if cache == "plain":
+                rows = generate_ids(fast, prompt, dataclasses.replace(cfg, num_return_sequences=8))
+            elif cache == "static":
+                dec = StaticDecoder(fast, 8, len(prompt) + 16, cfg, compile=False)
+                toks = [dec.prefill(torch.tensor([prompt] * 8))]
+                for _ in range(15):
+                    toks.append(dec.step(toks[-1]))
+                rows = torch.stack(toks, 1).tolist()
+            else:
+                slots = fast.init_slots(8, 320)
+                slots.select(torch.arange(8), torch.full((8,), len(prompt)))
+                logits, _ = fast.forward_logits(torch.tensor([prompt] * 8), slots, last_only=True)
+                toks = [logits[:, -1].float().argmax(-1)]
+                for _ in range(15):
+                    slots.select(slice(0, 8))
+                    logits, _ = fast.forward_logits(toks[-1][:, None], slots)
+                    toks.append(logits[:, -1].float().argmax(-1))
+                rows = torch.stack(toks, 1).tolist()
     finally:
-        layers.single_query_attention = orig
-        layers.single_query_min_keys = orig_min
+        layers.CausalSelfAttention._one_query = orig
+    assert rows == [ref] * 8
+    assert calls and set(calls) == {8}  # every step of the 8 rows took the one-query path
+
+
+@pytest.mark.parametrize("batch, keys, mask", [(1, 300, None), (2, 300, "static"), (3, 300, "slots")])
+def test_one_query_without_grouped_heads_takes_three_ops(batch: int, keys: int, mask: str | None) -> None:
+    """Without grouped heads (nothing to fold) a bf16 step over >= one_query_min_keys() keys attends by three fp32
+    ops: as accurate as the fused kernel against fp64, with any cache's mask; below the threshold, the kernel."""
+    from lmforge.models import layers
+
+    attn = layers.CausalSelfAttention(4 * 64, 4)
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randn(batch, 4, 1, 64, generator=g).bfloat16()
+    k, v = (torch.randn(batch, 4, keys, 64, generator=g).bfloat16() * 2 for _ in range(2))
+    m = None
+    if mask == "static":
+        m = (torch.arange(keys) < keys - 7)[None]
+    elif mask == "slots":
+        m = (torch.arange(keys)[None] < torch.randint(1, keys, (batch, 1), generator=g))[:, None, None]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    orig_sdpa, orig_min = layers.F.scaled_dot_product_attention, layers.one_query_min_keys
+    layers.F.scaled_dot_product_attention = lambda *a, **kw: calls.append(1) or orig_sdpa(*a, **kw)
+    layers.one_query_min_keys = lambda: 256
+    try:
+        got = attn._one_query(q, k, v, 0.0, m)
+        assert not calls  # 300 >= 256 keys: no fused call
+        attn._one_query(q, k[:, :, :200], v[:, :, :200], 0.0, None if m is None else m[..., :200])
+        assert calls  # 200 keys: the fused kernel
+    finally:
+        layers.F.scaled_dot_product_attention, layers.one_query_min_keys = orig_sdpa, orig_min
+    want = sdpa(q, k, v, attn_mask=m)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    exact = sdpa(q.double(), k.double(), v.double(), attn_mask=m)
+    assert (got.double() - exact).abs().max() <= exact.abs().max() * 2 ** -8  # one rounding to bf16
+    err_got, err_want = ((x.double() - exact).abs().sum() for x in (got, want))
+    assert err_got <= err_want * 1.01  # at least as accurate as the fused kernel
+
+
+def test_mha_bf16_steps_over_many_keys_keep_greedy() -> None:
+    """A GPT without grouped heads, decoding in bf16 past the three-op threshold, keeps the fp32 model's greedy."""
+    from lmforge.models import layers
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=96, block_size=320, n_layer=2, n_head=4, n_embd=64, pos="rope", norm="rmsnorm",
+                          mlp="swiglu", tie_embeddings=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(12.0)
+    fast = prepare_for_decoding(copy.deepcopy(model), "bf16")
+    prompt = [int(t) for t in torch.randint(0, 96, (250,), generator=torch.Generator().manual_seed(3))]
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0, ignore_eos=True)
+    orig_min = layers.one_query_min_keys
+    layers.one_query_min_keys = lambda: 256  # the last 11 steps take the three ops
+    try:
+        assert generate_ids(fast, prompt, cfg)[0] == generate_ids(model, prompt, cfg)[0]
+    finally:
+        layers.one_query_min_keys = orig_min

@@ -342,38 +342,14 @@ class SlotKVCache:
         self._pos = self._mask = None
 
 
-#: from this many keys per thread on, a bf16 decoding step attends with single_query_attention instead of
-#: PyTorch's fused kernel. Measured per call (SmolLM2's 9 query / 3 kv heads, AMD EPYC): 1 thread, fused vs
-#: single_query 63 vs 34 us at 64 keys, 183 vs 53 at 200; 2 threads about equal at 128 keys and 159 vs 103
-#: at 256: the fused kernel spreads its heads over the threads, the three small ops do not, so the crossing
-#: moves up with the thread count.
-SINGLE_QUERY_KEYS_PER_THREAD = 64
+#: keys per thread from which one bf16 query per head (no grouped heads) attends by three fp32 ops instead of the
+#: fused kernel (CausalSelfAttention._one_query): the kernel spreads heads over threads, the small ops do not
+ONE_QUERY_KEYS_PER_THREAD = 64
 
 
 @torch.compiler.assume_constant_result  # a compiled decode step reads it once, as a constant
-def single_query_min_keys() -> int:
-    """The number of cached keys from which a bf16 step takes single_query_attention (at this thread count)."""
-    return SINGLE_QUERY_KEYS_PER_THREAD * torch.get_num_threads()
-
-
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for ONE query per row, computed in fp32 from bf16/fp16 operands.
-
-    q (B, H, 1, D); k, v (B, H_kv, S, D) with H a multiple of H_kv (grouped-query heads h share key/value
-    head h // (H / H_kv), as ``enable_gqa``); ``mask`` (1 or B, S) bool, True where a key is visible. Why not
-    scaled_dot_product_attention: for a single bf16 query PyTorch's CPU kernel costs 2.4-4x more than these
-    three small ops (148 vs 62 us for SmolLM2's 9 heads over 256 keys; 582 vs 146 over 1024), 30 times per
-    token; in fp32 its kernel is the faster one and is used. The scores and softmax stay fp32 (bf16 scores
-    would round logits of ~30 by ~0.1); the output is rounded once, to q's dtype."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    qg = q.reshape(B, Hkv, H // Hkv, D).float()                   # (B, H_kv, G, D): G query heads per kv head
-    att = (qg @ k.float().transpose(-1, -2)) * D ** -0.5          # (B, H_kv, G, S)
-    if mask is not None:
-        att = att.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
-    y = att.softmax(dim=-1) @ v.float()                           # (B, H_kv, G, D)
-    return y.to(q.dtype).reshape(B, H, 1, D)
+def one_query_min_keys() -> int:
+    return ONE_QUERY_KEYS_PER_THREAD * torch.get_num_threads()
 
 
 class CausalSelfAttention(nn.Module, RecordsAttention):
@@ -434,6 +410,8 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
         gqa = self.n_kv_head != self.n_head
         if isinstance(cache, SlotKVCache):  # continuous batching: every row at its own position
             k, v, mask = cache.update(self.layer_idx, k, v)
+            if T == 1:  # a decoding step of every active slot
+                return self._one_query(q, k, v, 0.0, mask)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         past = 0
         if cache is not None and cache.static:  # fixed shapes: the whole buffer under the cache's mask
@@ -475,12 +453,33 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
 
     def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One query per row over the keys (``mask``: a static cache's visible positions): the decoding step,
-        and each verify row identically. The one place that picks single_query_attention or the fused kernel."""
-        if q.dtype != torch.float32 and p == 0.0 and k.shape[2] >= single_query_min_keys():
-            return single_query_attention(q, k, v, mask)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                              enable_gqa=self.n_kv_head != self.n_head)
+        """One query per row over the keys (``mask``: the cache's visible positions, (1, S) or (B, 1, 1, S)):
+        the decoding step, and each verify row identically.
+
+        In bf16/fp16 with grouped-query heads the G = n_head / n_kv_head query heads that share a key/value
+        head are folded into the query axis, (B, H, 1, D) -> (B, H_kv, G, D): one call of PyTorch's fused
+        CPU kernel then reads each key/value head once for G queries, instead of ``enable_gqa``'s path, which
+        costs 4-7x more for one bf16 query (SmolLM2's 9 heads over 144 keys, one thread of an AMD EPYC: 31
+        vs 139 us at batch 1, 196 vs 1084 us at batch 8). The kernel computes in fp32 and rounds once to bf16
+        either way; the folded call rounds ~1 output element in 10,000 to the neighbouring bf16 value (the
+        same accuracy against an fp64 reference; tests/test_fast_decoding.py). fp32 keeps the unfolded call:
+        there it is as fast.
+
+        Without grouped heads (nothing to fold: GPT-2, lmforge's own GPTs) one bf16 query per head costs the fused
+        kernel 2-4x what three small fp32 ops cost (GPT-2's 12 heads, one thread: 82 vs 41 us over 64 keys,
+        319 vs 106 over 256, 1316 vs 296 over 1024), so from ONE_QUERY_KEYS_PER_THREAD keys per thread on
+        those three ops attend (below, their dispatch costs more than the kernel loses)."""
+        B, H, _, D = q.shape
+        Hkv = k.shape[1]
+        if q.dtype != torch.float32 and Hkv != H:
+            y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask, dropout_p=p)
+            return y.reshape(B, H, 1, D)
+        if q.dtype != torch.float32 and p == 0.0 and k.shape[2] >= one_query_min_keys():
+            att = (q.float() @ k.float().transpose(-1, -2)) * D ** -0.5  # (B, H, 1, S), scores in fp32
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            return (att.softmax(dim=-1) @ v.float()).to(q.dtype)          # (B, H, 1, D), rounded once
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=Hkv != H)
 
     def _mask(self, past: int, T: int, device: torch.device, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The exact path's mask, True where query i (at position past + i) may look at key j."""
