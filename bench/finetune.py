@@ -71,7 +71,9 @@ def worker(impl: str, hf_dir: Path, args: argparse.Namespace) -> dict:
         from lmforge.hub import load_model
         from lmforge.models.lora import LoRAConfig, add_lora
         from lmforge.train.finetune import low_precision_frozen_linears
+        from lmforge.utils import retain_freed_memory
 
+        retain_freed_memory()  # as lmforge finetune's Trainer does (LMFORGE_RETAIN_MEMORY=0: malloc's defaults)
         model = load_model(hf_dir)
         add_lora(model, LoRAConfig(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], targets=c["targets"]))
         if args.dtype == "bf16":  # as lmforge finetune --dtype bf16: the frozen block weights cast once, not per step

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,38 @@ def test_a_budget_given_on_resume_replaces_the_saved_ones(trained_run: Path) -> 
     assert (cfg.max_tokens, cfg.max_steps, cfg.max_time) == (5000, None, None)
     cfg = Trainer.config_for_resume(trained_run, {})
     assert (cfg.max_tokens, cfg.max_steps) == (None, 30)
+
+
+RETAIN_PROBE = """
+import ctypes, torch
+from lmforge.utils import retain_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                              "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+applied = retain_freed_memory()
+assert retain_freed_memory() == applied  # once per process
+x = torch.ones(16 * 2 ** 20)  # 64 MiB, like one step's activations
+mapped = libc.mallinfo2().hblkhd  # bytes in mmapped blocks while it lives
+del x
+print(applied, mapped >> 20, libc.mallinfo2().fordblks >> 20)  # ... and free bytes kept in the heap after
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc"
+                    or tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 33), reason="glibc >= 2.33")
+def test_retain_freed_memory_keeps_activation_memory_for_the_next_step() -> None:
+    """Trainer processes keep freed tensor memory in malloc's heap for the next step to reuse, instead of glibc's
+    default of mmapping each large tensor and unmapping it on free (every step faulted its activations in
+    again); LMFORGE_RETAIN_MEMORY=0 keeps the default."""
+    import subprocess
+
+    def run(flag: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", RETAIN_PROBE], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "LMFORGE_RETAIN_MEMORY": flag}, check=True).stdout.split()
+
+    applied, mapped, kept = run("1")
+    assert applied == "True" and int(mapped) < 16 and int(kept) >= 64  # from the heap, and kept there
+    applied, mapped, kept = run("0")
+    assert applied == "False" and int(mapped) >= 64 and int(kept) < 16  # mmapped, and given back

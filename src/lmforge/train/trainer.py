@@ -55,6 +55,7 @@ from ..utils import (
     read_jsonl,
     refuse_nonempty,
     resolve_dtype,
+    retain_freed_memory,
 )
 from .checkpoint import find_checkpoint, init_optimizer_state, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
@@ -182,6 +183,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         cfg.validate()
+        retain_freed_memory()  # every step reuses the last one's activation memory instead of faulting it in
         self.cfg = cfg
         self.run_lock: DirectoryLock | None = None
         self.data_lock: DirectoryLock | None = None
