@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import functools
 import json
@@ -217,35 +218,26 @@ def parse_duration(text: str | float | int | None) -> float | None:
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-_MEMORY_RETAINED: list[bool] = []
-
-
+@functools.cache  # once per process
 def retain_freed_memory() -> bool:
     """Let glibc's malloc keep the memory that freed tensors return, for the next step to reuse (training).
 
     PyTorch's CPU tensors come straight from malloc, and glibc serves every block above its mmap threshold
     (128 KiB, adjusted up to 32 MiB) with a fresh mmap and unmaps it on free: each training step then faults
-    in and zeroes its activations' pages again (a 6-layer, 384-wide GPT at batch 16 x 256: ~50k page faults
-    and ~0.1 s of system time per 2 s step; SmolLM2 LoRA steps ~4% system time). Serving every block from the
-    heap (M_MMAP_MAX 0) and returning heap memory to the system only above 1 GiB free (M_TRIM_THRESHOLD) keeps
-    those pages: steps 2-5% faster, resident memory stays at its peak instead of dropping between steps.
-    What jemalloc/tcmalloc preloads do for PyTorch, without one. Once per process, glibc Linux only;
-    ``LMFORGE_RETAIN_MEMORY=0`` keeps malloc's defaults. True when the settings were applied."""
-    if _MEMORY_RETAINED:
-        return _MEMORY_RETAINED[0]
-    ok = False
-    if os.environ.get("LMFORGE_RETAIN_MEMORY", "1") != "0" and sys.platform == "linux" \
-            and platform.libc_ver()[0] == "glibc":
-        import ctypes  # only here: a no-op elsewhere
-
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-            ok = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-        except (OSError, AttributeError):
-            ok = False
-    _MEMORY_RETAINED.append(ok)
-    return ok
+    in and zeroes its activations' pages again. Serving every block from the heap (M_MMAP_MAX 0) and returning
+    heap memory to the system only above 1 GiB free (M_TRIM_THRESHOLD) keeps those pages; resident memory stays
+    at its peak instead of dropping between steps. What jemalloc/tcmalloc preloads do for PyTorch, without one
+    (measured by bench/retain_memory.py: docs/training.md). glibc Linux only; ``LMFORGE_RETAIN_MEMORY=0`` keeps
+    malloc's defaults. True when the settings were applied."""
+    if os.environ.get("LMFORGE_RETAIN_MEMORY", "1") == "0" or sys.platform != "linux" \
+            or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 @functools.cache
