@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmforge.models.layers import one_query_fp32
 from lmforge.utils import machine_summary
 
 
@@ -28,13 +29,6 @@ def per_call(fn, n: int = 300) -> float:  # noqa: ANN001
         fn()
         ts.append(time.perf_counter() - t)
     return 1e6 * sorted(ts)[n // 2]
-
-
-def three_ops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    B, H, _, D = q.shape
-    qg = q.reshape(B, k.shape[1], H // k.shape[1], D).float()
-    att = (qg @ k.float().transpose(-1, -2)) * D ** -0.5
-    return (att.softmax(-1) @ v.float()).to(q.dtype).reshape(B, H, 1, D)
 
 
 def main() -> None:
@@ -58,7 +52,7 @@ def time_calls(H: int, Hkv: int, S: int) -> tuple[float, float, float]:
     fused = per_call(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hkv != H))
     folded = (per_call(lambda: F.scaled_dot_product_attention(q.reshape(1, Hkv, H // Hkv, 64), k, v))
               if Hkv != H else float("nan"))
-    return fused, folded, per_call(lambda: three_ops(q, k, v))
+    return fused, folded, per_call(lambda: one_query_fp32(q, k, v))
 
 if __name__ == "__main__":
     main()

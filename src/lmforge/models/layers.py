@@ -352,6 +352,20 @@ def one_query_min_keys() -> int:
     return ONE_QUERY_KEYS_PER_THREAD * torch.get_num_threads()
 
 
+def one_query_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for one query per row by three small fp32 ops, rounded once to q's dtype.
+    q (B, H, 1, D); k, v (B, H_kv, S, D), H a multiple of H_kv (query heads h share key/value head h // G);
+    ``mask`` broadcastable to (B, 1, 1, S), True where a key is visible."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D).float()                  # (B, H_kv, G, D)
+    att = (qg @ k.float().transpose(-1, -2)) * D ** -0.5         # (B, H_kv, G, S): scores in fp32
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    return (att.softmax(dim=-1) @ v.float()).to(q.dtype).reshape(B, H, 1, D)
+
+
 class CausalSelfAttention(nn.Module, RecordsAttention):
     """Multi-head (optionally grouped-query) self-attention with an optional KV cache.
 
@@ -475,10 +489,7 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
             y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask, dropout_p=p)
             return y.reshape(B, H, 1, D)
         if q.dtype != torch.float32 and p == 0.0 and k.shape[2] >= one_query_min_keys():
-            att = (q.float() @ k.float().transpose(-1, -2)) * D ** -0.5  # (B, H, 1, S), scores in fp32
-            if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
-            return (att.softmax(dim=-1) @ v.float()).to(q.dtype)          # (B, H, 1, D), rounded once
+            return one_query_fp32(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=Hkv != H)
 
     def _mask(self, past: int, T: int, device: torch.device, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
