@@ -27,8 +27,8 @@ Drafters:
   output so far. The longest suffix of the sequence (n = 8 down to 1 tokens) that occurred before is
   found, and the tokens that followed its latest earlier occurrence are proposed -- as many as the match
   length (``growth`` x n: a long match is a copied span that usually goes on, a one-token match is a
-  guess; with bit-exact verification every verify row costs ~25% of a step on SmolLM2, and growth 1
-  measured 1.23-1.47x against 1.14-1.34x for growth 2), at most ``draft_tokens``. After a fully accepted
+  guess; every verify row costs ~10-25% of a step on SmolLM2's int8/int4 kernels, and growth 1
+  measured 1.23-1.47x against 1.14-1.34x for growth 2, docs/hub.md), at most ``draft_tokens``. After a fully accepted
   round the next lookup finds the same span again, longer, and drafts on from where it stopped. Free to
   run, and very effective when the output copies the input (editing or summarising code or text given in
   the prompt).
