@@ -549,9 +549,42 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, mlp_hidden, mlp, bias, dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | SlotKVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, attn_mask: torch.Tensor | None = None,
+                step: bool = False) -> torch.Tensor:
+        if step and not self.attn.record:
+            return self._step(x, rope, cache)
         x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
+
+    def _step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache) -> torch.Tensor:
+        """The same block for a few new tokens per row after ``cache.pos`` (inference, plain KVCache: a decoding
+        step, or a speculative verify pass): everything between the QKV and output projections -- RoPE, the
+        cache write, attention over the cached positions -- is one call of lmforge's kernel per new token
+        (``attend_one``), which costs less than dispatching the ~10 small ops of the general path, and gives
+        every token of a verify pass exactly what a one-token step gives it (the norms and SwiGLU are per row
+        too), so speculative decoding reproduces plain decoding."""
+        a, mlp = self.attn, self.mlp
+        B, T, C = x.shape
+        qkv = a.qkv(_norm_step(self.ln_1, x))                                 # (B, T, (H + 2 H_kv) D)
+        k, v = cache.k[a.layer_idx], cache.v[a.layer_idx]                     # (B, H_kv, L, D)
+        ys = []
+        for i in range(T):  # token i is written at pos + i and sees positions 0 .. pos + i
+            cos, sin = (None, None) if rope is None else (rope[0][i], rope[1][i])
+            ys.append(torch.ops.lmforge.attend_one(qkv[:, i].contiguous(), k, v, cache.pos + i, cos, sin,
+                                                   a.n_head, a.n_kv_head))   # (B, H D)
+        y = ys[0].view(B, 1, C) if T == 1 else torch.stack(ys, dim=1)
+        x = x + a.proj(y)
+        h = _norm_step(self.ln_2, x)
+        if mlp.kind == "swiglu":  # silu(gate) * up in one kernel call
+            return x + mlp.proj(torch.ops.lmforge.silu_mul(mlp.fc(h)))
+        return x + mlp(h)
+
+
+def _norm_step(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A norm in a fused step: RMSNorm by lmforge's kernel (one call; PyTorch's composes six), others as they are."""
+    if isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype:
+        return torch.ops.lmforge.rms_norm(x, norm.weight, norm.eps)
+    return norm(x)
 
 
 class CrossAttention(nn.Module, RecordsAttention):

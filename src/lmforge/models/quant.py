@@ -15,6 +15,13 @@ how many bytes each token reads and how fast the kernel streams them. ``QuantLin
   exactly llama.cpp's Q4_0 (z = 0), Q4_1 (z = m + 8 d) and Q4_K (per 32-weight sub-block) formats, so GGUF
   files load into it without a detour through fp32 (hub/gguf_io.py).
 
+int8 runs on lmforge's own kernel (lmforge/kernels: C++ built for this machine on first use) where it is
+available, PyTorch's otherwise (``kernel`` says which): the same q, with an fp32 scale per row for
+lmforge's (bf16 for PyTorch's). lmforge's streams the weights ~2x faster and takes 1-8 rows of activations
+for about the price of one (a speculative verify pass, a small batch). int4 stays on PyTorch's kernel:
+lmforge's own int4 loops (tried: fp32 dequantisation, and bf16 dot products on exact 128 + q values) were
+no faster than it once the weights came from memory rather than cache (docs/hub.md).
+
 The int8/int4 kernels take bf16 activations (with fp32 activations PyTorch 2.13 has no fast CPU path:
 ~50x slower); the output is bf16. Layers live in models/ because both the GGUF loader (hub/) and the
 decoding preparation (generation/fast.py) build them.
@@ -25,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .. import kernels
 
 QUANT_MODES = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -65,6 +74,7 @@ class QuantLinear(nn.Module):
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown layout {mode!r}; choose {', '.join(QUANT_MODES)}")
         self.mode, self.out_features, self.in_features, self.group_size = mode, out_features, in_features, group_size
+        self.kernel = "lmforge" if mode == "int8" and kernels.available() else "torch"
         self.bias: torch.Tensor | None
         self.register_buffer("bias", None)
 
@@ -94,7 +104,7 @@ class QuantLinear(nn.Module):
 
     def set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         self.register_buffer("qweight", q.to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("scale", scale.to(torch.float32 if self.kernel == "lmforge" else torch.bfloat16))
 
     def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """q (out, in) in [0, 15]; scale/zero (out, in / group) with w = (q - 8) * scale + zero."""
@@ -102,6 +112,18 @@ class QuantLinear(nn.Module):
         # the kernel's layout: (groups, out, 2) holding [scale, zero]
         sz = torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales_zeros", sz.to(torch.bfloat16))
+
+    #: buffers whose dtype is part of the layout: casting the model (``model.to(torch.bfloat16)``) moves them
+    #: to its device but keeps their dtype
+    _LAYOUT_DTYPES = ("scale",)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
+        kept = {n: self._buffers[n] for n in self._LAYOUT_DTYPES if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, t in kept.items():
+            if self._buffers[n].dtype != t.dtype:
+                self._buffers[n] = t.to(self._buffers[n].device)
+        return self
 
     @property
     def nbytes(self) -> int:
@@ -112,7 +134,9 @@ class QuantLinear(nn.Module):
             return F.linear(x.to(torch.bfloat16), self.weight, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.mode == "int8":
+        if self.mode == "int8" and self.kernel == "lmforge":
+            y = torch.ops.lmforge.int8_linear(x2.to(torch.bfloat16), self.qweight, self.scale)
+        elif self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
         elif self.mode == "int4":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
@@ -125,7 +149,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.mode == "int4" else ""
-        return f"{self.in_features}, {self.out_features}, mode={self.mode}{g}"
+        k = f", kernel={self.kernel}" if self.mode == "int8" else ""
+        return f"{self.in_features}, {self.out_features}, mode={self.mode}{g}{k}"
 
 
 def finish_decoding_layout(model: nn.Module, dtype: str) -> None:

@@ -1,0 +1,383 @@
+// lmforge's CPU kernels for decoding: what one new token per row costs most in eager PyTorch.
+//
+// * int8_linear: y (M, N) = x (M, K) W^T with W weight-only int8, M small (1-8 rows: a decoding step, a
+//   speculative verify pass, a small batch). Layout (models/quant.py): q (N, K) int8, scale (N,) fp32,
+//   W[n, k] = scale[n] * q[n, k]. Decoding reads every weight once per token, so what counts is how fast the
+//   weights stream: PyTorch 2.13's _weight_int8pack_mm reaches about half of what this loop does (one
+//   thread of an AMD EPYC, 1 row: 6-7 vs 13 GB/s), and costs 1.3-1.8x as much for 4-8 rows as for one.
+//   Each weight is read once per call, converted once, and multiplied into every row of x (register
+//   blocking over rows and output channels); sums in fp32, the output in x's dtype (bf16 or fp32).
+// * attend_one, rms_norm, silu_mul: a Transformer block's small operations for one token per row, one
+//   call each instead of the ~10 (attention), 6 (RMSNorm) and 3 (SwiGLU) that eager PyTorch dispatches,
+//   which at batch 1 cost more than they compute (models/layers.py, Block._step).
+//
+// Compiled on the user's machine with -march=native (lmforge/kernels/__init__.py): AVX-512 or AVX2 bodies
+// where the CPU has them, plain C++ otherwise.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int MAX_ROWS = 8;  // rows of x per pass over the weights; more rows take several passes
+constexpr int64_t PREFETCH_BYTES = 8192;
+
+// The weights are read J rows at a time, each row a short stream (K bytes), too short for the hardware
+// prefetcher to ramp up: the loop asks for the same line of the rows ~8 KB ahead itself, into L2 (_MM_HINT_T2).
+// One thread of an AMD EPYC over SmolLM2's int8 matrices (135 MB, from memory): ~15 GB/s; 2 KB ahead into L1
+// (_MM_HINT_T0) ~9.5 GB/s, 16 KB ahead or a non-temporal hint in between or lower; with no software prefetch
+// the loop streamed even a 19 MB matrix at half the rate of 2 KB ahead.
+template <int J>
+inline void prefetch_rows(const void* p, int64_t row_bytes) {
+  const int64_t ahead = row_bytes * std::max<int64_t>(J, (PREFETCH_BYTES + row_bytes - 1) / row_bytes);
+  for (int j = 0; j < J; ++j) _mm_prefetch(static_cast<const char*>(p) + j * row_bytes + ahead, _MM_HINT_T2);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// int8: acc[r][j] += sum_k x[r, k] * q[n0 + j, k]; the scale is applied once per output.
+template <int R, int J>
+inline void int8_tile(const float* x, int64_t K, const int8_t* q, int64_t n0, float out[R][J]) {
+#if defined(__AVX512F__)
+  __m512 acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 w[J];
+    if ((k & 63) == 0) prefetch_rows<J>(q + n0 * K + k, K);
+    for (int j = 0; j < J; ++j)
+      w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + (n0 + j) * K + k))));
+    for (int r = 0; r < R; ++r) {
+      __m512 xv = _mm512_loadu_ps(x + r * K + k);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(w[j], xv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 w[J];
+    if ((k & 63) == 0) prefetch_rows<J>(q + n0 * K + k, K);
+    for (int j = 0; j < J; ++j)
+      w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + (n0 + j) * K + k))));
+    for (int r = 0; r < R; ++r) {
+      __m256 xv = _mm256_loadu_ps(x + r * K + k);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(w[j], xv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) {
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r][j]), _mm256_extractf128_ps(acc[r][j], 1));
+      s = _mm_hadd_ps(s, s);
+      s = _mm_hadd_ps(s, s);
+      out[r][j] = _mm_cvtss_f32(s);
+    }
+#else
+  int64_t k = 0;
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) out[r][j] = 0.f;
+#endif
+  for (; k < K; ++k)  // the tail past the last whole vector (and the whole row without SIMD)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < J; ++j) out[r][j] += x[r * K + k] * static_cast<float>(q[(n0 + j) * K + k]);
+}
+
+// The int8 layout as the tile the driver calls: out[r][j] = x[r0 + r] . W[n0 + j] for R rows, J channels.
+struct Int8Tile {
+  const int8_t* q;
+  const float* scale;
+  const float* x;  // (M, K) fp32
+  template <int R, int J>
+  void compute(int64_t K, int64_t n0, int64_t r0, float out[R][J]) const {
+    int8_tile<R, J>(x + r0 * K, K, q, n0, out);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < J; ++j) out[r][j] *= scale[n0 + j];
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Driver: R rows of x at a time against J output channels at a time (J = 4 for few rows: four independent
+// weight streams keep the FMA units busy; fewer for more rows, to stay within the vector registers). The
+// output rows are written in y's dtype (O: fp32 or bf16) straight from the fp32 sums.
+template <int R, typename O, typename Tile>
+void run_rows(int64_t K, int64_t N, int64_t r0, O* y, const Tile& tile) {
+#if defined(__AVX512F__)  // 32 vector registers: up to 16 accumulators
+  constexpr int J = R <= 4 ? 4 : 2;
+#else  // 16
+  constexpr int J = R == 1 ? 4 : (R <= 4 ? 2 : 1);
+#endif
+  const int64_t blocks = N / J;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float out[R][J];
+      tile.template compute<R, J>(K, b * J, r0, out);
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < J; ++j) y[(r0 + r) * N + b * J + j] = static_cast<O>(out[r][j]);
+    }
+  });
+  for (int64_t n = blocks * J; n < N; ++n) {  // the channels left over from the last whole J
+    float out[R][1];
+    tile.template compute<R, 1>(K, n, r0, out);
+    for (int r = 0; r < R; ++r) y[(r0 + r) * N + n] = static_cast<O>(out[r][0]);
+  }
+}
+
+template <typename Tile>
+void run(int64_t M, int64_t K, int64_t N, at::Tensor& y, const Tile& tile) {
+  auto rows = [&](auto* yp) {
+    for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
+      switch (std::min<int64_t>(M - r0, MAX_ROWS)) {
+        case 1: run_rows<1>(K, N, r0, yp, tile); break;
+        case 2: run_rows<2>(K, N, r0, yp, tile); break;
+        case 3: run_rows<3>(K, N, r0, yp, tile); break;
+        case 4: run_rows<4>(K, N, r0, yp, tile); break;
+        case 5: run_rows<5>(K, N, r0, yp, tile); break;
+        case 6: run_rows<6>(K, N, r0, yp, tile); break;
+        case 7: run_rows<7>(K, N, r0, yp, tile); break;
+        default: run_rows<8>(K, N, r0, yp, tile); break;
+      }
+    }
+  };
+  if (y.scalar_type() == at::kFloat)
+    rows(y.data_ptr<float>());
+  else
+    rows(y.data_ptr<c10::BFloat16>());
+}
+
+at::Tensor as_float(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous(); }
+
+void check_x(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, op, ": x must be (M, ", K, "), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op, ": x must be fp32 or bf16");
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "int8_linear: q must be (N, K) int8");
+  const int64_t N = q.size(0), K = q.size(1), M = x.size(0);
+  check_x(x, K, "int8_linear");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(),
+              "int8_linear: scale must be (N,) fp32");
+  at::Tensor xf = as_float(x);
+  at::Tensor y = at::empty({M, N}, x.options());
+  run(M, K, N, y, Int8Tile{q.data_ptr<int8_t>(), scale.data_ptr<float>(), xf.data_ptr<float>()});
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Small fp32 vector helpers over rows stored as fp32 or bf16 (bf16 -> fp32 is a 16-bit shift).
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+#endif
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  return s;
+}
+
+template <typename T>
+inline void axpy(float* acc, float p, const T* v, int64_t n) {  // acc += p * v
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, load16(v + i), _mm512_loadu_ps(acc + i)));
+#endif
+  for (; i < n; ++i) acc[i] += p * static_cast<float>(v[i]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// One decoding step's attention for one new token per row, everything between the QKV and output projections
+// in one call (eager PyTorch spends ~10 small ops on it, each costing more to dispatch than to compute):
+//   q, k, v = split(qkv);  q, k = rope(q), rope(k) (when cos/sin are given);  cache[:, :, pos] = k, v
+//   y[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g]  over positions 0..pos, g = h / (H / H_kv)
+// RoPE rotates pairs (x_i, x_{i+D/2}): x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+// Sums in fp32; keys/values are stored in the cache's dtype (as the eager path stores them).
+template <typename T>
+void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t pos, const T* cos,
+                     const T* sin, int64_t H, int64_t Hkv, at::Tensor& y) {
+  const int64_t B = kc.size(0), L = kc.size(2), D = kc.size(3), G = H / Hkv, half = D / 2;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const T* in = qkv.data_ptr<T>();
+  T* kp = kc.data_ptr<T>();
+  T* vp = vc.data_ptr<T>();
+  T* out = y.data_ptr<T>();
+  const int64_t width = (H + 2 * Hkv) * D;
+  auto rope = [&](const T* x, float* r) {
+    for (int64_t i = 0; i < D; ++i) r[i] = static_cast<float>(x[i]);
+    if (cos == nullptr) return;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = r[i], b = r[i + half];
+      r[i] = a * static_cast<float>(cos[i]) - b * static_cast<float>(sin[i]);
+      r[i + half] = b * static_cast<float>(cos[i + half]) + a * static_cast<float>(sin[i + half]);
+    }
+  };
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qf(G * D), kf(D), score(pos + 1), acc(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, g = t % Hkv;
+      const T* row = in + b * width;
+      T* K = kp + (b * Hkv + g) * L * D;
+      T* V = vp + (b * Hkv + g) * L * D;
+      rope(row + (H + g) * D, kf.data());
+      for (int64_t i = 0; i < D; ++i) {
+        K[pos * D + i] = static_cast<T>(kf[i]);
+        V[pos * D + i] = row[(H + Hkv + g) * D + i];
+      }
+      for (int64_t h = 0; h < G; ++h) rope(row + (g * G + h) * D, qf.data() + h * D);
+      for (int64_t h = 0; h < G; ++h) {
+        const float* q = qf.data() + h * D;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j <= pos; ++j) {
+          score[j] = dot(q, K + j * D, D) * scale;
+          mx = std::max(mx, score[j]);
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j <= pos; ++j) total += (score[j] = std::exp(score[j] - mx));
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j = 0; j <= pos; ++j) axpy(acc.data(), score[j], V + j * D, D);
+        T* o = out + b * H * D + (g * G + h) * D;
+        for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[i] / total);
+      }
+    }
+  });
+}
+
+at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, int64_t pos,
+                      const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin, int64_t n_head,
+                      int64_t n_kv_head) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes(), "attend_one: caches must be contiguous (B, H_kv, L, D)");
+  const int64_t B = k_cache.size(0), L = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(k_cache.size(1) == n_kv_head && n_head % n_kv_head == 0, "attend_one: head counts do not match the cache");
+  TORCH_CHECK(0 <= pos && pos < L, "attend_one: position ", pos, " outside the cache (", L, ")");
+  TORCH_CHECK(qkv.is_contiguous() && qkv.numel() == B * (n_head + 2 * n_kv_head) * D &&
+                  qkv.scalar_type() == k_cache.scalar_type(), "attend_one: qkv must be (B, (H + 2 H_kv) D) in the cache's dtype");
+  if (cos.has_value())
+    TORCH_CHECK(sin.has_value() && cos->is_contiguous() && sin->is_contiguous() && cos->numel() == D &&
+                    sin->numel() == D && cos->scalar_type() == qkv.scalar_type() && sin->scalar_type() == qkv.scalar_type(),
+                "attend_one: cos/sin must be D contiguous values in qkv's dtype");
+  at::Tensor y = at::empty({B, n_head * D}, qkv.options());
+  if (qkv.scalar_type() == at::kFloat) {
+    const float* cp = cos.has_value() ? cos->data_ptr<float>() : nullptr;
+    const float* sp = cos.has_value() ? sin->data_ptr<float>() : nullptr;
+    attend_one_impl<float>(qkv, k_cache, v_cache, pos, cp, sp, n_head, n_kv_head, y);
+  } else if (qkv.scalar_type() == at::kBFloat16) {
+    using B16 = c10::BFloat16;
+    const B16* cp = cos.has_value() ? cos->data_ptr<B16>() : nullptr;
+    const B16* sp = cos.has_value() ? sin->data_ptr<B16>() : nullptr;
+    attend_one_impl<B16>(qkv, k_cache, v_cache, pos, cp, sp, n_head, n_kv_head, y);
+  } else {
+    TORCH_CHECK(false, "attend_one: fp32 or bf16 only");
+  }
+  return y;
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w over the last dimension, fp32 sums, in x's dtype (one op instead of the
+// composite's six).
+template <typename T>
+void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t n, double eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * n;
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<float>(xr[i]) * static_cast<float>(xr[i]);
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) y[r * n + i] = static_cast<T>(static_cast<float>(xr[i]) * inv * static_cast<float>(w[i]));
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t n = w.numel();
+  TORCH_CHECK(x.is_contiguous() && x.size(-1) == n && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
+              "rms_norm: x (..., n) and w (n,) contiguous, one dtype");
+  at::Tensor y = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat)
+    rms_norm_impl(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), x.numel() / n, n, eps);
+  else if (x.scalar_type() == at::kBFloat16)
+    rms_norm_impl(x.data_ptr<c10::BFloat16>(), w.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(),
+                  x.numel() / n, n, eps);
+  else
+    TORCH_CHECK(false, "rms_norm: fp32 or bf16 only");
+  return y;
+}
+
+// SwiGLU's elementwise half: [gate | up] (..., 2 h) -> silu(gate) * up (..., h), in fp32, in x's dtype.
+template <typename T>
+void silu_mul_impl(const T* x, T* y, int64_t rows, int64_t h) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < h; ++i) {
+      const float g = static_cast<float>(x[r * 2 * h + i]), u = static_cast<float>(x[r * 2 * h + h + i]);
+      y[r * h + i] = static_cast<T>(g / (1.0f + std::exp(-g)) * u);
+    }
+}
+
+at::Tensor silu_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0, "silu_mul: x must be contiguous (..., 2 h)");
+  const int64_t h = x.size(-1) / 2;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = h;
+  at::Tensor y = at::empty(shape, x.options());
+  if (x.scalar_type() == at::kFloat)
+    silu_mul_impl(x.data_ptr<float>(), y.data_ptr<float>(), x.numel() / (2 * h), h);
+  else if (x.scalar_type() == at::kBFloat16)
+    silu_mul_impl(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), x.numel() / (2 * h), h);
+  else
+    TORCH_CHECK(false, "silu_mul: fp32 or bf16 only");
+  return y;
+}
+
+// The instruction set this library was compiled for (what -march=native found).
+std::string isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lmforge, m) {
+  m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor? cos, Tensor? sin, "
+        "int n_head, int n_kv_head) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("isa() -> str");
+}
+
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("attend_one", &attend_one);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
+}
+
+TORCH_LIBRARY_IMPL(lmforge, CompositeExplicitAutograd, m) { m.impl("isa", &isa); }
