@@ -149,3 +149,17 @@ def test_fused_verify_pass_equals_single_steps_bitwise() -> None:
         verify = model.forward_logits(ids[:, 6:10], many)[0]
     assert torch.equal(singles, verify)
     assert torch.equal(one.k[:, :, :, :10], many.k[:, :, :, :10])
+
+
+def test_int8_prefill_rows_take_the_dequantised_gemm() -> None:
+    """Above GEMM_ROWS rows (a prompt's prefill) an int8 layer multiplies by its dequantised weight; the result
+    is the same product as row by row (bf16 rounding)."""
+    from lmforge.models.quant import GEMM_ROWS
+
+    lin = QuantLinear.from_weight(torch.randn(48, 64), None, "int8")
+    x = torch.randn(GEMM_ROWS + 8, 64).bfloat16()
+    ref = x.double() @ (lin.qweight.double() * lin.scale.double()[:, None]).t()
+    y = lin(x)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    rows = torch.cat([lin(x[i:i + 1]) for i in range(4)])
+    assert torch.allclose(y[:4].double(), rows.double(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())

@@ -34,9 +34,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..utils import resolve_dtype
 
 QUANT_MODES = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+#: above this many rows of activations (a prompt's prefill) an int8 layer dequantises its weight and runs one
+#: matrix product (in bf16 where the training probe measures bf16 matmuls faster, else fp32) instead of the
+#: row-block kernels. ``python bench/int8_rows.py`` (SmolLM2's 120 int8 matrices, one thread of an AMD EPYC,
+#: ms): 170 rows: bf16 GEMM 227, lmforge's kernel 478, PyTorch's 496; 64: 117 / 182 / 197; 32: 81 / 92 / 102;
+#: 16: 63 / 47 / 56; 1 row: 48 / 6.4 / 15.0
+GEMM_ROWS = 32
 #: rows of activations the int8/int4 CPU kernels multiply together (PyTorch 2.13's BLOCK_M): a forward of 2-4
 #: tokens costs little more than one, the 5th starts a new block (measured for SmolLM2 in docs/hub.md,
 #: "Speculative decoding"); speculative decoding sizes its verify passes by it. 1: no such steps
@@ -134,7 +141,11 @@ class QuantLinear(nn.Module):
             return F.linear(x.to(torch.bfloat16), self.weight, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.mode == "int8" and self.kernel == "lmforge":
+        if self.mode == "int8" and x2.shape[0] > GEMM_ROWS:
+            dt = torch.bfloat16 if resolve_dtype("auto", "train", announce=False) == "bf16" else torch.float32
+            w = self.qweight.to(dt) * self.scale.to(dt)[:, None]                     # (out, in)
+            y = F.linear(x2.to(dt), w).to(torch.bfloat16)
+        elif self.mode == "int8" and self.kernel == "lmforge":
             y = torch.ops.lmforge.int8_linear(x2.to(torch.bfloat16), self.qweight, self.scale)
         elif self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
