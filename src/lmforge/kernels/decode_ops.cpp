@@ -3,10 +3,11 @@
 // * int8_linear: y (M, N) = x (M, K) W^T with W weight-only int8, M small (1-8 rows: a decoding step, a
 //   speculative verify pass, a small batch). Layout (models/quant.py): q (N, K) int8, scale (N,) fp32,
 //   W[n, k] = scale[n] * q[n, k]. Decoding reads every weight once per token, so what counts is how fast the
-//   weights stream: PyTorch 2.13's _weight_int8pack_mm reaches about half of what this loop does (one
-//   thread of an AMD EPYC, 1 row: 6-7 vs 13 GB/s), and costs 1.3-1.8x as much for 4-8 rows as for one.
-//   Each weight is read once per call, converted once, and multiplied into every row of x (register
-//   blocking over rows and output channels); sums in fp32, the output in x's dtype (bf16 or fp32).
+//   weights stream: `python bench/int8_rows.py` (SmolLM2's int8 matrices from memory, one thread of an AMD
+//   EPYC): 1 row 15-17 GB/s against PyTorch 2.13's _weight_int8pack_mm 7.1; 4 rows cost 1.35x one row, 8
+//   rows 2x (PyTorch's: 1.4x, 2.2x of its slower row). Each weight is read once per call, converted once, and
+//   multiplied into every row of x (register blocking over rows and output channels); sums in fp32, the
+//   output in x's dtype (bf16 or fp32).
 // * attend_one, rms_norm, silu_mul: a Transformer block's small operations for one token per row, one
 //   call each instead of the ~10 (attention), 6 (RMSNorm) and 3 (SwiGLU) that eager PyTorch dispatches,
 //   which at batch 1 cost more than they compute (models/layers.py, Block._step).
@@ -111,6 +112,45 @@ struct Int8Tile {
   }
 };
 
+#if defined(__AVX512BF16__)
+// The same product by bf16 dot products (AVX512-BF16) for bf16 activations: q in [-127, 127] is exact in bf16,
+// so every product q * x is exact in fp32 and vdpbf16ps sums pairs of them in fp32 -- the fp32 tile's result up
+// to summation order, with half its multiply instructions per extra row of x (speculative verify passes, small
+// batches). Used for every row count, so a row's result never depends on how many rows came with it.
+struct Int8Bf16Tile {
+  const int8_t* q;
+  const float* scale;
+  const c10::BFloat16* x;  // (M, K) bf16
+  template <int R, int J>
+  void compute(int64_t K, int64_t n0, int64_t r0, float out[R][J]) const {
+    __m512 acc[R][J];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      if ((k & 63) == 0) prefetch_rows<J>(q + n0 * K + k, K);
+      __m512bh w[J];
+      for (int j = 0; j < J; ++j) {
+        const int8_t* p = q + (n0 + j) * K + k;
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+        w[j] = _mm512_cvtne2ps_pbh(hi, lo);  // weights k .. k + 31 in order, exact
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(x + (r0 + r) * K + k));
+        for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xv);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < J; ++j) {
+        float s = _mm512_reduce_add_ps(acc[r][j]);
+        for (int64_t i = k; i < K; ++i) s += static_cast<float>(x[(r0 + r) * K + i]) * static_cast<float>(q[(n0 + j) * K + i]);
+        out[r][j] = s * scale[n0 + j];
+      }
+  }
+};
+#endif
+
 // ---------------------------------------------------------------------------------------------------
 // Driver: R rows of x at a time against J output channels at a time (J = 4 for few rows: four independent
 // weight streams keep the FMA units busy; fewer for more rows, to stay within the vector registers). The
@@ -173,8 +213,15 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   check_x(x, K, "int8_linear");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(),
               "int8_linear: scale must be (N,) fp32");
-  at::Tensor xf = as_float(x);
   at::Tensor y = at::empty({M, N}, x.options());
+#if defined(__AVX512BF16__)
+  if (x.scalar_type() == at::kBFloat16) {
+    const at::Tensor xb = x.contiguous();
+    run(M, K, N, y, Int8Bf16Tile{q.data_ptr<int8_t>(), scale.data_ptr<float>(), xb.data_ptr<c10::BFloat16>()});
+    return y;
+  }
+#endif
+  at::Tensor xf = as_float(x);
   run(M, K, N, y, Int8Tile{q.data_ptr<int8_t>(), scale.data_ptr<float>(), xf.data_ptr<float>()});
   return y;
 }

@@ -38,12 +38,13 @@ from ..utils import resolve_dtype
 
 QUANT_MODES = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-#: above this many rows of activations (a prompt's prefill) an int8 layer dequantises its weight and runs one
+#: above this many rows of activations (a long prompt's prefill) an int8 layer dequantises its weight and runs one
 #: matrix product (in bf16 where the training probe measures bf16 matmuls faster, else fp32) instead of the
-#: row-block kernels. ``python bench/int8_rows.py`` (SmolLM2's 120 int8 matrices, one thread of an AMD EPYC,
-#: ms): 170 rows: bf16 GEMM 227, lmforge's kernel 478, PyTorch's 496; 64: 117 / 182 / 197; 32: 81 / 92 / 102;
-#: 16: 63 / 47 / 56; 1 row: 48 / 6.4 / 15.0
-GEMM_ROWS = 32
+#: row-block kernel. ``python bench/int8_rows.py`` (SmolLM2's 120 int8 matrices, one thread of an AMD EPYC with
+#: AVX512-BF16, ms; bf16 GEMM / lmforge's kernel / PyTorch's): 170 rows 228 / 259 / 503; 64: 117 / 100 / 197;
+#: 8: 56 / 14 / 33; 1 row: 91 / 6.9 / 15.1. Without bf16 dot products (the kernel's fp32 body) the kernel
+#: and an fp32 GEMM cost the same at 170 rows.
+GEMM_ROWS = 128
 #: rows of activations the int8/int4 CPU kernels multiply together (PyTorch 2.13's BLOCK_M): a forward of 2-4
 #: tokens costs little more than one, the 5th starts a new block (measured for SmolLM2 in docs/hub.md,
 #: "Speculative decoding"); speculative decoding sizes its verify passes by it. 1: no such steps
