@@ -178,17 +178,18 @@ def test_one_query_folds_grouped_heads(batch: int, keys: int, mask: str | None) 
     assert err_got <= err_want * 1.01
 
 
-@pytest.mark.parametrize("cache", ["plain", "plain-unfused", "static", "slots"])
+@pytest.mark.parametrize("cache", ["plain", "plain-unfused", "static", "slots", "slots-unfused"])
 def test_bf16_batched_steps_keep_greedy(cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch-8 bf16 decoding through every KV cache (plain, static, the engine's slot cache) gives the fp32
-    model's greedy tokens in every row: over the plain cache by the fused block step (lmforge's kernels),
-    or without them, like the other caches, by the folded one-query path."""
+    model's greedy tokens in every row: over the plain and slot caches by the fused block step (lmforge's
+    kernels), or without them, like the static cache, by the folded one-query path."""
     from lmforge import kernels
     from lmforge.models import layers
 
-    if cache == "plain-unfused":
+    fused = cache in ("plain", "slots")
+    if cache.endswith("-unfused"):
         monkeypatch.setattr(kernels, "available", lambda: False)
-    elif cache == "plain" and not kernels.available():
+    elif fused and not kernels.available():
         pytest.skip("lmforge's kernels are not built here")
 
     model = separated_model(block_size=320)
@@ -230,9 +231,9 @@ def test_bf16_batched_steps_keep_greedy(cache: str, monkeypatch: pytest.MonkeyPa
     finally:
         layers.CausalSelfAttention._one_query = orig
     assert rows == [ref] * 8
-    taken = steps if cache == "plain" else calls
+    taken = steps if fused else calls
     assert taken and set(taken) == {8}  # every step of the 8 rows took the fused step / the one-query path
-    assert not (calls if cache == "plain" else steps)
+    assert not (calls if fused else steps)
 
 
 @pytest.mark.parametrize("batch, keys, mask", [(1, 300, None), (2, 300, "static"), (3, 300, "slots")])

@@ -47,7 +47,7 @@ def test_attend_one_matches_rope_cache_write_and_attention(dtype: torch.dtype, H
     ang = torch.rand(D // 2, generator=g) * 3
     cos, sin = torch.cat([ang.cos(), ang.cos()]).to(dtype), torch.cat([ang.sin(), ang.sin()]).to(dtype)
     k_ref, v_ref = kc.double().clone(), vc.double().clone()
-    y = torch.ops.lmforge.attend_one(qkv, kc, vc, pos, cos if rope else None, sin if rope else None, H, Hkv)
+    y = torch.ops.lmforge.attend_one(qkv, kc, vc, pos, None, cos if rope else None, sin if rope else None, H, Hkv)
 
     q, k, v = qkv.double().split([H * D, Hkv * D, Hkv * D], dim=-1)
     q, k, v = q.view(B, H, 1, D), k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D)
@@ -163,3 +163,22 @@ def test_int8_prefill_rows_take_the_dequantised_gemm() -> None:
     assert y.dtype == torch.bfloat16 and torch.allclose(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
     rows = torch.cat([lin(x[i:i + 1]) for i in range(4)])
     assert torch.allclose(y[:4].double(), rows.double(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@needs_kernels
+def test_attend_one_rows_at_their_own_positions() -> None:
+    """Continuous batching: row b's token goes in at row_pos[b] with its own RoPE angles and sees 0 .. row_pos[b];
+    the same as each row decoded alone."""
+    B, H, Hkv, L, D = 3, 4, 2, 16, 16
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=g)
+    kc, vc = (torch.randn(B, Hkv, L, D, generator=g) for _ in range(2))
+    row_pos = torch.tensor([3, 9, 0])
+    ang = torch.rand(B, D // 2, generator=g) * 3
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    k2, v2 = kc.clone(), vc.clone()
+    y = torch.ops.lmforge.attend_one(qkv, kc, vc, 0, row_pos, cos, sin, H, Hkv)
+    for b in range(B):
+        kb, vb = k2[b:b + 1].contiguous(), v2[b:b + 1].contiguous()
+        alone = torch.ops.lmforge.attend_one(qkv[b:b + 1], kb, vb, int(row_pos[b]), None, cos[b], sin[b], H, Hkv)
+        assert torch.allclose(y[b:b + 1], alone, atol=1e-6) and torch.equal(kc[b:b + 1], kb)

@@ -111,8 +111,8 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
     @torch.library.register_fake("lmforge::attend_one")
-    def _attend(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, cos: torch.Tensor | None,
-                sin: torch.Tensor | None, n_head: int, n_kv_head: int) -> torch.Tensor:
+    def _attend(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, row_pos: torch.Tensor | None,
+                cos: torch.Tensor | None, sin: torch.Tensor | None, n_head: int, n_kv_head: int) -> torch.Tensor:
         return qkv.new_empty(k.shape[0], n_head * k.shape[-1])
 
 

@@ -261,13 +261,15 @@ inline void axpy(float* acc, float p, const T* v, int64_t n) {  // acc += p * v
 // ---------------------------------------------------------------------------------------------------
 // One decoding step's attention for one new token per row, everything between the QKV and output projections
 // in one call (eager PyTorch spends ~10 small ops on it, each costing more to dispatch than to compute):
-//   q, k, v = split(qkv);  q, k = rope(q), rope(k) (when cos/sin are given);  cache[:, :, pos] = k, v
-//   y[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g]  over positions 0..pos, g = h / (H / H_kv)
-// RoPE rotates pairs (x_i, x_{i+D/2}): x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
-// Sums in fp32; keys/values are stored in the cache's dtype (as the eager path stores them).
+//   q, k, v = split(qkv);  q, k = rope(q), rope(k) (when cos/sin are given);  cache[b, :, p_b] = k, v
+//   y[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g]  over positions 0..p_b, g = h / (H / H_kv)
+// with p_b = pos (+ row_pos[b] when given: continuous batching, every row at its own length).
+// RoPE rotates pairs (x_i, x_{i+D/2}): x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; cos/sin
+// hold row b's angles in row b (a row stride of 0 shares one row). Sums in fp32; keys/values are stored in
+// the cache's dtype, as the eager path stores them.
 template <typename T>
-void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t pos, const T* cos,
-                     const T* sin, int64_t H, int64_t Hkv, at::Tensor& y) {
+void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t pos, const int64_t* row_pos,
+                     const T* cos, const T* sin, int64_t rope_stride, int64_t H, int64_t Hkv, at::Tensor& y) {
   const int64_t B = kc.size(0), L = kc.size(2), D = kc.size(3), G = H / Hkv, half = D / 2;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const T* in = qkv.data_ptr<T>();
@@ -275,39 +277,42 @@ void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int6
   T* vp = vc.data_ptr<T>();
   T* out = y.data_ptr<T>();
   const int64_t width = (H + 2 * Hkv) * D;
-  auto rope = [&](const T* x, float* r) {
+  auto rope = [&](const T* x, float* r, int64_t b) {
     for (int64_t i = 0; i < D; ++i) r[i] = static_cast<float>(x[i]);
     if (cos == nullptr) return;
+    const T* c = cos + b * rope_stride;
+    const T* s = sin + b * rope_stride;
     for (int64_t i = 0; i < half; ++i) {
-      const float a = r[i], b = r[i + half];
-      r[i] = a * static_cast<float>(cos[i]) - b * static_cast<float>(sin[i]);
-      r[i + half] = b * static_cast<float>(cos[i + half]) + a * static_cast<float>(sin[i + half]);
+      const float x1 = r[i], x2 = r[i + half];
+      r[i] = x1 * static_cast<float>(c[i]) - x2 * static_cast<float>(s[i]);
+      r[i + half] = x2 * static_cast<float>(c[i + half]) + x1 * static_cast<float>(s[i + half]);
     }
   };
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(G * D), kf(D), score(pos + 1), acc(D);
+    std::vector<float> qf(G * D), kf(D), score(L), acc(D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, g = t % Hkv;
+      const int64_t p = pos + (row_pos != nullptr ? row_pos[b] : 0);
       const T* row = in + b * width;
       T* K = kp + (b * Hkv + g) * L * D;
       T* V = vp + (b * Hkv + g) * L * D;
-      rope(row + (H + g) * D, kf.data());
+      rope(row + (H + g) * D, kf.data(), b);
       for (int64_t i = 0; i < D; ++i) {
-        K[pos * D + i] = static_cast<T>(kf[i]);
-        V[pos * D + i] = row[(H + Hkv + g) * D + i];
+        K[p * D + i] = static_cast<T>(kf[i]);
+        V[p * D + i] = row[(H + Hkv + g) * D + i];
       }
-      for (int64_t h = 0; h < G; ++h) rope(row + (g * G + h) * D, qf.data() + h * D);
+      for (int64_t h = 0; h < G; ++h) rope(row + (g * G + h) * D, qf.data() + h * D, b);
       for (int64_t h = 0; h < G; ++h) {
         const float* q = qf.data() + h * D;
         float mx = -INFINITY;
-        for (int64_t j = 0; j <= pos; ++j) {
+        for (int64_t j = 0; j <= p; ++j) {
           score[j] = dot(q, K + j * D, D) * scale;
           mx = std::max(mx, score[j]);
         }
         float total = 0.f;
-        for (int64_t j = 0; j <= pos; ++j) total += (score[j] = std::exp(score[j] - mx));
+        for (int64_t j = 0; j <= p; ++j) total += (score[j] = std::exp(score[j] - mx));
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j <= pos; ++j) axpy(acc.data(), score[j], V + j * D, D);
+        for (int64_t j = 0; j <= p; ++j) axpy(acc.data(), score[j], V + j * D, D);
         T* o = out + b * H * D + (g * G + h) * D;
         for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[i] / total);
       }
@@ -316,29 +321,44 @@ void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int6
 }
 
 at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, int64_t pos,
-                      const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin, int64_t n_head,
-                      int64_t n_kv_head) {
+                      const std::optional<at::Tensor>& row_pos, const std::optional<at::Tensor>& cos,
+                      const std::optional<at::Tensor>& sin, int64_t n_head, int64_t n_kv_head) {
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.sizes() == v_cache.sizes(), "attend_one: caches must be contiguous (B, H_kv, L, D)");
   const int64_t B = k_cache.size(0), L = k_cache.size(2), D = k_cache.size(3);
   TORCH_CHECK(k_cache.size(1) == n_kv_head && n_head % n_kv_head == 0, "attend_one: head counts do not match the cache");
-  TORCH_CHECK(0 <= pos && pos < L, "attend_one: position ", pos, " outside the cache (", L, ")");
   TORCH_CHECK(qkv.is_contiguous() && qkv.numel() == B * (n_head + 2 * n_kv_head) * D &&
                   qkv.scalar_type() == k_cache.scalar_type(), "attend_one: qkv must be (B, (H + 2 H_kv) D) in the cache's dtype");
-  if (cos.has_value())
-    TORCH_CHECK(sin.has_value() && cos->is_contiguous() && sin->is_contiguous() && cos->numel() == D &&
-                    sin->numel() == D && cos->scalar_type() == qkv.scalar_type() && sin->scalar_type() == qkv.scalar_type(),
-                "attend_one: cos/sin must be D contiguous values in qkv's dtype");
+  const int64_t* rp = nullptr;
+  at::Tensor rows;
+  if (row_pos.has_value()) {
+    rows = row_pos->to(at::kLong).contiguous();
+    TORCH_CHECK(rows.numel() == B, "attend_one: row_pos must hold one position per row");
+    rp = rows.data_ptr<int64_t>();
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t p = pos + (rp != nullptr ? rp[b] : 0);
+    TORCH_CHECK(0 <= p && p < L, "attend_one: position ", p, " outside the cache (", L, ")");
+  }
+  int64_t stride = 0;
+  if (cos.has_value()) {
+    TORCH_CHECK(sin.has_value() && cos->sizes() == sin->sizes() && cos->strides() == sin->strides() &&
+                    cos->size(-1) == D && cos->stride(-1) == 1 &&
+                    (cos->dim() == 1 || (cos->dim() == 2 && (cos->size(0) == B || cos->size(0) == 1))) &&
+                    cos->scalar_type() == qkv.scalar_type() && sin->scalar_type() == qkv.scalar_type(),
+                "attend_one: cos/sin must be (D,), (1, D) or (B, D) rows of D contiguous values in qkv's dtype");
+    stride = cos->dim() == 2 && cos->size(0) == B ? cos->stride(0) : 0;
+  }
   at::Tensor y = at::empty({B, n_head * D}, qkv.options());
   if (qkv.scalar_type() == at::kFloat) {
     const float* cp = cos.has_value() ? cos->data_ptr<float>() : nullptr;
     const float* sp = cos.has_value() ? sin->data_ptr<float>() : nullptr;
-    attend_one_impl<float>(qkv, k_cache, v_cache, pos, cp, sp, n_head, n_kv_head, y);
+    attend_one_impl<float>(qkv, k_cache, v_cache, pos, rp, cp, sp, stride, n_head, n_kv_head, y);
   } else if (qkv.scalar_type() == at::kBFloat16) {
     using B16 = c10::BFloat16;
     const B16* cp = cos.has_value() ? cos->data_ptr<B16>() : nullptr;
     const B16* sp = cos.has_value() ? sin->data_ptr<B16>() : nullptr;
-    attend_one_impl<B16>(qkv, k_cache, v_cache, pos, cp, sp, n_head, n_kv_head, y);
+    attend_one_impl<B16>(qkv, k_cache, v_cache, pos, rp, cp, sp, stride, n_head, n_kv_head, y);
   } else {
     TORCH_CHECK(false, "attend_one: fp32 or bf16 only");
   }
@@ -413,8 +433,8 @@ std::string isa() {
 
 TORCH_LIBRARY(lmforge, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor? cos, Tensor? sin, "
-        "int n_head, int n_kv_head) -> Tensor");
+  m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor? row_pos, Tensor? cos, "
+        "Tensor? sin, int n_head, int n_kv_head) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("isa() -> str");

@@ -198,9 +198,10 @@ class GPT(nn.Module, LanguageModel):
             else:
                 rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
-        # a decoding step or a verify pass (a few tokens after a cached prefix) over a plain cache at inference:
-        # each block takes its fused step (Block._step)
-        step = type(cache) is KVCache and (T == 1 or 0 < cache.pos and T <= EXACT_CHUNK) \
+        # at inference, a decoding step or a verify pass (a few tokens after a cached prefix) over a plain cache,
+        # or a decoding step of a run of slots: each block takes its fused step (Block._step)
+        step = (type(cache) is KVCache and (T == 1 or 0 < cache.pos and T <= EXACT_CHUNK)
+                or isinstance(cache, SlotKVCache) and T == 1 and isinstance(cache.rows, slice)) \
             and not torch.is_grad_enabled() and x.dtype == cache.k.dtype and self.fused_step
         for block in self.blocks:
             x = block(x, rope, cache, mask, step)

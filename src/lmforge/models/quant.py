@@ -45,10 +45,19 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 #: 8: 56 / 14 / 33; 1 row: 91 / 6.9 / 15.1. Without bf16 dot products (the kernel's fp32 body) the kernel
 #: and an fp32 GEMM cost the same at 170 rows.
 GEMM_ROWS = 128
-#: rows of activations the int8/int4 CPU kernels multiply together (PyTorch 2.13's BLOCK_M): a forward of 2-4
+#: rows of activations PyTorch 2.13's int8/int4 CPU kernels multiply together (their BLOCK_M): a forward of 2-4
 #: tokens costs little more than one, the 5th starts a new block (measured for SmolLM2 in docs/hub.md,
-#: "Speculative decoding"); speculative decoding sizes its verify passes by it. 1: no such steps
+#: "Speculative decoding"); speculative decoding sizes its verify passes by :func:`kernel_rows`
 KERNEL_ROWS = {"int8": 4, "int4": 4}
+
+
+def kernel_rows(dtype: str | None) -> int:
+    """Rows of activations one pass of a layout's weight kernel takes (1: no blocks, e.g. fp32/bf16 GEMMs):
+    lmforge's int8 kernel takes 8 (lmforge/kernels; its extra rows cost ~1/7 of the first each), PyTorch's
+    KERNEL_ROWS."""
+    if dtype == "int8" and kernels.available():
+        return 8
+    return KERNEL_ROWS.get(dtype or "", 1)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
