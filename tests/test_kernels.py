@@ -182,3 +182,43 @@ def test_attend_one_rows_at_their_own_positions() -> None:
         kb, vb = k2[b:b + 1].contiguous(), v2[b:b + 1].contiguous()
         alone = torch.ops.lmforge.attend_one(qkv[b:b + 1], kb, vb, int(row_pos[b]), None, cos[b], sin[b], H, Hkv)
         assert torch.allclose(y[b:b + 1], alone, atol=1e-6) and torch.equal(kc[b:b + 1], kb)
+
+
+CHECK_OPS = """
+import torch, torch.nn.functional as F
+from lmforge import kernels
+from lmforge.models.quant import quantize_int8
+assert kernels.available(), "not built"
+g = torch.Generator().manual_seed(0)
+q, s = quantize_int8(torch.randn(37, 72, generator=g))
+for M in (1, 5, 9):
+    x = torch.randn(M, 72, generator=g).bfloat16()
+    ref = x.double() @ (q.double() * s.double()[:, None]).t()
+    y = torch.ops.lmforge.int8_linear(x, q, s).double()
+    assert torch.allclose(y, ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+x, w = torch.randn(2, 40, generator=g), torch.randn(40, generator=g)
+assert torch.allclose(torch.ops.lmforge.rms_norm(x, w, 1e-5), F.rms_norm(x, (40,), w, 1e-5), atol=1e-5)
+qkv = torch.randn(1, 4 * 16, generator=g)
+kc, vc = torch.randn(1, 1, 8, 16, generator=g), torch.randn(1, 1, 8, 16, generator=g)
+k, v = kc.clone(), vc.clone()
+y = torch.ops.lmforge.attend_one(qkv, kc, vc, 5, None, None, None, 2, 1)
+k[0, 0, 5], v[0, 0, 5] = qkv[0, 32:48], qkv[0, 48:]
+att = (qkv[0, :32].view(2, 16) @ k[0, 0, :6].t() / 4).softmax(-1) @ v[0, 0, :6]
+assert torch.allclose(y, att.reshape(1, 32), atol=1e-5)
+print(kernels.isa())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("march, isa, needs", [("haswell", "avx2", {"avx2", "fma", "f16c"}),
+                                               ("x86-64", "scalar", set())])
+def test_kernel_bodies_for_other_cpus(march: str, isa: str, needs: set, tmp_path) -> None:  # noqa: ANN001
+    """The AVX2 and plain C++ bodies (what other machines build) compute the same as PyTorch: built here with
+    LMFORGE_KERNELS_MARCH into a fresh cache and checked in a subprocess."""
+    from lmforge.utils import cpu_info
+
+    if not needs <= cpu_info()[1] or not kernels.available():
+        pytest.skip(f"this CPU cannot run {march} code, or no compiler")
+    run = subprocess.run([sys.executable, "-c", CHECK_OPS], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), "LMFORGE_KERNELS_MARCH": march})
+    assert run.returncode == 0 and run.stdout.split()[-1] == isa, run.stderr[-2000:]

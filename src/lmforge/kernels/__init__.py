@@ -30,7 +30,10 @@ import torch
 from ..utils import cache_root, cpu_info
 
 SOURCE = Path(__file__).with_name("decode_ops.cpp")
-BUILD_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20")
+#: the CPU the kernels are compiled for: this one (``native``), unless ``LMFORGE_KERNELS_MARCH`` names another
+#: (e.g. ``haswell`` for the AVX2 bodies, ``x86-64`` for the plain C++ ones: how the tests reach them)
+MARCH = os.environ.get("LMFORGE_KERNELS_MARCH", "native")
+BUILD_FLAGS = ("-O3", f"-march={MARCH}", "-fopenmp", "-fPIC", "-shared", "-std=c++20")
 BUILD_TIMEOUT_S = 600
 
 
