@@ -6,7 +6,8 @@ SmolLM2-135M's 120 int8 matrices (30 layers of QKV 960x576, output 576x576, gate
 random weights, 107 MB, far beyond the caches, so every pass streams them from memory) multiplied by ``rows``
 rows of bf16 activations, one pass over all of them per timing, best of ``--rounds``:
 
-* lmforge: ``torch.ops.lmforge.int8_linear`` (lmforge/kernels/decode_ops.cpp), what decoding steps use;
+* lmforge: ``torch.ops.lmforge.int8_linear`` on its tiled layout (lmforge/kernels/decode_ops.cpp), what decoding
+  steps use;
 * torch: PyTorch's ``_weight_int8pack_mm``;
 * gemm bf16 / gemm fp32: the weight dequantised (``q * scale``) and one ``F.linear``, what an int8 layer does
   from ``models.quant.GEMM_ROWS`` rows on (a prompt's prefill).
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge import kernels
-from lmforge.models.quant import quantize_int8
+from lmforge.models.quant import QuantLinear
 from lmforge.utils import machine_summary
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30
@@ -41,19 +42,20 @@ def main() -> None:
     print(machine_summary(), f"; lmforge kernels: {kernels.isa()}")
     g = torch.Generator().manual_seed(0)
     mats = []
-    for o, i in SHAPES:
-        q, s = quantize_int8(torch.randn(o, i, generator=g))
-        mats.append((q, s, s.bfloat16()))
-    nbytes = sum(q.numel() + s.numel() * 4 for q, s, _ in mats)
+    for o, i in SHAPES:  # lmforge's tiled q, its fp32 scale; PyTorch's row-major q, its bf16 scale
+        lin = QuantLinear.from_weight(torch.randn(o, i, generator=g), None, "int8")
+        mats.append((lin.qweight, lin.scale, lin.int8_weight(), lin.scale.bfloat16()))
+    nbytes = sum(q.numel() + s.numel() * 4 for q, s, _, _ in mats)
     print(f"{len(mats)} int8 matrices, {nbytes / 1e6:.0f} MB")
     for M in a.rows:
         xs = {k: torch.randn(M, k, generator=g).bfloat16() for k in (576, 1536)}
         ways = {
-            "lmforge": lambda xs=xs: [torch.ops.lmforge.int8_linear(xs[q.shape[1]], q, s) for q, s, _ in mats],
-            "torch": lambda xs=xs: [torch._weight_int8pack_mm(xs[q.shape[1]], q, sb) for q, _, sb in mats],
+            "lmforge": lambda xs=xs: [torch.ops.lmforge.int8_linear(xs[q.shape[1]], q, s) for q, s, _, _ in mats],
+            "torch": lambda xs=xs: [torch._weight_int8pack_mm(xs[q.shape[1]], q, sb) for _, _, q, sb in mats],
             "gemm bf16": lambda xs=xs: [F.linear(xs[q.shape[1]], q.to(torch.bfloat16) * sb[:, None])
-                                        for q, _, sb in mats],
-            "gemm fp32": lambda xs=xs: [F.linear(xs[q.shape[1]].float(), q.float() * s[:, None]) for q, s, _ in mats],
+                                        for _, _, q, sb in mats],
+            "gemm fp32": lambda xs=xs: [F.linear(xs[q.shape[1]].float(), q.float() * s[:, None])
+                                        for _, s, q, _ in mats],
         }
         best: dict[str, float] = {}
         for _ in range(a.rounds):  # interleaved, best of the rounds

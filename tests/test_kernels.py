@@ -23,16 +23,27 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="lmforge's ke
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 3, 8, 11])
-@pytest.mark.parametrize("N, K", [(64, 96), (13, 40)])  # 13: channels past the last block of 4; 40: a K tail
+@pytest.mark.parametrize("N, K", [(64, 96), (12, 64)])
 def test_int8_linear_matches_dequantised_matmul(dtype: torch.dtype, M: int, N: int, K: int) -> None:
     g = torch.Generator().manual_seed(M * N + K)
-    q, scale = quantize_int8(torch.randn(N, K, generator=g))
+    lin = QuantLinear.from_weight(torch.randn(N, K, generator=g), None, "int8")
+    assert lin.kernel == "lmforge" and not torch.equal(lin.qweight, lin.int8_weight())  # tiled, not row-major
     x = torch.randn(M, K, generator=g).to(dtype)
-    y = torch.ops.lmforge.int8_linear(x, q, scale)
-    ref = x.double() @ (q.double() * scale.double()[:, None]).t()
+    y = torch.ops.lmforge.int8_linear(x, lin.qweight, lin.scale)
+    ref = x.double() @ (lin.int8_weight().double() * lin.scale.double()[:, None]).t()
     assert y.dtype == dtype and y.shape == (M, N)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
     assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    assert torch.equal(lin.int8_weight(), quantize_int8(torch.randn(N, K, generator=torch.Generator().manual_seed(
+        M * N + K)))[0])  # the tiles hold the row-major weights
+
+
+def test_int8_shapes_the_kernel_cannot_tile_use_pytorchs() -> None:
+    lin = QuantLinear.from_weight(torch.randn(13, 48), None, "int8")  # 13 channels: not whole tiles of 4
+    assert lin.kernel == "torch" and torch.equal(lin.int8_weight(), lin.qweight)
+    x = torch.randn(2, 48).bfloat16()
+    ref = x.double() @ (lin.qweight.double() * lin.scale.double()[:, None]).t()
+    assert torch.allclose(lin(x).double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
 @needs_kernels
@@ -158,7 +169,7 @@ def test_int8_prefill_rows_take_the_dequantised_gemm() -> None:
 
     lin = QuantLinear.from_weight(torch.randn(48, 64), None, "int8")
     x = torch.randn(GEMM_ROWS + 8, 64).bfloat16()
-    ref = x.double() @ (lin.qweight.double() * lin.scale.double()[:, None]).t()
+    ref = x.double() @ (lin.int8_weight().double() * lin.scale.double()[:, None]).t()
     y = lin(x)
     assert y.dtype == torch.bfloat16 and torch.allclose(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
     rows = torch.cat([lin(x[i:i + 1]) for i in range(4)])
@@ -187,14 +198,14 @@ def test_attend_one_rows_at_their_own_positions() -> None:
 CHECK_OPS = """
 import torch, torch.nn.functional as F
 from lmforge import kernels
-from lmforge.models.quant import quantize_int8
+from lmforge.models.quant import QuantLinear
 assert kernels.available(), "not built"
 g = torch.Generator().manual_seed(0)
-q, s = quantize_int8(torch.randn(37, 72, generator=g))
+lin = QuantLinear.from_weight(torch.randn(36, 96, generator=g), None, "int8")
 for M in (1, 5, 9):
-    x = torch.randn(M, 72, generator=g).bfloat16()
-    ref = x.double() @ (q.double() * s.double()[:, None]).t()
-    y = torch.ops.lmforge.int8_linear(x, q, s).double()
+    x = torch.randn(M, 96, generator=g).bfloat16()
+    ref = x.double() @ (lin.int8_weight().double() * lin.scale.double()[:, None]).t()
+    y = torch.ops.lmforge.int8_linear(x, lin.qweight, lin.scale).double()
     assert torch.allclose(y, ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 x, w = torch.randn(2, 40, generator=g), torch.randn(40, generator=g)
 assert torch.allclose(torch.ops.lmforge.rms_norm(x, w, 1e-5), F.rms_norm(x, (40,), w, 1e-5), atol=1e-5)

@@ -16,11 +16,13 @@ how many bytes each token reads and how fast the kernel streams them. ``QuantLin
   files load into it without a detour through fp32 (hub/gguf_io.py).
 
 int8 runs on lmforge's own kernel (lmforge/kernels: C++ built for this machine on first use) where it is
-available, PyTorch's otherwise (``kernel`` says which): the same q, with an fp32 scale per row for
-lmforge's (bf16 for PyTorch's). lmforge's streams the weights ~2x faster and takes 1-8 rows of activations
-for about the price of one (a speculative verify pass, a small batch). int4 stays on PyTorch's kernel:
-lmforge's own int4 loops (tried: fp32 dequantisation, and bf16 dot products on exact 128 + q values) were
-no faster than it once the weights came from memory rather than cache (docs/hub.md).
+available and the shape allows (outputs a multiple of 4, inputs of 32), PyTorch's otherwise (``kernel`` says
+which). For lmforge's, q is stored tiled -- 4 output channels interleaved in chunks of 32 inputs, so one tile
+is one contiguous stream -- with an fp32 scale per row (PyTorch's: q row-major, a bf16 scale);
+:meth:`QuantLinear.int8_weight` gives q row-major either way. lmforge's streams the weights 2-3x faster and
+takes 1-8 rows of activations for little more than one (a speculative verify pass, a small batch). int4 stays
+on PyTorch's kernel: lmforge's own int4 loops (tried: fp32 dequantisation, and bf16 dot products on exact
+128 + q values) were no faster than it once the weights came from memory rather than cache (docs/hub.md).
 
 The int8/int4 kernels take bf16 activations (with fp32 activations PyTorch 2.13 has no fast CPU path:
 ~50x slower); the output is bf16. Layers live in models/ because both the GGUF loader (hub/) and the
@@ -45,6 +47,8 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 #: 8: 56 / 14 / 33; 1 row: 91 / 6.9 / 15.1. Without bf16 dot products (the kernel's fp32 body) the kernel
 #: and an fp32 GEMM cost the same at 170 rows.
 GEMM_ROWS = 128
+#: lmforge's int8 layout: output channels in tiles of INT8_TILE, inputs in chunks of INT8_CHUNK (decode_ops.cpp)
+INT8_TILE, INT8_CHUNK = 4, 32
 #: rows of activations PyTorch 2.13's int8/int4 CPU kernels multiply together (their BLOCK_M): a forward of 2-4
 #: tokens costs little more than one, the 5th starts a new block (measured for SmolLM2 in docs/hub.md,
 #: "Speculative decoding"); speculative decoding sizes its verify passes by :func:`kernel_rows`
@@ -91,7 +95,8 @@ class QuantLinear(nn.Module):
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown layout {mode!r}; choose {', '.join(QUANT_MODES)}")
         self.mode, self.out_features, self.in_features, self.group_size = mode, out_features, in_features, group_size
-        self.kernel = "lmforge" if mode == "int8" and kernels.available() else "torch"
+        self.kernel = "lmforge" if mode == "int8" and out_features % INT8_TILE == 0 \
+            and in_features % INT8_CHUNK == 0 and kernels.available() else "torch"
         self.bias: torch.Tensor | None
         self.register_buffer("bias", None)
 
@@ -120,8 +125,20 @@ class QuantLinear(nn.Module):
         return m
 
     def set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self.register_buffer("qweight", q.to(torch.int8).contiguous())
+        q = q.to(torch.int8)
+        if self.kernel == "lmforge":  # (out / 4, in / 32, 4, 32): tile, chunk, channel in the tile, input
+            N, K = q.shape
+            q = q.reshape(N // INT8_TILE, INT8_TILE, K // INT8_CHUNK, INT8_CHUNK).transpose(1, 2).reshape(N, K)
+        self.register_buffer("qweight", q.contiguous())
         self.register_buffer("scale", scale.to(torch.float32 if self.kernel == "lmforge" else torch.bfloat16))
+
+    def int8_weight(self) -> torch.Tensor:
+        """q (out, in) row-major, whichever kernel's layout holds it (``w = scale[:, None] * q``)."""
+        if self.kernel != "lmforge":
+            return self.qweight
+        N, K = self.qweight.shape
+        tiles = self.qweight.reshape(N // INT8_TILE, K // INT8_CHUNK, INT8_TILE, INT8_CHUNK)
+        return tiles.transpose(1, 2).reshape(N, K)
 
     def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """q (out, in) in [0, 15]; scale/zero (out, in / group) with w = (q - 8) * scale + zero."""
@@ -153,7 +170,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.mode == "int8" and x2.shape[0] > GEMM_ROWS:
             dt = torch.bfloat16 if resolve_dtype("auto", "train", announce=False) == "bf16" else torch.float32
-            w = self.qweight.to(dt) * self.scale.to(dt)[:, None]                     # (out, in)
+            w = self.int8_weight().to(dt) * self.scale.to(dt)[:, None]               # (out, in)
             y = F.linear(x2.to(dt), w).to(torch.bfloat16)
         elif self.mode == "int8" and self.kernel == "lmforge":
             y = torch.ops.lmforge.int8_linear(x2.to(torch.bfloat16), self.qweight, self.scale)
