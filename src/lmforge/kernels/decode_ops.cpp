@@ -1,13 +1,12 @@
 // lmforge's CPU kernels for decoding: what one new token per row costs most in eager PyTorch.
 //
 // * int8_linear: y (M, N) = x (M, K) W^T with W weight-only int8, M small (1-8 rows: a decoding step, a
-//   speculative verify pass, a small batch). Layout (models/quant.py): q (N, K) int8, scale (N,) fp32,
-//   W[n, k] = scale[n] * q[n, k]. Decoding reads every weight once per token, so what counts is how fast the
-//   weights stream: `python bench/int8_rows.py` (SmolLM2's int8 matrices from memory, one thread of an AMD
-//   EPYC): 1 row 15-17 GB/s against PyTorch 2.13's _weight_int8pack_mm 7.1; 4 rows cost 1.35x one row, 8
-//   rows 2x (PyTorch's: 1.4x, 2.2x of its slower row). Each weight is read once per call, converted once, and
-//   multiplied into every row of x (register blocking over rows and output channels); sums in fp32, the
-//   output in x's dtype (bf16 or fp32).
+//   speculative verify pass, a small batch). W[n, k] = scale[n] * q[n, k], scale (N,) fp32, q int8 stored in
+//   tiles of 4 channels (below; models/quant.py builds it). Decoding reads every weight once per token, so
+//   what counts is how fast the weights stream: `python bench/int8_rows.py` (SmolLM2's int8 matrices from
+//   memory, one thread of an AMD EPYC): 1 row ~15 GB/s, 2.2-2.5x PyTorch 2.13's _weight_int8pack_mm; 4 rows
+//   cost ~1.4x one row, 8 rows ~2.3x. Each weight is read once per call, converted once, and multiplied into
+//   every row of x (register blocking over rows and output channels); sums in fp32, the output in x's dtype.
 // * attend_one, rms_norm, silu_mul: a Transformer block's small operations for one token per row, one
 //   call each instead of the ~10 (attention), 6 (RMSNorm) and 3 (SwiGLU) that eager PyTorch dispatches,
 //   which at batch 1 cost more than they compute (models/layers.py, Block._step).

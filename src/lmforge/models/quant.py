@@ -43,9 +43,9 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 #: above this many rows of activations (a long prompt's prefill) an int8 layer dequantises its weight and runs one
 #: matrix product (in bf16 where the training probe measures bf16 matmuls faster, else fp32) instead of the
 #: row-block kernel. ``python bench/int8_rows.py`` (SmolLM2's 120 int8 matrices, one thread of an AMD EPYC with
-#: AVX512-BF16, ms; bf16 GEMM / lmforge's kernel / PyTorch's): 170 rows 228 / 259 / 503; 64: 117 / 100 / 197;
-#: 8: 56 / 14 / 33; 1 row: 91 / 6.9 / 15.1. Without bf16 dot products (the kernel's fp32 body) the kernel
-#: and an fp32 GEMM cost the same at 170 rows.
+#: AVX512-BF16, ms; bf16 GEMM / lmforge's kernel / PyTorch's): 170 rows 239 / 254 / 512; 64: 127 / 94 / 206;
+#: 8: 57 / 16.5 / 37.5; 1 row: 56 / 7.1 / 17.9. Without bf16 dot products (the kernel's fp32 body) the kernel
+#: and an fp32 GEMM cost about the same at 170 rows.
 GEMM_ROWS = 128
 #: lmforge's int8 layout: output channels in tiles of INT8_TILE, inputs in chunks of INT8_CHUNK (decode_ops.cpp)
 INT8_TILE, INT8_CHUNK = 4, 32
@@ -57,7 +57,7 @@ KERNEL_ROWS = {"int8": 4, "int4": 4}
 
 def kernel_rows(dtype: str | None) -> int:
     """Rows of activations one pass of a layout's weight kernel takes (1: no blocks, e.g. fp32/bf16 GEMMs):
-    lmforge's int8 kernel takes 8 (lmforge/kernels; its extra rows cost ~1/7 of the first each), PyTorch's
+    lmforge's int8 kernel takes 8 (lmforge/kernels; 8 rows cost ~2.3x one, 4 rows ~1.4x), PyTorch's
     KERNEL_ROWS."""
     if dtype == "int8" and kernels.available():
         return 8
