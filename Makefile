@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	# The de-en parallel corpus: Debian's trans-de-en, fetched with apt-get download + dpkg -x into
 	# ~/.cache/lmforge when /usr/share/trans/de-en is absent (nothing is installed system-wide).
 	$(BIN)/python -m lmforge.data.parallel --fetch-de-en
+	# A C++ compiler: lmforge builds its decoding kernels with it on first use (and Inductor needs one for
+	# torch.compile); without it lmforge decodes with PyTorch's operations.
+	command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq g++) || echo "warning: g++ not installed; lmforge's kernels will not be built"
 	# KenLM's Python module (dev only: ARPA parity tests). It compiles; with the system cmake and no build
 	# isolation that takes ~40 s instead of building cmake itself from source. Tests skip it if it fails.
 	$(BIN)/python -m pip install -q setuptools wheel

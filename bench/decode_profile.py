@@ -20,16 +20,18 @@ from collections import defaultdict
 import torch
 from torch.profiler import profile
 
+from lmforge import kernels
 from lmforge.generation.fast import prepare_for_decoding
 from lmforge.hub import load_model
 from lmforge.utils import machine_summary
 
 GROUPS = {
     "weight matmuls": ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-                       "aten::linear", "aten::matmul"),
+                       "aten::linear", "aten::matmul", "lmforge::int8_linear"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
-                  "aten::_scaled_dot_product_attention_math"),
-    "norms": ("aten::rms_norm", "aten::_fused_rms_norm", "aten::layer_norm", "aten::native_layer_norm"),
+                  "aten::_scaled_dot_product_attention_math", "lmforge::attend_one"),
+    "norms": ("aten::rms_norm", "aten::_fused_rms_norm", "aten::layer_norm", "aten::native_layer_norm",
+              "lmforge::rms_norm"),
 }
 
 
@@ -47,7 +49,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(machine_summary())
+    print(machine_summary(), f"; lmforge kernels: {kernels.isa() or 'off (PyTorch ops)'}")
     for layout in a.layouts:
         model = load_model("smollm2", decode_dtype=layout) if layout in ("int8", "int4") else \
             prepare_for_decoding(load_model("smollm2"), layout)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from lmforge import kernels
 from lmforge.data import PrepareConfig, prepare
 from lmforge.train import TrainConfig, train
 
@@ -35,13 +40,19 @@ def sample_text(n_chars: int = 60_000) -> str:
         return (FALLBACK_TEXT * (n_chars // len(FALLBACK_TEXT) + 1))[:n_chars]
 
 
+# No test run writes the user's ~/.cache (--dtype auto's probe cache, utils.probe_cache_path; lmforge's kernel
+# build, lmforge/kernels): XDG_CACHE_HOME is a temporary directory from collection on -- test modules ask for the
+# kernels as they are collected -- inherited by subprocesses (which then find the suite's one build), removed at exit.
+_CACHE = tempfile.mkdtemp(prefix="lmforge-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _probe_cache(tmp_path_factory: pytest.TempPathFactory):
-    """No test run writes the user's ~/.cache: --dtype auto's probe cache (utils.probe_cache_path) lives in a
-    temporary XDG_CACHE_HOME for the whole suite (subprocesses inherit it)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-        yield
+def _kernels_built() -> None:
+    """lmforge's kernels are built once, before any test starts a subprocess that would otherwise build them
+    itself (and say so on its terminal)."""
+    kernels.available()
 
 
 @pytest.fixture(autouse=True)

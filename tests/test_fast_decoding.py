@@ -178,11 +178,19 @@ def test_one_query_folds_grouped_heads(batch: int, keys: int, mask: str | None) 
     assert err_got <= err_want * 1.01
 
 
-@pytest.mark.parametrize("cache", ["plain", "static", "slots"])
-def test_bf16_batched_steps_keep_greedy(cache: str) -> None:
-    """Batch-8 bf16 decoding through every KV cache (plain, static, the engine's slot cache) takes the folded
-    one-query path and gives the fp32 model's greedy tokens in every row."""
+@pytest.mark.parametrize("cache", ["plain", "plain-unfused", "static", "slots", "slots-unfused"])
+def test_bf16_batched_steps_keep_greedy(cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch-8 bf16 decoding through every KV cache (plain, static, the engine's slot cache) gives the fp32
+    model's greedy tokens in every row: over the plain and slot caches by the fused block step (lmforge's
+    kernels), or without them, like the static cache, by the folded one-query path."""
+    from lmforge import kernels
     from lmforge.models import layers
+
+    fused = cache in ("plain", "slots")
+    if cache.endswith("-unfused"):
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    elif fused and not kernels.available():
+        pytest.skip("lmforge's kernels are not built here")
 
     model = separated_model(block_size=320)
     fast = prepare_for_decoding(copy.deepcopy(model), "bf16")
@@ -197,9 +205,12 @@ def test_bf16_batched_steps_keep_greedy(cache: str) -> None:
         return orig(self, q, *a)
 
     layers.CausalSelfAttention._one_query = spy
+    steps = []
+    orig_step = layers.Block._step
+    monkeypatch.setattr(layers.Block, "_step", lambda self, x, *a: steps.append(x.shape[0]) or orig_step(self, x, *a))
     try:
         with torch.no_grad():
-            if cache == "plain":
+            if cache.startswith("plain"):
                 rows = generate_ids(fast, prompt, dataclasses.replace(cfg, num_return_sequences=8))
             elif cache == "static":
                 dec = StaticDecoder(fast, 8, len(prompt) + 16, cfg, compile=False)
@@ -220,7 +231,9 @@ def test_bf16_batched_steps_keep_greedy(cache: str) -> None:
     finally:
         layers.CausalSelfAttention._one_query = orig
     assert rows == [ref] * 8
-    assert calls and set(calls) == {8}  # every step of the 8 rows took the one-query path
+    taken = steps if fused else calls
+    assert taken and set(taken) == {8}  # every step of the 8 rows took the fused step / the one-query path
+    assert not (calls if fused else steps)
 
 
 @pytest.mark.parametrize("batch, keys, mask", [(1, 300, None), (2, 300, "static"), (3, 300, "slots")])

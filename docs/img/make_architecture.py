@@ -14,11 +14,11 @@ LEVELS = [  # top to bottom: (rooms, what they own)
     [("apps", "demo, compare, chat,\nn-gram tools")],
     [("train", "Trainer, TrainConfig,\ncheckpoints"), ("evaluate", "loss, ppl, bpb;\nBLEU/chrF"),
      ("generation", "sampling, beam,\nseq2seq decoding"), ("hub", "HF, GGUF, ARPA,\nload_model"),
-     ("serve", "(being built)")],
+     ("serve", "OpenAI server,\nbatch jobs")],
     [("models", "LanguageModel protocol;\nGPT, RNN, n-gram, seq2seq")],
     [("tokenizers", "char, BPE, word,\nchat templates"), ("data", "corpora, prepare,\nsamplers")],
     [("utils", "atomic writes,\ndurations"), ("options", "option(), validation,\nflags from fields"),
-     ("viz", "PNG plots")],
+     ("viz", "PNG plots"), ("kernels", "C++ decoding kernels\n(built on first use)")],
 ]
 W, H, GAP_Y = 2.5, 0.9, 1.5
 fig, ax = plt.subplots(figsize=(13.5, 9.5))
@@ -28,10 +28,8 @@ for row, rooms in enumerate(LEVELS):
     x0 = -(len(rooms) * (W + 0.35) - 0.35) / 2
     for i, (name, what) in enumerate(rooms):
         x = x0 + i * (W + 0.35)
-        dashed = name == "serve"
-        ax.add_patch(FancyBboxPatch((x, y), W, H, boxstyle="round,pad=0.04", linewidth=1.5,
-                                    edgecolor="#555" if dashed else "#1f4e79", linestyle="--" if dashed else "-",
-                                    facecolor="#f2f2f2" if dashed else "#dbe9f6"))
+        ax.add_patch(FancyBboxPatch((x, y), W, H, boxstyle="round,pad=0.04", linewidth=1.5, edgecolor="#1f4e79",
+                                    facecolor="#dbe9f6"))
         ax.text(x + W / 2, y + H * 0.7, name, ha="center", va="center", fontsize=12, fontweight="bold")
         ax.text(x + W / 2, y + H * 0.3, what, ha="center", va="center", fontsize=8.5)
         centers[name] = (x + W / 2, y)

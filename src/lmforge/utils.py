@@ -322,10 +322,16 @@ _CHOICES: dict[tuple[str, int], tuple[str, str]] = {}  # (purpose, threads) -> (
 _ANNOUNCED: set[str] = set()
 
 
+def cache_root() -> Path:
+    """Where lmforge keeps what it measures or builds per machine: ``$XDG_CACHE_HOME/lmforge`` (default
+    ``~/.cache/lmforge``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "lmforge"
+
+
 def probe_cache_path() -> Path:
     """``$XDG_CACHE_HOME/lmforge/dtype-probe.json`` (default ``~/.cache/lmforge/``)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "lmforge" / "dtype-probe.json"
+    return cache_root() / "dtype-probe.json"
 
 
 def _probe_key() -> str:

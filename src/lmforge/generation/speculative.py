@@ -35,10 +35,10 @@ Drafters:
 * :class:`ModelDrafter`: any lmforge model sharing the target's tokenizer -- a small GPT, or an n-gram
   model trained on the user's corpus (``lmforge ngram``), sampled with the same processing.
 
-Verify passes are cut to whole blocks of the target's matmul kernels (``models.quant.KERNEL_ROWS``: the
-int8/int4 CPU kernels multiply 4 rows at a time, so 4 rows cost ~1.2x one row and the 5th row ~1.6x):
-a draft of 5 tokens (6 rows) is cut to 3 (4 rows), one of 8 to 7. A round without a draft is a plain
-one-token step.
+Verify passes are cut to whole blocks of the target's matmul kernels (``models.quant.kernel_rows``:
+PyTorch's int8/int4 CPU kernels multiply 4 rows at a time, so 4 rows cost ~1.2x one row and the 5th row
+~1.6x: a draft of 5 tokens (6 rows) is cut to 3 (4 rows), one of 8 to 7; lmforge's int8 kernel takes 8 rows
+at a time, 8 rows costing ~2x one). A round without a draft is a plain one-token step.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from ..errors import LMForgeError
-from ..models.quant import KERNEL_ROWS
+from ..models.quant import kernel_rows
 from .logits import warp_logits
 
 
@@ -294,7 +294,7 @@ def speculative_generate(model: Any, prompt: list[int], cfg: Any,
     if cfg.ignore_eos:
         eos = None
     stats = SpecStats()
-    block = KERNEL_ROWS.get(model.decode_dtype or "", 1)
+    block = kernel_rows(model.decode_dtype)
     greedy = cfg.temperature == 0
     plain_argmax = greedy and cfg.repetition_penalty == 1.0  # the logits are the processed scores
     tokens = list(prompt)

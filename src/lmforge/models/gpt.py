@@ -18,10 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..errors import LMForgeError
 from ..options import Options, option
 from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace
 from .layers import (
+    EXACT_CHUNK,
     Block,
     KVCache,
     SlotKVCache,
@@ -196,8 +198,13 @@ class GPT(nn.Module, LanguageModel):
             else:
                 rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
+        # at inference, a decoding step or a verify pass (a few tokens after a cached prefix) over a plain cache,
+        # or a decoding step of a run of slots: each block takes its fused step (Block._step)
+        step = (type(cache) is KVCache and (T == 1 or 0 < cache.pos and T <= EXACT_CHUNK)
+                or isinstance(cache, SlotKVCache) and T == 1 and isinstance(cache.rows, slice)) \
+            and not torch.is_grad_enabled() and x.dtype == cache.k.dtype and self.fused_step
         for block in self.blocks:
-            x = block(x, rope, cache, mask)
+            x = block(x, rope, cache, mask, step)
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x)
@@ -218,6 +225,13 @@ class GPT(nn.Module, LanguageModel):
         if last_only:
             x = cache.take_last(x) if isinstance(cache, SlotKVCache) else x[:, -1:]
         return self.lm_head(x), None
+
+    @property
+    def fused_step(self) -> bool:
+        """Whether one-token steps can take lmforge's fused attention kernel: built (lmforge/kernels), and
+        nothing the kernel does not do (sliding windows, QK-norm)."""
+        c = self.config
+        return c.sliding_window is None and not c.qk_norm and kernels.available()
 
     # --- LanguageModel protocol ----------------------------------------------------------------
     @property

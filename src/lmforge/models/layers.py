@@ -326,6 +326,12 @@ class SlotKVCache:
         self._pos, self._mask = pos.to(device), mask[:, None].to(device)    # mask (B, 1, T, L) over heads
         return self._pos
 
+    @property
+    def positions(self) -> torch.Tensor:
+        """(B, T) positions of the current forward's tokens (after :meth:`begin`)."""
+        assert self._pos is not None, "call begin() first"
+        return self._pos
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write (B, H, T, hd) keys/values at each row's own positions; return the rows' keys, values and mask."""
@@ -549,9 +555,50 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, mlp_hidden, mlp, bias, dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | SlotKVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, attn_mask: torch.Tensor | None = None,
+                step: bool = False) -> torch.Tensor:
+        if step and not self.attn.record:
+            return self._step(x, rope, cache)
         x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
+
+    def _step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+              cache: KVCache | SlotKVCache) -> torch.Tensor:
+        """The same block for a few new tokens per row at inference: a decoding step or a speculative verify
+        pass over the plain KV cache (after ``cache.pos``), or one decoding step of the continuous-batching
+        engine's slots (each row after its own length). Everything between the QKV and output projections --
+        RoPE, the cache write, attention over the cached positions -- is one call of lmforge's kernel per new
+        token (``attend_one``), which costs less than dispatching the ~10 small ops of the general path, and
+        gives every token of a verify pass exactly what a one-token step gives it (the norms and SwiGLU are per
+        row too), so speculative decoding reproduces plain decoding."""
+        a, mlp = self.attn, self.mlp
+        B, T, C = x.shape
+        qkv = a.qkv(_norm_step(self.ln_1, x))                                 # (B, T, (H + 2 H_kv) D)
+        if isinstance(cache, SlotKVCache):  # rows = a slice of slots, each at its own position
+            k, v = cache.k[a.layer_idx, cache.rows], cache.v[a.layer_idx, cache.rows]
+            start, row_pos = 0, cache.positions[:, 0]                          # (B,)
+        else:
+            k, v = cache.k[a.layer_idx], cache.v[a.layer_idx]                 # (B, H_kv, L, D)
+            start, row_pos = cache.pos, None
+        ys = []
+        for i in range(T):  # token i goes in at its position p and sees positions 0 .. p
+            cos, sin = (None, None) if rope is None else (rope[0][..., i, :].reshape(-1, rope[0].shape[-1]),
+                                                          rope[1][..., i, :].reshape(-1, rope[1].shape[-1]))
+            ys.append(torch.ops.lmforge.attend_one(qkv[:, i].contiguous(), k, v, start + i, row_pos, cos, sin,
+                                                   a.n_head, a.n_kv_head))   # (B, H D)
+        y = ys[0].view(B, 1, C) if T == 1 else torch.stack(ys, dim=1)
+        x = x + a.proj(y)
+        h = _norm_step(self.ln_2, x)
+        if mlp.kind == "swiglu":  # silu(gate) * up in one kernel call
+            return x + mlp.proj(torch.ops.lmforge.silu_mul(mlp.fc(h)))
+        return x + mlp(h)
+
+
+def _norm_step(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A norm in a fused step: RMSNorm by lmforge's kernel (one call; PyTorch's composes six), others as they are."""
+    if isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype:
+        return torch.ops.lmforge.rms_norm(x, norm.weight, norm.eps)
+    return norm(x)
 
 
 class CrossAttention(nn.Module, RecordsAttention):

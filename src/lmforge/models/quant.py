@@ -15,6 +15,15 @@ how many bytes each token reads and how fast the kernel streams them. ``QuantLin
   exactly llama.cpp's Q4_0 (z = 0), Q4_1 (z = m + 8 d) and Q4_K (per 32-weight sub-block) formats, so GGUF
   files load into it without a detour through fp32 (hub/gguf_io.py).
 
+int8 runs on lmforge's own kernel (lmforge/kernels: C++ built for this machine on first use) where it is
+available and the shape allows (outputs a multiple of 4, inputs of 32), PyTorch's otherwise (``kernel`` says
+which). For lmforge's, q is stored tiled -- 4 output channels interleaved in chunks of 32 inputs, so one tile
+is one contiguous stream -- with an fp32 scale per row (PyTorch's: q row-major, a bf16 scale);
+:meth:`QuantLinear.int8_weight` gives q row-major either way. lmforge's streams the weights 2-3x faster and
+takes 1-8 rows of activations for little more than one (a speculative verify pass, a small batch). int4 stays
+on PyTorch's kernel: lmforge's own int4 loops (tried: fp32 dequantisation, and bf16 dot products on exact
+128 + q values) were no faster than it once the weights came from memory rather than cache (docs/hub.md).
+
 The int8/int4 kernels take bf16 activations (with fp32 activations PyTorch 2.13 has no fast CPU path:
 ~50x slower); the output is bf16. Layers live in models/ because both the GGUF loader (hub/) and the
 decoding preparation (generation/fast.py) build them.
@@ -26,12 +35,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
+from ..utils import resolve_dtype
+
 QUANT_MODES = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-#: rows of activations the int8/int4 CPU kernels multiply together (PyTorch 2.13's BLOCK_M): a forward of 2-4
+#: above this many rows of activations (a long prompt's prefill) an int8 layer dequantises its weight and runs one
+#: matrix product (in bf16 where the training probe measures bf16 matmuls faster, else fp32) instead of the
+#: row-block kernel. ``python bench/int8_rows.py`` (SmolLM2's 120 int8 matrices, one thread of an AMD EPYC with
+#: AVX512-BF16, ms; bf16 GEMM / lmforge's kernel / PyTorch's): 170 rows 239 / 254 / 512; 64: 127 / 94 / 206;
+#: 8: 57 / 16.5 / 37.5; 1 row: 56 / 7.1 / 17.9. Without bf16 dot products (the kernel's fp32 body) the kernel
+#: and an fp32 GEMM cost about the same at 170 rows.
+GEMM_ROWS = 128
+#: lmforge's int8 layout: output channels in tiles of INT8_TILE, inputs in chunks of INT8_CHUNK (decode_ops.cpp)
+INT8_TILE, INT8_CHUNK = 4, 32
+#: rows of activations PyTorch 2.13's int8/int4 CPU kernels multiply together (their BLOCK_M): a forward of 2-4
 #: tokens costs little more than one, the 5th starts a new block (measured for SmolLM2 in docs/hub.md,
-#: "Speculative decoding"); speculative decoding sizes its verify passes by it. 1: no such steps
+#: "Speculative decoding"); speculative decoding sizes its verify passes by :func:`kernel_rows`
 KERNEL_ROWS = {"int8": 4, "int4": 4}
+
+
+def kernel_rows(dtype: str | None) -> int:
+    """Rows of activations one pass of a layout's weight kernel takes (1: no blocks, e.g. fp32/bf16 GEMMs):
+    lmforge's int8 kernel takes 8 (lmforge/kernels; 8 rows cost ~2.3x one, 4 rows ~1.4x), PyTorch's
+    KERNEL_ROWS."""
+    if dtype == "int8" and kernels.available():
+        return 8
+    return KERNEL_ROWS.get(dtype or "", 1)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +95,8 @@ class QuantLinear(nn.Module):
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown layout {mode!r}; choose {', '.join(QUANT_MODES)}")
         self.mode, self.out_features, self.in_features, self.group_size = mode, out_features, in_features, group_size
+        self.kernel = "lmforge" if mode == "int8" and out_features % INT8_TILE == 0 \
+            and in_features % INT8_CHUNK == 0 and kernels.available() else "torch"
         self.bias: torch.Tensor | None
         self.register_buffer("bias", None)
 
@@ -93,8 +125,20 @@ class QuantLinear(nn.Module):
         return m
 
     def set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self.register_buffer("qweight", q.to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        q = q.to(torch.int8)
+        if self.kernel == "lmforge":  # (out / 4, in / 32, 4, 32): tile, chunk, channel in the tile, input
+            N, K = q.shape
+            q = q.reshape(N // INT8_TILE, INT8_TILE, K // INT8_CHUNK, INT8_CHUNK).transpose(1, 2).reshape(N, K)
+        self.register_buffer("qweight", q.contiguous())
+        self.register_buffer("scale", scale.to(torch.float32 if self.kernel == "lmforge" else torch.bfloat16))
+
+    def int8_weight(self) -> torch.Tensor:
+        """q (out, in) row-major, whichever kernel's layout holds it (``w = scale[:, None] * q``)."""
+        if self.kernel != "lmforge":
+            return self.qweight
+        N, K = self.qweight.shape
+        tiles = self.qweight.reshape(N // INT8_TILE, K // INT8_CHUNK, INT8_TILE, INT8_CHUNK)
+        return tiles.transpose(1, 2).reshape(N, K)
 
     def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """q (out, in) in [0, 15]; scale/zero (out, in / group) with w = (q - 8) * scale + zero."""
@@ -102,6 +146,18 @@ class QuantLinear(nn.Module):
         # the kernel's layout: (groups, out, 2) holding [scale, zero]
         sz = torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales_zeros", sz.to(torch.bfloat16))
+
+    #: buffers whose dtype is part of the layout: casting the model (``model.to(torch.bfloat16)``) moves them
+    #: to its device but keeps their dtype
+    _LAYOUT_DTYPES = ("scale",)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
+        kept = {n: self._buffers[n] for n in self._LAYOUT_DTYPES if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, t in kept.items():
+            if self._buffers[n].dtype != t.dtype:
+                self._buffers[n] = t.to(self._buffers[n].device)
+        return self
 
     @property
     def nbytes(self) -> int:
@@ -112,7 +168,13 @@ class QuantLinear(nn.Module):
             return F.linear(x.to(torch.bfloat16), self.weight, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.mode == "int8":
+        if self.mode == "int8" and x2.shape[0] > GEMM_ROWS:
+            dt = torch.bfloat16 if resolve_dtype("auto", "train", announce=False) == "bf16" else torch.float32
+            w = self.int8_weight().to(dt) * self.scale.to(dt)[:, None]               # (out, in)
+            y = F.linear(x2.to(dt), w).to(torch.bfloat16)
+        elif self.mode == "int8" and self.kernel == "lmforge":
+            y = torch.ops.lmforge.int8_linear(x2.to(torch.bfloat16), self.qweight, self.scale)
+        elif self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
         elif self.mode == "int4":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
@@ -125,7 +187,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.mode == "int4" else ""
-        return f"{self.in_features}, {self.out_features}, mode={self.mode}{g}"
+        k = f", kernel={self.kernel}" if self.mode == "int8" else ""
+        return f"{self.in_features}, {self.out_features}, mode={self.mode}{g}{k}"
 
 
 def finish_decoding_layout(model: nn.Module, dtype: str) -> None:

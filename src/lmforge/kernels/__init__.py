@@ -1,0 +1,124 @@
+"""lmforge's own CPU kernels (C++, ``decode_ops.cpp``), built on first use for the machine at hand.
+
+What they are for: decoding one new token per row, where eager PyTorch spends more on dispatching small
+operations and on its int8 kernel's slow streaming than on arithmetic: ``torch.ops.lmforge.int8_linear``
+(weight-only int8 over 1-8 rows, used by :class:`lmforge.models.quant.QuantLinear`), and ``attend_one``,
+``rms_norm``, ``silu_mul`` (a Transformer block's step, :meth:`lmforge.models.layers.Block._step`). The C++
+file's header says what each computes.
+
+How they are built: ``g++ -O3 -march=native`` against the installed torch's headers and libraries (its
+bundled OpenMP runtime, so the kernels share PyTorch's threads), once per machine: the library is cached
+under ``~/.cache/lmforge/kernels/<key>/`` where the key hashes the source, torch's version and this CPU's
+model and flags, so a new CPU, torch or source builds again (~10 s, said on stderr). Without a C++ compiler,
+when the build fails, or with ``LMFORGE_KERNELS=0``, lmforge says so once and decodes with PyTorch's
+operations (the same results up to rounding, slower).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..utils import cache_root, cpu_info
+
+SOURCE = Path(__file__).with_name("decode_ops.cpp")
+#: the CPU the kernels are compiled for: this one (``native``), unless ``LMFORGE_KERNELS_MARCH`` names another
+#: (e.g. ``haswell`` for the AVX2 bodies, ``x86-64`` for the plain C++ ones: how the tests reach them)
+MARCH = os.environ.get("LMFORGE_KERNELS_MARCH", "native")
+BUILD_FLAGS = ("-O3", f"-march={MARCH}", "-fopenmp", "-fPIC", "-shared", "-std=c++20")
+BUILD_TIMEOUT_S = 600
+
+
+def _compiler() -> str | None:
+    return next((c for c in (os.environ.get("CXX"), "g++", "c++") if c and shutil.which(c)), None)
+
+
+def library_path() -> Path:
+    """Where this machine's build of the kernels lives (built or not)."""
+    model, flags = cpu_info()
+    key = hashlib.sha256(SOURCE.read_bytes() + f"|{torch.__version__}|{model}|{sorted(flags)}|{BUILD_FLAGS}"
+                         .encode()).hexdigest()[:16]
+    return cache_root() / "kernels" / key / "decode_ops.so"
+
+
+def _build(out: Path, cxx: str) -> None:
+    """Compile into a temporary file beside ``out`` and move it in place: concurrent processes each build
+    and the last rename wins, a killed build leaves nothing half-written behind."""
+    torch_dir = Path(torch.__file__).parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, *BUILD_FLAGS, f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
+           str(SOURCE), "-o", tmp, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
+           f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            last = [line for line in done.stderr.splitlines() if "error" in line][:1] or done.stderr.splitlines()[-1:]
+            raise RuntimeError(last[0] if last else f"{cxx} exited with {done.returncode}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _note(text: str) -> None:
+    print(f"lmforge: {text}", file=sys.stderr, flush=True)
+
+
+@functools.cache  # once per process
+def available() -> bool:
+    """Whether ``torch.ops.lmforge`` is loaded (building it first if this machine has no build yet)."""
+    if os.environ.get("LMFORGE_KERNELS", "1") in ("0", "false", "no", "off"):
+        return False
+    try:
+        path = library_path()
+        if not path.exists():
+            cxx = _compiler()
+            if cxx is None:
+                _note("no C++ compiler (g++): decoding with PyTorch's operations, slower; install g++ for "
+                      "lmforge's kernels")
+                return False
+            _note(f"building lmforge's CPU kernels for this machine (once, ~10 s) into {path.parent}")
+            _build(path, cxx)
+        torch.ops.load_library(str(path))
+        _register_fakes()
+        return True
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _note(f"lmforge's CPU kernels are not available ({e}); decoding with PyTorch's operations, slower "
+              "(LMFORGE_KERNELS=0 silences this)")
+        return False
+
+
+def _register_fakes() -> None:
+    """Shapes for ``torch.compile`` (a compiled decode step traces through these ops without running them)."""
+
+    @torch.library.register_fake("lmforge::int8_linear")
+    def _int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("lmforge::rms_norm")
+    def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("lmforge::silu_mul")
+    def _silu(x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+    @torch.library.register_fake("lmforge::attend_one")
+    def _attend(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, row_pos: torch.Tensor | None,
+                cos: torch.Tensor | None, sin: torch.Tensor | None, n_head: int, n_kv_head: int) -> torch.Tensor:
+        return qkv.new_empty(k.shape[0], n_head * k.shape[-1])
+
+
+def isa() -> str:
+    """The instruction set the kernels were built for ("avx512", "avx2" or "scalar"); "" when not built."""
+    return torch.ops.lmforge.isa() if available() else ""

@@ -1,0 +1,455 @@
+// lmforge's CPU kernels for decoding: what one new token per row costs most in eager PyTorch.
+//
+// * int8_linear: y (M, N) = x (M, K) W^T with W weight-only int8, M small (1-8 rows: a decoding step, a
+//   speculative verify pass, a small batch). W[n, k] = scale[n] * q[n, k], scale (N,) fp32, q int8 stored in
+//   tiles of 4 channels (below; models/quant.py builds it). Decoding reads every weight once per token, so
+//   what counts is how fast the weights stream: `python bench/int8_rows.py` (SmolLM2's int8 matrices from
+//   memory, one thread of an AMD EPYC): 1 row ~15 GB/s, 2.2-2.5x PyTorch 2.13's _weight_int8pack_mm; 4 rows
+//   cost ~1.4x one row, 8 rows ~2.3x. Each weight is read once per call, converted once, and multiplied into
+//   every row of x (register blocking over rows and output channels); sums in fp32, the output in x's dtype.
+// * attend_one, rms_norm, silu_mul: a Transformer block's small operations for one token per row, one
+//   call each instead of the ~10 (attention), 6 (RMSNorm) and 3 (SwiGLU) that eager PyTorch dispatches,
+//   which at batch 1 cost more than they compute (models/layers.py, Block._step).
+//
+// Compiled on the user's machine with -march=native (lmforge/kernels/__init__.py): AVX-512 or AVX2 bodies
+// where the CPU has them, plain C++ otherwise.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int MAX_ROWS = 8;  // rows of x per pass over the weights; more rows take several passes
+// The int8 layout: channels in tiles of TILE_N, each tile's weights interleaved in chunks of CHUNK inputs,
+// q[n / TILE_N][k / CHUNK][n % TILE_N][k % CHUNK] (models/quant.py builds it), so that a pass over a tile reads one
+// contiguous run of TILE_N * K bytes -- one stream the hardware prefetcher follows, helped by a prefetch 1 KB
+// ahead into L2. One thread of an AMD EPYC over SmolLM2's int8 matrices (from memory): 1.3x the rate of the
+// row-major layout read as 4 short streams with prefetches 8 KB ahead (which was 1.6x 2 KB ahead into L1).
+constexpr int TILE_N = 4;
+constexpr int64_t CHUNK = 32;
+constexpr int64_t PREFETCH_BYTES = 1024;
+// Channels of a tile taken together for R rows of x: R x J accumulators must fit the vector registers (32 with
+// AVX-512, 16 with AVX2); the rest of the tile follows from L1.
+template <int R>
+constexpr int channels_per_pass() {
+#if defined(__AVX512F__)
+  return R <= 4 ? 4 : 2;
+#else
+  return R <= 2 ? 4 : (R <= 4 ? 2 : 1);
+#endif
+}
+
+// Weight (n0 + j, k) of the tile starting at channel n0 is chunk(q, K, n0, k)[j * CHUNK + k % CHUNK].
+inline const int8_t* chunk(const int8_t* q, int64_t K, int64_t n0, int64_t k) {
+  return q + n0 * K + (k / CHUNK) * CHUNK * TILE_N;
+}
+
+inline void prefetch_ahead(const int8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T2);
+  _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES + 64, _MM_HINT_T2);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// int8, fp32 activations: out[r][j0 + j] = sum_k x[r, k] * q[n0 + j0 + j, k] for R rows and J channels of the
+// tile starting at channel n0.
+template <int R, int J>
+inline void int8_tile(const float* x, int64_t K, const int8_t* q, int64_t n0, int j0, float (*out)[TILE_N]) {
+#if defined(__AVX512F__)
+  __m512 acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const int8_t* c = chunk(q, K, n0, k) + j0 * CHUNK + k % CHUNK;
+    if ((k & 63) == 0 && j0 == 0) prefetch_ahead(c);
+    __m512 w[J];
+    for (int j = 0; j < J; ++j)
+      w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(c + j * CHUNK))));
+    for (int r = 0; r < R; ++r) {
+      __m512 xv = _mm512_loadu_ps(x + r * K + k);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(w[j], xv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) out[r][j0 + j] = _mm512_reduce_add_ps(acc[r][j]);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    const int8_t* c = chunk(q, K, n0, k) + j0 * CHUNK + k % CHUNK;
+    if ((k & 63) == 0 && j0 == 0) prefetch_ahead(c);
+    __m256 w[J];
+    for (int j = 0; j < J; ++j)
+      w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(c + j * CHUNK))));
+    for (int r = 0; r < R; ++r) {
+      __m256 xv = _mm256_loadu_ps(x + r * K + k);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(w[j], xv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) {
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r][j]), _mm256_extractf128_ps(acc[r][j], 1));
+      s = _mm_hadd_ps(s, s);
+      s = _mm_hadd_ps(s, s);
+      out[r][j0 + j] = _mm_cvtss_f32(s);
+    }
+#else
+  for (int r = 0; r < R; ++r)
+    for (int j = j0; j < j0 + J; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[r * K + k] * static_cast<float>(chunk(q, K, n0, k)[j * CHUNK + k % CHUNK]);
+      out[r][j] = s;
+    }
+#endif
+}
+
+// What the driver calls: out[r][j0 + j] = x[r0 + r] . W[n0 + j0 + j] for R rows and J channels of the tile at
+// n0, the scale applied.
+struct Int8Tile {
+  const int8_t* q;
+  const float* scale;
+  const float* x;  // (M, K) fp32
+  template <int R, int J>
+  void compute(int64_t K, int64_t n0, int j0, int64_t r0, float (*out)[TILE_N]) const {
+    int8_tile<R, J>(x + r0 * K, K, q, n0, j0, out);
+    for (int r = 0; r < R; ++r)
+      for (int j = j0; j < j0 + J; ++j) out[r][j] *= scale[n0 + j];
+  }
+};
+
+#if defined(__AVX512BF16__)
+// The same product by bf16 dot products (AVX512-BF16) for bf16 activations: q in [-127, 127] is exact in bf16,
+// so every product q * x is exact in fp32 and vdpbf16ps sums pairs of them in fp32 -- the fp32 tile's result up
+// to summation order, with half its multiply instructions per extra row of x (speculative verify passes, small
+// batches). Used for every row count, so a row's result never depends on how many rows came with it.
+struct Int8Bf16Tile {
+  const int8_t* q;
+  const float* scale;
+  const c10::BFloat16* x;  // (M, K) bf16
+  template <int R, int J>
+  void compute(int64_t K, int64_t n0, int j0, int64_t r0, float (*out)[TILE_N]) const {
+    __m512 acc[R][J];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += CHUNK) {
+      const int8_t* c = chunk(q, K, n0, k) + j0 * CHUNK;
+      if ((k & 63) == 0 && j0 == 0) prefetch_ahead(c);
+      __m512bh w[J];
+      for (int j = 0; j < J; ++j) {
+        const int8_t* p = c + j * CHUNK;
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+        w[j] = _mm512_cvtne2ps_pbh(hi, lo);  // weights k .. k + 31 in order, exact
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(x + (r0 + r) * K + k));
+        for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xv);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < J; ++j) out[r][j0 + j] = _mm512_reduce_add_ps(acc[r][j]) * scale[n0 + j0 + j];
+  }
+};
+#endif
+
+// ---------------------------------------------------------------------------------------------------
+// Driver: R rows of x against every tile of channels, J channels of a tile per pass (the rest of the tile
+// follows from L1), tiles spread over threads. Outputs are written in y's dtype (O: fp32 or bf16) straight
+// from the fp32 sums.
+template <int R, typename O, typename Tile>
+void run_rows(int64_t K, int64_t N, int64_t r0, O* y, const Tile& tile) {
+  at::parallel_for(0, N / TILE_N, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float out[R][TILE_N];
+      constexpr int J = channels_per_pass<R>();
+      for (int j0 = 0; j0 < TILE_N; j0 += J) tile.template compute<R, J>(K, b * TILE_N, j0, r0, out);
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < TILE_N; ++j) y[(r0 + r) * N + b * TILE_N + j] = static_cast<O>(out[r][j]);
+    }
+  });
+}
+
+template <typename Tile>
+void run(int64_t M, int64_t K, int64_t N, at::Tensor& y, const Tile& tile) {
+  auto rows = [&](auto* yp) {
+    for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
+      switch (std::min<int64_t>(M - r0, MAX_ROWS)) {
+        case 1: run_rows<1>(K, N, r0, yp, tile); break;
+        case 2: run_rows<2>(K, N, r0, yp, tile); break;
+        case 3: run_rows<3>(K, N, r0, yp, tile); break;
+        case 4: run_rows<4>(K, N, r0, yp, tile); break;
+        case 5: run_rows<5>(K, N, r0, yp, tile); break;
+        case 6: run_rows<6>(K, N, r0, yp, tile); break;
+        case 7: run_rows<7>(K, N, r0, yp, tile); break;
+        default: run_rows<8>(K, N, r0, yp, tile); break;
+      }
+    }
+  };
+  if (y.scalar_type() == at::kFloat)
+    rows(y.data_ptr<float>());
+  else
+    rows(y.data_ptr<c10::BFloat16>());
+}
+
+at::Tensor as_float(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous(); }
+
+void check_x(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, op, ": x must be (M, ", K, "), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op, ": x must be fp32 or bf16");
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "int8_linear: q must be (N, K) int8");
+  const int64_t N = q.size(0), K = q.size(1), M = x.size(0);
+  TORCH_CHECK(N % TILE_N == 0 && K % CHUNK == 0, "int8_linear: N must be a multiple of ", TILE_N, " and K of ", CHUNK,
+              " (the tiled layout)");
+  check_x(x, K, "int8_linear");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(),
+              "int8_linear: scale must be (N,) fp32");
+  at::Tensor y = at::empty({M, N}, x.options());
+#if defined(__AVX512BF16__)
+  if (x.scalar_type() == at::kBFloat16) {
+    const at::Tensor xb = x.contiguous();
+    run(M, K, N, y, Int8Bf16Tile{q.data_ptr<int8_t>(), scale.data_ptr<float>(), xb.data_ptr<c10::BFloat16>()});
+    return y;
+  }
+#endif
+  at::Tensor xf = as_float(x);
+  run(M, K, N, y, Int8Tile{q.data_ptr<int8_t>(), scale.data_ptr<float>(), xf.data_ptr<float>()});
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Small fp32 vector helpers over rows stored as fp32 or bf16 (bf16 -> fp32 is a 16-bit shift).
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+#endif
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  return s;
+}
+
+template <typename T>
+inline void axpy(float* acc, float p, const T* v, int64_t n) {  // acc += p * v
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, load16(v + i), _mm512_loadu_ps(acc + i)));
+#endif
+  for (; i < n; ++i) acc[i] += p * static_cast<float>(v[i]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// One decoding step's attention for one new token per row, everything between the QKV and output projections
+// in one call (eager PyTorch spends ~10 small ops on it, each costing more to dispatch than to compute):
+//   q, k, v = split(qkv);  q, k = rope(q), rope(k) (when cos/sin are given);  cache[b, :, p_b] = k, v
+//   y[h] = softmax(q[h] . K[g]^T / sqrt(D)) V[g]  over positions 0..p_b, g = h / (H / H_kv)
+// with p_b = pos (+ row_pos[b] when given: continuous batching, every row at its own length).
+// RoPE rotates pairs (x_i, x_{i+D/2}): x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; cos/sin
+// hold row b's angles in row b (a row stride of 0 shares one row). Sums in fp32; keys/values are stored in
+// the cache's dtype, as the eager path stores them.
+template <typename T>
+void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t pos, const int64_t* row_pos,
+                     const T* cos, const T* sin, int64_t rope_stride, int64_t H, int64_t Hkv, at::Tensor& y) {
+  const int64_t B = kc.size(0), L = kc.size(2), D = kc.size(3), G = H / Hkv, half = D / 2;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const T* in = qkv.data_ptr<T>();
+  T* kp = kc.data_ptr<T>();
+  T* vp = vc.data_ptr<T>();
+  T* out = y.data_ptr<T>();
+  const int64_t width = (H + 2 * Hkv) * D;
+  auto rope = [&](const T* x, float* r, int64_t b) {
+    for (int64_t i = 0; i < D; ++i) r[i] = static_cast<float>(x[i]);
+    if (cos == nullptr) return;
+    const T* c = cos + b * rope_stride;
+    const T* s = sin + b * rope_stride;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = r[i], x2 = r[i + half];
+      r[i] = x1 * static_cast<float>(c[i]) - x2 * static_cast<float>(s[i]);
+      r[i + half] = x2 * static_cast<float>(c[i + half]) + x1 * static_cast<float>(s[i + half]);
+    }
+  };
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qf(G * D), kf(D), score(L), acc(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, g = t % Hkv;
+      const int64_t p = pos + (row_pos != nullptr ? row_pos[b] : 0);
+      const T* row = in + b * width;
+      T* K = kp + (b * Hkv + g) * L * D;
+      T* V = vp + (b * Hkv + g) * L * D;
+      rope(row + (H + g) * D, kf.data(), b);
+      for (int64_t i = 0; i < D; ++i) {
+        K[p * D + i] = static_cast<T>(kf[i]);
+        V[p * D + i] = row[(H + Hkv + g) * D + i];
+      }
+      for (int64_t h = 0; h < G; ++h) rope(row + (g * G + h) * D, qf.data() + h * D, b);
+      for (int64_t h = 0; h < G; ++h) {
+        const float* q = qf.data() + h * D;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j <= p; ++j) {
+          score[j] = dot(q, K + j * D, D) * scale;
+          mx = std::max(mx, score[j]);
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j <= p; ++j) total += (score[j] = std::exp(score[j] - mx));
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j = 0; j <= p; ++j) axpy(acc.data(), score[j], V + j * D, D);
+        T* o = out + b * H * D + (g * G + h) * D;
+        for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[i] / total);
+      }
+    }
+  });
+}
+
+at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, int64_t pos,
+                      const std::optional<at::Tensor>& row_pos, const std::optional<at::Tensor>& cos,
+                      const std::optional<at::Tensor>& sin, int64_t n_head, int64_t n_kv_head) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes(), "attend_one: caches must be contiguous (B, H_kv, L, D)");
+  const int64_t B = k_cache.size(0), L = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(k_cache.size(1) == n_kv_head && n_head % n_kv_head == 0, "attend_one: head counts do not match the cache");
+  TORCH_CHECK(qkv.is_contiguous() && qkv.numel() == B * (n_head + 2 * n_kv_head) * D &&
+                  qkv.scalar_type() == k_cache.scalar_type(), "attend_one: qkv must be (B, (H + 2 H_kv) D) in the cache's dtype");
+  const int64_t* rp = nullptr;
+  at::Tensor rows;
+  if (row_pos.has_value()) {
+    rows = row_pos->to(at::kLong).contiguous();
+    TORCH_CHECK(rows.numel() == B, "attend_one: row_pos must hold one position per row");
+    rp = rows.data_ptr<int64_t>();
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t p = pos + (rp != nullptr ? rp[b] : 0);
+    TORCH_CHECK(0 <= p && p < L, "attend_one: position ", p, " outside the cache (", L, ")");
+  }
+  int64_t stride = 0;
+  if (cos.has_value()) {
+    TORCH_CHECK(sin.has_value() && cos->sizes() == sin->sizes() && cos->strides() == sin->strides() &&
+                    cos->size(-1) == D && cos->stride(-1) == 1 &&
+                    (cos->dim() == 1 || (cos->dim() == 2 && (cos->size(0) == B || cos->size(0) == 1))) &&
+                    cos->scalar_type() == qkv.scalar_type() && sin->scalar_type() == qkv.scalar_type(),
+                "attend_one: cos/sin must be (D,), (1, D) or (B, D) rows of D contiguous values in qkv's dtype");
+    stride = cos->dim() == 2 && cos->size(0) == B ? cos->stride(0) : 0;
+  }
+  at::Tensor y = at::empty({B, n_head * D}, qkv.options());
+  if (qkv.scalar_type() == at::kFloat) {
+    const float* cp = cos.has_value() ? cos->data_ptr<float>() : nullptr;
+    const float* sp = cos.has_value() ? sin->data_ptr<float>() : nullptr;
+    attend_one_impl<float>(qkv, k_cache, v_cache, pos, rp, cp, sp, stride, n_head, n_kv_head, y);
+  } else if (qkv.scalar_type() == at::kBFloat16) {
+    using B16 = c10::BFloat16;
+    const B16* cp = cos.has_value() ? cos->data_ptr<B16>() : nullptr;
+    const B16* sp = cos.has_value() ? sin->data_ptr<B16>() : nullptr;
+    attend_one_impl<B16>(qkv, k_cache, v_cache, pos, rp, cp, sp, stride, n_head, n_kv_head, y);
+  } else {
+    TORCH_CHECK(false, "attend_one: fp32 or bf16 only");
+  }
+  return y;
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w over the last dimension, fp32 sums, in x's dtype (one op instead of the
+// composite's six).
+template <typename T>
+void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t n, double eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * n;
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<float>(xr[i]) * static_cast<float>(xr[i]);
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) y[r * n + i] = static_cast<T>(static_cast<float>(xr[i]) * inv * static_cast<float>(w[i]));
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t n = w.numel();
+  TORCH_CHECK(x.is_contiguous() && x.size(-1) == n && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
+              "rms_norm: x (..., n) and w (n,) contiguous, one dtype");
+  at::Tensor y = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat)
+    rms_norm_impl(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), x.numel() / n, n, eps);
+  else if (x.scalar_type() == at::kBFloat16)
+    rms_norm_impl(x.data_ptr<c10::BFloat16>(), w.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(),
+                  x.numel() / n, n, eps);
+  else
+    TORCH_CHECK(false, "rms_norm: fp32 or bf16 only");
+  return y;
+}
+
+// SwiGLU's elementwise half: [gate | up] (..., 2 h) -> silu(gate) * up (..., h), in fp32, in x's dtype.
+template <typename T>
+void silu_mul_impl(const T* x, T* y, int64_t rows, int64_t h) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < h; ++i) {
+      const float g = static_cast<float>(x[r * 2 * h + i]), u = static_cast<float>(x[r * 2 * h + h + i]);
+      y[r * h + i] = static_cast<T>(g / (1.0f + std::exp(-g)) * u);
+    }
+}
+
+at::Tensor silu_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0, "silu_mul: x must be contiguous (..., 2 h)");
+  const int64_t h = x.size(-1) / 2;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = h;
+  at::Tensor y = at::empty(shape, x.options());
+  if (x.scalar_type() == at::kFloat)
+    silu_mul_impl(x.data_ptr<float>(), y.data_ptr<float>(), x.numel() / (2 * h), h);
+  else if (x.scalar_type() == at::kBFloat16)
+    silu_mul_impl(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), x.numel() / (2 * h), h);
+  else
+    TORCH_CHECK(false, "silu_mul: fp32 or bf16 only");
+  return y;
+}
+
+// The instruction set this library was compiled for (what -march=native found).
+std::string isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lmforge, m) {
+  m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor? row_pos, Tensor? cos, "
+        "Tensor? sin, int n_head, int n_kv_head) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("isa() -> str");
+}
+
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("attend_one", &attend_one);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
+}
+
+TORCH_LIBRARY_IMPL(lmforge, CompositeExplicitAutograd, m) { m.impl("isa", &isa); }

@@ -1,0 +1,235 @@
+"""lmforge's C++ decoding kernels (lmforge/kernels): each op against its PyTorch definition, the fused block
+step against the general path, and the fallbacks when the kernels cannot be built."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge import kernels
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models.layers import apply_rope, attention_reference
+from lmforge.models.quant import QuantLinear, quantize_int8
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="lmforge's kernels are not built here")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 8, 11])
+@pytest.mark.parametrize("N, K", [(64, 96), (12, 64)])
+def test_int8_linear_matches_dequantised_matmul(dtype: torch.dtype, M: int, N: int, K: int) -> None:
+    g = torch.Generator().manual_seed(M * N + K)
+    lin = QuantLinear.from_weight(torch.randn(N, K, generator=g), None, "int8")
+    assert lin.kernel == "lmforge" and not torch.equal(lin.qweight, lin.int8_weight())  # tiled, not row-major
+    x = torch.randn(M, K, generator=g).to(dtype)
+    y = torch.ops.lmforge.int8_linear(x, lin.qweight, lin.scale)
+    ref = x.double() @ (lin.int8_weight().double() * lin.scale.double()[:, None]).t()
+    assert y.dtype == dtype and y.shape == (M, N)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
+    assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    assert torch.equal(lin.int8_weight(), quantize_int8(torch.randn(N, K, generator=torch.Generator().manual_seed(
+        M * N + K)))[0])  # the tiles hold the row-major weights
+
+
+def test_int8_shapes_the_kernel_cannot_tile_use_pytorchs() -> None:
+    lin = QuantLinear.from_weight(torch.randn(13, 48), None, "int8")  # 13 channels: not whole tiles of 4
+    assert lin.kernel == "torch" and torch.equal(lin.int8_weight(), lin.qweight)
+    x = torch.randn(2, 48).bfloat16()
+    ref = x.double() @ (lin.qweight.double() * lin.scale.double()[:, None]).t()
+    assert torch.allclose(lin(x).double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, Hkv, rope", [(4, 4, True), (6, 2, True), (4, 4, False)])
+def test_attend_one_matches_rope_cache_write_and_attention(dtype: torch.dtype, H: int, Hkv: int, rope: bool) -> None:
+    B, L, D, pos = 2, 24, 32, 17
+    g = torch.Generator().manual_seed(H + Hkv)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    kc, vc = torch.randn(2, B, Hkv, L, D, generator=g).to(dtype).unbind(0)
+    kc, vc = kc.contiguous(), vc.contiguous()
+    ang = torch.rand(D // 2, generator=g) * 3
+    cos, sin = torch.cat([ang.cos(), ang.cos()]).to(dtype), torch.cat([ang.sin(), ang.sin()]).to(dtype)
+    k_ref, v_ref = kc.double().clone(), vc.double().clone()
+    y = torch.ops.lmforge.attend_one(qkv, kc, vc, pos, None, cos if rope else None, sin if rope else None, H, Hkv)
+
+    q, k, v = qkv.double().split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = q.view(B, H, 1, D), k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D)
+    if rope:
+        q, k = apply_rope(q, cos.double(), sin.double()), apply_rope(k, cos.double(), sin.double())
+    k_ref[:, :, pos:pos + 1], v_ref[:, :, pos:pos + 1] = k, v
+    K, V = (t[:, :, :pos + 1].repeat_interleave(H // Hkv, dim=1) for t in (k_ref, v_ref))
+    ref = attention_reference(q, K, V).reshape(B, H * D)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y.dtype == dtype and torch.allclose(y.double(), ref, atol=tol, rtol=tol)
+    assert torch.allclose(kc.double(), k_ref.to(dtype).double(), atol=tol)  # the new key went in at pos
+    assert torch.equal(vc.double(), v_ref.to(dtype).double())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_silu_mul(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 1, 40, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    ref = F.rms_norm(x.double(), (40,), w.double(), 1e-5)
+    assert torch.allclose(torch.ops.lmforge.rms_norm(x, w, 1e-5).double(), ref, atol=tol, rtol=tol)
+    gu = torch.randn(3, 1, 64, generator=g).to(dtype)
+    gate, up = gu.double().chunk(2, dim=-1)
+    y = torch.ops.lmforge.silu_mul(gu)
+    assert y.shape == (3, 1, 32) and torch.allclose(y.double(), F.silu(gate) * up, atol=tol, rtol=tol)
+
+
+LLAMA = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, vocab_size=50, pos="rope", norm="rmsnorm",
+             mlp="swiglu", tie_embeddings=False)
+GPT2 = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=50, bias=True, mlp="gelu_tanh")
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_fused_step_equals_general_path(shape: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding token by token over the plain KV cache: the fused block step (Block._step) gives the logits of
+    the general path (kernels switched off), fp32, for a Llama-style and a GPT-2-style model."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**shape)).eval()
+    ids = torch.randint(0, 50, (2, 12))
+
+    def decode(m: GPT) -> torch.Tensor:
+        state = m.init_state(2, 32)
+        out = [m.forward_logits(ids[:, :4], state)[0][:, -1]]
+        for t in range(4, 12):
+            out.append(m.forward_logits(ids[:, t:t + 1], state)[0][:, -1])
+        return torch.stack(out)
+
+    with torch.no_grad():
+        fused = decode(model)
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        general = decode(copy.deepcopy(model))
+    assert torch.allclose(fused, general, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_int8_layout_keeps_its_fp32_scale_when_the_model_is_cast() -> None:
+    lin = QuantLinear.from_weight(torch.randn(32, 64), None, "int8")
+    assert lin.kernel == "lmforge"
+    lin.to(torch.bfloat16)
+    assert lin.scale.dtype == torch.float32
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_without_kernels_decoding_uses_pytorch(tmp_path) -> None:  # noqa: ANN001
+    """LMFORGE_KERNELS=0 and a failing build both leave PyTorch's operations in charge (one line on stderr
+    for the failed build), and int8 decoding still works."""
+    code = ("import torch; from lmforge import kernels; from lmforge.models.quant import QuantLinear; "
+            "lin = QuantLinear.from_weight(torch.randn(32, 64), None, 'int8'); "
+            "print(kernels.available(), lin.kernel, tuple(lin(torch.randn(2, 64)).shape))")
+    off = _python(code, LMFORGE_KERNELS="0")
+    assert off.returncode == 0 and off.stdout.split() == ["False", "torch", "(2,", "32)"] and not off.stderr
+    broken = _python(code, XDG_CACHE_HOME=str(tmp_path), CXX="false")
+    assert broken.returncode == 0 and broken.stdout.split()[:2] == ["False", "torch"], broken.stderr
+    notes = [line for line in broken.stderr.splitlines() if line.startswith("lmforge:")]
+    assert any("not available" in line for line in notes) and "Traceback" not in broken.stderr
+
+
+@needs_kernels
+def test_fused_verify_pass_equals_single_steps_bitwise() -> None:
+    """A speculative verify pass (4 tokens after a cached prefix) through the fused step gives each token the
+    very logits a one-token step gives it (int8, bf16 activations): what makes speculative decoding exact."""
+    from lmforge.generation.fast import prepare_for_decoding
+
+    torch.manual_seed(1)
+    model = prepare_for_decoding(GPT(GPTConfig(**LLAMA)), "int8")
+    ids = torch.randint(0, 50, (1, 10))
+    with torch.no_grad():
+        one = model.init_state(1, 32)
+        model.forward_logits(ids[:, :6], one)
+        singles = torch.cat([model.forward_logits(ids[:, t:t + 1], one)[0] for t in range(6, 10)], dim=1)
+        many = model.init_state(1, 32)
+        model.forward_logits(ids[:, :6], many)
+        verify = model.forward_logits(ids[:, 6:10], many)[0]
+    assert torch.equal(singles, verify)
+    assert torch.equal(one.k[:, :, :, :10], many.k[:, :, :, :10])
+
+
+def test_int8_prefill_rows_take_the_dequantised_gemm() -> None:
+    """Above GEMM_ROWS rows (a prompt's prefill) an int8 layer multiplies by its dequantised weight; the result
+    is the same product as row by row (bf16 rounding)."""
+    from lmforge.models.quant import GEMM_ROWS
+
+    lin = QuantLinear.from_weight(torch.randn(48, 64), None, "int8")
+    x = torch.randn(GEMM_ROWS + 8, 64).bfloat16()
+    ref = x.double() @ (lin.int8_weight().double() * lin.scale.double()[:, None]).t()
+    y = lin(x)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    rows = torch.cat([lin(x[i:i + 1]) for i in range(4)])
+    assert torch.allclose(y[:4].double(), rows.double(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@needs_kernels
+def test_attend_one_rows_at_their_own_positions() -> None:
+    """Continuous batching: row b's token goes in at row_pos[b] with its own RoPE angles and sees 0 .. row_pos[b];
+    the same as each row decoded alone."""
+    B, H, Hkv, L, D = 3, 4, 2, 16, 16
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=g)
+    kc, vc = (torch.randn(B, Hkv, L, D, generator=g) for _ in range(2))
+    row_pos = torch.tensor([3, 9, 0])
+    ang = torch.rand(B, D // 2, generator=g) * 3
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    k2, v2 = kc.clone(), vc.clone()
+    y = torch.ops.lmforge.attend_one(qkv, kc, vc, 0, row_pos, cos, sin, H, Hkv)
+    for b in range(B):
+        kb, vb = k2[b:b + 1].contiguous(), v2[b:b + 1].contiguous()
+        alone = torch.ops.lmforge.attend_one(qkv[b:b + 1], kb, vb, int(row_pos[b]), None, cos[b], sin[b], H, Hkv)
+        assert torch.allclose(y[b:b + 1], alone, atol=1e-6) and torch.equal(kc[b:b + 1], kb)
+
+
+CHECK_OPS = """
+import torch, torch.nn.functional as F
+from lmforge import kernels
+from lmforge.models.quant import QuantLinear
+assert kernels.available(), "not built"
+g = torch.Generator().manual_seed(0)
+lin = QuantLinear.from_weight(torch.randn(36, 96, generator=g), None, "int8")
+for M in (1, 5, 9):
+    x = torch.randn(M, 96, generator=g).bfloat16()
+    ref = x.double() @ (lin.int8_weight().double() * lin.scale.double()[:, None]).t()
+    y = torch.ops.lmforge.int8_linear(x, lin.qweight, lin.scale).double()
+    assert torch.allclose(y, ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+x, w = torch.randn(2, 40, generator=g), torch.randn(40, generator=g)
+assert torch.allclose(torch.ops.lmforge.rms_norm(x, w, 1e-5), F.rms_norm(x, (40,), w, 1e-5), atol=1e-5)
+qkv = torch.randn(1, 4 * 16, generator=g)
+kc, vc = torch.randn(1, 1, 8, 16, generator=g), torch.randn(1, 1, 8, 16, generator=g)
+k, v = kc.clone(), vc.clone()
+y = torch.ops.lmforge.attend_one(qkv, kc, vc, 5, None, None, None, 2, 1)
+k[0, 0, 5], v[0, 0, 5] = qkv[0, 32:48], qkv[0, 48:]
+att = (qkv[0, :32].view(2, 16) @ k[0, 0, :6].t() / 4).softmax(-1) @ v[0, 0, :6]
+assert torch.allclose(y, att.reshape(1, 32), atol=1e-5)
+print(kernels.isa())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("march, isa, needs", [("haswell", "avx2", {"avx2", "fma", "f16c"}),
+                                               ("x86-64", "scalar", set())])
+def test_kernel_bodies_for_other_cpus(march: str, isa: str, needs: set, tmp_path) -> None:  # noqa: ANN001
+    """The AVX2 and plain C++ bodies (what other machines build) compute the same as PyTorch: built here with
+    LMFORGE_KERNELS_MARCH into a fresh cache and checked in a subprocess."""
+    from lmforge.utils import cpu_info
+
+    if not needs <= cpu_info()[1] or not kernels.available():
+        pytest.skip(f"this CPU cannot run {march} code, or no compiler")
+    run = subprocess.run([sys.executable, "-c", CHECK_OPS], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), "LMFORGE_KERNELS_MARCH": march})
+    assert run.returncode == 0 and run.stdout.split()[-1] == isa, run.stderr[-2000:]
