@@ -202,7 +202,8 @@ class GPT(nn.Module, LanguageModel):
         # or a decoding step of a run of slots: each block takes its fused step (Block._step)
         step = (type(cache) is KVCache and (T == 1 or 0 < cache.pos and T <= EXACT_CHUNK)
                 or isinstance(cache, SlotKVCache) and T == 1 and isinstance(cache.rows, slice)) \
-            and not torch.is_grad_enabled() and x.dtype == cache.k.dtype and self.fused_step
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) \
+            and x.dtype == cache.k.dtype and self.fused_step
         for block in self.blocks:
             x = block(x, rope, cache, mask, step)
         if cache is not None:
@@ -228,8 +229,8 @@ class GPT(nn.Module, LanguageModel):
 
     @property
     def fused_step(self) -> bool:
-        """Whether one-token steps can take lmforge's fused attention kernel: built (lmforge/kernels), and
-        nothing the kernel does not do (sliding windows, QK-norm)."""
+        """Whether decoding steps and verify passes can take the fused block step (Block._step): lmforge's
+        kernels are built (lmforge/kernels), and the model uses nothing they do not do (sliding windows, QK-norm)."""
         c = self.config
         return c.sliding_window is None and not c.qk_norm and kernels.available()
 
