@@ -26,16 +26,16 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="lmforge's ke
 @pytest.mark.parametrize("N, K", [(64, 96), (12, 64)])
 def test_int8_linear_matches_dequantised_matmul(dtype: torch.dtype, M: int, N: int, K: int) -> None:
     g = torch.Generator().manual_seed(M * N + K)
-    lin = QuantLinear.from_weight(torch.randn(N, K, generator=g), None, "int8")
+    w = torch.randn(N, K, generator=g)
+    lin = QuantLinear.from_weight(w, None, "int8")
     assert lin.kernel == "lmforge" and not torch.equal(lin.qweight, lin.int8_weight())  # tiled, not row-major
+    assert torch.equal(lin.int8_weight(), quantize_int8(w)[0])  # the tiles hold the row-major weights
     x = torch.randn(M, K, generator=g).to(dtype)
     y = torch.ops.lmforge.int8_linear(x, lin.qweight, lin.scale)
     ref = x.double() @ (lin.int8_weight().double() * lin.scale.double()[:, None]).t()
     assert y.dtype == dtype and y.shape == (M, N)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
     assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
-    assert torch.equal(lin.int8_weight(), quantize_int8(torch.randn(N, K, generator=torch.Generator().manual_seed(
-        M * N + K)))[0])  # the tiles hold the row-major weights
 
 
 def test_int8_shapes_the_kernel_cannot_tile_use_pytorchs() -> None:

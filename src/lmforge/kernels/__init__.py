@@ -22,12 +22,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..utils import cache_root, cpu_info
+from ..utils import atomic_write, cache_root, cpu_info
 
 SOURCE = Path(__file__).with_name("decode_ops.cpp")
 #: the CPU the kernels are compiled for: this one (``native``), unless ``LMFORGE_KERNELS_MARCH`` names another
@@ -50,24 +49,20 @@ def library_path() -> Path:
 
 
 def _build(out: Path, cxx: str) -> None:
-    """Compile into a temporary file beside ``out`` and move it in place: concurrent processes each build
-    and the last rename wins, a killed build leaves nothing half-written behind."""
+    """Compile into a temporary file beside ``out`` and move it in place (utils.atomic_write): concurrent
+    processes each build and the last rename wins, a killed build leaves nothing half-written behind."""
     torch_dir = Path(torch.__file__).parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, *BUILD_FLAGS, f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
-           str(SOURCE), "-o", tmp, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
-           f"-Wl,-rpath,{torch_dir / 'lib'}"]
-    try:
+
+    def compile_to(tmp: str) -> None:
+        cmd = [cxx, *BUILD_FLAGS, f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
+               str(SOURCE), "-o", tmp, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
+               f"-Wl,-rpath,{torch_dir / 'lib'}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             last = [line for line in done.stderr.splitlines() if "error" in line][:1] or done.stderr.splitlines()[-1:]
             raise RuntimeError(last[0] if last else f"{cxx} exited with {done.returncode}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(out, compile_to)
 
 
 def _note(text: str) -> None:

@@ -35,8 +35,9 @@ constexpr int MAX_ROWS = 8;  // rows of x per pass over the weights; more rows t
 // The int8 layout: channels in tiles of TILE_N, each tile's weights interleaved in chunks of CHUNK inputs,
 // q[n / TILE_N][k / CHUNK][n % TILE_N][k % CHUNK] (models/quant.py builds it), so that a pass over a tile reads one
 // contiguous run of TILE_N * K bytes -- one stream the hardware prefetcher follows, helped by a prefetch 1 KB
-// ahead into L2. One thread of an AMD EPYC over SmolLM2's int8 matrices (from memory): 1.3x the rate of the
-// row-major layout read as 4 short streams with prefetches 8 KB ahead (which was 1.6x 2 KB ahead into L1).
+// ahead into L2. One thread of an AMD EPYC over SmolLM2's int8 matrices (from memory; side-by-side builds timed
+// with ad-hoc scripts, not kept): 1.3x the rate of the row-major layout read as 4 short streams with prefetches
+// 8 KB ahead (which was 1.6x 2 KB ahead into L1); bench/int8_rows.py gives the kernel's rate as it stands.
 constexpr int TILE_N = 4;
 constexpr int64_t CHUNK = 32;
 constexpr int64_t PREFETCH_BYTES = 1024;
