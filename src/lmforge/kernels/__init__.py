@@ -1,4 +1,4 @@
-"""lmforge's own CPU kernels (C++, ``decode_ops.cpp``), built on first use for the machine at hand.
+"""lmforge's own CPU kernels (C++: every ``*.cpp`` beside this file), built on first use for the machine at hand.
 
 What they are for: decoding one new token per row, where eager PyTorch spends more on dispatching small
 operations and on its int8 kernel's slow streaming than on arithmetic: ``torch.ops.lmforge.int8_linear``
@@ -28,7 +28,8 @@ import torch
 
 from ..utils import atomic_write, cache_root, cpu_info
 
-SOURCE = Path(__file__).with_name("decode_ops.cpp")
+#: the C++ sources, compiled together into one library (one ``TORCH_LIBRARY(lmforge)``, the others fragments)
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
 #: the CPU the kernels are compiled for: this one (``native``), unless ``LMFORGE_KERNELS_MARCH`` names another
 #: (e.g. ``haswell`` for the AVX2 bodies, ``x86-64`` for the plain C++ ones: how the tests reach them)
 MARCH = os.environ.get("LMFORGE_KERNELS_MARCH", "native")
@@ -43,9 +44,9 @@ def _compiler() -> str | None:
 def library_path() -> Path:
     """Where this machine's build of the kernels lives (built or not)."""
     model, flags = cpu_info()
-    key = hashlib.sha256(SOURCE.read_bytes() + f"|{torch.__version__}|{model}|{sorted(flags)}|{BUILD_FLAGS}"
-                         .encode()).hexdigest()[:16]
-    return cache_root() / "kernels" / key / "decode_ops.so"
+    text = b"".join(s.name.encode() + b"\0" + s.read_bytes() for s in SOURCES)
+    key = hashlib.sha256(text + f"|{torch.__version__}|{model}|{sorted(flags)}|{BUILD_FLAGS}".encode()).hexdigest()[:16]
+    return cache_root() / "kernels" / key / "lmforge_ops.so"
 
 
 def _build(out: Path, cxx: str) -> None:
@@ -55,7 +56,7 @@ def _build(out: Path, cxx: str) -> None:
 
     def compile_to(tmp: str) -> None:
         cmd = [cxx, *BUILD_FLAGS, f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
-               str(SOURCE), "-o", tmp, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
+               *map(str, SOURCES), "-o", tmp, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
                f"-Wl,-rpath,{torch_dir / 'lib'}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
