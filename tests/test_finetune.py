@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import lmforge
+from lmforge import kernels
 from lmforge.cli import main
 from lmforge.data.sft import (
     IGNORE,
@@ -194,12 +195,23 @@ def peft_update(layer: LoRALayer, x: torch.Tensor, keep: torch.Tensor | None, p:
     return out
 
 
+@pytest.fixture(params=["kernel", "pytorch"])
+def dropout_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways LoRA's dropout runs: lmforge's kernel (``lora_dropout_a``, lmforge/kernels) and, where the kernels
+    are not built, PyTorch's operations (masks drawn by ``dropout_keep``, one batched matmul)."""
+    if request.param == "kernel" and not kernels.available():
+        pytest.skip("lmforge's kernels are not built here")
+    if request.param == "pytorch":
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_lora_update_is_peft_module_by_module(p: float) -> None:
-    """A fused layer's update (stacked A, block-diagonal B, one mask draw, one batched matmul, scales on B, added
-    inside the matmul) equals PEFT's per-module formula with an independent mask per module: the masks are
-    ``dropout_keep``'s draw for (modules, tokens, features), regenerated here from the same seed; the
-    gradients with respect to A, B and x match too. p = 0 is the update before this layout (no masks)."""
+def test_lora_update_is_peft_module_by_module(p: float, dropout_path: str) -> None:
+    """A fused layer's update (stacked A, block-diagonal B, a mask per slice, scales on B, added inside the
+    matmul) equals PEFT's per-module formula with an independent mask per module: the masks are
+    ``dropout_keep``'s for (modules, tokens, features), regenerated here from the same seed; the gradients with
+    respect to A, B and x match too. p = 0 is the update without masks."""
     tok = chat_tokenizer()
     model = tiny_model(tok)
     lora = add_lora(model, LoRAConfig(r=4, alpha=12, dropout=p, targets=("q", "v", "gate", "up", "down")))
@@ -229,9 +241,10 @@ def test_lora_update_is_peft_module_by_module(p: float) -> None:
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_dropout_keep_is_bernoulli_and_independent() -> None:
+def test_dropout_keep_is_bernoulli_and_independent(dropout_path: str) -> None:
     """The keep mask is i.i.d. Bernoulli(1 - p): the kept share, and the share dropped by two modules' masks at
-    once (p^2 when independent, p when shared), within 5 standard errors."""
+    once (p^2 when independent, p when shared), and by one module's masks at two steps, within 5 standard
+    errors; ``torch.manual_seed`` gives the same masks again."""
     torch.manual_seed(0)
     for p in (0.05, 0.3):
         keep = dropout_keep((3, 64, 1001), p, torch.device("cpu"))   # an odd element count (a half 64-bit draw)
@@ -242,6 +255,13 @@ def test_dropout_keep_is_bernoulli_and_independent() -> None:
         assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / n)
         first = drop[:, :, 0].float().mean()     # no position is favoured (e.g. the first of a draw)
         assert abs(float(first) - p) < 5 * math.sqrt(p * (1 - p) / (3 * 64))
+        later = ~dropout_keep((3, 64, 1001), p, torch.device("cpu"))  # the next step's masks
+        assert abs(float((drop & later).float().mean()) - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / (3 * n))
+    torch.manual_seed(3)
+    again = [dropout_keep((2, 5, 9), 0.5, torch.device("cpu")) for _ in range(2)]
+    torch.manual_seed(3)
+    assert all(torch.equal(a, dropout_keep((2, 5, 9), 0.5, torch.device("cpu"))) for a in again)
+    assert not torch.equal(*again)
 
 
 def lora_twin(tok: BPETokenizer, n_layer: int = 2) -> GPT:

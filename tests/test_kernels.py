@@ -87,6 +87,70 @@ def test_rms_norm_and_silu_mul(dtype: torch.dtype) -> None:
     assert y.shape == (3, 1, 32) and torch.allclose(y.double(), F.silu(gate) * up, atol=tol, rtol=tol)
 
 
+def lora_dropout_reference(x: torch.Tensor, a: torch.Tensor, n: int, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """[(x * m_1) A_1^T | ... | (x * m_n) A_n^T] in float64, the masks dropout_keep's for the same seed."""
+    keep = torch.ops.lmforge.dropout_keep(seed, n, x.shape[0], x.shape[1], p)
+    r = a.shape[0] // n
+    return torch.cat([torch.where(keep[s], x.double(), 0) @ a[s * r:(s + 1) * r].double().t() for s in range(n)], 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N, K, n, r, threads", [(37, 45, 3, 8, 1), (64, 576, 2, 8, 2), (9, 33, 1, 5, 1),
+                                                 (50, 100, 3, 12, 2)])
+def test_lora_dropout_a_and_its_backward_match_pytorch(dtype: torch.dtype, N: int, K: int, n: int, r: int,
+                                                       threads: int) -> None:
+    """LoRA's fused dropout + A product (lora_dropout_a) and its backward against the masked matmuls in float64
+    with dropout_keep's masks: odd widths (the vector bodies' tails), row counts that leave a part block, r not
+    a multiple of the vector bodies' 8 rows, two threads (da summed over the threads' shares)."""
+    g = torch.Generator().manual_seed(N + K)
+    x = torch.randn(N, K, generator=g).to(dtype).requires_grad_()
+    a = torch.randn(n * r, K, generator=g, requires_grad=True)
+    seed = torch.tensor(-1234567890123)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        h = torch.ops.lmforge.lora_dropout_a(x, a, n, 0.3, seed)
+        dh = torch.randn(N, n * r, generator=g).to(dtype)
+        dx, da = torch.autograd.grad(h, [x, a], dh)
+    finally:
+        torch.set_num_threads(before)
+    xd, ad = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
+    ref = lora_dropout_reference(xd, ad, n, 0.3, seed)
+    rx, ra = torch.autograd.grad(ref, [xd, ad], dh.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16/fp16: the output's rounding
+    assert h.dtype == dx.dtype == dtype and da.dtype == torch.float32
+    for got, want in ((h, ref), (dx, rx), (da, ra)):
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@needs_kernels
+def test_dropout_keep_rate_is_exact_and_masks_differ_per_slice_row_and_seed() -> None:
+    """P(drop) = round(p 2^32) / 2^32: p = 0 keeps everything, a p just above 0 drops nearly nothing, and the
+    masks of two slices, two rows or two seeds are not copies of each other."""
+    seed = torch.tensor(7)
+    assert bool(torch.ops.lmforge.dropout_keep(seed, 2, 8, 100, 0.0).all())
+    assert int((~torch.ops.lmforge.dropout_keep(seed, 2, 8, 100, 2.0**-40)).sum()) == 0  # rounds to p = 0
+    keep = torch.ops.lmforge.dropout_keep(seed, 2, 8, 100, 0.5)
+    other = torch.ops.lmforge.dropout_keep(torch.tensor(8), 2, 8, 100, 0.5)
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[0, 0], keep[0, 1])
+    assert not torch.equal(keep, other)
+
+
+@needs_kernels
+def test_lora_dropout_a_traces_under_compile() -> None:
+    """The op's fake kernels and autograd registration let torch.compile trace it (forward and backward)."""
+    x, a = torch.randn(16, 24, requires_grad=True), torch.randn(8, 24, requires_grad=True)
+    seed = torch.tensor(3)
+    f = torch.compile(lambda x, a: torch.ops.lmforge.lora_dropout_a(x, a, 2, 0.25, seed).square().sum(),
+                      backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(f(x, a), [x, a])
+    xd, ad = x.detach().double().requires_grad_(), a.detach().double().requires_grad_()
+    want = torch.autograd.grad(lora_dropout_reference(xd, ad, 2, 0.25, seed).square().sum(), [xd, ad])
+    for gv, wv in zip(got, want):
+        assert torch.allclose(gv.double(), wv, rtol=1e-4, atol=1e-4)
+
+
 LLAMA = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, vocab_size=50, pos="rope", norm="rmsnorm",
              mlp="swiglu", tie_embeddings=False)
 GPT2 = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=50, bias=True, mlp="gelu_tanh")
@@ -216,7 +280,15 @@ y = torch.ops.lmforge.attend_one(qkv, kc, vc, 5, None, None, None, 2, 1)
 k[0, 0, 5], v[0, 0, 5] = qkv[0, 32:48], qkv[0, 48:]
 att = (qkv[0, :32].view(2, 16) @ k[0, 0, :6].t() / 4).softmax(-1) @ v[0, 0, :6]
 assert torch.allclose(y, att.reshape(1, 32), atol=1e-5)
-print(kernels.isa())
+x, a, seed = torch.randn(11, 37, generator=g, requires_grad=True), torch.randn(10, 37, generator=g), torch.tensor(9)
+a.requires_grad_()
+keep = torch.ops.lmforge.dropout_keep(seed, 2, 11, 37, 0.3)
+ref = torch.cat([torch.where(keep[s], x, 0) @ a[5 * s:5 * s + 5].t() for s in range(2)], 1)
+h = torch.ops.lmforge.lora_dropout_a(x, a, 2, 0.3, seed)
+assert torch.allclose(h, ref, atol=1e-4)
+for got, want in zip(torch.autograd.grad(h.sum(), [x, a]), torch.autograd.grad(ref.sum(), [x, a])):
+    assert torch.allclose(got, want, atol=1e-4)
+print(int(keep.flatten().nonzero().sum()), kernels.isa())  # the masks: the same bits on every CPU
 """
 
 
@@ -233,3 +305,5 @@ def test_kernel_bodies_for_other_cpus(march: str, isa: str, needs: set, tmp_path
     run = subprocess.run([sys.executable, "-c", CHECK_OPS], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), "LMFORGE_KERNELS_MARCH": march})
     assert run.returncode == 0 and run.stdout.split()[-1] == isa, run.stderr[-2000:]
+    keep = torch.ops.lmforge.dropout_keep(torch.tensor(9), 2, 11, 37, 0.3)
+    assert run.stdout.split()[-2] == str(int(keep.flatten().nonzero().sum()))  # this CPU's build drew the same

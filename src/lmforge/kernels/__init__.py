@@ -87,6 +87,7 @@ def available() -> bool:
             _build(path, cxx)
         torch.ops.load_library(str(path))
         _register_fakes()
+        _register_autograd()
         return True
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _note(f"lmforge's CPU kernels are not available ({e}); decoding with PyTorch's operations, slower "
@@ -95,7 +96,8 @@ def available() -> bool:
 
 
 def _register_fakes() -> None:
-    """Shapes for ``torch.compile`` (a compiled decode step traces through these ops without running them)."""
+    """Shapes for ``torch.compile`` (a compiled decode step or fine-tuning block traces through these ops without
+    running them)."""
 
     @torch.library.register_fake("lmforge::int8_linear")
     def _int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -113,6 +115,35 @@ def _register_fakes() -> None:
     def _attend(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, row_pos: torch.Tensor | None,
                 cos: torch.Tensor | None, sin: torch.Tensor | None, n_head: int, n_kv_head: int) -> torch.Tensor:
         return qkv.new_empty(k.shape[0], n_head * k.shape[-1])
+
+    @torch.library.register_fake("lmforge::lora_dropout_a")
+    def _lora_a(x: torch.Tensor, a: torch.Tensor, n: int, p: float, seed: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], a.shape[0])
+
+    @torch.library.register_fake("lmforge::lora_dropout_a_backward")
+    def _lora_a_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor, n: int, p: float,
+                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.empty_like(x), torch.empty_like(a)
+
+    @torch.library.register_fake("lmforge::dropout_keep")
+    def _keep(seed: torch.Tensor, n: int, rows: int, cols: int, p: float) -> torch.Tensor:
+        return seed.new_empty(n, rows, cols, dtype=torch.bool)
+
+
+def _register_autograd() -> None:
+    """``lora_dropout_a``'s backward is its own op (the masks drawn again from the seed: nothing else saved)."""
+
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        x, a, n, p, seed = inputs
+        ctx.save_for_backward(x, a, seed)
+        ctx.n, ctx.p = n, p
+
+    def backward(ctx: torch.autograd.function.FunctionCtx, dh: torch.Tensor) -> tuple:
+        x, a, seed = ctx.saved_tensors
+        dx, da = torch.ops.lmforge.lora_dropout_a_backward(dh, x, a, ctx.n, ctx.p, seed)
+        return dx, da, None, None, None
+
+    torch.library.register_autograd("lmforge::lora_dropout_a", backward, setup_context=setup_context)
 
 
 def isa() -> str:

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..errors import LMForgeError
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -136,11 +137,15 @@ class LoRALayer(nn.Module):
         x = args[0].flatten(0, -2)                             # (N, in)
         a, b = self.stacked()                                  # (n r, in), (out, n r)
         p = self.dropout.p if self.training else 0.0
-        b = b * (self.scale / (1 - p))                         # both scales on the (out x n r) matrix
-        a, b = a.to(x.dtype), b.to(x.dtype)
+        b = (b * (self.scale / (1 - p))).to(x.dtype)           # both scales on the (out x n r) matrix
         n = len(self.slices)
-        keep = dropout_keep((n, *x.shape), p, x.device) if p > 0 else None   # (n, N, in): a mask per slice
-        h = F.linear(x, a) if keep is None else masked_product(x, a, keep)     # (N, n r)
+        if p == 0:
+            h = F.linear(x, a.to(x.dtype))                     # (N, n r)
+        elif fused_dropout(x):  # lmforge's kernel: a mask per slice drawn where it is used, never stored
+            h = torch.ops.lmforge.lora_dropout_a(x.contiguous(), a, n, p, dropout_seed())
+        else:
+            keep = dropout_keep((n, *x.shape), p, x.device)    # (n, N, in): a mask per slice
+            h = masked_product(x, a.to(x.dtype), keep)
         out = output.flatten(0, -2)                            # (N, out): the frozen product, not saved for backward
         if out.dtype != h.dtype:  # (an input in another dtype than the layer's output) autocast's addmm casts
             return torch.addmm(out, h, b.t()).view(output.shape)
@@ -204,13 +209,30 @@ class LoRA(nn.Module):
         self._hooks = []
 
 
+def fused_dropout(x: torch.Tensor) -> bool:
+    """Whether an adapter's dropout and A product take lmforge's kernel (``lora_dropout_a``, lmforge/kernels):
+    on the CPU where the kernels are built, in eager mode (a compiled block fuses its own)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and kernels.available()
+
+
+def dropout_seed() -> torch.Tensor:
+    """One 64-bit seed from torch's generator for the kernel's counter-based masks: ``torch.manual_seed`` fixes
+    them, and a resumed run draws the same ones."""
+    return torch.empty((), dtype=torch.int64).random_(-2**63, None)
+
+
 def dropout_keep(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
     """A dropout keep mask (bool): each element independently True with probability 1 - p, to within 2^-32 (a
-    32-bit uniform integer against round(p 2^32)). A CPU's ``bernoulli_`` draws a 64-bit number and converts a
-    double per element; here one 64-bit draw makes two elements, three times cheaper. A compiled graph draws
-    ``rand`` (its own fused generator, to within 2^-24)."""
+    32-bit uniform integer against round(p 2^32)). Where the kernel runs (``fused_dropout``), the masks it draws
+    for the same seed: ``shape`` is (slices, rows, features), and ``torch.manual_seed(s); dropout_keep(...)``
+    regenerates what ``torch.manual_seed(s)`` then a layer's forward used. Otherwise a CPU's ``bernoulli_``
+    draws a 64-bit number and converts a double per element; here one 64-bit draw makes two elements, three
+    times cheaper. A compiled graph draws ``rand`` (its own fused generator, to within 2^-24)."""
     if torch.compiler.is_compiling():
         return torch.rand(shape, device=device) >= p
+    if fused_dropout(torch.empty(0, device=device)):
+        n, rows, cols = shape[0], math.prod(shape[1:-1]), shape[-1]
+        return torch.ops.lmforge.dropout_keep(dropout_seed(), n, rows, cols, p).view(shape)
     n = math.prod(shape)
     bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2**63, None)
     return (bits.view(torch.int32)[:n] >= round(p * 2**32) - 2**31).view(shape)
