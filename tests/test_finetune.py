@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import lmforge
@@ -280,13 +281,14 @@ def test_frozen_linears_stored_in_the_autocast_dtype_give_the_same_step(tmp_path
                                                                         chat_data: Path) -> None:
     """LoRA under bf16 autocast keeps the frozen block weights in bf16 (autocast cast them at every forward):
     the loss and the adapters' gradients are the same bit for bit, and ``finetune --dtype bf16`` does it."""
-    from lmforge.train.finetune import FineTuneConfig, FineTuner, low_precision_frozen_linears
+    from lmforge.train.finetune import CachedCastLinear, FineTuneConfig, FineTuner, low_precision_frozen_linears
 
     tok = chat_tokenizer()
     models = [lora_twin(tok), lora_twin(tok)]
     low_precision_frozen_linears(models[1], torch.bfloat16)
     assert models[1].blocks[0].mlp.fc.weight.dtype == torch.bfloat16
     assert models[1].blocks[0].ln_1.weight.dtype == models[1].lm_head.weight.dtype == torch.float32
+    assert isinstance(models[1].lm_head, CachedCastLinear)  # the head multiplies by a cached bf16 copy
     x = torch.randint(0, tok.vocab_size, (2, 24))
     y = x.clone()
     y[:, :10] = IGNORE
@@ -303,6 +305,31 @@ def test_frozen_linears_stored_in_the_autocast_dtype_give_the_same_step(tmp_path
                                      **ft_options(max_steps=2, dtype="bf16")))
     assert tuner.model.blocks[1].attn.qkv.weight.dtype == torch.bfloat16
     assert math.isfinite(tuner.train().train_loss)
+
+
+def test_cached_cast_head_is_autocasts_product_and_follows_its_weight() -> None:
+    """The head's cached bf16 copy (CachedCastLinear): the logits autocast gives, bit for bit; tied to the
+    embedding, it stays tied (the same Parameter, the same state_dict); a changed weight (in place or replaced)
+    is cast again; outside autocast it is the fp32 Linear."""
+    from lmforge.train.finetune import CachedCastLinear
+
+    tok = chat_tokenizer()
+    m = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32, mlp="swiglu",
+                      norm="rmsnorm", pos="rope", tie_embeddings=True)).requires_grad_(False)
+    plain = m.lm_head
+    keys = list(m.state_dict())
+    head = m.lm_head = CachedCastLinear.of(plain)
+    assert head.weight is m.wte.weight and list(m.state_dict()) == keys
+    x = torch.randn(5, 32)
+    for change in (None, lambda: m.wte.weight.mul_(-0.5), lambda: setattr(head, "weight", nn.Parameter(
+            torch.randn_like(head.weight), requires_grad=False))):
+        if change is not None:
+            with torch.no_grad():
+                change()
+        plain.weight = head.weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(head(x), plain(x)) and head(x).dtype == torch.bfloat16
+    assert torch.equal(head(x), plain(x)) and head(x).dtype == torch.float32
 
 
 @pytest.mark.slow
