@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.models.layers import apply_rope, attention_reference
+from lmforge.models.layers import MLP, RMSNorm, apply_rope, attention_reference
 from lmforge.models.quant import QuantLinear, quantize_int8
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="lmforge's kernels are not built here")
@@ -149,6 +149,48 @@ def test_lora_dropout_a_traces_under_compile() -> None:
     want = torch.autograd.grad(lora_dropout_reference(xd, ad, 2, 0.25, seed).square().sum(), [xd, ad])
     for gv, wv in zip(got, want):
         assert torch.allclose(gv.double(), wv, rtol=1e-4, atol=1e-4)
+
+
+def backward_ops(t: torch.Tensor) -> set[str]:
+    """The lmforge ops in t's autograd graph (their nodes' names hold the op's)."""
+    seen, todo, found = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found |= {op for op in ("lmforge_rms_norm", "lmforge_silu_mul", "lmforge_lora_dropout_a") if op in node.name()}
+        todo.extend(n for n, _ in node.next_functions)
+    return found
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_norm_and_swiglu_match_pytorchs_autograd(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RMSNorm and SwiGLU in a training step take the kernels with their backwards (rms_norm_backward,
+    silu_mul_backward): outputs and gradients (input, norm weight) as PyTorch's autograd gives them, in float64;
+    silu's exp is exact to a few ulp from e^-87 to e^88 (inf and large inputs included)."""
+    g = torch.Generator().manual_seed(1)
+    norm, mlp = RMSNorm(40).to(dtype), MLP(40, 24, "swiglu").to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+    x = torch.randn(3, 5, 40, generator=g).to(dtype).requires_grad_()
+    x.data[0, 0, :4] = torch.tensor([-100.0, 90.0, 0.0, 30.0])
+    out = mlp(norm(x))
+    assert {"lmforge_rms_norm", "lmforge_silu_mul"} <= backward_ops(out)
+    dy = torch.randn(out.shape, generator=g).to(dtype)
+    got = torch.autograd.grad(out, [x, norm.weight, mlp.fc.weight], dy)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    ref_norm, ref_mlp = copy.deepcopy(norm).double(), copy.deepcopy(mlp).double()
+    xd = x.detach().double().requires_grad_()
+    ref = ref_mlp(ref_norm(xd))
+    want = torch.autograd.grad(ref, [xd, ref_norm.weight, ref_mlp.fc.weight], dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for a, b in ((out, ref), *zip(got, want)):
+        assert torch.allclose(a.double(), b, rtol=tol, atol=tol * b.abs().max().item())
+    e = torch.linspace(-87, 88, 20001)
+    y = torch.ops.lmforge.silu_mul(torch.stack([e, torch.ones_like(e)], -1)).squeeze(-1).double()
+    assert torch.allclose(y, F.silu(e.double()), rtol=5e-7, atol=1e-38)
 
 
 LLAMA = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, vocab_size=50, pos="rope", norm="rmsnorm",
@@ -288,6 +330,17 @@ h = torch.ops.lmforge.lora_dropout_a(x, a, 2, 0.3, seed)
 assert torch.allclose(h, ref, atol=1e-4)
 for got, want in zip(torch.autograd.grad(h.sum(), [x, a]), torch.autograd.grad(ref.sum(), [x, a])):
     assert torch.allclose(got, want, atol=1e-4)
+x, w, dy = torch.randn(3, 45, generator=g), torch.randn(45, generator=g), torch.randn(3, 45, generator=g)
+x.requires_grad_(), w.requires_grad_()
+got = torch.autograd.grad(torch.ops.lmforge.rms_norm(x, w, 1e-5), [x, w], dy)
+for a, b in zip(got, torch.autograd.grad(F.rms_norm(x, (45,), w, 1e-5), [x, w], dy)):
+    assert torch.allclose(a, b, atol=1e-4)
+gu = (torch.randn(4, 2 * 37, generator=g) * 8).requires_grad_()
+y = torch.ops.lmforge.silu_mul(gu)
+ref = F.silu(gu[:, :37]) * gu[:, 37:]
+assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+dy = torch.randn(4, 37, generator=g)
+assert torch.allclose(torch.autograd.grad(y, gu, dy)[0], torch.autograd.grad(ref, gu, dy)[0], atol=1e-5, rtol=1e-5)
 print(int(keep.flatten().nonzero().sum()), kernels.isa())  # the masks: the same bits on every CPU
 """
 

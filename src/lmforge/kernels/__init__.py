@@ -125,13 +125,24 @@ def _register_fakes() -> None:
                     seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.empty_like(x), torch.empty_like(a)
 
+    @torch.library.register_fake("lmforge::silu_mul_backward")
+    def _silu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("lmforge::rms_norm_backward")
+    def _rms_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float,
+                 weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.empty_like(x), torch.empty_like(w)
+
     @torch.library.register_fake("lmforge::dropout_keep")
     def _keep(seed: torch.Tensor, n: int, rows: int, cols: int, p: float) -> torch.Tensor:
         return seed.new_empty(n, rows, cols, dtype=torch.bool)
 
 
 def _register_autograd() -> None:
-    """``lora_dropout_a``'s backward is its own op (the masks drawn again from the seed: nothing else saved)."""
+    """Backwards for training: ``lora_dropout_a``'s is its own op (the masks drawn again from the seed: nothing
+    else saved); ``rms_norm``'s is ``rms_norm_backward`` (the row scale computed again from x), ``silu_mul``'s
+    ``silu_mul_backward``."""
 
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
         x, a, n, p, seed = inputs
@@ -144,6 +155,26 @@ def _register_autograd() -> None:
         return dx, da, None, None, None
 
     torch.library.register_autograd("lmforge::lora_dropout_a", backward, setup_context=setup_context)
+
+    def rms_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        x, w, eps = inputs
+        ctx.save_for_backward(x, w)
+        ctx.eps = eps
+
+    def rms_backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> tuple:
+        x, w = ctx.saved_tensors
+        dx, dw = torch.ops.lmforge.rms_norm_backward(dy, x, w, ctx.eps, ctx.needs_input_grad[1])
+        return dx, dw if ctx.needs_input_grad[1] else None, None
+
+    torch.library.register_autograd("lmforge::rms_norm", rms_backward, setup_context=rms_setup)
+
+    def silu_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    def silu_backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lmforge.silu_mul_backward(dy, ctx.saved_tensors[0])
+
+    torch.library.register_autograd("lmforge::silu_mul", silu_backward, setup_context=silu_setup)
 
 
 def isa() -> str:

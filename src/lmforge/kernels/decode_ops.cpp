@@ -7,9 +7,9 @@
 //   memory, one thread of an AMD EPYC): 1 row ~15 GB/s, 2.2-2.5x PyTorch 2.13's _weight_int8pack_mm; 4 rows
 //   cost ~1.4x one row, 8 rows ~2.3x. Each weight is read once per call, converted once, and multiplied into
 //   every row of x (register blocking over rows and output channels); sums in fp32, the output in x's dtype.
-// * attend_one, rms_norm, silu_mul: a Transformer block's small operations for one token per row, one
-//   call each instead of the ~10 (attention), 6 (RMSNorm) and 3 (SwiGLU) that eager PyTorch dispatches,
-//   which at batch 1 cost more than they compute (models/layers.py, Block._step).
+// * attend_one, rms_norm, silu_mul (train_ops.cpp, which has its backward too): a Transformer block's small
+//   operations for one token per row, one call each instead of the ~10 (attention), 6 (RMSNorm) and 3 (SwiGLU)
+//   that eager PyTorch dispatches, which at batch 1 cost more than they compute (models/layers.py, Block._step).
 //
 // Compiled on the user's machine with -march=native (lmforge/kernels/__init__.py): AVX-512 or AVX2 bodies
 // where the CPU has them, plain C++ otherwise.
@@ -399,31 +399,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
-// SwiGLU's elementwise half: [gate | up] (..., 2 h) -> silu(gate) * up (..., h), in fp32, in x's dtype.
-template <typename T>
-void silu_mul_impl(const T* x, T* y, int64_t rows, int64_t h) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < h; ++i) {
-      const float g = static_cast<float>(x[r * 2 * h + i]), u = static_cast<float>(x[r * 2 * h + h + i]);
-      y[r * h + i] = static_cast<T>(g / (1.0f + std::exp(-g)) * u);
-    }
-}
-
-at::Tensor silu_mul(const at::Tensor& x) {
-  TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0, "silu_mul: x must be contiguous (..., 2 h)");
-  const int64_t h = x.size(-1) / 2;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = h;
-  at::Tensor y = at::empty(shape, x.options());
-  if (x.scalar_type() == at::kFloat)
-    silu_mul_impl(x.data_ptr<float>(), y.data_ptr<float>(), x.numel() / (2 * h), h);
-  else if (x.scalar_type() == at::kBFloat16)
-    silu_mul_impl(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), x.numel() / (2 * h), h);
-  else
-    TORCH_CHECK(false, "silu_mul: fp32 or bf16 only");
-  return y;
-}
-
 // The instruction set this library was compiled for (what -march=native found).
 std::string isa() {
 #if defined(__AVX512F__)
@@ -442,7 +417,6 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor? row_pos, Tensor? cos, "
         "Tensor? sin, int n_head, int n_kv_head) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
-  m.def("silu_mul(Tensor x) -> Tensor");
   m.def("isa() -> str");
 }
 
@@ -450,7 +424,6 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("attend_one", &attend_one);
   m.impl("rms_norm", &rms_norm);
-  m.impl("silu_mul", &silu_mul);
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CompositeExplicitAutograd, m) { m.impl("isa", &isa); }

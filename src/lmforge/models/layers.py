@@ -29,13 +29,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
+
 #: chunks after a cached prefix of at most this many tokens attend row by row, bit for bit as one-token steps
 #: (speculative decoding verifies at most this many rows per pass; see CausalSelfAttention._attend)
 EXACT_CHUNK = 16
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * g   (Zhang & Sennrich 2019; no mean subtraction, no bias)."""
+    """y = x / sqrt(mean(x^2) + eps) * g   (Zhang & Sennrich 2019; no mean subtraction, no bias).
+
+    When a gradient flows on the CPU, lmforge's kernels (``rms_norm`` and ``rms_norm_backward``, lmforge/kernels)
+    compute it: autograd through ``F.rms_norm`` runs six ops forward and a dozen backward."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -43,7 +48,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) and x.dtype == self.weight.dtype \
+                and _kernel_ok(x):
+            return torch.ops.lmforge.rms_norm(x.contiguous(), self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def _kernel_ok(x: torch.Tensor) -> bool:
+    """Whether a training step's op on x can take lmforge's kernel with its backward (lmforge/kernels): on the CPU,
+    in eager mode (a compiled graph fuses its own), where the kernels are built."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+        and not torch.compiler.is_compiling() and kernels.available()
 
 
 class LayerNorm(nn.Module):
@@ -534,8 +549,12 @@ class MLP(nn.Module):
         elif self.kind != "swiglu":
             h = F.gelu(self.fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
         else:
-            gate, up = self.fc(x).chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            gu = self.fc(x)                                    # (..., 2 hidden): [gate | up]
+            if torch.is_grad_enabled() and gu.requires_grad and _kernel_ok(gu):  # one pass each way (kernels)
+                h = torch.ops.lmforge.silu_mul(gu.contiguous())
+            else:
+                gate, up = gu.chunk(2, dim=-1)
+                h = F.silu(gate) * up
         return self.dropout(self.proj(h))
 
 
