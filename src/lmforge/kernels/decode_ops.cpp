@@ -7,7 +7,7 @@
 //   memory, one thread of an AMD EPYC): 1 row ~15 GB/s, 2.2-2.5x PyTorch 2.13's _weight_int8pack_mm; 4 rows
 //   cost ~1.4x one row, 8 rows ~2.3x. Each weight is read once per call, converted once, and multiplied into
 //   every row of x (register blocking over rows and output channels); sums in fp32, the output in x's dtype.
-// * attend_one, rms_norm, silu_mul (train_ops.cpp, which has its backward too): a Transformer block's small
+// * attend_one, rms_norm, silu_mul (block_ops.cpp, which has its backward too): a Transformer block's small
 //   operations for one token per row, one call each instead of the ~10 (attention), 6 (RMSNorm) and 3 (SwiGLU)
 //   that eager PyTorch dispatches, which at batch 1 cost more than they compute (models/layers.py, Block._step).
 //

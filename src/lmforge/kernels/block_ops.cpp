@@ -1,4 +1,5 @@
-// lmforge's CPU kernels for training steps (fine-tuning first): what eager PyTorch spends passes over memory on.
+// lmforge's CPU kernels for a Transformer block's training step besides attention (train_ops.cpp): what eager
+// PyTorch spends passes over memory on.
 //
 // * rms_norm_backward: RMSNorm's input (and weight) gradient in one pass per row; with decode_ops.cpp's
 //   rms_norm as its forward (models/layers.py RMSNorm, kernels/__init__.py joins them for autograd), where
