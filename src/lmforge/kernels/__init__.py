@@ -87,6 +87,7 @@ def available() -> bool:
             _build(path, cxx)
         torch.ops.load_library(str(path))
         _register_fakes()
+        _register_autograd()
         return True
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _note(f"lmforge's CPU kernels are not available ({e}); decoding with PyTorch's operations, slower "
@@ -109,10 +110,48 @@ def _register_fakes() -> None:
     def _silu(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
+    @torch.library.register_fake("lmforge::causal_attention")
+    def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, T, D = q.shape
+        return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T)
+
+    @torch.library.register_fake("lmforge::causal_attention_backward")
+    def _causal_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        (B, H, T, D), Hkv = q.shape, k.shape[1]
+        return (q.new_empty(B, T, H, D).transpose(1, 2), k.new_empty(B, T, Hkv, D).transpose(1, 2),
+                k.new_empty(B, T, Hkv, D).transpose(1, 2))
+
     @torch.library.register_fake("lmforge::attend_one")
     def _attend(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, row_pos: torch.Tensor | None,
                 cos: torch.Tensor | None, sin: torch.Tensor | None, n_head: int, n_kv_head: int) -> torch.Tensor:
         return qkv.new_empty(k.shape[0], n_head * k.shape[-1])
+
+
+def _register_autograd() -> None:
+    """``causal_attention``'s backward is its own kernel, fed with what the forward saved (P is recomputed)."""
+
+    def setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+        q, k, v, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+
+    def backward(ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor, _dlse: torch.Tensor) -> tuple:
+        q, k, v, o, lse = ctx.saved_tensors
+        return (*torch.ops.lmforge.causal_attention_backward(do, q, k, v, o, lse, ctx.scale), None)
+
+    torch.library.register_autograd("lmforge::causal_attention", backward, setup_context=setup)
+
+
+#: head sizes ``causal_attention`` is compiled for
+CAUSAL_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention of fp32 q (B, H, T, D) over k, v (B, H_kv, T, D), differentiable; the output is
+    (B, H, T, D) laid out as (B, T, H, D). Call only when :func:`available` (attention_ops.cpp says why)."""
+    return torch.ops.lmforge.causal_attention(q, k, v, q.shape[-1] ** -0.5)[0]
 
 
 def isa() -> str:
