@@ -6,7 +6,8 @@ Reports tokens/s, ms/iter and model FLOPs utilisation (MFU) against a matmul pea
 same run (fp32 and bf16), for nanoGPT's two shakespeare_char shapes:
   A: 4L/4H/128d, block 64, batch 12     (nanoGPT's CPU recipe)
   B: 6L/6H/384d, block 256, batch 64    (nanoGPT's "baby GPT")
-lmforge is measured fp32 eager, bf16 autocast, and (with --compile) torch.compile.
+lmforge is measured fp32 eager, bf16 autocast, bf16 with PyTorch's flash attention in place of lmforge's own
+causal-attention kernel (what the kernel adds), and (with --compile) torch.compile.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from nanogpt_ref import NanoGPT, train_step  # noqa: E402
 from paths import shared_data  # noqa: E402
 
 from lmforge.data import PrepareConfig, prepare  # noqa: E402
+from lmforge.models import layers  # noqa: E402
 from lmforge.train import TrainConfig, Trainer  # noqa: E402
 from lmforge.utils import dtype_probe, machine_summary, resolve_dtype  # noqa: E402
 
@@ -88,18 +90,25 @@ def main() -> None:
         n_params = sum(p.numel() for p in ref.parameters()) - ref.wpe.weight.numel()
         configs = {"nanoGPT eager fp32": (lambda ref=ref, opt=opt, b=bs, t=blk: train_step(ref, opt, raw, b, t),
                                           6 * n_params + 12 * s["n_layer"] * blk * s["n_embd"], "fp32")}
-        variants = [("lmforge fp32", "fp32", False), ("lmforge bf16", "bf16", False)]
+        own = layers.CAUSAL_KERNEL_MAX_T  # lmforge's causal-attention kernel up to this many positions; 0 = off
+        variants = [("lmforge fp32", "fp32", False, own), ("lmforge bf16", "bf16", False, own),
+                    ("lmforge bf16, torch attn", "bf16", False, 0)]
         if args.compile:
-            variants += [("lmforge compile fp32", "fp32", True), ("lmforge compile bf16", "bf16", True)]
-        for label, dtype, comp in variants:
+            variants += [("lmforge compile fp32", "fp32", True, own), ("lmforge compile bf16", "bf16", True, own)]
+        for label, dtype, comp, max_t in variants:
             cfg = TrainConfig(data=str(tmp / "data"), out=str(tmp / f"run-{name}-{label.replace(' ', '_')}"),
                               preset="nano", batch_size=bs, max_steps=10 ** 9, dtype=dtype, compile=comp,
                               progress=False, model_args=dict(n_layer=s["n_layer"], n_head=s["n_head"],
                                                                n_embd=s["n_embd"], block_size=blk))
             tr = Trainer(cfg)
-            for _ in range(3 if comp else 1):  # compile happens here, outside the timing
+
+            def step(tr: Trainer = tr, max_t: int = max_t) -> None:
+                layers.CAUSAL_KERNEL_MAX_T = max_t
                 tr.train_step()
-            configs[label] = (tr.train_step, tr.model.flops_per_token(), dtype)
+
+            for _ in range(3 if comp else 1):  # compile happens here, outside the timing
+                step()
+            configs[label] = (step, tr.model.flops_per_token(), dtype)
         # Interleave: every configuration is timed in each of `rounds` rounds, and the median round counts,
         # so a slow patch of the machine hits all of them alike.
         times: dict[str, list[float]] = {k: [] for k in configs}
@@ -114,9 +123,9 @@ def main() -> None:
             rows.append((label, dt, tps, fl * tps / (peak16 if dtype == "bf16" else peak32)))
         base = rows[0][2]
         print(f"\nshape {name}: {s['n_layer']}L/{s['n_head']}H/{s['n_embd']}d block {blk} batch {bs}")
-        print(f"  {'config':24s} {'ms/iter':>8s} {'tokens/s':>10s} {'MFU':>6s} {'vs nanoGPT':>10s}")
+        print(f"  {'config':26s} {'ms/iter':>8s} {'tokens/s':>10s} {'MFU':>6s} {'vs nanoGPT':>10s}")
         for label, dt, tps, mfu in rows:
-            print(f"  {label:24s} {dt * 1e3:8.1f} {tps:10,.0f} {mfu * 100:5.1f}% {tps / base:9.2f}x")
+            print(f"  {label:26s} {dt * 1e3:8.1f} {tps:10,.0f} {mfu * 100:5.1f}% {tps / base:9.2f}x")
             results.append({"shape": name, "config": label, "ms_per_iter": dt * 1e3, "tokens_per_s": tps,
                             "mfu": mfu, "speedup_vs_nanogpt": tps / base})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

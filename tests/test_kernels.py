@@ -1,5 +1,6 @@
-"""lmforge's C++ decoding kernels (lmforge/kernels): each op against its PyTorch definition, the fused block
-step against the general path, and the fallbacks when the kernels cannot be built."""
+"""lmforge's C++ kernels (lmforge/kernels): each op against its PyTorch definition, the fused block step against
+the general path, the training attention kernel against fp64 attention and inside a training step, and the
+fallbacks when the kernels cannot be built."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge import kernels
+from lmforge.models import layers
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.layers import MLP, RMSNorm, apply_rope, attention_reference
 from lmforge.models.quant import QuantLinear, quantize_int8
@@ -341,6 +343,14 @@ ref = F.silu(gu[:, :37]) * gu[:, 37:]
 assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
 dy = torch.randn(4, 37, generator=g)
 assert torch.allclose(torch.autograd.grad(y, gu, dy)[0], torch.autograd.grad(ref, gu, dy)[0], atol=1e-5, rtol=1e-5)
+for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    q = torch.randn(2, 4, 37, 32, generator=g).to(dt).requires_grad_()
+    k, v = (torch.randn(2, 2, 37, 32, generator=g).to(dt).requires_grad_() for _ in range(2))
+    kernels.causal_attention(q, k, v).sum().backward()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True).sum().backward()
+    for a, b in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert (a.double() - b).abs().max() <= tol * b.abs().max(), dt
 print(int(keep.flatten().nonzero().sum()), kernels.isa())  # the masks: the same bits on every CPU
 """
 
@@ -360,3 +370,85 @@ def test_kernel_bodies_for_other_cpus(march: str, isa: str, needs: set, tmp_path
     assert run.returncode == 0 and run.stdout.split()[-1] == isa, run.stderr[-2000:]
     keep = torch.ops.lmforge.dropout_keep(torch.tensor(9), 2, 11, 37, 0.3)
     assert run.stdout.split()[-2] == str(int(keep.flatten().nonzero().sum()))  # this CPU's build drew the same
+
+
+def _attention_inputs(B: int, H: int, Hkv: int, T: int, D: int, dtype: torch.dtype, seed: int = 0) -> list:
+    """q, k, v as the qkv projection leaves them: (B, H, T, D) views of (B, T, H, D) memory."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, h, D, generator=g).to(dtype).transpose(1, 2).requires_grad_() for h in (H, Hkv, Hkv)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.bfloat16, 1.5e-2)])
+@pytest.mark.parametrize("B, H, Hkv, T, D", [(2, 4, 4, 64, 32), (3, 6, 2, 37, 64), (1, 2, 1, 130, 16),
+                                             (1, 2, 2, 200, 128), (2, 3, 3, 2, 32), (1, 1, 1, 17, 16)])
+def test_causal_attention_matches_fp64(dtype: torch.dtype, tol: float, B: int, H: int, Hkv: int, T: int,
+                                       D: int) -> None:
+    """Output and the three gradients against fp64 attention, relative to each one's largest element: fp32 to
+    rounding, bf16 to its output rounding (the arithmetic inside is fp32); grouped-query heads sum their gradients;
+    the output is laid out as (B, T, H, D), so joining the heads is a view."""
+    q, k, v = _attention_inputs(B, H, Hkv, T, D, dtype)
+    dy = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = kernels.causal_attention(q, k, v)
+    y.backward(dy)
+    assert y.dtype == dtype and q.grad.dtype == dtype and k.grad.shape == k.shape
+    assert y.transpose(1, 2).is_contiguous()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=H != Hkv)
+    ref.backward(dy.double())
+    for got, want in ((y, ref), (q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+@needs_kernels
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_causal_attention_backward_passes_gradcheck() -> None:
+    """The hand-written backward is the forward's derivative (finite differences on the fp32 path, in fp64 sums
+    of small perturbations)."""
+    q, k, v = (t.detach().requires_grad_() for t in _attention_inputs(1, 2, 1, 20, 16, torch.float32))
+    assert torch.autograd.gradcheck(kernels.causal_attention, (q, k, v), eps=1e-2, atol=5e-3, rtol=5e-3,
+                                    nondet_tol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_training_step_takes_the_kernel_and_matches_pytorchs_attention(dtype: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPT's loss and gradients with lmforge's attention kernel equal those with PyTorch's flash kernel (fp32 to
+    rounding; bf16 autocast to its rounding), and the kernel is what runs: the profiler sees it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=48, n_layer=2, n_head=4, n_embd=64, block_size=32))
+    idx = torch.randint(0, 48, (3, 32))
+
+    def loss_and_grads(max_t: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(layers, "CAUSAL_KERNEL_MAX_T", max_t)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    with torch.profiler.profile() as prof:
+        ours, ours_grads = loss_and_grads(512)
+    assert any(e.key == "lmforge::causal_attention" for e in prof.key_averages())
+    theirs, their_grads = loss_and_grads(0)
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    assert abs(ours - theirs) <= tol * abs(theirs)
+    for a, b in zip(ours_grads, their_grads):
+        assert (a - b).abs().max() <= tol * 5 * b.abs().max()
+
+
+def test_attention_kernel_is_not_taken_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation (no gradients), attention dropout, and windows past CAUSAL_KERNEL_MAX_T keep PyTorch's kernel."""
+    attn = layers.CausalSelfAttention(64, 4)
+    q = torch.randn(1, 4, 40, 16)
+    assert attn._own_kernel(q, 40) == kernels.available()
+    with torch.no_grad():
+        assert not attn._own_kernel(q, 40)
+    monkeypatch.setattr(layers, "CAUSAL_KERNEL_MAX_T", 32)
+    assert not attn._own_kernel(q, 40)
+    monkeypatch.setattr(layers, "CAUSAL_KERNEL_MAX_T", 512)
+    attn.dropout = 0.1
+    assert not attn._own_kernel(q, 40)
+    attn.eval()
+    assert attn._own_kernel(q, 40) == kernels.available()

@@ -3,8 +3,11 @@
 What they are for: decoding one new token per row, where eager PyTorch spends more on dispatching small
 operations and on its int8 kernel's slow streaming than on arithmetic: ``torch.ops.lmforge.int8_linear``
 (weight-only int8 over 1-8 rows, used by :class:`lmforge.models.quant.QuantLinear`), and ``attend_one``,
-``rms_norm``, ``silu_mul`` (a Transformer block's step, :meth:`lmforge.models.layers.Block._step`). The C++
-file's header says what each computes.
+``rms_norm``, ``silu_mul`` (a Transformer block's step, :meth:`lmforge.models.layers.Block._step`); and
+training steps, where eager autograd makes several passes over memory for what is one: ``causal_attention``
+(train_ops.cpp), RMSNorm's and SwiGLU's backwards and LoRA's dropout with the adapters' A product,
+``lora_dropout_a`` (block_ops.cpp; used by :class:`lmforge.models.layers.RMSNorm`, ``MLP`` and
+:mod:`lmforge.models.lora`). Each C++ file's header says what its ops compute.
 
 How they are built: ``g++ -O3 -march=native`` against the installed torch's headers and libraries (its
 bundled OpenMP runtime, so the kernels share PyTorch's threads), once per machine: the library is cached
@@ -111,6 +114,18 @@ def _register_fakes() -> None:
     def _silu(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
+    @torch.library.register_fake("lmforge::causal_attention")
+    def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, T, D = q.shape
+        return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T)
+
+    @torch.library.register_fake("lmforge::causal_attention_backward")
+    def _causal_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        (B, H, T, D), Hkv = q.shape, k.shape[1]
+        return (q.new_empty(B, T, H, D).transpose(1, 2), k.new_empty(B, T, Hkv, D).transpose(1, 2),
+                k.new_empty(B, T, Hkv, D).transpose(1, 2))
+
     @torch.library.register_fake("lmforge::attend_one")
     def _attend(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, row_pos: torch.Tensor | None,
                 cos: torch.Tensor | None, sin: torch.Tensor | None, n_head: int, n_kv_head: int) -> torch.Tensor:
@@ -140,21 +155,34 @@ def _register_fakes() -> None:
 
 
 def _register_autograd() -> None:
-    """Backwards for training: ``lora_dropout_a``'s is its own op (the masks drawn again from the seed: nothing
-    else saved); ``rms_norm``'s is ``rms_norm_backward`` (the row scale computed again from x), ``silu_mul``'s
+    """Backwards for training: ``causal_attention``'s is its own kernel, fed with what the forward saved (P is
+    recomputed); ``lora_dropout_a``'s is its own op (the masks drawn again from the seed: nothing else saved);
+    ``rms_norm``'s is ``rms_norm_backward`` (the row scale computed again from x), ``silu_mul``'s
     ``silu_mul_backward``."""
 
-    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    def setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+        q, k, v, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+
+    def backward(ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor, _dlse: torch.Tensor) -> tuple:
+        q, k, v, o, lse = ctx.saved_tensors
+        return (*torch.ops.lmforge.causal_attention_backward(do, q, k, v, o, lse, ctx.scale), None)
+
+    torch.library.register_autograd("lmforge::causal_attention", backward, setup_context=setup)
+
+    def lora_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
         x, a, n, p, seed = inputs
         ctx.save_for_backward(x, a, seed)
         ctx.n, ctx.p = n, p
 
-    def backward(ctx: torch.autograd.function.FunctionCtx, dh: torch.Tensor) -> tuple:
+    def lora_backward(ctx: torch.autograd.function.FunctionCtx, dh: torch.Tensor) -> tuple:
         x, a, seed = ctx.saved_tensors
         dx, da = torch.ops.lmforge.lora_dropout_a_backward(dh, x, a, ctx.n, ctx.p, seed)
         return dx, da, None, None, None
 
-    torch.library.register_autograd("lmforge::lora_dropout_a", backward, setup_context=setup_context)
+    torch.library.register_autograd("lmforge::lora_dropout_a", lora_backward, setup_context=lora_setup)
 
     def rms_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
         x, w, eps = inputs
@@ -175,6 +203,16 @@ def _register_autograd() -> None:
         return torch.ops.lmforge.silu_mul_backward(dy, ctx.saved_tensors[0])
 
     torch.library.register_autograd("lmforge::silu_mul", silu_backward, setup_context=silu_setup)
+
+
+#: head sizes ``causal_attention`` is compiled for
+CAUSAL_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention of fp32 q (B, H, T, D) over k, v (B, H_kv, T, D), differentiable; the output is
+    (B, H, T, D) laid out as (B, T, H, D). Call only when :func:`available` (attention_ops.cpp says why)."""
+    return torch.ops.lmforge.causal_attention(q, k, v, q.shape[-1] ** -0.5)[0]
 
 
 def isa() -> str:

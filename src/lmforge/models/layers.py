@@ -12,7 +12,8 @@ The math, as in the textbooks:
 * position-wise MLP              GELU(x W_1) W_2, or SwiGLU: (SiLU(x W_g) * x W_u) W_d;
 * pre-norm residual block        x + Attn(Norm(x)), then x + MLP(Norm(x)), LayerNorm or RMSNorm.
 
-The fast path uses ``F.scaled_dot_product_attention`` (fused kernels); :func:`attention_reference`
+The fast path uses ``F.scaled_dot_product_attention`` (fused kernels), and for training passes over short
+windows lmforge's own causal-attention kernel (``kernels.causal_attention``); :func:`attention_reference`
 spells the formula out and the tests check that the two agree. For looking inside a model
 (``lmforge inspect``), :func:`record_attention` switches the attention modules to an opt-in exact path
 that computes the weights softmax(Q K^T / sqrt(d_k) + M) explicitly and keeps them; training and
@@ -30,6 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+
+#: training passes of at most this many positions take lmforge's causal-attention kernel instead of PyTorch's
+#: flash kernel (CausalSelfAttention._own_kernel); 0 turns it off (how bench/train_throughput.py measures both)
+CAUSAL_KERNEL_MAX_T = 512
 
 #: chunks after a cached prefix of at most this many tokens attend row by row, bit for bit as one-token steps
 #: (speculative decoding verifies at most this many rows per pass; see CausalSelfAttention._attend)
@@ -425,7 +430,10 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out_dtype = q.dtype
-        if out_dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+        if rope is None and cache is None and attn_mask is None and self._own_kernel(q, T):
+            # a training pass over a short window: lmforge's kernel, fp32 or bf16 in and out (fp32 inside)
+            y = kernels.causal_attention(q, k, v)
+        elif out_dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
             # PyTorch's CPU flash-attention backward is about 4x slower in bf16 than in fp32 (1.05 vs
             # 4.3 ms for nanoGPT's CPU shape), and RoPE on mixed bf16/fp32 operands is slow too, so
             # under bf16 autocast training, RoPE and attention run in fp32 (autocast, which would
@@ -471,7 +479,9 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
             kpos = torch.arange(past + T, device=q.device)[None, :]
             mask = (kpos <= qpos) & (kpos > qpos - W)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
-        if past == 0:
+        if past == 0 and attn_mask is None and self._own_kernel(q, T):
+            y = kernels.causal_attention(q, k, v)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1, enable_gqa=gqa)
         elif T == 1:  # one new token attends to every cached position
             y = self._one_query(q, k, v, p)
@@ -485,6 +495,17 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         return y
+
+    def _own_kernel(self, q: torch.Tensor, T: int) -> bool:
+        """Whether this pass takes lmforge's causal-attention kernel (kernels/train_ops.cpp) instead of PyTorch's
+        flash kernel: a causal training pass (gradients on) on the CPU, fp32 or bf16, without attention dropout,
+        a sliding window that binds or recorded weights, over at most CAUSAL_KERNEL_MAX_T positions, where it is
+        the faster (docs/training.md)."""
+        p = self.dropout if self.training else 0.0
+        return (1 < T <= CAUSAL_KERNEL_MAX_T and p == 0.0 and self.causal and not self.record
+                and (self.sliding_window is None or T <= self.sliding_window)
+                and q.dtype in (torch.float32, torch.bfloat16) and q.device.type == "cpu"
+                and q.shape[-1] in kernels.CAUSAL_HEAD_DIMS and torch.is_grad_enabled() and kernels.available())
 
     def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
