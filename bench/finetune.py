@@ -15,7 +15,9 @@ padding), loss on the assistant tokens only (labels -100 elsewhere). transformer
 Each measurement runs in a fresh process (``--worker``), so that peak memory is that implementation's
 alone: the peak resident set (VmHWM) from just before the first training step to the end, weights included.
 The two implementations alternate, in alternating order, for ``--rounds`` rounds; the script prints every
-round and the medians. The machine may be shared: ratios of interleaved rounds are the figure to read.
+round and the medians, of wall-clock tokens/s and of tokens per CPU second of the process (one thread: the same
+figure on a quiet core, and one that other jobs taking the core do not lower). The machine may be shared:
+ratios of interleaved rounds are the figure to read.
 ``--compile``: lmforge compiles each Transformer block (``lmforge finetune --compile``; transformers + peft
 stays eager); its warm-up step, which compiles, is timed and printed as the compile time.
 """
@@ -118,12 +120,12 @@ def worker(impl: str, hf_dir: Path, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     step(*data[0])  # warm-up (allocates the optimizer state; compiles with --compile)
     warmup_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     losses = [step(*b) for b in data[1:]]
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = args.steps * args.batch_size * args.seq_len
-    return {"impl": impl, "tokens_per_s": tokens / dt, "peak_mib": peak_mib(), "loss": losses[0],
-            "trainable_params": n_params, "warmup_s": warmup_s}
+    return {"impl": impl, "tokens_per_s": tokens / dt, "tokens_per_cpu_s": tokens / cpu, "peak_mib": peak_mib(),
+            "loss": losses[0], "trainable_params": n_params, "warmup_s": warmup_s}
 
 
 def main() -> None:
@@ -163,15 +165,19 @@ def main() -> None:
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 res = json.loads(out.strip().splitlines()[-1])
                 results[impl].append(res)
-                print(f"round {r + 1} {impl:18s} {res['tokens_per_s']:8.1f} tokens/s  peak {res['peak_mib']:7.0f} MiB  "
-                      f"first loss {res['loss']:.4f}  ({res['trainable_params']:,} trainable; warm-up step "
-                      f"{res['warmup_s']:.1f} s)", flush=True)
+                print(f"round {r + 1} {impl:18s} {res['tokens_per_s']:8.1f} tokens/s "
+                      f"({res['tokens_per_cpu_s']:.1f} per CPU second)  peak {res['peak_mib']:7.0f} MiB  "
+                      f"first loss {res['loss']:.4f}  "
+                      f"({res['trainable_params']:,} trainable; warm-up step {res['warmup_s']:.1f} s)", flush=True)
     ours, theirs = results["lmforge"], results["transformers+peft"]
     ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, theirs)]
     med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in results.items()}
     mem = {k: statistics.median(x["peak_mib"] for x in v) for k, v in results.items()}
     print(f"median tokens/s: lmforge {med['lmforge']:.1f}, transformers+peft {med['transformers+peft']:.1f}; "
           f"per-round ratios {', '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f}x)")
+    cpu_ratios = [a["tokens_per_cpu_s"] / b["tokens_per_cpu_s"] for a, b in zip(ours, theirs)]
+    print(f"per CPU second (what a core shared with other jobs does not skew): per-round ratios "
+          f"{', '.join(f'{x:.2f}' for x in cpu_ratios)} (median {statistics.median(cpu_ratios):.2f}x)")
     print(f"median peak memory: lmforge {mem['lmforge']:.0f} MiB, transformers+peft {mem['transformers+peft']:.0f} MiB "
           f"({mem['lmforge'] / mem['transformers+peft']:.2f}x)")
 
