@@ -401,6 +401,29 @@ def test_causal_attention_matches_fp64(dtype: torch.dtype, tol: float, B: int, H
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.bfloat16, 1.5e-2)])
+@pytest.mark.parametrize("B, H, Hkv, T, D", [(2, 4, 2, 45, 64), (1, 2, 1, 33, 16)])
+def test_causal_attention_with_rope_matches_rotating_first(dtype: torch.dtype, tol: float, B: int, H: int,
+                                                           Hkv: int, T: int, D: int) -> None:
+    """RoPE inside the kernel (q and k rotated as apply_rope does; their gradients rotated back by the transpose)
+    equals rotating first and attending in fp64, the gradients included; D = 16 takes the scalar rotation."""
+    from lmforge.models.layers import rope_tables
+
+    cos, sin = rope_tables(T, D, theta=500.0)
+    q, k, v = _attention_inputs(B, H, Hkv, T, D, dtype, seed=3)
+    dy = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(4)).to(dtype)
+    y = kernels.causal_attention(q, k, v, (cos, sin))
+    y.backward(dy)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    c, s = cos.double(), sin.double()
+    ref = F.scaled_dot_product_attention(apply_rope(qd, c, s), apply_rope(kd, c, s), vd, is_causal=True,
+                                         enable_gqa=H != Hkv)
+    ref.backward(dy.double())
+    for got, want in ((y, ref), (q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+@needs_kernels
 @pytest.mark.filterwarnings("ignore:Input #")
 def test_causal_attention_backward_passes_gradcheck() -> None:
     """The hand-written backward is the forward's derivative (finite differences on the fp32 path, in fp64 sums
@@ -412,12 +435,14 @@ def test_causal_attention_backward_passes_gradcheck() -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_training_step_takes_the_kernel_and_matches_pytorchs_attention(dtype: str,
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_training_step_takes_the_kernel_and_matches_pytorchs_attention(dtype: str, pos: str,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPT's loss and gradients with lmforge's attention kernel equal those with PyTorch's flash kernel (fp32 to
-    rounding; bf16 autocast to its rounding), and the kernel is what runs: the profiler sees it."""
+    rounding; bf16 autocast to its rounding), with learned positions or RoPE and grouped-query heads, and the
+    kernel is what runs: the profiler sees it."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=48, n_layer=2, n_head=4, n_embd=64, block_size=32))
+    model = GPT(GPTConfig(vocab_size=48, n_layer=2, n_head=4, n_embd=64, block_size=32, pos=pos, n_kv_head=2))
     idx = torch.randint(0, 48, (3, 32))
 
     def loss_and_grads(max_t: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

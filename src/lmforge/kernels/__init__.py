@@ -115,13 +115,15 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
     @torch.library.register_fake("lmforge::causal_attention")
-    def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cos: torch.Tensor | None,
+                sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, T, D = q.shape
-        return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T)
+        return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
 
     @torch.library.register_fake("lmforge::causal_attention_backward")
     def _causal_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                    lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    lse: torch.Tensor, scale: float, cos: torch.Tensor | None,
+                    sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         (B, H, T, D), Hkv = q.shape, k.shape[1]
         return (q.new_empty(B, T, H, D).transpose(1, 2), k.new_empty(B, T, Hkv, D).transpose(1, 2),
                 k.new_empty(B, T, Hkv, D).transpose(1, 2))
@@ -161,14 +163,15 @@ def _register_autograd() -> None:
     ``silu_mul_backward``."""
 
     def setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-        q, k, v, scale = inputs
+        q, k, v, scale, cos, sin = inputs
         o, lse = output
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_backward(q, k, v, o, lse, cos, sin)
         ctx.scale = scale
 
     def backward(ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor, _dlse: torch.Tensor) -> tuple:
-        q, k, v, o, lse = ctx.saved_tensors
-        return (*torch.ops.lmforge.causal_attention_backward(do, q, k, v, o, lse, ctx.scale), None)
+        q, k, v, o, lse, cos, sin = ctx.saved_tensors
+        return (*torch.ops.lmforge.causal_attention_backward(do, q, k, v, o, lse, ctx.scale, cos, sin), None, None,
+                None)
 
     torch.library.register_autograd("lmforge::causal_attention", backward, setup_context=setup)
 
@@ -209,10 +212,13 @@ def _register_autograd() -> None:
 CAUSAL_HEAD_DIMS = (16, 32, 64, 128)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention of fp32 q (B, H, T, D) over k, v (B, H_kv, T, D), differentiable; the output is
-    (B, H, T, D) laid out as (B, T, H, D). Call only when :func:`available` (attention_ops.cpp says why)."""
-    return torch.ops.lmforge.causal_attention(q, k, v, q.shape[-1] ** -0.5)[0]
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Causal softmax attention of q (B, H, T, D) over k, v (B, H_kv, T, D), fp32 or bf16, differentiable, with q
+    and k first rotated by RoPE when ``rope`` = (cos, sin), each (T, D); the output is (B, H, T, D) in q's dtype,
+    laid out as (B, T, H, D). Call only when :func:`available` (train_ops.cpp says how and why)."""
+    cos, sin = rope if rope is not None else (None, None)
+    return torch.ops.lmforge.causal_attention(q, k, v, q.shape[-1] ** -0.5, cos, sin)[0]
 
 
 def isa() -> str:

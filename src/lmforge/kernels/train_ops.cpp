@@ -8,9 +8,11 @@
 //   each row of S, all the backward needs besides q, k, v, o (P is recomputed, never stored).
 //   o is returned as (B, H, T, D) laid out as (B, T, H, D) in memory, so that concatenating the heads after it
 //   is a view.
-// * causal_attention_backward(do, q, k, v, o, lse, scale) -> (dq, dk, dv): with D_i = do_i . o_i,
+//   With cos and sin (T, D) (fp32), q and k are first rotated by RoPE (rotate-half pairs (x_c, x_{c+D/2}), as
+//   models/layers.py apply_rope), inside the kernel: no rotated copies, casts or elementwise passes around it.
+// * causal_attention_backward(do, q, k, v, o, lse, scale, cos, sin) -> (dq, dk, dv): with D_i = do_i . o_i,
 //   dV = P^T dO, dP = dO V^T, dS = P * (dP - D), dQ = scale dS K, dK = scale dS^T Q (summed over the query
-//   heads that share a key/value head).
+//   heads that share a key/value head); with RoPE, dq and dk are rotated back (the rotation's transpose).
 //
 // Why attention by hand: PyTorch's CPU flash-attention kernel is built for long sequences; at nanoGPT's CPU shape (12 x 4
 // heads of 64 positions x 32 dimensions) its forward and backward cost ~1 ms a layer, a fifth of a bf16 training
@@ -34,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <immintrin.h>
 #include <tuple>
 #include <type_traits>
@@ -337,19 +340,63 @@ T* head_mut(at::Tensor& t, int64_t b, int64_t h) {
   return t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1);
 }
 
+// RoPE on T rows of D: out[t] = R_t x[t], the rotate-half pairs (c, c + D/2) turned by the angles whose cos and
+// sin (T, D) hold: out_c = x_c cos_c - x_{c+h} sin_c, out_{c+h} = x_{c+h} cos_{c+h} + x_c sin_{c+h}; with
+// transpose, R_t^T (the backward's map: dx = R^T d(Rx)). Sums in fp32, out rounded to TO.
+template <typename TI, typename TO>
+void rope_rows(const TI* x, int64_t ldx, TO* out, int64_t ldo, const float* cos, const float* sin, int T_, int D,
+               bool transpose) {
+  const int h = D / 2;
+  const float sg = transpose ? -1.f : 1.f;
+  for (int t = 0; t < T_; ++t) {
+    const TI* xr = x + t * ldx;
+    TO* yr = out + t * ldo;
+    const float *c = cos + t * D, *sn = sin + t * D;
+    if (h % W == 0) {
+      for (int i = 0; i < h; i += W) {
+        const vf x1 = load_as_float(xr + i), x2 = load_as_float(xr + h + i);
+        // forward: y1 = c1 x1 - s1 x2, y2 = c2 x2 + s2 x1; transpose: y1 = c1 x1 + s2 x2, y2 = c2 x2 - s1 x1
+        const vf s_for_1 = transpose ? load(sn + h + i) : load(sn + i), s_for_2 = transpose ? load(sn + i) : load(sn + h + i);
+        store_from_float(yr + i, x1 * load(c + i) - sg * x2 * s_for_1);
+        store_from_float(yr + h + i, x2 * load(c + h + i) + sg * x1 * s_for_2);
+      }
+    } else {
+      for (int i = 0; i < h; ++i) {
+        const float x1 = to_float(xr[i]), x2 = to_float(xr[h + i]);
+        const float s1 = transpose ? sn[h + i] : sn[i], s2 = transpose ? sn[i] : sn[h + i];
+        yr[i] = static_cast<TO>(x1 * c[i] - sg * x2 * s1);
+        yr[h + i] = static_cast<TO>(x2 * c[h + i] + sg * x1 * s2);
+      }
+    }
+  }
+}
+
+struct Rope {
+  const float* cos = nullptr;  // (T, D), or null: no rotation
+  const float* sin = nullptr;
+};
+
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o, at::Tensor& lse,
-                  float scale) {
+                  float scale, Rope rope) {
   const int64_t B = q.size(0), H = q.size(1), G = H / k.size(1);
   const int T_ = static_cast<int>(q.size(2)), D = static_cast<int>(q.size(3)), Tp = (T_ + W - 1) / W * W;
   const RowsTimes<T, T> times = rows_times_for<T, T>(D);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     Keys keys;
     std::vector<float> s(static_cast<size_t>(T_) * Tp), inv_sum(Tp, 1.f), lse_row(Tp);
+    std::vector<T> q_rot(rope.cos ? static_cast<size_t>(T_) * D : 0), k_rot(q_rot.size());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
-      prepare_keys(head<T>(k, b, h / G), k.stride(2), keys, T_, D, Tp);
-      lower_nt(head<T>(q, b, h), q.stride(2), keys, s.data(), T_, D, Tp);
+      const T *qh = head<T>(q, b, h), *kh = head<T>(k, b, h / G);
+      int64_t ldq = q.stride(2), ldk = k.stride(2);
+      if (rope.cos != nullptr) {
+        rope_rows(qh, ldq, q_rot.data(), D, rope.cos, rope.sin, T_, D, false);
+        rope_rows(kh, ldk, k_rot.data(), D, rope.cos, rope.sin, T_, D, false);
+        qh = q_rot.data(), kh = k_rot.data(), ldq = ldk = D;
+      }
+      prepare_keys(kh, ldk, keys, T_, D, Tp);
+      lower_nt(qh, ldq, keys, s.data(), T_, D, Tp);
       softmax_rows(s.data(), T_, Tp, scale, lse_row.data(), inv_sum.data(), nullptr);
       std::copy(lse_row.begin(), lse_row.begin() + T_, lse.data_ptr<float>() + (b * H + h) * T_);
       times(s.data(), Tp, 1, head<T>(v, b, h / G), v.stride(2), head_mut<T>(o, b, h), o.stride(2), T_, true, false,
@@ -358,39 +405,76 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
+// cos and sin as (T, D) fp32 contiguous tables (or undefined tensors when there is no rotation).
+std::tuple<at::Tensor, at::Tensor> rope_tables(const at::Tensor& q, const std::optional<at::Tensor>& cos,
+                                               const std::optional<at::Tensor>& sin) {
+  if (!cos.has_value()) return {at::Tensor(), at::Tensor()};
+  TORCH_CHECK(sin.has_value() && cos->dim() == 2 && cos->size(0) == q.size(2) && cos->size(1) == q.size(3) &&
+                  sin->sizes() == cos->sizes(),
+              "causal_attention: cos and sin must both be (T, D)");
+  return {cos->to(at::kFloat).contiguous(), sin->to(at::kFloat).contiguous()};
+}
+
+Rope rope_of(const at::Tensor& cos, const at::Tensor& sin) {
+  return cos.defined() ? Rope{cos.data_ptr<float>(), sin.data_ptr<float>()} : Rope{};
+}
+
 std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                    double scale) {
+                                                    double scale, const std::optional<at::Tensor>& cos_,
+                                                    const std::optional<at::Tensor>& sin_) {
   check_inputs(q_, k_, v_);
   const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
+  const auto [cos, sin] = rope_tables(q, cos_, sin_);
   at::Tensor o = empty_bthd(q.size(0), q.size(1), q.size(2), q.size(3), q.scalar_type());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.scalar_type() == at::kFloat)
-    forward_impl<float>(q, k, v, o, lse, static_cast<float>(scale));
+    forward_impl<float>(q, k, v, o, lse, static_cast<float>(scale), rope_of(cos, sin));
   else
-    forward_impl<c10::BFloat16>(q, k, v, o, lse, static_cast<float>(scale));
+    forward_impl<c10::BFloat16>(q, k, v, o, lse, static_cast<float>(scale), rope_of(cos, sin));
   return {o, lse};
+}
+
+// A gradient summed in fp32 (T, D) into its output rows, rotated back by RoPE's transpose where q and k were rotated.
+template <typename T>
+void store_rows(const float* sum, T* out, int64_t ldo, int T_, int D, Rope rope) {
+  if (rope.cos != nullptr) {
+    rope_rows(sum, D, out, ldo, rope.cos, rope.sin, T_, D, true);
+    return;
+  }
+  for (int j = 0; j < T_; ++j)
+    for (int c = 0; c < D; c += W) store_from_float(out + j * ldo + c, load(sum + j * D + c));
 }
 
 template <typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& o, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                   float sc) {
+                   float sc, Rope rope) {
   const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), G = H / Hkv;
   const int T_ = static_cast<int>(q.size(2)), D = static_cast<int>(q.size(3)), Tp = (T_ + W - 1) / W * W;
-  const RowsTimes<T, T> times_out = rows_times_for<T, T>(D);
   const RowsTimes<T, float> times_sum = rows_times_for<T, float>(D);
   // One task per key/value head: the G query heads that read it run in turn, summing into its dK and dV (fp32).
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     const size_t sq = static_cast<size_t>(T_) * Tp, sd = static_cast<size_t>(T_) * D;
     Keys kkeys, vkeys;
-    std::vector<float> p(sq), ds(sq), rowdot(T_), dk_sum(sd), dv_sum(sd);
+    std::vector<float> p(sq), ds(sq), rowdot(T_), dq_sum(sd), dk_sum(sd), dv_sum(sd);
+    std::vector<T> q_rot(rope.cos ? sd : 0), k_rot(q_rot.size());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, g = task % Hkv;
       const T* kh = head<T>(k, b, g);
-      prepare_keys(kh, k.stride(2), kkeys, T_, D, Tp);
+      int64_t ldk = k.stride(2);
+      if (rope.cos != nullptr) {
+        rope_rows(kh, ldk, k_rot.data(), D, rope.cos, rope.sin, T_, D, false);
+        kh = k_rot.data(), ldk = D;
+      }
+      prepare_keys(kh, ldk, kkeys, T_, D, Tp);
       prepare_keys(head<T>(v, b, g), v.stride(2), vkeys, T_, D, Tp);
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         const T* qh = head<T>(q, b, h);
+        int64_t ldq = q.stride(2);
+        if (rope.cos != nullptr) {
+          rope_rows(qh, ldq, q_rot.data(), D, rope.cos, rope.sin, T_, D, false);
+          qh = q_rot.data(), ldq = D;
+        }
         const T* doh = head<T>(dout, b, h);
         const T* oh = head<T>(o, b, h);
         const bool first = h == g * G;
@@ -400,7 +484,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             a += load_as_float(doh + i * dout.stride(2) + c) * load_as_float(oh + i * o.stride(2) + c);
           rowdot[i] = hsum(a);
         }
-        lower_nt(qh, q.stride(2), kkeys, p.data(), T_, D, Tp);  // S, then P = exp(scale S - lse)
+        lower_nt(qh, ldq, kkeys, p.data(), T_, D, Tp);  // S, then P = exp(scale S - lse)
         softmax_rows(p.data(), T_, Tp, sc, nullptr, nullptr, lse.data_ptr<float>() + (b * H + h) * T_);
         lower_nt(doh, dout.stride(2), vkeys, ds.data(), T_, D, Tp);  // dP = dO V^T
         for (int i = 0; i < T_; ++i) {  // dS = scale P (dP - D_i), zero above the diagonal (P is)
@@ -411,18 +495,13 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           for (int c = 0; c < nb; ++c) store(dsr + c * W, load(pr + c * W) * (load(dsr + c * W) - di) * sc);
           std::fill(dsr + nb * W, dsr + vectors_read(i, T_) * W, 0.f);
         }
-        times_out(ds.data(), Tp, 1, kh, k.stride(2), head_mut<T>(dq, b, h), dq.stride(2), T_, true, false,
-                  nullptr);                                                                   // dQ = dS K
+        times_sum(ds.data(), Tp, 1, kh, ldk, dq_sum.data(), D, T_, true, false, nullptr);              // dQ = dS K
         times_sum(p.data(), 1, Tp, doh, dout.stride(2), dv_sum.data(), D, T_, false, !first, nullptr);  // dV += P^T dO
-        times_sum(ds.data(), 1, Tp, qh, q.stride(2), dk_sum.data(), D, T_, false, !first, nullptr);     // dK += dS^T Q
+        times_sum(ds.data(), 1, Tp, qh, ldq, dk_sum.data(), D, T_, false, !first, nullptr);             // dK += dS^T Q
+        store_rows(dq_sum.data(), head_mut<T>(dq, b, h), dq.stride(2), T_, D, rope);
       }
-      T* dkh = head_mut<T>(dk, b, g);
-      T* dvh = head_mut<T>(dv, b, g);
-      for (int j = 0; j < T_; ++j)
-        for (int c = 0; c < D; c += W) {
-          store_from_float(dkh + j * dk.stride(2) + c, load(dk_sum.data() + j * D + c));
-          store_from_float(dvh + j * dv.stride(2) + c, load(dv_sum.data() + j * D + c));
-        }
+      store_rows(dk_sum.data(), head_mut<T>(dk, b, g), dk.stride(2), T_, D, rope);
+      store_rows(dv_sum.data(), head_mut<T>(dv, b, g), dv.stride(2), T_, D, Rope{});
     }
   });
 }
@@ -430,9 +509,12 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const at::Tensor& do_, const at::Tensor& q_,
                                                                          const at::Tensor& k_, const at::Tensor& v_,
                                                                          const at::Tensor& o_, const at::Tensor& lse_,
-                                                                         double scale) {
+                                                                         double scale,
+                                                                         const std::optional<at::Tensor>& cos_,
+                                                                         const std::optional<at::Tensor>& sin_) {
   check_inputs(q_, k_, v_);
   const at::Tensor q = rows_contiguous(q_), k = rows_contiguous(k_), v = rows_contiguous(v_);
+  const auto [cos, sin] = rope_tables(q, cos_, sin_);
   const at::Tensor dout = rows_contiguous(do_.to(q.scalar_type())), o = rows_contiguous(o_.to(q.scalar_type()));
   const at::Tensor lse = lse_.contiguous();
   TORCH_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes(), "causal_attention_backward: do and o like q");
@@ -440,18 +522,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(const a
   const at::ScalarType dt = q.scalar_type();
   at::Tensor dq = empty_bthd(B, H, T_, D, dt), dk = empty_bthd(B, Hkv, T_, D, dt), dv = empty_bthd(B, Hkv, T_, D, dt);
   if (dt == at::kFloat)
-    backward_impl<float>(dout, q, k, v, o, lse, dq, dk, dv, static_cast<float>(scale));
+    backward_impl<float>(dout, q, k, v, o, lse, dq, dk, dv, static_cast<float>(scale), rope_of(cos, sin));
   else
-    backward_impl<c10::BFloat16>(dout, q, k, v, o, lse, dq, dk, dv, static_cast<float>(scale));
+    backward_impl<c10::BFloat16>(dout, q, k, v, o, lse, dq, dk, dv, static_cast<float>(scale), rope_of(cos, sin));
   return {dq, dk, dv};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
-  m.def("causal_attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? cos, Tensor? sin) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, "
+        "Tensor? cos, Tensor? sin) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {

@@ -430,9 +430,11 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out_dtype = q.dtype
-        if rope is None and cache is None and attn_mask is None and self._own_kernel(q, T):
-            # a training pass over a short window: lmforge's kernel, fp32 or bf16 in and out (fp32 inside)
-            y = kernels.causal_attention(q, k, v)
+        if (cache is None and attn_mask is None and (rope is None or rope[0].dim() == 2)
+                and self._own_kernel(q, T)):
+            # a training pass over a short window: lmforge's kernel, RoPE included, fp32 or bf16 in and out
+            # (fp32 inside)
+            y = kernels.causal_attention(q, k, v, rope)
         elif out_dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
             # PyTorch's CPU flash-attention backward is about 4x slower in bf16 than in fp32 (1.05 vs
             # 4.3 ms for nanoGPT's CPU shape), and RoPE on mixed bf16/fp32 operands is slow too, so
