@@ -70,9 +70,14 @@ def _note(text: str) -> None:
     print(f"lmforge: {text}", file=sys.stderr, flush=True)
 
 
-@functools.cache  # once per process
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant, not tracing the build
 def available() -> bool:
     """Whether ``torch.ops.lmforge`` is loaded (building it first if this machine has no build yet)."""
+    return _load()
+
+
+@functools.cache  # once per process
+def _load() -> bool:
     if os.environ.get("LMFORGE_KERNELS", "1") in ("0", "false", "no", "off"):
         return False
     try:
