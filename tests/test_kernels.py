@@ -477,3 +477,27 @@ def test_attention_kernel_is_not_taken_where_it_does_not_apply(monkeypatch: pyte
     assert not attn._own_kernel(q, 40)
     attn.eval()
     assert attn._own_kernel(q, 40) == kernels.available()
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_compiled_training_step_takes_the_kernel_without_graph_breaks() -> None:
+    """torch.compile traces the attention kernel as one op (its fake and autograd registrations) and takes
+    ``kernels.available()`` as a constant, so a compiled GPT's training loss has no graph break and equals the
+    eager one."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=48, n_layer=1, n_head=2, n_embd=32, block_size=16, pos="rope"))
+    idx = torch.randint(0, 48, (2, 17))
+
+    def loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return model(a, b)[1]
+
+    eager = loss(idx[:, :-1], idx[:, 1:])
+    compiled = torch.compile(loss)(idx[:, :-1], idx[:, 1:])
+    compiled.backward()
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch.allclose(eager, compiled, atol=1e-5)

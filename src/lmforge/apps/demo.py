@@ -26,7 +26,8 @@ DEMO_RECIPE: dict = dict(
 # Muon on the blocks' matrices (AdamW at 3e-3 on embeddings, norms) is worth ~0.17 nats at equal time;
 # warmup-stable-decay (constant, then a linear cooldown over the last 20%) ~0.03 and a tied head ~0.02 more.
 # Tried and dropped: QK-norm (slower, no better), ReLU^2 (helps AdamW, not Muon), lr 5e-3, batch 64, Muon at
-# lr 0.01 or 0.04. --dtype auto: bf16 autocast where the matmul probe finds it faster (attention stays fp32).
+# lr 0.01 or 0.04. --dtype auto: bf16 autocast where the matmul probe finds it faster (attention: lmforge's kernel,
+# bf16 in and out, fp32 arithmetic, RoPE inside).
 
 
 def free_run_dir(base: str = "runs/demo") -> str:

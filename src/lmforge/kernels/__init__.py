@@ -12,7 +12,7 @@ training steps, where eager autograd makes several passes over memory for what i
 How they are built: ``g++ -O3 -march=native`` against the installed torch's headers and libraries (its
 bundled OpenMP runtime, so the kernels share PyTorch's threads), once per machine: the library is cached
 under ``~/.cache/lmforge/kernels/<key>/`` where the key hashes the source, torch's version and this CPU's
-model and flags, so a new CPU, torch or source builds again (~10 s, said on stderr). Without a C++ compiler,
+model and flags, so a new CPU, torch or source builds again (~15 s, said on stderr). Without a C++ compiler,
 when the build fails, or with ``LMFORGE_KERNELS=0``, lmforge says so once and decodes with PyTorch's
 operations (the same results up to rounding, slower).
 """
@@ -53,18 +53,38 @@ def library_path() -> Path:
 
 
 def _build(out: Path, cxx: str) -> None:
-    """Compile into a temporary file beside ``out`` and move it in place (utils.atomic_write): concurrent
-    processes each build and the last rename wins, a killed build leaves nothing half-written behind."""
+    """Compile each source to an object file, all at once (one compiler process per source: the sources build in
+    parallel on the machine's cores), link them into a temporary file beside ``out`` and move it in place
+    (utils.atomic_write): concurrent processes each build and the last rename wins, a killed build leaves nothing
+    half-written behind."""
     torch_dir = Path(torch.__file__).parent
+    includes = [f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}"]
 
-    def compile_to(tmp: str) -> None:
-        cmd = [cxx, *BUILD_FLAGS, f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
-               *map(str, SOURCES), "-o", tmp, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
-               f"-Wl,-rpath,{torch_dir / 'lib'}"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    def check(done: subprocess.CompletedProcess) -> None:
         if done.returncode != 0:
             last = [line for line in done.stderr.splitlines() if "error" in line][:1] or done.stderr.splitlines()[-1:]
             raise RuntimeError(last[0] if last else f"{cxx} exited with {done.returncode}")
+
+    def compile_to(tmp: str) -> None:
+        objects = [f"{tmp}.{src.stem}.o" for src in SOURCES]
+        jobs: list[subprocess.Popen] = []
+        try:
+            jobs = [subprocess.Popen([cxx, *BUILD_FLAGS, *includes, "-c", str(src), "-o", obj], text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                    for src, obj in zip(SOURCES, objects)]
+            for job in jobs:
+                stdout, stderr = job.communicate(timeout=BUILD_TIMEOUT_S)
+                check(subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr))
+            check(subprocess.run([cxx, *BUILD_FLAGS, *objects, "-o", tmp, f"-L{torch_dir / 'lib'}", "-lc10",
+                                  "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"],
+                                 capture_output=True, text=True, timeout=BUILD_TIMEOUT_S))
+        finally:
+            for job in jobs:  # after a failure, the other compilers stop too
+                if job.poll() is None:
+                    job.kill()
+                    job.wait()
+            for obj in objects:
+                Path(obj).unlink(missing_ok=True)
 
     atomic_write(out, compile_to)
 
@@ -73,9 +93,14 @@ def _note(text: str) -> None:
     print(f"lmforge: {text}", file=sys.stderr, flush=True)
 
 
-@functools.cache  # once per process
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant, not tracing the build
 def available() -> bool:
     """Whether ``torch.ops.lmforge`` is loaded (building it first if this machine has no build yet)."""
+    return _load()
+
+
+@functools.cache  # once per process
+def _load() -> bool:
     if os.environ.get("LMFORGE_KERNELS", "1") in ("0", "false", "no", "off"):
         return False
     try:
@@ -86,7 +111,7 @@ def available() -> bool:
                 _note("no C++ compiler (g++): decoding with PyTorch's operations, slower; install g++ for "
                       "lmforge's kernels")
                 return False
-            _note(f"building lmforge's CPU kernels for this machine (once, ~10 s) into {path.parent}")
+            _note(f"building lmforge's CPU kernels for this machine (once, ~15 s) into {path.parent}")
             _build(path, cxx)
         torch.ops.load_library(str(path))
         _register_fakes()
