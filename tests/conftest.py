@@ -6,6 +6,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,12 @@ import torch
 from lmforge import kernels
 from lmforge.data import PrepareConfig, prepare
 from lmforge.train import TrainConfig, train
+
+# A suite started as a background job of a non-interactive shell (`make test &`) inherits SIGINT ignored, and so
+# would every process the tests start: Ctrl-C and SIGINT tests would see a program that cannot be interrupted.
+# Restore Python's handler (a child's exec then resets it to the default).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_SHAKESPEARE = SHARED / "tinyshakespeare.txt"
