@@ -59,11 +59,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def _kernel_ok(x: torch.Tensor) -> bool:
+def _kernel_ok(x: torch.Tensor, in_compiled_graphs: bool = False) -> bool:
     """Whether a training step's op on x can take lmforge's kernel with its backward (lmforge/kernels): on the CPU,
-    in eager mode (a compiled graph fuses its own), where the kernels are built."""
+    fp32 or bf16, where the kernels are built; in eager mode only (a compiled graph fuses its own elementwise
+    ops) unless ``in_compiled_graphs`` (attention: one op that Inductor would not do better)."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
-        and not torch.compiler.is_compiling() and kernels.available()
+        and (in_compiled_graphs or not torch.compiler.is_compiling()) and kernels.available()
 
 
 class LayerNorm(nn.Module):
@@ -506,8 +507,8 @@ class CausalSelfAttention(nn.Module, RecordsAttention):
         p = self.dropout if self.training else 0.0
         return (1 < T <= CAUSAL_KERNEL_MAX_T and p == 0.0 and self.causal and not self.record
                 and (self.sliding_window is None or T <= self.sliding_window)
-                and q.dtype in (torch.float32, torch.bfloat16) and q.device.type == "cpu"
-                and q.shape[-1] in kernels.CAUSAL_HEAD_DIMS and torch.is_grad_enabled() and kernels.available())
+                and q.shape[-1] in kernels.CAUSAL_HEAD_DIMS and torch.is_grad_enabled()
+                and _kernel_ok(q, in_compiled_graphs=True))
 
     def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
