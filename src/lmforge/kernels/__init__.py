@@ -233,6 +233,14 @@ def _register_autograd() -> None:
     torch.library.register_autograd("lmforge::silu_mul", silu_backward, setup_context=silu_setup)
 
 
+def usable(device: torch.device, in_compiled_graphs: bool = False) -> bool:
+    """Whether a training op on ``device`` can take lmforge's kernels (with their backwards): on the CPU, where
+    they are built; in eager mode only (a compiled graph fuses its own elementwise ops) unless
+    ``in_compiled_graphs`` (attention: one op that Inductor would not do better). The dtypes an op takes are
+    its caller's to check."""
+    return device.type == "cpu" and (in_compiled_graphs or not torch.compiler.is_compiling()) and available()
+
+
 #: head sizes ``causal_attention`` is compiled for
 CAUSAL_HEAD_DIMS = (16, 32, 64, 128)
 

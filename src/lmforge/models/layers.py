@@ -60,11 +60,9 @@ class RMSNorm(nn.Module):
 
 
 def _kernel_ok(x: torch.Tensor, in_compiled_graphs: bool = False) -> bool:
-    """Whether a training step's op on x can take lmforge's kernel with its backward (lmforge/kernels): on the CPU,
-    fp32 or bf16, where the kernels are built; in eager mode only (a compiled graph fuses its own elementwise
-    ops) unless ``in_compiled_graphs`` (attention: one op that Inductor would not do better)."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
-        and (in_compiled_graphs or not torch.compiler.is_compiling()) and kernels.available()
+    """Whether a training step's op on x can take lmforge's kernel with its backward: fp32 or bf16, and
+    ``kernels.usable`` (the CPU, built; eager unless ``in_compiled_graphs``)."""
+    return x.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x.device, in_compiled_graphs)
 
 
 class LayerNorm(nn.Module):

@@ -141,7 +141,7 @@ class LoRALayer(nn.Module):
         n = len(self.slices)
         if p == 0:
             h = F.linear(x, a.to(x.dtype))                     # (N, n r)
-        elif fused_dropout(x):  # lmforge's kernel: a mask per slice drawn where it is used, never stored
+        elif kernels.usable(x.device):  # lmforge's kernel: a mask per slice drawn where it is used, never stored
             h = torch.ops.lmforge.lora_dropout_a(x.contiguous(), a, n, p, dropout_seed())
         else:
             keep = dropout_keep((n, *x.shape), p, x.device)    # (n, N, in): a mask per slice
@@ -209,12 +209,6 @@ class LoRA(nn.Module):
         self._hooks = []
 
 
-def fused_dropout(x: torch.Tensor) -> bool:
-    """Whether an adapter's dropout and A product take lmforge's kernel (``lora_dropout_a``, lmforge/kernels):
-    on the CPU where the kernels are built, in eager mode (a compiled block fuses its own)."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and kernels.available()
-
-
 def dropout_seed() -> torch.Tensor:
     """One 64-bit seed from torch's generator for the kernel's counter-based masks: ``torch.manual_seed`` fixes
     them, and a resumed run draws the same ones."""
@@ -223,14 +217,14 @@ def dropout_seed() -> torch.Tensor:
 
 def dropout_keep(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
     """A dropout keep mask (bool): each element independently True with probability 1 - p, to within 2^-32 (a
-    32-bit uniform integer against round(p 2^32)). Where the kernel runs (``fused_dropout``), the masks it draws
+    32-bit uniform integer against round(p 2^32)). Where the kernel runs (``kernels.usable``), the masks it draws
     for the same seed: ``shape`` is (slices, rows, features), and ``torch.manual_seed(s); dropout_keep(...)``
     regenerates what ``torch.manual_seed(s)`` then a layer's forward used. Otherwise a CPU's ``bernoulli_``
     draws a 64-bit number and converts a double per element; here one 64-bit draw makes two elements, three
     times cheaper. A compiled graph draws ``rand`` (its own fused generator, to within 2^-24)."""
     if torch.compiler.is_compiling():
         return torch.rand(shape, device=device) >= p
-    if fused_dropout(torch.empty(0, device=device)):
+    if kernels.usable(torch.device(device)):
         n, rows, cols = shape[0], math.prod(shape[1:-1]), shape[-1]
         return torch.ops.lmforge.dropout_keep(dropout_seed(), n, rows, cols, p).view(shape)
     n = math.prod(shape)
