@@ -27,7 +27,7 @@ from lmforge.utils import machine_summary
 
 GROUPS = {
     "weight matmuls": ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-                       "aten::linear", "aten::matmul", "lmforge::int8_linear"),
+                       "aten::linear", "aten::matmul", "lmforge::int8_linear", "lmforge::int4_linear"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                   "aten::_scaled_dot_product_attention_math", "lmforge::attend_one"),
     "norms": ("aten::rms_norm", "aten::_fused_rms_norm", "aten::layer_norm", "aten::native_layer_norm",

@@ -1,6 +1,6 @@
-"""Weight-only int8 linear layers by row count: lmforge's kernel against PyTorch's, and the dequantised GEMM.
+"""Weight-only int8 / int4 linear layers by row count: lmforge's kernel against PyTorch's, and the dequantised GEMM.
 
-    python bench/int8_rows.py [--threads 1] [--rows 1 2 4 8 16 64 170] [--rounds 3]
+    python bench/int8_rows.py [--layout int8|int4] [--threads 1] [--rows 1 2 4 8 16 64 170] [--rounds 3]
 
 SmolLM2-135M's 120 int8 matrices (30 layers of QKV 960x576, output 576x576, gate+up 3072x576, down 576x1536;
 random weights, 107 MB, far beyond the caches, so every pass streams them from memory) multiplied by ``rows``
@@ -12,7 +12,11 @@ rows of bf16 activations, one pass over all of them per timing, best of ``--roun
 * gemm bf16 / gemm fp32: the weight dequantised (``q * scale``) and one ``F.linear``, what an int8 layer does
   from ``models.quant.GEMM_ROWS`` rows on (a prompt's prefill).
 
-Prints ms per pass and the weight streaming rate (GB/s) with the CPU named.
+With ``--layout int4`` (groups of 32, llama.cpp's Q4_1 shape): lmforge's ``int4_linear`` (int4_ops.cpp, AVX512-BF16
+machines) against PyTorch's ``_weight_int4pack_mm_for_cpu``, at every row count (neither dequantises for a prefill).
+
+Prints ms per pass and the weight streaming rate (GB/s: the bytes of each layout's own weights and scales) with
+the CPU named.
 """
 
 from __future__ import annotations
@@ -35,12 +39,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 170])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--layout", choices=["int8", "int4"], default="int8")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if not kernels.available():
         raise SystemExit("lmforge's kernels are not built here (g++ missing or LMFORGE_KERNELS=0)")
     print(machine_summary(), f"; lmforge kernels: {kernels.isa()}")
     g = torch.Generator().manual_seed(0)
+    if a.layout == "int4":
+        return int4_rows(a, g)
     mats = []
     for o, i in SHAPES:  # lmforge's tiled q, its fp32 scale; PyTorch's row-major q, its bf16 scale
         lin = QuantLinear.from_weight(torch.randn(o, i, generator=g), None, "int8")
@@ -57,14 +64,45 @@ def main() -> None:
             "gemm fp32": lambda xs=xs: [F.linear(xs[q.shape[1]].float(), q.float() * s[:, None])
                                         for _, s, q, _ in mats],
         }
-        best: dict[str, float] = {}
-        for _ in range(a.rounds):  # interleaved, best of the rounds
-            for name, f in ways.items():
-                t = time.perf_counter()
-                f()
-                best[name] = min(best.get(name, 1e9), time.perf_counter() - t)
-        print(f"rows {M:4d}: " + "  ".join(f"{n} {v * 1e3:7.1f} ms ({nbytes / v / 1e9:4.1f} GB/s)"
-                                          for n, v in best.items()), flush=True)
+        report(M, ways, a.rounds, dict.fromkeys(ways, nbytes))
+
+
+def report(rows: int, ways: dict, rounds: int, nbytes: dict[str, int]) -> None:
+    """Time each way, interleaved, best of the rounds; print ms and GB/s (each way's own bytes)."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, f in ways.items():
+            t = time.perf_counter()
+            f()
+            best[name] = min(best.get(name, 1e9), time.perf_counter() - t)
+    print(f"rows {rows:4d}: " + "  ".join(f"{n} {v * 1e3:7.1f} ms ({nbytes[n] / v / 1e9:4.1f} GB/s)"
+                                         for n, v in best.items()), flush=True)
+
+
+def int4_rows(a: argparse.Namespace, g: torch.Generator) -> None:
+    if not kernels.int4_native():
+        raise SystemExit("lmforge's int4 kernel needs AVX512-BF16; this CPU keeps PyTorch's")
+    mats = []
+    for o, i in SHAPES:  # lmforge's layout (packed q, fp16 d/m) and PyTorch's (packed q, bf16 scale/zero)
+        q = torch.randint(0, 16, (o, i), generator=g, dtype=torch.int32)
+        s, z = torch.rand(o, i // 32, generator=g) * 0.01, torch.randn(o, i // 32, generator=g) * 0.01
+        lin = QuantLinear("int4", o, i, 32)
+        lin.set_int4(q, s, z)
+        sz = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().bfloat16()
+        mats.append((lin.qweight, lin.scales_dm, torch._convert_weight_to_int4pack_for_cpu(q, 1), sz))
+    ours = sum(b.numel() + dm.numel() * 2 for b, dm, _, _ in mats)
+    theirs = sum(b.numel() + sz.numel() * 2 for _, _, b, sz in mats)
+    size = {"lmforge": ours, "torch": theirs}
+    print(f"{len(mats)} int4 matrices, {ours / 1e6:.0f} MB (PyTorch's layout {theirs / 1e6:.0f} MB)")
+    for M in a.rows:
+        xs = {k: torch.randn(M, k, generator=g).bfloat16() for k in (576, 1536)}
+        ways = {
+            "lmforge": lambda xs=xs: [torch.ops.lmforge.int4_linear(xs[b.shape[1] * 2], b, dm, 32)
+                                      for b, dm, _, _ in mats],
+            "torch": lambda xs=xs: [torch._weight_int4pack_mm_for_cpu(xs[b.shape[1] * 2], tq, 32, sz)
+                                    for b, _, tq, sz in mats],
+        }
+        report(M, ways, a.rounds, size)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,10 @@ def _register_fakes() -> None:
     def _int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], q.shape[0])
 
+    @torch.library.register_fake("lmforge::int4_linear")
+    def _int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], packed.shape[0])
+
     @torch.library.register_fake("lmforge::rms_norm")
     def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return torch.empty_like(x)
@@ -252,6 +256,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     laid out as (B, T, H, D). Call only when :func:`available` (train_ops.cpp says how and why)."""
     cos, sin = rope if rope is not None else (None, None)
     return torch.ops.lmforge.causal_attention(q, k, v, q.shape[-1] ** -0.5, cos, sin)[0]
+
+
+@functools.cache
+def int4_native() -> bool:
+    """Whether lmforge's int4 kernel runs its AVX512-BF16 body here (models/quant.py keeps PyTorch's int4 kernel
+    elsewhere: lmforge's plain loop is correct but slow)."""
+    return available() and bool(torch.ops.lmforge.int4_native())
 
 
 def isa() -> str:

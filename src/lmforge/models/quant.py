@@ -15,14 +15,16 @@ how many bytes each token reads and how fast the kernel streams them. ``QuantLin
   exactly llama.cpp's Q4_0 (z = 0), Q4_1 (z = m + 8 d) and Q4_K (per 32-weight sub-block) formats, so GGUF
   files load into it without a detour through fp32 (hub/gguf_io.py).
 
-int8 runs on lmforge's own kernel (lmforge/kernels: C++ built for this machine on first use) where it is
-available and the shape allows (outputs a multiple of 4, inputs of 32), PyTorch's otherwise (``kernel`` says
-which). For lmforge's, q is stored tiled -- 4 output channels interleaved in chunks of 32 inputs, so one tile
-is one contiguous stream -- with an fp32 scale per row (PyTorch's: q row-major, a bf16 scale);
-:meth:`QuantLinear.int8_weight` gives q row-major either way. lmforge's streams the weights 2-3x faster and
-takes 1-8 rows of activations for little more than one (a speculative verify pass, a small batch). int4 stays
-on PyTorch's kernel: lmforge's own int4 loops (tried: fp32 dequantisation, and bf16 dot products on exact
-128 + q values) were no faster than it once the weights came from memory rather than cache (docs/hub.md).
+int8 and int4 run on lmforge's own kernels (lmforge/kernels: C++ built for this machine on first use) where they
+are available and the shape allows, PyTorch's otherwise (``kernel`` says which). int8 (outputs a multiple of 4,
+inputs of 32): q stored tiled -- 4 output channels interleaved in chunks of 32 inputs, so one tile is one
+contiguous stream -- with an fp32 scale per row (PyTorch's: q row-major, a bf16 scale); :meth:`QuantLinear.int8_weight`
+gives q row-major either way. It streams the weights 2-3x faster than PyTorch's and takes 1-8 rows of
+activations for little more than one (a speculative verify pass, a small batch). int4 (with AVX512-BF16, where
+a weight becomes an exact bf16 number in one instruction; int4_ops.cpp): 16 output channels per tile, the
+nibbles of 32 inputs in the order the unpacking needs, fp16 (d, m) per group (``w = d q + m``, llama.cpp's
+Q4_1 numbers as the file holds them); ~1.7x PyTorch's int4 kernel at 1-8 rows (``bench/int8_rows.py --layout
+int4``). Without AVX512-BF16 int4 keeps PyTorch's kernel (lmforge's loops were no faster there: docs/hub.md).
 
 The int8/int4 kernels take bf16 activations (with fp32 activations PyTorch 2.13 has no fast CPU path:
 ~50x slower); the output is bf16. Layers live in models/ because both the GGUF loader (hub/) and the
@@ -49,6 +51,8 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 GEMM_ROWS = 128
 #: lmforge's int8 layout: output channels in tiles of INT8_TILE, inputs in chunks of INT8_CHUNK (decode_ops.cpp)
 INT8_TILE, INT8_CHUNK = 4, 32
+#: lmforge's int4 layout: output channels in tiles of INT4_TILE, inputs in blocks of INT4_BLOCK (int4_ops.cpp)
+INT4_TILE, INT4_BLOCK = 16, 32
 #: rows of activations PyTorch 2.13's int8/int4 CPU kernels multiply together (their BLOCK_M): a forward of 2-4
 #: tokens costs little more than one, the 5th starts a new block (measured for SmolLM2 in docs/hub.md,
 #: "Speculative decoding"); speculative decoding sizes its verify passes by :func:`kernel_rows`
@@ -82,6 +86,21 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.reshape(out_f, in_f).to(torch.int32), scale, lo + 8 * scale
 
 
+def int4_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (out, in) in [0, 15] and scale/zero (out, groups) with w = (q - 8) * scale + zero -> lmforge's int4 layout
+    (int4_ops.cpp): the nibbles, (out, in / 2) bytes in tiles of 16 channels and blocks of 32 inputs, each block 4
+    loads of 64 bytes where byte (L * 16 + h * 8 + 2 c + t) of load i holds q[4 L + c][8 i + 2 h + t] (low nibble)
+    and q[4 L + c][8 i + 4 + 2 h + t] (high nibble); and fp16 (out / 16, groups, 2, 16) = [d, m] with w = d q + m."""
+    N, K = q.shape
+    v = q.to(torch.uint8).view(N // INT4_TILE, 4, 4, K // INT4_BLOCK, 4, 2, 2, 2)  # tile, L, c, block, i, nib, h, t
+    v = v.permute(0, 3, 4, 1, 6, 2, 7, 5)                                              # tile, block, i, L, h, c, t, nib
+    packed = (v[..., 0] | (v[..., 1] << 4)).contiguous().view(N, K // 2)
+    d, m = scale.float(), zero.float() - 8 * scale.float()
+    G = d.shape[1]
+    dm = torch.stack([d.view(N // INT4_TILE, INT4_TILE, G), m.view(N // INT4_TILE, INT4_TILE, G)], dim=1)
+    return packed, dm.permute(0, 3, 1, 2).contiguous().half()                         # (N / 16, G, [d, m], 16)
+
+
 def int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
     """The packed int4 kernel needs whole groups along the input and outputs in multiples of 16."""
     return in_features % group_size == 0 and out_features % 16 == 0 and in_features >= group_size
@@ -95,8 +114,10 @@ class QuantLinear(nn.Module):
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown layout {mode!r}; choose {', '.join(QUANT_MODES)}")
         self.mode, self.out_features, self.in_features, self.group_size = mode, out_features, in_features, group_size
-        self.kernel = "lmforge" if mode == "int8" and out_features % INT8_TILE == 0 \
-            and in_features % INT8_CHUNK == 0 and kernels.available() else "torch"
+        self.kernel = "lmforge" if (mode == "int8" and out_features % INT8_TILE == 0 and in_features % INT8_CHUNK == 0
+                                    and kernels.available()
+                                    or mode == "int4" and out_features % INT4_TILE == 0 and group_size % INT4_BLOCK == 0
+                                    and kernels.int4_native()) else "torch"
         self.bias: torch.Tensor | None
         self.register_buffer("bias", None)
 
@@ -142,6 +163,11 @@ class QuantLinear(nn.Module):
 
     def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """q (out, in) in [0, 15]; scale/zero (out, in / group) with w = (q - 8) * scale + zero."""
+        if self.kernel == "lmforge":
+            packed, dm = int4_layout(q, scale, zero)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scales_dm", dm)
+            return
         self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1))
         # the kernel's layout: (groups, out, 2) holding [scale, zero]
         sz = torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1).contiguous()
@@ -149,7 +175,7 @@ class QuantLinear(nn.Module):
 
     #: buffers whose dtype is part of the layout: casting the model (``model.to(torch.bfloat16)``) moves them
     #: to its device but keeps their dtype
-    _LAYOUT_DTYPES = ("scale",)
+    _LAYOUT_DTYPES = ("scale", "scales_dm")
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
         kept = {n: self._buffers[n] for n in self._LAYOUT_DTYPES if self._buffers.get(n) is not None}
@@ -176,6 +202,8 @@ class QuantLinear(nn.Module):
             y = torch.ops.lmforge.int8_linear(x2.to(torch.bfloat16), self.qweight, self.scale)
         elif self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
+        elif self.mode == "int4" and self.kernel == "lmforge":
+            y = torch.ops.lmforge.int4_linear(x2.to(torch.bfloat16), self.qweight, self.scales_dm, self.group_size)
         elif self.mode == "int4":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
                                                   self.scales_zeros)
@@ -187,7 +215,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.mode == "int4" else ""
-        k = f", kernel={self.kernel}" if self.mode == "int8" else ""
+        k = f", kernel={self.kernel}" if self.mode in ("int8", "int4") else ""
         return f"{self.in_features}, {self.out_features}, mode={self.mode}{g}{k}"
 
 
