@@ -178,19 +178,24 @@ def test_one_query_folds_grouped_heads(batch: int, keys: int, mask: str | None) 
     assert err_got <= err_want * 1.01
 
 
-@pytest.mark.parametrize("cache", ["plain", "plain-unfused", "static", "slots", "slots-unfused"])
+@pytest.mark.parametrize("cache", ["plain", "plain-blocks", "plain-unfused", "static", "slots", "slots-blocks",
+                                   "slots-unfused"])
 def test_bf16_batched_steps_keep_greedy(cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch-8 bf16 decoding through every KV cache (plain, static, the engine's slot cache) gives the fp32
-    model's greedy tokens in every row: over the plain and slot caches by the fused block step (lmforge's
-    kernels), or without them, like the static cache, by the folded one-query path."""
+    model's greedy tokens in every row: over the plain and slot caches by lmforge's kernels -- the whole stack
+    of blocks in one call (decode_stack), or block by block (Block._step, "-blocks") -- or without them, like
+    the static cache, by the folded one-query path."""
     from lmforge import kernels
     from lmforge.models import layers
+    from lmforge.models.gpt import GPT
 
-    fused = cache in ("plain", "slots")
+    fused = not cache.endswith("-unfused") and cache != "static"
     if cache.endswith("-unfused"):
         monkeypatch.setattr(kernels, "available", lambda: False)
     elif fused and not kernels.available():
         pytest.skip("lmforge's kernels are not built here")
+    if cache.endswith("-blocks"):
+        monkeypatch.setattr(GPT, "_decode_stack", lambda self: None)
 
     model = separated_model(block_size=320)
     fast = prepare_for_decoding(copy.deepcopy(model), "bf16")
@@ -208,6 +213,10 @@ def test_bf16_batched_steps_keep_greedy(cache: str, monkeypatch: pytest.MonkeyPa
     steps = []
     orig_step = layers.Block._step
     monkeypatch.setattr(layers.Block, "_step", lambda self, x, *a: steps.append(x.shape[0]) or orig_step(self, x, *a))
+    if fused and not cache.endswith("-blocks"):  # one decode_stack call per step stands for its blocks' steps
+        orig_stack = torch.ops.lmforge.decode_stack
+        monkeypatch.setattr(torch.ops.lmforge, "decode_stack",
+                            lambda x, *a: steps.append(x.shape[0]) or orig_stack(x, *a))
     try:
         with torch.no_grad():
             if cache.startswith("plain"):

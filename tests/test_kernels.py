@@ -293,6 +293,44 @@ def test_fused_verify_pass_equals_single_steps_bitwise() -> None:
     assert torch.equal(one.k[:, :, :, :10], many.k[:, :, :, :10])
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_decode_stack_equals_block_steps_bitwise(dtype: str, qkv_bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole stack of blocks in one C++ call (decode_stack) gives Block._step's logits and cache bit for bit:
+    one-token steps, a 4-token verify pass and a step of engine slots at their own positions, every layout."""
+    from lmforge.generation.fast import prepare_for_decoding
+    from lmforge.models.gpt import STACK_KINDS
+
+    torch.manual_seed(2)
+    model = prepare_for_decoding(GPT(GPTConfig(**LLAMA, qkv_bias=qkv_bias)), dtype)
+    ids = torch.randint(0, 50, (3, 12))
+
+    def decode(m: GPT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        state = m.init_state(3, 32)
+        out = [m.forward_logits(ids[:, :5], state)[0][:, -1:]]
+        out += [m.forward_logits(ids[:, t:t + 1], state)[0] for t in (5, 6)]
+        out.append(m.forward_logits(ids[:, 7:11], state)[0])  # a verify pass
+        slots = m.init_slots(3, 32)
+        for b in range(3):  # rows of lengths 4, 6, 8
+            slots.select(torch.tensor([b]), torch.tensor([4 + 2 * b]))
+            m.forward_logits(ids[b:b + 1, :4 + 2 * b], slots)
+        slots.select(slice(0, 3))
+        out.append(m.forward_logits(ids[:, 11:12], slots)[0])
+        return torch.cat(out, 1), state.k, slots.v
+
+    with torch.no_grad():
+        stacked = decode(model)
+        assert isinstance(model._stack, tuple)  # taken
+        kinds = set(model._stack[1][0::2])
+        assert kinds == {STACK_KINDS[(dtype, "lmforge" if dtype in ("int8", "int4") else "torch")]} or \
+            dtype == "int4" and not kernels.int4_native()
+        monkeypatch.setattr(GPT, "_decode_stack", lambda self: None)
+        blocks = decode(model)
+    for a, b in zip(stacked, blocks):
+        assert torch.equal(a, b)
+
+
 def test_int8_prefill_rows_take_the_dequantised_gemm() -> None:
     """Above GEMM_ROWS rows (a prompt's prefill) an int8 layer multiplies by its dequantised weight; the result
     is the same product as row by row (bf16 rounding)."""

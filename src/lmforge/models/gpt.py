@@ -24,8 +24,10 @@ from ..options import Options, option
 from .base import MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, PRESET, LanguageModel, Trace
 from .layers import (
     EXACT_CHUNK,
+    MLP,
     Block,
     KVCache,
+    RMSNorm,
     SlotKVCache,
     StaticKVCache,
     decay_param_groups,
@@ -36,6 +38,23 @@ from .layers import (
     rope_tables,
     sinusoidal_table,
 )
+from .quant import GEMM_ROWS, QuantLinear
+
+#: how lmforge's decode_stack (kernels/decode_ops.cpp) runs each Linear layout, by (mode, kernel)
+STACK_KINDS = {("linear", ""): 0, ("bf16", "torch"): 0, ("fp32", "torch"): 1, ("int8", "lmforge"): 2,
+               ("int8", "torch"): 3, ("int4", "lmforge"): 4, ("int4", "torch"): 5}
+
+
+def _stack_linear(m: nn.Module) -> tuple[list, list[int]] | None:
+    """One Linear layer as decode_stack takes it: ([t1, t2, bias], [kind, group]); None if it cannot."""
+    if type(m) is nn.Linear:
+        return [m.weight, None, m.bias], [0, 0]
+    if not isinstance(m, QuantLinear):
+        return None  # e.g. a LoRA wrapper
+    kind = STACK_KINDS[(m.mode, m.kernel if m.mode in ("int8", "int4") else "torch")]
+    t1 = {"bf16": "weight", "fp32": "weight_t"}.get(m.mode, "qweight")
+    t2 = {"int8": "scale", "int4": "scales_dm" if m.kernel == "lmforge" else "scales_zeros"}.get(m.mode)
+    return [getattr(m, t1), None if t2 is None else getattr(m, t2), m.bias], [kind, m.group_size]
 
 
 @dataclass
@@ -127,6 +146,7 @@ class GPT(nn.Module, LanguageModel):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        self._stack: tuple | bool | None = None  # decode_stack's weights (_decode_stack), built on first use
         c = config
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)  # token embedding
         if c.pos == "learned":
@@ -204,8 +224,18 @@ class GPT(nn.Module, LanguageModel):
                 or isinstance(cache, SlotKVCache) and T == 1 and isinstance(cache.rows, slice)) \
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) \
             and x.dtype == cache.k.dtype and self.fused_step
-        for block in self.blocks:
-            x = block(x, rope, cache, mask, step)
+        stack = self._decode_stack() if step and B * T <= GEMM_ROWS else None
+        if stack is not None:  # every block's step in one call of lmforge's kernels, the same ops from C++
+            rows = cache.rows if isinstance(cache, SlotKVCache) else slice(0, B)
+            row_pos = cache.positions[:, 0] if isinstance(cache, SlotKVCache) else None
+            start = 0 if isinstance(cache, SlotKVCache) else cache.pos
+            cos, sin = rope if rope is not None else (None, None)
+            x = torch.ops.lmforge.decode_stack(x, stack[0], stack[1], cache.k, cache.v, rows.start or 0, start,
+                                               row_pos, cos, sin, self.config.n_head,
+                                               self.config.n_kv_head or self.config.n_head, stack[2])
+        else:
+            for block in self.blocks:
+                x = block(x, rope, cache, mask, step)
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x)
@@ -226,6 +256,37 @@ class GPT(nn.Module, LanguageModel):
         if last_only:
             x = cache.take_last(x) if isinstance(cache, SlotKVCache) else x[:, -1:]
         return self.lm_head(x), None
+
+    def _decode_stack(self) -> tuple[list, list[int], float] | None:
+        """The blocks' weights as decode_stack takes them (kernels/decode_ops.cpp: a decoding step through every
+        block in one C++ call, Block._step's ops without Python between them), for models laid out for decoding
+        (``decode_dtype`` set: the layers no longer change) with RMSNorm and SwiGLU blocks; None otherwise. Built
+        once, dropped when the model is moved or cast (``_apply``)."""
+        if self.decode_dtype is None:
+            return None
+        if self._stack is None:
+            self._stack = self._build_decode_stack() or False
+        return self._stack or None
+
+    def _build_decode_stack(self) -> tuple[list, list[int], float] | None:
+        params: list = []
+        spec: list[int] = []
+        for b in self.blocks:
+            if not (isinstance(b.ln_1, RMSNorm) and isinstance(b.ln_2, RMSNorm) and isinstance(b.mlp, MLP)
+                    and b.mlp.kind == "swiglu" and b.ln_1.eps == self.blocks[0].ln_1.eps == b.ln_2.eps):
+                return None
+            linears = [_stack_linear(m) for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
+            if any(x is None for x in linears) or b.ln_1.weight.dtype != self.wte.weight.dtype:
+                return None
+            params += [b.ln_1.weight, b.ln_2.weight]
+            for tensors, kind in linears:  # type: ignore[misc]
+                params += tensors
+                spec += kind
+        return params, spec, self.blocks[0].ln_1.eps
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
+        self._stack = None  # a move or cast replaces tensors the stack holds
+        return super()._apply(fn, recurse)
 
     @property
     def fused_step(self) -> bool:
