@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lmforge import kernels
 from lmforge.models import layers
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.models.layers import MLP, RMSNorm, apply_rope, attention_reference
+from lmforge.models.layers import MLP, LayerNorm, RMSNorm, apply_rope, attention_reference
 from lmforge.models.quant import QuantLinear, quantize_int4, quantize_int8
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="lmforge's kernels are not built here")
@@ -293,17 +293,31 @@ def test_fused_verify_pass_equals_single_steps_bitwise() -> None:
     assert torch.equal(one.k[:, :, :, :10], many.k[:, :, :, :10])
 
 
+#: every block kind decode_stack runs: Llama (RMSNorm, SwiGLU, RoPE, grouped heads; with Qwen2's QKV biases),
+#: GPT-2 (LayerNorm with biases, tanh GELU, learned positions, biases everywhere), lmforge's `tiny` (RMSNorm, exact
+#: GELU, RoPE), ReLU^2 with bias-free LayerNorms and sinusoidal positions
+STACK_SHAPES = {"llama": LLAMA, "qwen2": dict(LLAMA, qkv_bias=True), "gpt2": GPT2,
+                "tiny": dict(LLAMA, n_kv_head=None, mlp="gelu"),
+                "relu2": dict(GPT2, bias=False, mlp="relu2", pos="sinusoidal", n_head=2)}
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_decode_stack_equals_block_steps_bitwise(dtype: str, qkv_bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("shape", list(STACK_SHAPES))
+def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole stack of blocks in one C++ call (decode_stack) gives Block._step's logits and cache bit for bit:
-    one-token steps, a 4-token verify pass and a step of engine slots at their own positions, every layout."""
+    one-token steps, a 4-token verify pass and a step of engine slots at their own positions, every layout and
+    every block kind."""
     from lmforge.generation.fast import prepare_for_decoding
-    from lmforge.models.gpt import STACK_KINDS
+    from lmforge.models.gpt import STACK_KINDS, STACK_MLPS, STACK_NORMS
 
     torch.manual_seed(2)
-    model = prepare_for_decoding(GPT(GPTConfig(**LLAMA, qkv_bias=qkv_bias)), dtype)
+    cfg = GPTConfig(**STACK_SHAPES[shape])
+    model = GPT(cfg)
+    for n, p in model.named_parameters():  # norms and biases away from their initial 1 and 0
+        if n.endswith("bias") or ".ln_" in n:
+            p.data.add_(0.1 * torch.randn_like(p))
+    model = prepare_for_decoding(model, dtype)
     ids = torch.randint(0, 50, (3, 12))
 
     def decode(m: GPT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -322,7 +336,10 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, qkv_bias: bool, mon
     with torch.no_grad():
         stacked = decode(model)
         assert isinstance(model._stack, tuple)  # taken
-        kinds = set(model._stack[1][0::2])
+        spec = model._stack[1]
+        assert spec[0::10] == [STACK_NORMS[RMSNorm if cfg.norm == "rmsnorm" else LayerNorm]] * cfg.n_layer
+        assert spec[1::10] == [STACK_MLPS[cfg.mlp]] * cfg.n_layer
+        kinds = {k for i in (2, 4, 6, 8) for k in spec[i::10]}
         assert kinds == {STACK_KINDS[(dtype, "lmforge" if dtype in ("int8", "int4") else "torch")]} or \
             dtype == "int4" and not kernels.int4_native()
         monkeypatch.setattr(GPT, "_decode_stack", lambda self: None)

@@ -402,16 +402,23 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// A decoding step (or a speculative verify pass) through a whole stack of Llama-style blocks in one call:
-// at batch 1 a token of a 135M model spends ~3 ms of ~11 in Python and the dispatcher between ~25 small calls
-// per block (models/layers.py, Block._step); here the same calls, in the same order on the same tensors, run
-// from C++, so the results are Block._step's bit for bit. Per block l (params[14 l ..], spec[8 l ..]):
-//   x = x + proj(attend(qkv(rms_norm(x, ln_1))))      attend: attend_one per new token (RoPE, cache write)
-//   x = x + down(silu_mul(fc(rms_norm(x, ln_2))))
-// Each linear is (t1, t2, bias) with spec (kind, group), kind as models/gpt.py's STACK_KINDS: 0 F.linear(x, t1)
-// (nn.Linear, a bf16 QuantLinear), 1 x @ t1 (fp32 QuantLinear, t1 = W^T), 2 lmforge's int8 (t1 = tiled q, t2 =
-// scale), 3 PyTorch's int8, 4 lmforge's int4 (t1 = packed, t2 = [d, m]), 5 PyTorch's int4 (t2 = scales/zeros).
+// A decoding step (or a speculative verify pass) through a whole stack of pre-norm blocks in one call: at batch 1
+// a token of a 135M model spends ~3 ms of ~11 in Python and the dispatcher between ~25 small calls per block
+// (models/layers.py, Block._step); here the same calls, in the same order on the same tensors, run from C++, so
+// the results are Block._step's bit for bit. Per block l (params[16 l ..], spec[10 l ..]):
+//   x = x + proj(attend(qkv(norm(x, ln_1))))      attend: attend_one per new token (RoPE, cache write)
+//   x = x + down(act(fc(norm(x, ln_2))))
+// params: ln_1 (weight, bias), ln_2 (weight, bias), then (t1, t2, bias) for each of qkv, proj, fc, down;
+// spec: norm kind, MLP kind, then (kind, group) for each of the four linears. The kinds are models/gpt.py's
+// STACK_NORMS (0 lmforge's rms_norm, bias unused; 1 at::layer_norm with an optional bias, as F.layer_norm),
+// STACK_MLPS (0 SwiGLU by silu_mul on [gate | up]; 1 exact GELU; 2 GPT-2's tanh GELU; 3 relu(u)^2, as
+// MLP.forward) and STACK_KINDS for a linear: 0 F.linear(x, t1) (nn.Linear, a bf16 QuantLinear), 1 x @ t1 (fp32
+// QuantLinear, t1 = W^T), 2 lmforge's int8 (t1 = tiled q, t2 = scale), 3 PyTorch's int8, 4 lmforge's int4
+// (t1 = packed, t2 = [d, m]), 5 PyTorch's int4 (t2 = scales/zeros).
 enum StackKind : int64_t { LINEAR = 0, FP32_T = 1, INT8_OWN = 2, INT8_TORCH = 3, INT4_OWN = 4, INT4_TORCH = 5 };
+enum StackNorm : int64_t { RMS_NORM = 0, LAYER_NORM = 1 };
+enum StackMlp : int64_t { SWIGLU = 0, GELU = 1, GELU_TANH = 2, RELU2 = 3 };
+constexpr int64_t STACK_PARAMS = 16, STACK_SPEC = 10;  // per block
 
 at::Tensor stack_linear(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& params, int64_t i,
                         int64_t kind, int64_t group) {
@@ -433,24 +440,44 @@ at::Tensor stack_linear(const at::Tensor& x, const c10::List<std::optional<at::T
   return bias.has_value() ? y + *bias : y;
 }
 
+// A block's norm of x (B, T, C), as Block._step's _norm_step: params i, i + 1 are (weight, bias).
+at::Tensor stack_norm(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& params, int64_t i,
+                      int64_t kind, double eps) {
+  if (kind == RMS_NORM) return rms_norm(x, *params.get(i), eps);
+  TORCH_CHECK(kind == LAYER_NORM, "decode_stack: unknown norm kind ", kind);
+  return at::layer_norm(x, {x.size(-1)}, params.get(i), params.get(i + 1), eps);
+}
+
+// The MLP's nonlinearity on fc's output u (rows, hidden; SwiGLU: 2 hidden), as MLP.act.
+at::Tensor stack_act(const at::Tensor& u, int64_t kind) {
+  static const auto silu_mul = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("lmforge::silu_mul", "")
+                                   .typed<at::Tensor(const at::Tensor&)>();
+  switch (kind) {
+    case SWIGLU: return silu_mul.call(u);
+    case GELU: return at::gelu(u, "none");
+    case GELU_TANH: return at::gelu(u, "tanh");
+    case RELU2: return at::relu(u).square();
+    default: TORCH_CHECK(false, "decode_stack: unknown MLP kind ", kind);
+  }
+}
+
 at::Tensor decode_stack(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& params,
                         at::IntArrayRef spec, at::Tensor k_all, at::Tensor v_all, int64_t row0, int64_t pos,
                         const std::optional<at::Tensor>& row_pos, const std::optional<at::Tensor>& cos,
                         const std::optional<at::Tensor>& sin, int64_t n_head, int64_t n_kv_head, double eps) {
-  static const auto silu_mul = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("lmforge::silu_mul", "")
-                                   .typed<at::Tensor(const at::Tensor&)>();
-  const int64_t n_layer = static_cast<int64_t>(spec.size()) / 8;
-  TORCH_CHECK(static_cast<int64_t>(params.size()) == 14 * n_layer && k_all.size(0) == n_layer &&
-                  x_in.dim() == 3, "decode_stack: 14 params and 8 spec entries per block, x (B, T, C)");
+  const int64_t n_layer = static_cast<int64_t>(spec.size()) / STACK_SPEC;
+  TORCH_CHECK(static_cast<int64_t>(spec.size()) == STACK_SPEC * n_layer &&
+                  static_cast<int64_t>(params.size()) == STACK_PARAMS * n_layer && k_all.size(0) == n_layer &&
+                  x_in.dim() == 3, "decode_stack: 16 params and 10 spec entries per block, x (B, T, C)");
   const int64_t B = x_in.size(0), T = x_in.size(1), C = x_in.size(2);
   at::Tensor x = x_in.contiguous();
   for (int64_t l = 0; l < n_layer; ++l) {
-    const int64_t p = 14 * l;
-    const int64_t* sp = spec.data() + 8 * l;
+    const int64_t p = STACK_PARAMS * l;
+    const int64_t* sp = spec.data() + STACK_SPEC * l;
     at::Tensor kc = k_all.select(0, l).narrow(0, row0, B), vc = v_all.select(0, l).narrow(0, row0, B);
-    const at::Tensor qkv = stack_linear(rms_norm(x, *params.get(p), eps).view({B * T, C}), params, p + 2, sp[0], sp[1])
-                               .view({B, T, -1});
+    const at::Tensor qkv = stack_linear(stack_norm(x, params, p, sp[0], eps).view({B * T, C}), params, p + 4,
+                                        sp[2], sp[3]).view({B, T, -1});
     std::vector<at::Tensor> ys;
     for (int64_t i = 0; i < T; ++i) {
       std::optional<at::Tensor> c, s;
@@ -461,10 +488,10 @@ at::Tensor decode_stack(const at::Tensor& x_in, const c10::List<std::optional<at
       ys.push_back(attend_one(qkv.select(1, i).contiguous(), kc, vc, pos + i, row_pos, c, s, n_head, n_kv_head));
     }
     const at::Tensor y = T == 1 ? ys[0].view({B, 1, C}) : at::stack(ys, 1);
-    x = x + stack_linear(y.view({B * T, C}), params, p + 5, sp[2], sp[3]).view({B, T, C});
-    const at::Tensor h = rms_norm(x, *params.get(p + 1), eps).view({B * T, C});
-    const at::Tensor u = silu_mul.call(stack_linear(h, params, p + 8, sp[4], sp[5]));
-    x = x + stack_linear(u, params, p + 11, sp[6], sp[7]).view({B, T, C});
+    x = x + stack_linear(y.view({B * T, C}), params, p + 7, sp[4], sp[5]).view({B, T, C});
+    const at::Tensor h = stack_norm(x, params, p + 2, sp[0], eps).view({B * T, C});
+    const at::Tensor u = stack_act(stack_linear(h, params, p + 10, sp[6], sp[7]), sp[1]);
+    x = x + stack_linear(u, params, p + 13, sp[8], sp[9]).view({B, T, C});
   }
   return x;
 }

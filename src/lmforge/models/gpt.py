@@ -27,6 +27,7 @@ from .layers import (
     MLP,
     Block,
     KVCache,
+    LayerNorm,
     RMSNorm,
     SlotKVCache,
     StaticKVCache,
@@ -43,6 +44,9 @@ from .quant import GEMM_ROWS, QuantLinear
 #: how lmforge's decode_stack (kernels/decode_ops.cpp) runs each Linear layout, by (mode, kernel)
 STACK_KINDS = {("linear", ""): 0, ("bf16", "torch"): 0, ("fp32", "torch"): 1, ("int8", "lmforge"): 2,
                ("int8", "torch"): 3, ("int4", "lmforge"): 4, ("int4", "torch"): 5}
+#: ... each norm (by its class) and each MLP (by MLP.kind)
+STACK_NORMS = {RMSNorm: 0, LayerNorm: 1}
+STACK_MLPS = {"swiglu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
 
 
 def _stack_linear(m: nn.Module) -> tuple[list, list[int]] | None:
@@ -260,8 +264,8 @@ class GPT(nn.Module, LanguageModel):
     def _decode_stack(self) -> tuple[list, list[int], float] | None:
         """The blocks' weights as decode_stack takes them (kernels/decode_ops.cpp: a decoding step through every
         block in one C++ call, Block._step's ops without Python between them), for models laid out for decoding
-        (``decode_dtype`` set: the layers no longer change) with RMSNorm and SwiGLU blocks; None otherwise. Built
-        once, dropped when the model is moved or cast (``_apply``)."""
+        (``decode_dtype`` set: the layers no longer change); None where it cannot run them exactly. Built once,
+        dropped when the model is moved or cast (``_apply``)."""
         if self.decode_dtype is None:
             return None
         if self._stack is None:
@@ -269,20 +273,31 @@ class GPT(nn.Module, LanguageModel):
         return self._stack or None
 
     def _build_decode_stack(self) -> tuple[list, list[int], float] | None:
+        """Per block 16 params and 10 spec entries (decode_ops.cpp): ln_1 and ln_2 as (weight, bias), then
+        (t1, t2, bias) of qkv, proj, fc and down; the norm's and the MLP's kinds (STACK_NORMS, STACK_MLPS), then
+        (kind, group) of each linear (STACK_KINDS). None for anything Block._step runs otherwise (a norm whose
+        weight is not in the activations' dtype) or decode_stack cannot (a LoRA wrapper, norms of two kinds or
+        epsilons)."""
         params: list = []
         spec: list[int] = []
+        eps = self.blocks[0].ln_1.eps
+        norm = type(self.blocks[0].ln_1)
         for b in self.blocks:
-            if not (isinstance(b.ln_1, RMSNorm) and isinstance(b.ln_2, RMSNorm) and isinstance(b.mlp, MLP)
-                    and b.mlp.kind == "swiglu" and b.ln_1.eps == self.blocks[0].ln_1.eps == b.ln_2.eps):
+            norms = (b.ln_1, b.ln_2)
+            if not (norm in STACK_NORMS and all(type(n) is norm and n.eps == eps for n in norms)
+                    and all(n.weight.dtype == self.wte.weight.dtype for n in norms)
+                    and type(b.mlp) is MLP and b.mlp.kind in STACK_MLPS):
                 return None
             linears = [_stack_linear(m) for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
-            if any(x is None for x in linears) or b.ln_1.weight.dtype != self.wte.weight.dtype:
+            if any(x is None for x in linears):
                 return None
-            params += [b.ln_1.weight, b.ln_2.weight]
+            for n in norms:
+                params += [n.weight, n.bias if isinstance(n, LayerNorm) else None]
+            spec += [STACK_NORMS[norm], STACK_MLPS[b.mlp.kind]]
             for tensors, kind in linears:  # type: ignore[misc]
                 params += tensors
                 spec += kind
-        return params, spec, self.blocks[0].ln_1.eps
+        return params, spec, eps
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
         self._stack = None  # a move or cast replaces tensors the stack holds

@@ -566,18 +566,18 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+    def act(self, u: torch.Tensor) -> torch.Tensor:
+        """The nonlinearity on fc's output u (..., hidden); SwiGLU's u is (..., 2 hidden): [gate | up]."""
         if self.kind == "relu2":
-            h = F.relu(self.fc(x)).square()
-        elif self.kind != "swiglu":
-            h = F.gelu(self.fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
-        else:
-            gu = self.fc(x)                                    # (..., 2 hidden): [gate | up]
-            if torch.is_grad_enabled() and gu.requires_grad and _kernel_ok(gu):  # one pass each way (kernels)
-                h = torch.ops.lmforge.silu_mul(gu.contiguous())
-            else:
-                gate, up = gu.chunk(2, dim=-1)
-                h = F.silu(gate) * up
-        return self.dropout(self.proj(h))
+            return F.relu(u).square()
+        if self.kind != "swiglu":
+            return F.gelu(u, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        if torch.is_grad_enabled() and u.requires_grad and _kernel_ok(u):  # one pass each way (kernels)
+            return torch.ops.lmforge.silu_mul(u.contiguous())
+        gate, up = u.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 class Block(nn.Module):
@@ -629,10 +629,9 @@ class Block(nn.Module):
                                                    a.n_head, a.n_kv_head))   # (B, H D)
         y = ys[0].view(B, 1, C) if T == 1 else torch.stack(ys, dim=1)
         x = x + a.proj(y)
-        h = _norm_step(self.ln_2, x)
-        if mlp.kind == "swiglu":  # silu(gate) * up in one kernel call
-            return x + mlp.proj(torch.ops.lmforge.silu_mul(mlp.fc(h)))
-        return x + mlp(h)
+        u = mlp.fc(_norm_step(self.ln_2, x))
+        # SwiGLU: silu(gate) * up in one kernel call; no dropout at inference (as after the attention's proj)
+        return x + mlp.proj(torch.ops.lmforge.silu_mul(u) if mlp.kind == "swiglu" else mlp.act(u))
 
 
 def _norm_step(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
