@@ -20,7 +20,9 @@ Columns:
 The machine may be shared: configurations are interleaved round by round (A/B/A/B) and the median over
 ``--rounds`` is reported, with ratios against llama.cpp at the same weight precision (int8 vs Q8_0,
 int4 vs Q4_1 and Q4_0) and against transformers. ``--memory`` runs each layout once in a fresh process for
-its peak RSS (VmHWM after load, during decoding). ``--speculative`` times a repetitive chat task (rewriting
+its peak RSS (VmHWM after load, during decoding). ``--blocks`` adds each layout decoded block by block
+(``<dtype>-blk``: one Python call per block, Block._step, instead of every block's step in one C++ call,
+decode_stack) and prints the ratios. ``--speculative`` times a repetitive chat task (rewriting
 code given in the prompt) with and without prompt-lookup speculative decoding. The CPU model and flags are
 printed with every run.
 """
@@ -34,6 +36,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +88,31 @@ def to_transformers(model: GPT) -> Any:
     return hf.eval()
 
 
-def run_lmforge(model: GPT, prompt: list[int], batch: int, new: int) -> dict:
+@contextmanager
+def block_by_block() -> Iterator[None]:
+    """decode_stack off (``--blocks``): every block takes its own fused step from Python (Block._step)."""
+    orig = GPT._decode_stack
+    GPT._decode_stack = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        GPT._decode_stack = orig  # type: ignore[method-assign]
+
+
+def run_lmforge(model: GPT, prompt: list[int], batch: int, new: int, stack: bool = True) -> dict:
     def cfg(n: int) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=n, temperature=0, ignore_eos=True, num_return_sequences=batch,
                                 compile="off")
 
-    generate_ids(model, prompt, cfg(4))  # warm-up
-    t0 = time.perf_counter()
-    generate_ids(model, prompt, cfg(1))
-    ttft = time.perf_counter() - t0
-    reset_peak()
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = generate_ids(model, prompt, cfg(new))
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    with nullcontext() if stack else block_by_block():
+        generate_ids(model, prompt, cfg(4))  # warm-up
+        t0 = time.perf_counter()
+        generate_ids(model, prompt, cfg(1))
+        ttft = time.perf_counter() - t0
+        reset_peak()
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = generate_ids(model, prompt, cfg(new))
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return dict(tokens_per_s=batch * new / dt, tokens_per_cpu_s=batch * new / cpu, ttft_ms=ttft * 1000,
                 tokens=out[0])
 
@@ -235,6 +251,8 @@ def main() -> None:
     ap.add_argument("--transformers", action="store_true", help="transformers column for smollm2 too")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--memory", action="store_true", help="peak RSS of each layout in a fresh process")
+    ap.add_argument("--blocks", action="store_true", help="each layout also block by block (decode_stack off: "
+                    "one Python call per block), interleaved, with the ratios")
     ap.add_argument("--speculative", action="store_true", help="the repetitive-task speculative benchmark")
     ap.add_argument("--speculative-only", action="store_true", help="skip the throughput table")
     ap.add_argument("--fused-verify", action="store_true", help="verify passes attend in one fused masked call "
@@ -267,8 +285,11 @@ def main() -> None:
             hf = to_transformers(plain)
             runners.append(("transformers", "fp32",
                             lambda b, hf=hf, p=prompt: run_transformers(hf, p, b, a.new_tokens)))
-        runners += [("lmforge", d, lambda b, m=m, p=prompt: run_lmforge(m, p, b, a.new_tokens))
-                    for d, m in models.items()]
+        for d, m in models.items():
+            runners.append(("lmforge", d, lambda b, m=m, p=prompt: run_lmforge(m, p, b, a.new_tokens)))
+            if a.blocks and d != "plain":  # (the training layout never takes decode_stack)
+                runners.append(("lmforge", f"{d}-blk",
+                                lambda b, m=m, p=prompt: run_lmforge(m, p, b, a.new_tokens, stack=False)))
         if name == "smollm2" and not a.no_llamacpp and LLAMA_PY.exists():
             for q, path in llamacpp_models(a.threads).items():
                 runners.append(("llama.cpp", q, lambda b, f=path, p=prompt: run_llamacpp(f, p, b, a.new_tokens,
@@ -278,13 +299,15 @@ def main() -> None:
                 for impl, dtype, fn in runners:
                     res = fn(batch)
                     results.append(dict(model=name, impl=impl, dtype=dtype, batch=batch, round=r, **res))
-                    print(f"  round {r} {impl:12s} {dtype:5s} b{batch}: {res['tokens_per_s']:7.1f} tok/s, "
+                    print(f"  round {r} {impl:12s} {dtype:8s} b{batch}: {res['tokens_per_s']:7.1f} tok/s, "
                           f"{res['tokens_per_cpu_s']:7.1f} tok/CPU-s", flush=True)
         if a.speculative and name == "smollm2":
             spec_rows = bench_speculative({d: m for d, m in models.items() if d != "plain"}, 160, a.rounds,
                                           a.draft_tokens, a.spec_tasks)
         del models
     table(results, a)
+    if a.blocks:
+        stack_ratios(results)
     if spec_rows:
         print(f"\nspeculative decoding (prompt lookup, at most {a.draft_tokens} drafts), rewriting code given in "
               f"the prompt, greedy, prefill included (median of {a.rounds} interleaved rounds):")
@@ -321,7 +344,7 @@ def table(results: list[dict], a: argparse.Namespace) -> None:
         keys.setdefault((r["model"], r["impl"], r["dtype"], r["batch"]), []).append(r)
     med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in keys.items()}
     cpu = {k: statistics.median(x["tokens_per_cpu_s"] for x in v) for k, v in keys.items()}
-    print(f"\n{'model':11s} {'impl':12s} {'dtype':5s} {'batch':>5s} {'tok/s':>8s} {'tok/CPU-s':>9s} {'TTFT ms':>8s} "
+    print(f"\n{'model':11s} {'impl':12s} {'dtype':8s} {'batch':>5s} {'tok/s':>8s} {'tok/CPU-s':>9s} {'TTFT ms':>8s} "
           f"{'peak MiB':>8s} {'vs hf':>6s} {'vs llama.cpp same precision (wall; CPU)':40s} same greedy tokens")
     for (model, impl, dtype, batch), rows in keys.items():
         tps = med[(model, impl, dtype, batch)]
@@ -345,8 +368,27 @@ def table(results: list[dict], a: argparse.Namespace) -> None:
                             and x["impl"] == "llama.cpp" and x["dtype"] in SAME_PRECISION[dtype]), ref)
         same = "" if ref is None else agreement(rows[0]["tokens"], ref)
         c = cpu[(model, impl, dtype, batch)]
-        print(f"{model:11s} {impl:12s} {dtype:5s} {batch:5d} {tps:8.1f} {c:9.1f} {ttft:8.0f} {peak:8.0f} {vs_hf:>6s} "
+        print(f"{model:11s} {impl:12s} {dtype:8s} {batch:5d} {tps:8.1f} {c:9.1f} {ttft:8.0f} {peak:8.0f} {vs_hf:>6s} "
               f"{vs_ll:40s} {same}")
+
+
+def stack_ratios(results: list[dict]) -> None:
+    """``--blocks``: every block's step in one C++ call (decode_stack) against block by block, per layout."""
+    print("\ndecode_stack vs block by block (median tok/s ratio, wall; CPU time), same greedy tokens:")
+    runs: dict[tuple, list[dict]] = {}
+    for r in results:
+        if r["impl"] == "lmforge":
+            runs.setdefault((r["model"], r["dtype"], r["batch"]), []).append(r)
+    for (model, dtype, batch), blk in runs.items():
+        stack = runs.get((model, dtype.removesuffix("-blk"), batch))
+        if not dtype.endswith("-blk") or stack is None:
+            continue
+        ratio = [statistics.median(x[k] for x in stack) / statistics.median(x[k] for x in blk)
+                 for k in ("tokens_per_s", "tokens_per_cpu_s")]
+        print(f"  {model} {dtype.removesuffix('-blk')} b{batch}: {ratio[0]:.2f}x; {ratio[1]:.2f}x "
+              f"({statistics.median(x['tokens_per_s'] for x in blk):.1f} -> "
+              f"{statistics.median(x['tokens_per_s'] for x in stack):.1f} tok/s), "
+              f"{stack[0]['tokens'] == blk[0]['tokens']}")
 
 
 if __name__ == "__main__":
