@@ -70,9 +70,13 @@ def test_int8_shapes_the_kernel_cannot_tile_use_pytorchs() -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H, Hkv, rope", [(4, 4, True), (6, 2, True), (4, 4, False)])
-def test_attend_one_matches_rope_cache_write_and_attention(dtype: torch.dtype, H: int, Hkv: int, rope: bool) -> None:
-    B, L, D, pos = 2, 24, 32, 17
+@pytest.mark.parametrize("H, Hkv, rope, D, pos", [(4, 4, True, 32, 17), (6, 2, True, 32, 17), (4, 4, False, 32, 17),
+                                                  (9, 3, True, 64, 40), (8, 1, True, 32, 20), (2, 2, True, 40, 5)])
+def test_attend_one_matches_rope_cache_write_and_attention(dtype: torch.dtype, H: int, Hkv: int, rope: bool, D: int,
+                                                           pos: int) -> None:
+    """Against fp64 attention: SmolLM2's group of 3 heads over 41 keys (bf16: the dot-product body, an odd last key),
+    8 heads on one key/value head (bf16: the fp32 body), a head size that is no multiple of 16 (the plain loop)."""
+    B, L = 2, 48
     g = torch.Generator().manual_seed(H + Hkv)
     qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=g).to(dtype)
     kc, vc = torch.randn(2, B, Hkv, L, D, generator=g).to(dtype).unbind(0)

@@ -33,6 +33,8 @@ from ..utils import atomic_write, cache_root, cpu_info
 
 #: the C++ sources, compiled together into one library (one ``TORCH_LIBRARY(lmforge)``, the others fragments)
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+#: headers the sources include (part of the build's cache key)
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 #: the CPU the kernels are compiled for: this one (``native``), unless ``LMFORGE_KERNELS_MARCH`` names another
 #: (e.g. ``haswell`` for the AVX2 bodies, ``x86-64`` for the plain C++ ones: how the tests reach them)
 MARCH = os.environ.get("LMFORGE_KERNELS_MARCH", "native")
@@ -47,7 +49,7 @@ def _compiler() -> str | None:
 def library_path() -> Path:
     """Where this machine's build of the kernels lives (built or not)."""
     model, flags = cpu_info()
-    text = b"".join(s.name.encode() + b"\0" + s.read_bytes() for s in SOURCES)
+    text = b"".join(s.name.encode() + b"\0" + s.read_bytes() for s in SOURCES + HEADERS)
     key = hashlib.sha256(text + f"|{torch.__version__}|{model}|{sorted(flags)}|{BUILD_FLAGS}".encode()).hexdigest()[:16]
     return cache_root() / "kernels" / key / "lmforge_ops.so"
 

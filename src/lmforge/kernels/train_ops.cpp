@@ -42,96 +42,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
-
-constexpr int W = 16;  // floats per vector
-typedef float vf __attribute__((vector_size(W * sizeof(float)), aligned(4), may_alias));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t)), aligned(4), may_alias));
-
-inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
-inline void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
-inline vf splat(float x) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_set1_ps(x));  // one broadcast (vf{} + x costs an add before it)
-#else
-  vf r;
-  for (int i = 0; i < W; ++i) r[i] = x;
-  return r;
-#endif
-}
-// Horizontal sum and maximum: a tree of half-vector shuffles (4 steps), not 15 dependent scalar operations.
-template <typename Op>
-inline float reduce(vf v, Op op) {
-  v = op(v, __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
-  v = op(v, __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
-  v = op(v, __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
-  v = op(v, __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
-  return v[0];
-}
-inline float hsum(vf v) { return reduce(v, [](vf a, vf b) { return a + b; }); }
-inline float hmax(vf v) { return reduce(v, [](vf a, vf b) { return a > b ? a : b; }); }
-inline vi iota() {
-  vi r;
-  for (int i = 0; i < W; ++i) r[i] = i;
-  return r;
-}
-
-// exp(x) for x <= 0 (scores minus their row's maximum): 2^n exp(r), n = round(x / ln 2) found with the 1.5 2^23
-// rounding trick (its low bits are n), r = x - n ln 2 in two steps, exp(r) by Cephes' degree-6 polynomial
-// (relative error ~2e-7); below -87 (where 2^n leaves the normal range) the result is ~1e-38, i.e. nothing.
-inline vf vexp(vf x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  const vf t = x * 1.44269504088896341f + 12582912.0f;
-  const vf n = t - 12582912.0f;
-  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi e = ((reinterpret_cast<const vi&>(t) - 0x4B400000) + 127) << 23;
-  return p * reinterpret_cast<const vf&>(e);
-}
-
-// log(x) for x >= 1 (a softmax row's sum): x = 2^e f with f in [sqrt(1/2), sqrt(2)), log f = 2 atanh(z),
-// z = (f - 1) / (f + 1), |z| < 0.172, by its series to z^11 (relative error < 1e-8 before rounding).
-inline vf vlog(vf x) {
-  vi bits = reinterpret_cast<const vi&>(x);
-  vi e = ((bits >> 23) & 0xFF) - 127;
-  vi mant = (bits & 0x7FFFFF) | 0x3F800000;  // f in [1, 2)
-  vf f = reinterpret_cast<const vf&>(mant);
-  const vi big = f > 1.41421356f;
-  f = big ? f * 0.5f : f;
-  e = big ? e + 1 : e;
-  const vf z = (f - 1.0f) / (f + 1.0f), z2 = z * z;
-  vf s = splat(1.0f / 11);
-  s = s * z2 + 1.0f / 9;
-  s = s * z2 + 1.0f / 7;
-  s = s * z2 + 1.0f / 5;
-  s = s * z2 + 1.0f / 3;
-  s = s * z2 + 1.0f;
-  return __builtin_convertvector(e, vf) * 0.693147180559945f + 2.0f * z * s;
-}
-
-// One element or 16 of an input as fp32, and back (bf16 is the upper half of an fp32; stores round to nearest
-// even, NaN kept).
-typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t)), aligned(2), may_alias));
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
-inline vf load_as_float(const float* p) { return load(p); }
-inline vf load_as_float(const c10::BFloat16* p) {
-  const vi bits = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vi) << 16;
-  return reinterpret_cast<const vf&>(bits);
-}
-inline void store_from_float(float* p, vf v) { store(p, v); }
-inline void store_from_float(c10::BFloat16* p, vf v) {
-  const vi bits = reinterpret_cast<const vi&>(v);
-  vi r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
-  r = v != v ? vi{} + 0x7FC0 : r;
-  *reinterpret_cast<vh*>(p) = __builtin_convertvector(r & 0xFFFF, vh);
-}
 
 constexpr int R = 4;  // query rows per register block
 
