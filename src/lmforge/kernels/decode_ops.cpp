@@ -521,7 +521,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 // spec: norm kind, MLP kind, then (kind, group) for each of the four linears. The kinds are models/gpt.py's
 // STACK_NORMS (0 lmforge's rms_norm, bias unused; 1 at::layer_norm with an optional bias, as F.layer_norm),
 // STACK_MLPS (0 SwiGLU by silu_mul on [gate | up]; 1 exact GELU; 2 GPT-2's tanh GELU; 3 relu(u)^2, as
-// MLP.forward) and STACK_KINDS for a linear: 0 F.linear(x, t1) (nn.Linear, a bf16 QuantLinear), 1 x @ t1 (fp32
+// MLP.act) and STACK_KINDS for a linear: 0 F.linear(x, t1) (nn.Linear, a bf16 QuantLinear), 1 x @ t1 (fp32
 // QuantLinear, t1 = W^T), 2 lmforge's int8 (t1 = tiled q, t2 = scale), 3 PyTorch's int8, 4 lmforge's int4
 // (t1 = packed, t2 = [d, m]), 5 PyTorch's int4 (t2 = scales/zeros).
 enum StackKind : int64_t { LINEAR = 0, FP32_T = 1, INT8_OWN = 2, INT8_TORCH = 3, INT4_OWN = 4, INT4_TORCH = 5 };
