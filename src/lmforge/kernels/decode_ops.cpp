@@ -535,7 +535,9 @@ at::Tensor stack_linear(const at::Tensor& x, const c10::List<std::optional<at::T
     case FP32_T: y = at::mm(x.to(at::kFloat), t1); break;
     case INT8_OWN: y = int8_linear(x.to(at::kBFloat16), t1, *t2); break;
     case INT8_TORCH: y = at::_weight_int8pack_mm(x.to(at::kBFloat16), t1, *t2); break;
-    case INT4_OWN: y = int4_linear_op.call(x.to(at::kBFloat16), t1, *t2, group); break;
+    case INT4_OWN:  // straight to the CPU kernel, past the Autograd key's fallback
+      y = int4_linear_op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), x.to(at::kBFloat16), t1, *t2, group);
+      break;
     case INT4_TORCH: y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), t1, group, *t2); break;
     default: TORCH_CHECK(false, "decode_stack: unknown linear kind ", kind);
   }
@@ -572,7 +574,10 @@ at::Tensor decode_stack(const at::Tensor& x_in, const c10::List<std::optional<at
     const at::Tensor y = T == 1 ? ys[0].view({B, 1, C}) : at::stack(ys, 1);
     x = x + stack_linear(y.view({B * T, C}), params, p + 5, sp[2], sp[3]).view({B, T, C});
     const at::Tensor h = rms_norm(x, *params.get(p + 1), eps).view({B * T, C});
-    const at::Tensor u = silu_mul.call(stack_linear(h, params, p + 8, sp[4], sp[5]));
+    // straight to the CPU kernel: silu_mul's autograd formula is registered from Python, and going through the
+    // Autograd key would call back into Python once per block (~20 us each)
+    const at::Tensor u = silu_mul.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                             stack_linear(h, params, p + 8, sp[4], sp[5]));
     x = x + stack_linear(u, params, p + 11, sp[6], sp[7]).view({B, T, C});
   }
   return x;
