@@ -8,7 +8,8 @@ decoding steps of ``--batch`` rows after a ``--prompt-tokens`` prompt are profil
 weight matrix products, attention, norms, elementwise/other ops, and what the profiler does not see (Python
 and dispatch between operators: wall time minus the operators' self time). The output head's share of the
 weight products is timed on its own, and the step's CPU time is printed too (a shared machine inflates wall
-time, CPU time much less).
+time, CPU time much less), and the step's time block by block (``Block._step`` per block, as without lmforge's
+``decode_stack``: the same ops with Python between them), interleaved with the stack's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
+from unittest import mock
 
 import torch
 from torch.profiler import profile
@@ -30,6 +32,9 @@ GROUPS = {
                        "aten::linear", "aten::matmul", "lmforge::int8_linear", "lmforge::int4_linear"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                   "aten::_scaled_dot_product_attention_math", "lmforge::attend_one"),
+    # every block's step in one call: its own time holds lmforge's int8 products, attention and norms (int4 products
+    # and SwiGLU are dispatched ops of their own, listed in their groups)
+    "blocks in one call (decode_stack's own time)": ("lmforge::decode_stack",),
     "norms": ("aten::rms_norm", "aten::_fused_rms_norm", "aten::layer_norm", "aten::native_layer_norm",
               "lmforge::rms_norm"),
 }
@@ -64,11 +69,11 @@ def main() -> None:
             for _ in range(a.steps):
                 model.forward_logits(tok, state)
         wall = (time.perf_counter() - t0) / a.steps * 1000
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(a.steps):
-            model.forward_logits(tok, state)
-        bare = (time.perf_counter() - t0) / a.steps * 1000
-        cpu = (time.process_time() - c0) / a.steps * 1000
+        bare, cpu = time_steps(model, tok, state, a.steps)
+        with mock.patch.object(type(model), "_decode_stack", lambda self: None):  # block by block (Block._step)
+            blocks, _ = time_steps(model, tok, state, a.steps)
+        stack_ms, _ = time_steps(model, tok, state, a.steps)  # again, after: the median of the two stands
+        bare = (bare + stack_ms) / 2
         h = torch.zeros(B, 1, model.config.n_embd, dtype=model.wte.weight.dtype)
         c0 = time.process_time()
         for _ in range(a.steps):
@@ -80,10 +85,22 @@ def main() -> None:
         seen = sum(groups.values())
         groups["Python + dispatch (unseen by the profiler)"] = max(wall - seen, 0.0)
         print(f"{layout}, batch {B}, {P}-token prompt: {bare:.1f} ms/step without the profiler ({cpu:.1f} ms of CPU "
-              f"time; the output head alone {head:.1f} ms of CPU), {wall:.1f} ms with it")
+              f"time; the output head alone {head:.1f} ms of CPU), {wall:.1f} ms with it; block by block (without "
+              f"decode_stack) {blocks:.1f} ms/step")
         for g, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
             print(f"  {g:44s} {ms:6.2f} ms  {100 * ms / wall:5.1f}%")
         del model, state
+
+
+def time_steps(model, tok: torch.Tensor, state, steps: int) -> tuple[float, float]:  # noqa: ANN001
+    """(wall, CPU) ms per decoding step; the cache is rewound after, so every timing decodes the same positions."""
+    pos = state.pos
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        model.forward_logits(tok, state)
+    wall, cpu = (time.perf_counter() - t0) / steps * 1000, (time.process_time() - c0) / steps * 1000
+    state.pos = pos
+    return wall, cpu
 
 
 if __name__ == "__main__":

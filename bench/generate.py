@@ -36,10 +36,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from peak_memory import reset_peak  # bench/peak_memory.py (the scripts run from bench/)
@@ -88,23 +88,13 @@ def to_transformers(model: GPT) -> Any:
     return hf.eval()
 
 
-@contextmanager
-def block_by_block() -> Iterator[None]:
-    """decode_stack off (``--blocks``): every block takes its own fused step from Python (Block._step)."""
-    orig = GPT._decode_stack
-    GPT._decode_stack = lambda self: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        GPT._decode_stack = orig  # type: ignore[method-assign]
-
-
 def run_lmforge(model: GPT, prompt: list[int], batch: int, new: int, stack: bool = True) -> dict:
     def cfg(n: int) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=n, temperature=0, ignore_eos=True, num_return_sequences=batch,
                                 compile="off")
 
-    with nullcontext() if stack else block_by_block():
+    # stack=False: block by block (Block._step per block), the baseline of --blocks
+    with nullcontext() if stack else mock.patch.object(GPT, "_decode_stack", lambda self: None):
         generate_ids(model, prompt, cfg(4))  # warm-up
         t0 = time.perf_counter()
         generate_ids(model, prompt, cfg(1))

@@ -5,7 +5,9 @@
 For SmolLM2's grouped heads (9 query heads over 3 key/value heads) and GPT-2's plain ones (12 heads), head size
 64, batch 1: PyTorch's fused kernel as called plainly (``enable_gqa`` where heads are grouped), the fused kernel
 with grouped query heads folded into the query axis, and three fp32 ops (scores, softmax, weighted sum) -- the
-choices behind ``CausalSelfAttention._one_query``. Median microseconds of 300 calls.
+choices behind ``CausalSelfAttention._one_query`` -- and lmforge's ``attend_one`` (lmforge/kernels/decode_ops.cpp:
+RoPE, the cache write and the attention in one call, what the fused decoding step uses; its bf16 body with
+AVX512-BF16). Median microseconds of 300 calls.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmforge import kernels
 from lmforge.models.layers import one_query_fp32
 from lmforge.utils import machine_summary
 
@@ -38,21 +41,29 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_summary(args.threads))
-    print(f"{'heads':<22} {'keys':>5} {'fused':>8} {'folded':>8} {'3 ops':>8}  (us per call)")
+    print(f"{'heads':<22} {'keys':>5} {'fused':>8} {'folded':>8} {'3 ops':>8} {'lmforge':>8}  (us per call)")
     for name, H, Hkv in (("SmolLM2 9 over 3 kv", 9, 3), ("GPT-2 12 (no groups)", 12, 12)):
         for S in args.keys:
-            fused, folded, ops = time_calls(H, Hkv, S)
-            print(f"{name:<22} {S:>5} {fused:>8.0f} {folded:>8.0f} {ops:>8.0f}")
+            fused, folded, ops, own = time_calls(H, Hkv, S)
+            print(f"{name:<22} {S:>5} {fused:>8.0f} {folded:>8.0f} {ops:>8.0f} {own:>8.0f}")
 
 
-def time_calls(H: int, Hkv: int, S: int) -> tuple[float, float, float]:
-    """(fused, folded, three ops) microseconds per call; folded is nan without grouped heads."""
+def time_calls(H: int, Hkv: int, S: int) -> tuple[float, float, float, float]:
+    """(fused, folded, three ops, lmforge's attend_one) microseconds per call; folded is nan without grouped heads,
+    lmforge's without its kernels."""
     q = torch.randn(1, H, 1, 64).bfloat16()
     k, v = torch.randn(1, Hkv, S, 64).bfloat16(), torch.randn(1, Hkv, S, 64).bfloat16()
     fused = per_call(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hkv != H))
     folded = (per_call(lambda: F.scaled_dot_product_attention(q.reshape(1, Hkv, H // Hkv, 64), k, v))
               if Hkv != H else float("nan"))
-    return fused, folded, per_call(lambda: one_query_fp32(q, k, v))
+    own = float("nan")
+    if kernels.available():  # the new token goes in at position S - 1 and attends to all S
+        qkv, cos, sin = torch.randn(1, (H + 2 * Hkv) * 64).bfloat16(), torch.randn(1, 64).bfloat16(), \
+            torch.randn(1, 64).bfloat16()
+        kc, vc = k.contiguous(), v.contiguous()
+        own = per_call(lambda: torch.ops.lmforge.attend_one(qkv, kc, vc, S - 1, None, cos, sin, H, Hkv))
+    return fused, folded, per_call(lambda: one_query_fp32(q, k, v)), own
+
 
 if __name__ == "__main__":
     main()

@@ -124,7 +124,7 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=8, help="the server's decoding slots")
     ap.add_argument("--ctx", type=int, default=512, help="the server's context per slot")
     ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"], help="decoding weights")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4"], help="decoding weights")
     ap.add_argument("--json", default=None, help="write the rounds here as JSON")
     a = ap.parse_args()
 

@@ -6,9 +6,11 @@ per token, so the bytes per weight and the kernel's streaming rate decide the sp
 
 * ``fp32``: weights stored transposed, (in, out) (``x @ W^T`` streams whole output rows).
 * ``bf16``: the whole model in bf16 (half the bytes).
-* ``int8``: weight-only int8, one scale per output channel, bf16 activations (``_weight_int8pack_mm``).
+* ``int8``: weight-only int8, one scale per output channel, bf16 activations (lmforge's int8 kernel, PyTorch's
+  ``_weight_int8pack_mm`` without it).
 * ``int4``: weight-only 4-bit with a scale and a zero per group of 32 inputs (``group_size``; 64 halves
-  the scale bytes), bf16 activations (``_weight_int4pack_mm_for_cpu``).
+  the scale bytes), bf16 activations (lmforge's int4 kernel with AVX512-BF16, ``_weight_int4pack_mm_for_cpu``
+  elsewhere).
 
 int8 and int4 round the weights, so logits move slightly (greedy outputs can differ from fp32's where
 two tokens are nearly tied). The model keeps working through the common protocol (``forward_logits``,

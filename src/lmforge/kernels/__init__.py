@@ -1,9 +1,11 @@
 """lmforge's own CPU kernels (C++: every ``*.cpp`` beside this file), built on first use for the machine at hand.
 
 What they are for: decoding one new token per row, where eager PyTorch spends more on dispatching small
-operations and on its int8 kernel's slow streaming than on arithmetic: ``torch.ops.lmforge.int8_linear``
-(weight-only int8 over 1-8 rows, used by :class:`lmforge.models.quant.QuantLinear`), and ``attend_one``,
-``rms_norm``, ``silu_mul`` (a Transformer block's step, :meth:`lmforge.models.layers.Block._step`); and
+operations and on its int8/int4 kernels' slow streaming than on arithmetic: ``torch.ops.lmforge.int8_linear``
+and ``int4_linear`` (weight-only int8 / int4 over a few rows, used by :class:`lmforge.models.quant.QuantLinear`;
+int4 where the CPU has AVX512-BF16, :func:`int4_native`), ``attend_one``, ``rms_norm``, ``silu_mul`` (a
+Transformer block's step, :meth:`lmforge.models.layers.Block._step`) and ``decode_stack`` (every block's step in
+one call, ``GPT._decode_stack``); and
 training steps, where eager autograd makes several passes over memory for what is one: ``causal_attention``
 (train_ops.cpp), RMSNorm's and SwiGLU's backwards and LoRA's dropout with the adapters' A product,
 ``lora_dropout_a`` (block_ops.cpp; used by :class:`lmforge.models.layers.RMSNorm`, ``MLP`` and
