@@ -42,7 +42,7 @@ from typing import Any
 from unittest import mock
 
 import torch
-from peak_memory import reset_peak  # bench/peak_memory.py (the scripts run from bench/)
+from peak_memory import peak_mib, reset_peak  # noqa: F401  (peak_mib: read by --memory's child) bench/peak_memory.py (the scripts run from bench/)
 
 from lmforge.generation import GenerationConfig, generate_ids, speculative
 from lmforge.generation.fast import prepare_for_decoding
@@ -152,7 +152,10 @@ def memory_of(name: str, dtype: str, batch: int, new: int, threads: int) -> floa
             f"m = g.build({name!r}, {dtype!r}); import torch; p = list(range(100, 116)); "
             f"g.reset_peak(); g.run_lmforge(m, p, {batch}, {new}); print(g.peak_mib())")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=1800)
-    return float(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else float("nan")
+    if res.returncode != 0:  # say why rather than print a bare nan
+        print(f"  ({name} {dtype} b{batch}: the memory probe failed: {res.stderr.strip().splitlines()[-1:]})")
+        return float("nan")
+    return float(res.stdout.strip().splitlines()[-1])
 
 
 CODE = '''def moving_average(values, window):
