@@ -311,7 +311,8 @@ STACK_SHAPES = {"llama": LLAMA, "qwen2": dict(LLAMA, qkv_bias=True), "gpt2": GPT
 def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole stack of blocks in one C++ call (decode_stack) gives Block._step's logits and cache bit for bit:
     one-token steps, a 4-token verify pass and a step of engine slots at their own positions, every layout and
-    every block kind."""
+    every block kind (after the same prompt: the stack reads a prompt row by row, the blocks' general path in one
+    fused attention; a prompt read by the stack equals one-token steps, below)."""
     from lmforge.generation.fast import prepare_for_decoding
     from lmforge.models.gpt import STACK_KINDS, STACK_MLPS, STACK_NORMS
 
@@ -324,9 +325,11 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeyp
     model = prepare_for_decoding(model, dtype)
     ids = torch.randint(0, 50, (3, 12))
 
-    def decode(m: GPT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode(m: GPT, blocks: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         state = m.init_state(3, 32)
-        out = [m.forward_logits(ids[:, :5], state)[0][:, -1:]]
+        out = [m.forward_logits(ids[:, :5], state)[0][:, -1:]]  # by the stack in both runs
+        if blocks:
+            monkeypatch.setattr(GPT, "_decode_stack", lambda self: None)
         out += [m.forward_logits(ids[:, t:t + 1], state)[0] for t in (5, 6)]
         out.append(m.forward_logits(ids[:, 7:11], state)[0])  # a verify pass
         slots = m.init_slots(3, 32)
@@ -335,10 +338,11 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeyp
             m.forward_logits(ids[b:b + 1, :4 + 2 * b], slots)
         slots.select(slice(0, 3))
         out.append(m.forward_logits(ids[:, 11:12], slots)[0])
+        monkeypatch.undo()
         return torch.cat(out, 1), state.k, slots.v
 
     with torch.no_grad():
-        stacked = decode(model)
+        stacked = decode(model, blocks=False)
         assert isinstance(model._stack, tuple)  # taken
         spec = model._stack[1]
         assert spec[0::10] == [STACK_NORMS[RMSNorm if cfg.norm == "rmsnorm" else LayerNorm]] * cfg.n_layer
@@ -346,10 +350,15 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeyp
         kinds = {k for i in (2, 4, 6, 8) for k in spec[i::10]}
         assert kinds == {STACK_KINDS[(dtype, "lmforge" if dtype in ("int8", "int4") else "torch")]} or \
             dtype == "int4" and not kernels.int4_native()
-        monkeypatch.setattr(GPT, "_decode_stack", lambda self: None)
-        blocks = decode(model)
+        blocks = decode(model, blocks=True)
+        # a prompt read by the stack gives each position what one-token steps give it (int8/int4 below)
+        one = model.init_state(3, 32)
+        singles = torch.cat([model.forward_logits(ids[:, t:t + 1], one)[0] for t in range(5)], 1)
+        whole = model.forward_logits(ids[:, :5], model.init_state(3, 32))[0]
     for a, b in zip(stacked, blocks):
         assert torch.equal(a, b)
+    if dtype == "int8" or dtype == "int4" and kernels.int4_native():  # lmforge's kernels: rows independent
+        assert torch.equal(singles, whole)                              # (fp32/bf16 GEMMs block rows their way)
 
 
 def test_int8_prefill_rows_take_the_dequantised_gemm() -> None:

@@ -49,6 +49,11 @@ STACK_NORMS = {RMSNorm: 0, LayerNorm: 1}
 STACK_MLPS = {"swiglu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
 
 
+#: the most rows (batch x new tokens) of one decode_stack pass without int8 layers (its attention goes row by row:
+#: beyond this PyTorch's fused attention in the general path costs less)
+PREFILL_ROWS = 256
+
+
 def _stack_linear(m: nn.Module) -> tuple[list, list[int]] | None:
     """One Linear layer as decode_stack takes it: ([t1, t2, bias], [kind, group]); None if it cannot."""
     if type(m) is nn.Linear:
@@ -224,11 +229,15 @@ class GPT(nn.Module, LanguageModel):
         x = self.drop(x)
         # at inference, a decoding step or a verify pass (a few tokens after a cached prefix) over a plain cache,
         # or a decoding step of a run of slots: each block takes its fused step (Block._step)
-        step = (type(cache) is KVCache and (T == 1 or 0 < cache.pos and T <= EXACT_CHUNK)
-                or isinstance(cache, SlotKVCache) and T == 1 and isinstance(cache.rows, slice)) \
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) \
+        fused = cache is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) \
             and x.dtype == cache.k.dtype and self.fused_step
-        stack = self._decode_stack() if step and B * T <= GEMM_ROWS else None
+        step = fused and (type(cache) is KVCache and (T == 1 or 0 < cache.pos and T <= EXACT_CHUNK)
+                          or isinstance(cache, SlotKVCache) and T == 1 and isinstance(cache.rows, slice))
+        # over a plain cache, any pass of a few rows -- a step, a verify pass, a prompt (attention row by row, as in
+        # a verify pass) -- takes every block in one call where the model has the stack (decode_stack)
+        stack = self._decode_stack() if fused and (type(cache) is KVCache or step) else None
+        if stack is not None and B * T > stack[3]:
+            stack = None
         if stack is not None:  # every block's step in one call of lmforge's kernels, the same ops from C++
             rows = cache.rows if isinstance(cache, SlotKVCache) else slice(0, B)
             row_pos = cache.positions[:, 0] if isinstance(cache, SlotKVCache) else None
@@ -261,7 +270,7 @@ class GPT(nn.Module, LanguageModel):
             x = cache.take_last(x) if isinstance(cache, SlotKVCache) else x[:, -1:]
         return self.lm_head(x), None
 
-    def _decode_stack(self) -> tuple[list, list[int], float] | None:
+    def _decode_stack(self) -> tuple[list, list[int], float, int] | None:
         """The blocks' weights as decode_stack takes them (kernels/decode_ops.cpp: a decoding step through every
         block in one C++ call, Block._step's ops without Python between them), for models laid out for decoding
         (``decode_dtype`` set: the layers no longer change); None where it cannot run them exactly. Built once,
@@ -272,8 +281,9 @@ class GPT(nn.Module, LanguageModel):
             self._stack = self._build_decode_stack() or False
         return self._stack or None
 
-    def _build_decode_stack(self) -> tuple[list, list[int], float] | None:
-        """Per block 16 params and 10 spec entries (decode_ops.cpp): ln_1 and ln_2 as (weight, bias), then
+    def _build_decode_stack(self) -> tuple[list, list[int], float, int] | None:
+        """(params, spec, eps, the most rows of one pass). Per block 16 params and 10 spec entries
+        (decode_ops.cpp): ln_1 and ln_2 as (weight, bias), then
         (t1, t2, bias) of qkv, proj, fc and down; the norm's and the MLP's kinds (STACK_NORMS, STACK_MLPS), then
         (kind, group) of each linear (STACK_KINDS). None for anything Block._step runs otherwise (a norm whose
         weight is not in the activations' dtype) or decode_stack cannot (a LoRA wrapper, norms of two kinds or
@@ -297,7 +307,11 @@ class GPT(nn.Module, LanguageModel):
             for tensors, kind in linears:  # type: ignore[misc]
                 params += tensors
                 spec += kind
-        return params, spec, eps
+        # the most rows of one pass: lmforge's int8 kernel loses to a GEMM on the dequantised weight above
+        # GEMM_ROWS (what QuantLinear switches to), row-by-row attention to PyTorch's fused one above PREFILL_ROWS
+        int8 = any(kind in (STACK_KINDS[("int8", "lmforge")], STACK_KINDS[("int8", "torch")])
+                   for i in range(len(self.blocks)) for kind in spec[10 * i + 2:10 * i + 10:2])
+        return params, spec, eps, GEMM_ROWS if int8 else PREFILL_ROWS
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
         self._stack = None  # a move or cast replaces tensors the stack holds
