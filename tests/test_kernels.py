@@ -306,7 +306,7 @@ STACK_SHAPES = {"llama": LLAMA, "qwen2": dict(LLAMA, qkv_bias=True), "gpt2": GPT
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4", "int4-torch"])
 @pytest.mark.parametrize("shape", list(STACK_SHAPES))
 def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole stack of blocks in one C++ call (decode_stack) gives Block._step's logits and cache bit for bit:
@@ -322,7 +322,12 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeyp
     for n, p in model.named_parameters():  # norms and biases away from their initial 1 and 0
         if n.endswith("bias") or ".ln_" in n:
             p.data.add_(0.1 * torch.randn_like(p))
-    model = prepare_for_decoding(model, dtype)
+    torch_int4 = dtype == "int4-torch"  # PyTorch's int4 kernel (CPUs without AVX512-BF16) inside the stack
+    dtype = dtype.removesuffix("-torch")
+    with monkeypatch.context() as patch:
+        if torch_int4:
+            patch.setattr(kernels, "int4_native", lambda: False)
+        model = prepare_for_decoding(model, dtype)
     ids = torch.randint(0, 50, (3, 12))
 
     def decode(m: GPT, blocks: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -348,8 +353,8 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeyp
         assert spec[0::10] == [STACK_NORMS[RMSNorm if cfg.norm == "rmsnorm" else LayerNorm]] * cfg.n_layer
         assert spec[1::10] == [STACK_MLPS[cfg.mlp]] * cfg.n_layer
         kinds = {k for i in (2, 4, 6, 8) for k in spec[i::10]}
-        assert kinds == {STACK_KINDS[(dtype, "lmforge" if dtype in ("int8", "int4") else "torch")]} or \
-            dtype == "int4" and not kernels.int4_native()
+        own = dtype == "int8" or dtype == "int4" and kernels.int4_native() and not torch_int4
+        assert kinds == {STACK_KINDS[(dtype, "lmforge" if own else "torch")]}
         blocks = decode(model, blocks=True)
         # a prompt read by the stack gives each position what one-token steps give it (int8/int4 below)
         one = model.init_state(3, 32)
@@ -357,8 +362,8 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeyp
         whole = model.forward_logits(ids[:, :5], model.init_state(3, 32))[0]
     for a, b in zip(stacked, blocks):
         assert torch.equal(a, b)
-    if dtype == "int8" or dtype == "int4" and kernels.int4_native():  # lmforge's kernels: rows independent
-        assert torch.equal(singles, whole)                              # (fp32/bf16 GEMMs block rows their way)
+    if own:  # lmforge's kernels: rows independent (fp32/bf16 GEMMs and PyTorch's int4 block rows their way)
+        assert torch.equal(singles, whole)
 
 
 def test_int8_prefill_rows_take_the_dequantised_gemm() -> None:
