@@ -60,6 +60,18 @@ def test_int4_linear_matches_dequantised_matmul_and_rows_do_not_depend_on_each_o
     assert torch.equal(y, torch.cat([lin(x[i:i + 1]) for i in range(M)]))
 
 
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 5, 11])
+def test_fp32_layout_takes_lmforges_tiles_and_matches_the_matmul(M: int) -> None:
+    g = torch.Generator().manual_seed(M)
+    w, b, x = torch.randn(36, 96, generator=g), torch.randn(36, generator=g), torch.randn(M, 96, generator=g)
+    lin = QuantLinear.from_weight(w, b, "fp32")
+    assert lin.kernel == "lmforge" and lin.weight_tiles.shape == (36, 96)
+    assert torch.allclose(lin(x), F.linear(x, w, b), atol=1e-5)
+    assert torch.equal(lin(x), torch.cat([lin(x[i:i + 1]) for i in range(M)]))  # rows independent
+    assert QuantLinear.from_weight(torch.randn(13, 96), None, "fp32").kernel == "torch"  # no whole tiles
+
+
 def test_int8_shapes_the_kernel_cannot_tile_use_pytorchs() -> None:
     lin = QuantLinear.from_weight(torch.randn(13, 48), None, "int8")  # 13 channels: not whole tiles of 4
     assert lin.kernel == "torch" and torch.equal(lin.int8_weight(), lin.qweight)
@@ -353,7 +365,7 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeyp
         assert spec[0::10] == [STACK_NORMS[RMSNorm if cfg.norm == "rmsnorm" else LayerNorm]] * cfg.n_layer
         assert spec[1::10] == [STACK_MLPS[cfg.mlp]] * cfg.n_layer
         kinds = {k for i in (2, 4, 6, 8) for k in spec[i::10]}
-        own = dtype == "int8" or dtype == "int4" and kernels.int4_native() and not torch_int4
+        own = dtype in ("int8", "fp32") or dtype == "int4" and kernels.int4_native() and not torch_int4
         assert kinds == {STACK_KINDS[(dtype, "lmforge" if own else "torch")]}
         blocks = decode(model, blocks=True)
         # a prompt read by the stack gives each position what one-token steps give it (int8/int4 below)
@@ -362,8 +374,8 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeyp
         whole = model.forward_logits(ids[:, :5], model.init_state(3, 32))[0]
     for a, b in zip(stacked, blocks):
         assert torch.equal(a, b)
-    if own:  # lmforge's kernels: rows independent (fp32/bf16 GEMMs and PyTorch's int4 block rows their way)
-        assert torch.equal(singles, whole)
+    if own and dtype != "fp32":  # lmforge's kernels: rows independent (GEMMs -- bf16, and here fp32's 50-token
+        assert torch.equal(singles, whole)  # head, no whole tiles -- and PyTorch's int4 block rows their way)
 
 
 def test_int8_prefill_rows_take_the_dequantised_gemm() -> None:
@@ -408,6 +420,10 @@ g = torch.Generator().manual_seed(0)
 w = torch.randn(32, 128, generator=g)
 q, s, z = quantize_int4(w, 64)
 wq = (q - 8) * s.repeat_interleave(64, 1) + z.repeat_interleave(64, 1)
+lin32 = QuantLinear.from_weight(w, None, "fp32")
+assert lin32.kernel == "lmforge"
+x = torch.randn(3, 128, generator=g)
+assert torch.allclose(lin32(x), x @ w.t(), atol=1e-4)
 for M in (1, 6):
     x = torch.randn(M, 128, generator=g).bfloat16()
     ref = x.double() @ wq.double().t()

@@ -1,5 +1,7 @@
 // lmforge's CPU kernels for decoding: what one new token per row costs most in eager PyTorch.
 //
+// * fp32_linear: the same loop over fp32 weights in the same tiles (no conversion): the fp32 layout's product,
+//   1.3x PyTorch's matrix product at one row and one thread, 1.7x at two threads, 1.8-2.8x at 2-4 rows.
 // * int8_linear: y (M, N) = x (M, K) W^T with W weight-only int8, M small (1-8 rows: a decoding step, a
 //   speculative verify pass, a small batch). W[n, k] = scale[n] * q[n, k], scale (N,) fp32, q int8 stored in
 //   tiles of 4 channels (below; models/quant.py builds it). Decoding reads every weight once per token, so
@@ -57,30 +59,42 @@ constexpr int channels_per_pass() {
 }
 
 // Weight (n0 + j, k) of the tile starting at channel n0 is chunk(q, K, n0, k)[j * CHUNK + k % CHUNK].
-inline const int8_t* chunk(const int8_t* q, int64_t K, int64_t n0, int64_t k) {
+template <typename Wt>
+inline const Wt* chunk(const Wt* q, int64_t K, int64_t n0, int64_t k) {
   return q + n0 * K + (k / CHUNK) * CHUNK * TILE_N;
 }
 
-inline void prefetch_ahead(const int8_t* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T2);
-  _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES + 64, _MM_HINT_T2);
+// The lines of the next PREFETCH_BYTES x sizeof(Wt) of the tile's stream, prefetched into L2: called every 64 inputs,
+// when the tile has consumed 256 x sizeof(Wt) bytes (an fp32 tile streams 4x the bytes of an int8 one).
+template <typename Wt>
+inline void prefetch_ahead(const Wt* p) {
+  const char* c = reinterpret_cast<const char*>(p) + PREFETCH_BYTES * sizeof(Wt);
+  for (size_t l = 0; l < 2 * sizeof(Wt); ++l) _mm_prefetch(c + 64 * l, _MM_HINT_T2);
 }
 
+// 16 (AVX-512) or 8 (AVX2) weights of a tile as fp32.
+#if defined(__AVX512F__)
+inline __m512 load_w16(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+inline __m512 load_w16(const float* p) { return _mm512_loadu_ps(p); }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline __m256 load_w8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
+inline __m256 load_w8(const float* p) { return _mm256_loadu_ps(p); }
+#endif
+
 // ---------------------------------------------------------------------------------------------------
-// int8, fp32 activations: out[r][j0 + j] = sum_k x[r, k] * q[n0 + j0 + j, k] for R rows and J channels of the
-// tile starting at channel n0.
-template <int R, int J>
-inline void int8_tile(const float* x, int64_t K, const int8_t* q, int64_t n0, int j0, float (*out)[TILE_N]) {
+// int8 or fp32 weights, fp32 activations: out[r][j0 + j] = sum_k x[r, k] * q[n0 + j0 + j, k] for R rows and J
+// channels of the tile starting at channel n0.
+template <int R, int J, typename Wt>
+inline void weight_tile(const float* x, int64_t K, const Wt* q, int64_t n0, int j0, float (*out)[TILE_N]) {
 #if defined(__AVX512F__)
   __m512 acc[R][J];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
-    const int8_t* c = chunk(q, K, n0, k) + j0 * CHUNK + k % CHUNK;
+    const Wt* c = chunk(q, K, n0, k) + j0 * CHUNK + k % CHUNK;
     if ((k & 63) == 0 && j0 == 0) prefetch_ahead(c);
     __m512 w[J];
-    for (int j = 0; j < J; ++j)
-      w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(c + j * CHUNK))));
+    for (int j = 0; j < J; ++j) w[j] = load_w16(c + j * CHUNK);
     for (int r = 0; r < R; ++r) {
       __m512 xv = _mm512_loadu_ps(x + r * K + k);
       for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(w[j], xv, acc[r][j]);
@@ -93,11 +107,10 @@ inline void int8_tile(const float* x, int64_t K, const int8_t* q, int64_t n0, in
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += 8) {
-    const int8_t* c = chunk(q, K, n0, k) + j0 * CHUNK + k % CHUNK;
+    const Wt* c = chunk(q, K, n0, k) + j0 * CHUNK + k % CHUNK;
     if ((k & 63) == 0 && j0 == 0) prefetch_ahead(c);
     __m256 w[J];
-    for (int j = 0; j < J; ++j)
-      w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(c + j * CHUNK))));
+    for (int j = 0; j < J; ++j) w[j] = load_w8(c + j * CHUNK);
     for (int r = 0; r < R; ++r) {
       __m256 xv = _mm256_loadu_ps(x + r * K + k);
       for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(w[j], xv, acc[r][j]);
@@ -121,16 +134,18 @@ inline void int8_tile(const float* x, int64_t K, const int8_t* q, int64_t n0, in
 }
 
 // What the driver calls: out[r][j0 + j] = x[r0 + r] . W[n0 + j0 + j] for R rows and J channels of the tile at
-// n0, the scale applied.
-struct Int8Tile {
-  const int8_t* q;
-  const float* scale;
-  const float* x;  // (M, K) fp32
+// n0, the scale applied (int8; fp32 weights have none).
+template <typename Wt>
+struct WeightTile {
+  const Wt* q;
+  const float* scale;  // nullptr: none
+  const float* x;      // (M, K) fp32
   template <int R, int J>
   void compute(int64_t K, int64_t n0, int j0, int64_t r0, float (*out)[TILE_N]) const {
-    int8_tile<R, J>(x + r0 * K, K, q, n0, j0, out);
-    for (int r = 0; r < R; ++r)
-      for (int j = j0; j < j0 + J; ++j) out[r][j] *= scale[n0 + j];
+    weight_tile<R, J>(x + r0 * K, K, q, n0, j0, out);
+    if (scale != nullptr)
+      for (int r = 0; r < R; ++r)
+        for (int j = j0; j < j0 + J; ++j) out[r][j] *= scale[n0 + j];
   }
 };
 
@@ -170,37 +185,37 @@ struct Int8Bf16Tile {
 #endif
 
 // ---------------------------------------------------------------------------------------------------
-// Driver: R rows of x against every tile of channels, J channels of a tile per pass (the rest of the tile
-// follows from L1), tiles spread over threads. Outputs are written in y's dtype (O: fp32 or bf16) straight
-// from the fp32 sums.
+// Driver: every tile of channels against all M rows of x, MAX_ROWS rows at a time and J channels of the tile per
+// pass (the rest of the tile, and the tile for the next rows, follow from L1), tiles spread over threads: each
+// weight comes from memory once whatever M is. Outputs are written in y's dtype (O: fp32 or bf16) straight from
+// the fp32 sums.
 template <int R, typename O, typename Tile>
-void run_rows(int64_t K, int64_t N, int64_t r0, O* y, const Tile& tile) {
-  at::parallel_for(0, N / TILE_N, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      float out[R][TILE_N];
-      constexpr int J = channels_per_pass<R>();
-      for (int j0 = 0; j0 < TILE_N; j0 += J) tile.template compute<R, J>(K, b * TILE_N, j0, r0, out);
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < TILE_N; ++j) y[(r0 + r) * N + b * TILE_N + j] = static_cast<O>(out[r][j]);
-    }
-  });
+inline void tile_rows(int64_t K, int64_t N, int64_t b, int64_t r0, O* y, const Tile& tile) {
+  float out[R][TILE_N];
+  constexpr int J = channels_per_pass<R>();
+  for (int j0 = 0; j0 < TILE_N; j0 += J) tile.template compute<R, J>(K, b * TILE_N, j0, r0, out);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < TILE_N; ++j) y[(r0 + r) * N + b * TILE_N + j] = static_cast<O>(out[r][j]);
 }
 
 template <typename Tile>
 void run(int64_t M, int64_t K, int64_t N, at::Tensor& y, const Tile& tile) {
   auto rows = [&](auto* yp) {
-    for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
-      switch (std::min<int64_t>(M - r0, MAX_ROWS)) {
-        case 1: run_rows<1>(K, N, r0, yp, tile); break;
-        case 2: run_rows<2>(K, N, r0, yp, tile); break;
-        case 3: run_rows<3>(K, N, r0, yp, tile); break;
-        case 4: run_rows<4>(K, N, r0, yp, tile); break;
-        case 5: run_rows<5>(K, N, r0, yp, tile); break;
-        case 6: run_rows<6>(K, N, r0, yp, tile); break;
-        case 7: run_rows<7>(K, N, r0, yp, tile); break;
-        default: run_rows<8>(K, N, r0, yp, tile); break;
-      }
-    }
+    at::parallel_for(0, N / TILE_N, 8, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
+          switch (std::min<int64_t>(M - r0, MAX_ROWS)) {
+            case 1: tile_rows<1>(K, N, b, r0, yp, tile); break;
+            case 2: tile_rows<2>(K, N, b, r0, yp, tile); break;
+            case 3: tile_rows<3>(K, N, b, r0, yp, tile); break;
+            case 4: tile_rows<4>(K, N, b, r0, yp, tile); break;
+            case 5: tile_rows<5>(K, N, b, r0, yp, tile); break;
+            case 6: tile_rows<6>(K, N, b, r0, yp, tile); break;
+            case 7: tile_rows<7>(K, N, b, r0, yp, tile); break;
+            default: tile_rows<8>(K, N, b, r0, yp, tile); break;
+          }
+        }
+    });
   };
   if (y.scalar_type() == at::kFloat)
     rows(y.data_ptr<float>());
@@ -232,7 +247,22 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   }
 #endif
   at::Tensor xf = as_float(x);
-  run(M, K, N, y, Int8Tile{q.data_ptr<int8_t>(), scale.data_ptr<float>(), xf.data_ptr<float>()});
+  run(M, K, N, y, WeightTile<int8_t>{q.data_ptr<int8_t>(), scale.data_ptr<float>(), xf.data_ptr<float>()});
+  return y;
+}
+
+// y (M, N) = x (M, K) W^T with W fp32 in the same tiled layout (models/quant.py's fp32 layout with lmforge's
+// kernels): the int8 kernel's loop without the conversion, so 1-8 rows stream the weights once.
+at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(), "fp32_linear: w must be (N, K) fp32");
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  TORCH_CHECK(N % TILE_N == 0 && K % CHUNK == 0, "fp32_linear: N must be a multiple of ", TILE_N, " and K of ", CHUNK,
+              " (the tiled layout)");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kFloat, "fp32_linear: x must be (M, ", K,
+              ") fp32, got ", x.sizes(), " ", x.scalar_type());
+  at::Tensor y = at::empty({M, N}, x.options());
+  const at::Tensor xf = x.contiguous();
+  run(M, K, N, y, WeightTile<float>{w.data_ptr<float>(), nullptr, xf.data_ptr<float>()});
   return y;
 }
 
@@ -523,8 +553,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 // STACK_MLPS (0 SwiGLU by silu_mul on [gate | up]; 1 exact GELU; 2 GPT-2's tanh GELU; 3 relu(u)^2, as
 // MLP.act) and STACK_KINDS for a linear: 0 F.linear(x, t1) (nn.Linear, a bf16 QuantLinear), 1 x @ t1 (fp32
 // QuantLinear, t1 = W^T), 2 lmforge's int8 (t1 = tiled q, t2 = scale), 3 PyTorch's int8, 4 lmforge's int4
-// (t1 = packed, t2 = [d, m]), 5 PyTorch's int4 (t2 = scales/zeros).
-enum StackKind : int64_t { LINEAR = 0, FP32_T = 1, INT8_OWN = 2, INT8_TORCH = 3, INT4_OWN = 4, INT4_TORCH = 5 };
+// (t1 = packed, t2 = [d, m]), 5 PyTorch's int4 (t2 = scales/zeros), 6 lmforge's fp32 (t1 = W in int8's tiles).
+enum StackKind : int64_t {
+  LINEAR = 0, FP32_T = 1, INT8_OWN = 2, INT8_TORCH = 3, INT4_OWN = 4, INT4_TORCH = 5, FP32_OWN = 6
+};
 enum StackNorm : int64_t { RMS_NORM = 0, LAYER_NORM = 1 };
 enum StackMlp : int64_t { SWIGLU = 0, GELU = 1, GELU_TANH = 2, RELU2 = 3 };
 constexpr int64_t STACK_PARAMS = 16, STACK_SPEC = 10;  // per block
@@ -540,6 +572,7 @@ at::Tensor stack_linear(const at::Tensor& x, const c10::List<std::optional<at::T
   at::Tensor y;
   switch (kind) {
     case FP32_T: y = at::mm(x.to(at::kFloat), t1); break;
+    case FP32_OWN: y = fp32_linear(x.to(at::kFloat), t1); break;
     case INT8_OWN: y = int8_linear(x.to(at::kBFloat16), t1, *t2); break;
     case INT8_TORCH: y = at::_weight_int8pack_mm(x.to(at::kBFloat16), t1, *t2); break;
     case INT4_OWN:  // straight to the CPU kernel, past the Autograd key's fallback
@@ -624,6 +657,7 @@ std::string isa() {
 
 TORCH_LIBRARY(lmforge, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("fp32_linear(Tensor x, Tensor w) -> Tensor");
   m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor? row_pos, Tensor? cos, "
         "Tensor? sin, int n_head, int n_kv_head) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -634,6 +668,7 @@ TORCH_LIBRARY(lmforge, m) {
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("int8_linear", &int8_linear);
+  m.impl("fp32_linear", &fp32_linear);
   m.impl("attend_one", &attend_one);
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_stack", &decode_stack);

@@ -86,6 +86,13 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.reshape(out_f, in_f).to(torch.int32), scale, lo + 8 * scale
 
 
+def tile_rows(w: torch.Tensor) -> torch.Tensor:
+    """A weight (out, in) in lmforge's int8/fp32 layout (decode_ops.cpp): (out / 4, in / 32, 4, 32) -- tile, chunk,
+    channel in the tile, input -- stored as (out, in), so that a pass over a tile is one contiguous stream."""
+    N, K = w.shape
+    return w.reshape(N // INT8_TILE, INT8_TILE, K // INT8_CHUNK, INT8_CHUNK).transpose(1, 2).reshape(N, K).contiguous()
+
+
 def int4_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q (out, in) in [0, 15] and scale/zero (out, groups) with w = (q - 8) * scale + zero -> lmforge's int4 layout
     (int4_ops.cpp): the nibbles, (out, in / 2) bytes in tiles of 16 channels and blocks of 32 inputs, each block 4
@@ -114,8 +121,8 @@ class QuantLinear(nn.Module):
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown layout {mode!r}; choose {', '.join(QUANT_MODES)}")
         self.mode, self.out_features, self.in_features, self.group_size = mode, out_features, in_features, group_size
-        self.kernel = "lmforge" if (mode == "int8" and out_features % INT8_TILE == 0 and in_features % INT8_CHUNK == 0
-                                    and kernels.available()
+        self.kernel = "lmforge" if (mode in ("int8", "fp32") and out_features % INT8_TILE == 0
+                                    and in_features % INT8_CHUNK == 0 and kernels.available()
                                     or mode == "int4" and out_features % INT4_TILE == 0 and group_size % INT4_BLOCK == 0
                                     and kernels.int4_native()) else "torch"
         self.bias: torch.Tensor | None
@@ -139,6 +146,8 @@ class QuantLinear(nn.Module):
             m.set_int4(*quantize_int4(w, group_size))
         elif mode == "bf16":  # bf16 GEMV is fastest on the (out, in) layout (F.linear)
             m.register_buffer("weight", w.to(torch.bfloat16))
+        elif m.kernel == "lmforge":  # lmforge's kernel: int8's tiles, in fp32
+            m.register_buffer("weight_tiles", tile_rows(w.float()))
         else:
             m.register_buffer("weight_t", w.float().t().contiguous())
         act = torch.float32 if mode == "fp32" else torch.bfloat16
@@ -147,10 +156,7 @@ class QuantLinear(nn.Module):
 
     def set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         q = q.to(torch.int8)
-        if self.kernel == "lmforge":  # (out / 4, in / 32, 4, 32): tile, chunk, channel in the tile, input
-            N, K = q.shape
-            q = q.reshape(N // INT8_TILE, INT8_TILE, K // INT8_CHUNK, INT8_CHUNK).transpose(1, 2).reshape(N, K)
-        self.register_buffer("qweight", q.contiguous())
+        self.register_buffer("qweight", tile_rows(q) if self.kernel == "lmforge" else q.contiguous())
         self.register_buffer("scale", scale.to(torch.float32 if self.kernel == "lmforge" else torch.bfloat16))
 
     def int8_weight(self) -> torch.Tensor:
@@ -207,6 +213,8 @@ class QuantLinear(nn.Module):
         elif self.mode == "int4":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
                                                   self.scales_zeros)
+        elif self.kernel == "lmforge":
+            y = torch.ops.lmforge.fp32_linear(x2.to(torch.float32), self.weight_tiles)
         else:
             y = x2.to(torch.float32) @ self.weight_t
         if self.bias is not None:
@@ -215,7 +223,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.mode == "int4" else ""
-        k = f", kernel={self.kernel}" if self.mode in ("int8", "int4") else ""
+        k = f", kernel={self.kernel}" if self.mode != "bf16" else ""
         return f"{self.in_features}, {self.out_features}, mode={self.mode}{g}{k}"
 
 
