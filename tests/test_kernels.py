@@ -69,7 +69,13 @@ def test_fp32_layout_takes_lmforges_tiles_and_matches_the_matmul(M: int) -> None
     assert lin.kernel == "lmforge" and lin.weight_tiles.shape == (36, 96)
     assert torch.allclose(lin(x), F.linear(x, w, b), atol=1e-5)
     assert torch.equal(lin(x), torch.cat([lin(x[i:i + 1]) for i in range(M)]))  # rows independent
-    assert QuantLinear.from_weight(torch.randn(13, 96), None, "fp32").kernel == "torch"  # no whole tiles
+    for mode in ("fp32", "int8"):  # 13 outputs (a vocabulary's odd size): padded to whole tiles, the output trimmed
+        w13 = torch.randn(13, 96, generator=g)
+        lin = QuantLinear.from_weight(w13, None, mode)
+        assert lin.kernel == "lmforge" and tuple(lin(x).shape) == (M, 13)
+        want = F.linear(x, w13) if mode == "fp32" else \
+            x.bfloat16().double() @ (lin.int8_weight().double() * lin.scale[:13].double()[:, None]).t()
+        assert torch.allclose(lin(x).double(), want.double(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
 def test_int8_shapes_the_kernel_cannot_tile_use_pytorchs() -> None:

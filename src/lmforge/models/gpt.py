@@ -39,7 +39,7 @@ from .layers import (
     rope_tables,
     sinusoidal_table,
 )
-from .quant import GEMM_ROWS, QuantLinear
+from .quant import GEMM_ROWS, INT8_TILE, QuantLinear
 
 #: how lmforge's decode_stack (kernels/decode_ops.cpp) runs each Linear layout, by (mode, kernel)
 STACK_KINDS = {("linear", ""): 0, ("bf16", "torch"): 0, ("fp32", "torch"): 1, ("int8", "lmforge"): 2,
@@ -58,8 +58,8 @@ def _stack_linear(m: nn.Module) -> tuple[list, list[int]] | None:
     """One Linear layer as decode_stack takes it: ([t1, t2, bias], [kind, group]); None if it cannot."""
     if type(m) is nn.Linear:
         return [m.weight, None, m.bias], [0, 0]
-    if not isinstance(m, QuantLinear):
-        return None  # e.g. a LoRA wrapper
+    if not isinstance(m, QuantLinear) or m.out_features % INT8_TILE:
+        return None  # e.g. a LoRA wrapper, or channels padded to whole tiles (an output head's)
     kind = STACK_KINDS[(m.mode, m.kernel)]
     t1 = {"bf16": "weight", "fp32": "weight_tiles" if m.kernel == "lmforge" else "weight_t"}.get(m.mode, "qweight")
     t2 = {"int8": "scale", "int4": "scales_dm" if m.kernel == "lmforge" else "scales_zeros"}.get(m.mode)

@@ -88,8 +88,11 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 def tile_rows(w: torch.Tensor) -> torch.Tensor:
     """A weight (out, in) in lmforge's int8/fp32 layout (decode_ops.cpp): (out / 4, in / 32, 4, 32) -- tile, chunk,
-    channel in the tile, input -- stored as (out, in), so that a pass over a tile is one contiguous stream."""
+    channel in the tile, input -- stored as (out, in), so that a pass over a tile is one contiguous stream; out is
+    padded with zero rows to a whole number of tiles."""
     N, K = w.shape
+    w = F.pad(w, (0, 0, 0, -N % INT8_TILE))
+    N = w.shape[0]
     return w.reshape(N // INT8_TILE, INT8_TILE, K // INT8_CHUNK, INT8_CHUNK).transpose(1, 2).reshape(N, K).contiguous()
 
 
@@ -121,8 +124,8 @@ class QuantLinear(nn.Module):
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown layout {mode!r}; choose {', '.join(QUANT_MODES)}")
         self.mode, self.out_features, self.in_features, self.group_size = mode, out_features, in_features, group_size
-        self.kernel = "lmforge" if (mode in ("int8", "fp32") and out_features % INT8_TILE == 0
-                                    and in_features % INT8_CHUNK == 0 and kernels.available()
+        # int8/fp32: outputs that are no multiple of the tile are padded with zero channels (a vocabulary's 50257)
+        self.kernel = "lmforge" if (mode in ("int8", "fp32") and in_features % INT8_CHUNK == 0 and kernels.available()
                                     or mode == "int4" and out_features % INT4_TILE == 0 and group_size % INT4_BLOCK == 0
                                     and kernels.int4_native()) else "torch"
         self.bias: torch.Tensor | None
@@ -157,6 +160,8 @@ class QuantLinear(nn.Module):
     def set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         q = q.to(torch.int8)
         self.register_buffer("qweight", tile_rows(q) if self.kernel == "lmforge" else q.contiguous())
+        if self.kernel == "lmforge":  # the padding channels' scale: 1 (their weights are 0)
+            scale = F.pad(scale.float(), (0, -scale.numel() % INT8_TILE), value=1.0)
         self.register_buffer("scale", scale.to(torch.float32 if self.kernel == "lmforge" else torch.bfloat16))
 
     def int8_weight(self) -> torch.Tensor:
@@ -165,7 +170,7 @@ class QuantLinear(nn.Module):
             return self.qweight
         N, K = self.qweight.shape
         tiles = self.qweight.reshape(N // INT8_TILE, K // INT8_CHUNK, INT8_TILE, INT8_CHUNK)
-        return tiles.transpose(1, 2).reshape(N, K)
+        return tiles.transpose(1, 2).reshape(N, K)[:self.out_features]
 
     def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """q (out, in) in [0, 15]; scale/zero (out, in / group) with w = (q - 8) * scale + zero."""
@@ -202,7 +207,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.mode == "int8" and x2.shape[0] > GEMM_ROWS:
             dt = torch.bfloat16 if resolve_dtype("auto", "train", announce=False) == "bf16" else torch.float32
-            w = self.int8_weight().to(dt) * self.scale.to(dt)[:, None]               # (out, in)
+            w = self.int8_weight().to(dt) * self.scale[:self.out_features].to(dt)[:, None]  # (out, in)
             y = F.linear(x2.to(dt), w).to(torch.bfloat16)
         elif self.mode == "int8" and self.kernel == "lmforge":
             y = torch.ops.lmforge.int8_linear(x2.to(torch.bfloat16), self.qweight, self.scale)
@@ -217,6 +222,8 @@ class QuantLinear(nn.Module):
             y = torch.ops.lmforge.fp32_linear(x2.to(torch.float32), self.weight_tiles)
         else:
             y = x2.to(torch.float32) @ self.weight_t
+        if y.shape[-1] != self.out_features:  # lmforge's padded tiles
+            y = y[:, :self.out_features]
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
