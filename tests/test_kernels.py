@@ -62,13 +62,17 @@ def test_int4_linear_matches_dequantised_matmul_and_rows_do_not_depend_on_each_o
 
 @needs_kernels
 @pytest.mark.parametrize("M", [1, 5, 11])
-def test_fp32_layout_takes_lmforges_tiles_and_matches_the_matmul(M: int) -> None:
+def test_fp32_and_bf16_layouts_take_lmforges_tiles_and_match_the_matmul(M: int) -> None:
     g = torch.Generator().manual_seed(M)
     w, b, x = torch.randn(36, 96, generator=g), torch.randn(36, generator=g), torch.randn(M, 96, generator=g)
     lin = QuantLinear.from_weight(w, b, "fp32")
-    assert lin.kernel == "lmforge" and lin.weight_tiles.shape == (36, 96)
+    assert lin.kernel == "lmforge" and lin.weight_tiles.shape == (36, 96) and lin.weight_tiles.dtype == torch.float32
     assert torch.allclose(lin(x), F.linear(x, w, b), atol=1e-5)
     assert torch.equal(lin(x), torch.cat([lin(x[i:i + 1]) for i in range(M)]))  # rows independent
+    lin16 = QuantLinear.from_weight(w, b, "bf16")
+    assert lin16.kernel == "lmforge" and lin16.weight_tiles.dtype == torch.bfloat16
+    want16 = F.linear(x.bfloat16().double(), w.bfloat16().double(), b.bfloat16().double())
+    assert torch.allclose(lin16(x.bfloat16()).double(), want16, rtol=1e-2, atol=1e-2 * want16.abs().max().item())
     for mode in ("fp32", "int8"):  # 13 outputs (a vocabulary's odd size): padded to whole tiles, the output trimmed
         w13 = torch.randn(13, 96, generator=g)
         lin = QuantLinear.from_weight(w13, None, mode)
@@ -371,7 +375,7 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeyp
         assert spec[0::10] == [STACK_NORMS[RMSNorm if cfg.norm == "rmsnorm" else LayerNorm]] * cfg.n_layer
         assert spec[1::10] == [STACK_MLPS[cfg.mlp]] * cfg.n_layer
         kinds = {k for i in (2, 4, 6, 8) for k in spec[i::10]}
-        own = dtype in ("int8", "fp32") or dtype == "int4" and kernels.int4_native() and not torch_int4
+        own = dtype in ("int8", "fp32", "bf16") or dtype == "int4" and kernels.int4_native() and not torch_int4
         assert kinds == {STACK_KINDS[(dtype, "lmforge" if own else "torch")]}
         blocks = decode(model, blocks=True)
         # a prompt read by the stack gives each position what one-token steps give it (int8/int4 below)
@@ -380,8 +384,8 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeyp
         whole = model.forward_logits(ids[:, :5], model.init_state(3, 32))[0]
     for a, b in zip(stacked, blocks):
         assert torch.equal(a, b)
-    if own and dtype != "fp32":  # lmforge's kernels: rows independent (GEMMs -- bf16, and here fp32's 50-token
-        assert torch.equal(singles, whole)  # head, no whole tiles -- and PyTorch's int4 block rows their way)
+    if own:  # lmforge's kernels: rows independent (PyTorch's int4 kernel blocks rows its own way)
+        assert torch.equal(singles, whole)
 
 
 def test_int8_prefill_rows_take_the_dequantised_gemm() -> None:

@@ -135,8 +135,8 @@ def _register_fakes() -> None:
     def _int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], q.shape[0])
 
-    @torch.library.register_fake("lmforge::fp32_linear")
-    def _fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    @torch.library.register_fake("lmforge::tiled_linear")
+    def _tiled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("lmforge::int4_linear")

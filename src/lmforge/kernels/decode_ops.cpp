@@ -1,7 +1,7 @@
 // lmforge's CPU kernels for decoding: what one new token per row costs most in eager PyTorch.
 //
-// * fp32_linear: the same loop over fp32 weights in the same tiles (no conversion): the fp32 layout's product,
-//   1.3x PyTorch's matrix product at one row and one thread, 1.7x at two threads, 1.8-2.8x at 2-4 rows.
+// * tiled_linear: the same loop over fp32 or bf16 weights in the same tiles: the fp32 and bf16 layouts' product
+//   (fp32: 1.3x PyTorch's matrix product at one row and one thread, 1.7x at two threads, 1.8-2.8x at 2-4 rows).
 // * int8_linear: y (M, N) = x (M, K) W^T with W weight-only int8, M small (1-8 rows: a decoding step, a
 //   speculative verify pass, a small batch). W[n, k] = scale[n] * q[n, k], scale (N,) fp32, q int8 stored in
 //   tiles of 4 channels (below; models/quant.py builds it). Decoding reads every weight once per token, so
@@ -76,9 +76,15 @@ inline void prefetch_ahead(const Wt* p) {
 #if defined(__AVX512F__)
 inline __m512 load_w16(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
 inline __m512 load_w16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_w16(const c10::BFloat16* p) {  // bf16 -> fp32: the 16 bits become the upper half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 inline __m256 load_w8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
 inline __m256 load_w8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_w8(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------------
@@ -251,18 +257,22 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
-// y (M, N) = x (M, K) W^T with W fp32 in the same tiled layout (models/quant.py's fp32 layout with lmforge's
-// kernels): the int8 kernel's loop without the conversion, so 1-8 rows stream the weights once.
-at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(), "fp32_linear: w must be (N, K) fp32");
+// y (M, N) = x (M, K) W^T with W fp32 or bf16 in the same tiled layout (models/quant.py's fp32 and bf16 layouts
+// with lmforge's kernels): the int8 kernel's loop with the weights' own conversion, so 1-8 rows stream them once.
+// Sums in fp32; y in x's dtype.
+at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) && w.is_contiguous(),
+              "tiled_linear: w must be (N, K) fp32 or bf16");
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
-  TORCH_CHECK(N % TILE_N == 0 && K % CHUNK == 0, "fp32_linear: N must be a multiple of ", TILE_N, " and K of ", CHUNK,
+  TORCH_CHECK(N % TILE_N == 0 && K % CHUNK == 0, "tiled_linear: N must be a multiple of ", TILE_N, " and K of ", CHUNK,
               " (the tiled layout)");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kFloat, "fp32_linear: x must be (M, ", K,
-              ") fp32, got ", x.sizes(), " ", x.scalar_type());
+  check_x(x, K, "tiled_linear");
   at::Tensor y = at::empty({M, N}, x.options());
-  const at::Tensor xf = x.contiguous();
-  run(M, K, N, y, WeightTile<float>{w.data_ptr<float>(), nullptr, xf.data_ptr<float>()});
+  const at::Tensor xf = as_float(x);
+  if (w.scalar_type() == at::kFloat)
+    run(M, K, N, y, WeightTile<float>{w.data_ptr<float>(), nullptr, xf.data_ptr<float>()});
+  else
+    run(M, K, N, y, WeightTile<c10::BFloat16>{w.data_ptr<c10::BFloat16>(), nullptr, xf.data_ptr<float>()});
   return y;
 }
 
@@ -553,9 +563,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 // STACK_MLPS (0 SwiGLU by silu_mul on [gate | up]; 1 exact GELU; 2 GPT-2's tanh GELU; 3 relu(u)^2, as
 // MLP.act) and STACK_KINDS for a linear: 0 F.linear(x, t1) (nn.Linear, a bf16 QuantLinear), 1 x @ t1 (fp32
 // QuantLinear, t1 = W^T), 2 lmforge's int8 (t1 = tiled q, t2 = scale), 3 PyTorch's int8, 4 lmforge's int4
-// (t1 = packed, t2 = [d, m]), 5 PyTorch's int4 (t2 = scales/zeros), 6 lmforge's fp32 (t1 = W in int8's tiles).
+// (t1 = packed, t2 = [d, m]), 5 PyTorch's int4 (t2 = scales/zeros), 6 lmforge's fp32 or bf16 (t1 = W in int8's
+// tiles).
 enum StackKind : int64_t {
-  LINEAR = 0, FP32_T = 1, INT8_OWN = 2, INT8_TORCH = 3, INT4_OWN = 4, INT4_TORCH = 5, FP32_OWN = 6
+  LINEAR = 0, FP32_T = 1, INT8_OWN = 2, INT8_TORCH = 3, INT4_OWN = 4, INT4_TORCH = 5, TILED_OWN = 6
 };
 enum StackNorm : int64_t { RMS_NORM = 0, LAYER_NORM = 1 };
 enum StackMlp : int64_t { SWIGLU = 0, GELU = 1, GELU_TANH = 2, RELU2 = 3 };
@@ -572,7 +583,7 @@ at::Tensor stack_linear(const at::Tensor& x, const c10::List<std::optional<at::T
   at::Tensor y;
   switch (kind) {
     case FP32_T: y = at::mm(x.to(at::kFloat), t1); break;
-    case FP32_OWN: y = fp32_linear(x.to(at::kFloat), t1); break;
+    case TILED_OWN: y = tiled_linear(x, t1); break;
     case INT8_OWN: y = int8_linear(x.to(at::kBFloat16), t1, *t2); break;
     case INT8_TORCH: y = at::_weight_int8pack_mm(x.to(at::kBFloat16), t1, *t2); break;
     case INT4_OWN:  // straight to the CPU kernel, past the Autograd key's fallback
@@ -657,7 +668,7 @@ std::string isa() {
 
 TORCH_LIBRARY(lmforge, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("fp32_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("tiled_linear(Tensor x, Tensor w) -> Tensor");
   m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor? row_pos, Tensor? cos, "
         "Tensor? sin, int n_head, int n_kv_head) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -668,7 +679,7 @@ TORCH_LIBRARY(lmforge, m) {
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("int8_linear", &int8_linear);
-  m.impl("fp32_linear", &fp32_linear);
+  m.impl("tiled_linear", &tiled_linear);
   m.impl("attend_one", &attend_one);
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_stack", &decode_stack);

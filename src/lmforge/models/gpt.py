@@ -43,7 +43,8 @@ from .quant import GEMM_ROWS, INT8_TILE, QuantLinear
 
 #: how lmforge's decode_stack (kernels/decode_ops.cpp) runs each Linear layout, by (mode, kernel)
 STACK_KINDS = {("linear", ""): 0, ("bf16", "torch"): 0, ("fp32", "torch"): 1, ("int8", "lmforge"): 2,
-               ("int8", "torch"): 3, ("int4", "lmforge"): 4, ("int4", "torch"): 5, ("fp32", "lmforge"): 6}
+               ("int8", "torch"): 3, ("int4", "lmforge"): 4, ("int4", "torch"): 5, ("fp32", "lmforge"): 6,
+               ("bf16", "lmforge"): 6}
 #: ... each norm (by its class) and each MLP (by MLP.kind)
 STACK_NORMS = {RMSNorm: 0, LayerNorm: 1}
 STACK_MLPS = {"swiglu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
@@ -61,7 +62,8 @@ def _stack_linear(m: nn.Module) -> tuple[list, list[int]] | None:
     if not isinstance(m, QuantLinear) or m.out_features % INT8_TILE:
         return None  # e.g. a LoRA wrapper, or channels padded to whole tiles (an output head's)
     kind = STACK_KINDS[(m.mode, m.kernel)]
-    t1 = {"bf16": "weight", "fp32": "weight_tiles" if m.kernel == "lmforge" else "weight_t"}.get(m.mode, "qweight")
+    t1 = "weight_tiles" if m.mode in ("fp32", "bf16") and m.kernel == "lmforge" else \
+        {"bf16": "weight", "fp32": "weight_t"}.get(m.mode, "qweight")
     t2 = {"int8": "scale", "int4": "scales_dm" if m.kernel == "lmforge" else "scales_zeros"}.get(m.mode)
     return [getattr(m, t1), None if t2 is None else getattr(m, t2), m.bias], [kind, m.group_size]
 

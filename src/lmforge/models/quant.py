@@ -125,7 +125,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"unknown layout {mode!r}; choose {', '.join(QUANT_MODES)}")
         self.mode, self.out_features, self.in_features, self.group_size = mode, out_features, in_features, group_size
         # int8/fp32: outputs that are no multiple of the tile are padded with zero channels (a vocabulary's 50257)
-        self.kernel = "lmforge" if (mode in ("int8", "fp32") and in_features % INT8_CHUNK == 0 and kernels.available()
+        self.kernel = "lmforge" if (mode in ("int8", "fp32", "bf16") and in_features % INT8_CHUNK == 0
+                                    and kernels.available()
                                     or mode == "int4" and out_features % INT4_TILE == 0 and group_size % INT4_BLOCK == 0
                                     and kernels.int4_native()) else "torch"
         self.bias: torch.Tensor | None
@@ -147,10 +148,10 @@ class QuantLinear(nn.Module):
             m.set_int8(q, scale)
         elif mode == "int4":
             m.set_int4(*quantize_int4(w, group_size))
-        elif mode == "bf16":  # bf16 GEMV is fastest on the (out, in) layout (F.linear)
+        elif m.kernel == "lmforge":  # lmforge's kernel: int8's tiles, in fp32 or bf16
+            m.register_buffer("weight_tiles", tile_rows(w.to(torch.float32 if mode == "fp32" else torch.bfloat16)))
+        elif mode == "bf16":  # PyTorch's bf16 GEMV is fastest on the (out, in) layout (F.linear)
             m.register_buffer("weight", w.to(torch.bfloat16))
-        elif m.kernel == "lmforge":  # lmforge's kernel: int8's tiles, in fp32
-            m.register_buffer("weight_tiles", tile_rows(w.float()))
         else:
             m.register_buffer("weight_t", w.float().t().contiguous())
         act = torch.float32 if mode == "fp32" else torch.bfloat16
@@ -201,7 +202,7 @@ class QuantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "bf16":
+        if self.mode == "bf16" and self.kernel == "torch":
             return F.linear(x.to(torch.bfloat16), self.weight, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -218,8 +219,9 @@ class QuantLinear(nn.Module):
         elif self.mode == "int4":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
                                                   self.scales_zeros)
-        elif self.kernel == "lmforge":
-            y = torch.ops.lmforge.fp32_linear(x2.to(torch.float32), self.weight_tiles)
+        elif self.kernel == "lmforge":  # fp32 or bf16 tiles
+            act = torch.float32 if self.mode == "fp32" else torch.bfloat16
+            y = torch.ops.lmforge.tiled_linear(x2.to(act), self.weight_tiles)
         else:
             y = x2.to(torch.float32) @ self.weight_t
         if y.shape[-1] != self.out_features:  # lmforge's padded tiles
@@ -230,7 +232,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.mode == "int4" else ""
-        k = f", kernel={self.kernel}" if self.mode != "bf16" else ""
+        k = f", kernel={self.kernel}"
         return f"{self.in_features}, {self.out_features}, mode={self.mode}{g}{k}"
 
 
