@@ -82,6 +82,26 @@ def test_fp32_and_bf16_layouts_take_lmforges_tiles_and_match_the_matmul(M: int) 
         assert torch.allclose(lin(x).double(), want.double(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
+def test_a_decoding_heads_logits_are_fp32_sums_not_bf16(dtype: str) -> None:
+    """bf16 logits near 25 move in steps of 0.125, enough to tie the two best tokens: the head of a decoding layout
+    hands over its kernel's fp32 sums (int8 / bf16 tiles) or at least fp32 logits."""
+    from lmforge.generation.fast import prepare_for_decoding
+
+    torch.manual_seed(3)
+    model = prepare_for_decoding(GPT(GPTConfig(**LLAMA)), dtype)
+    ids = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        logits = model.forward_logits(ids, model.init_state(1, 16))[0]
+        h = model.ln_f(model.wte(ids))  # any hidden state
+        fine = model.lm_head(h, out_dtype=torch.float32)
+    assert logits.dtype == torch.float32 and fine.dtype == torch.float32
+    if dtype != "int4":  # lmforge's int8 / tiled kernels write their fp32 sums: finer than bf16's grid
+        assert not torch.equal(fine, fine.bfloat16().float())
+        assert torch.allclose(fine, model.lm_head(h).float(), rtol=1e-2, atol=1e-2)
+
+
 def test_int8_shapes_the_kernel_cannot_tile_use_pytorchs() -> None:
     lin = QuantLinear.from_weight(torch.randn(13, 48), None, "int8")  # 13 channels: not whole tiles of 4
     assert lin.kernel == "torch" and torch.equal(lin.int8_weight(), lin.qweight)

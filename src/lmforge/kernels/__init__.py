@@ -132,12 +132,13 @@ def _register_fakes() -> None:
     running them)."""
 
     @torch.library.register_fake("lmforge::int8_linear")
-    def _int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape[0], q.shape[0])
+    def _int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype | None = None
+              ) -> torch.Tensor:
+        return x.new_empty(x.shape[0], q.shape[0], dtype=out_dtype or x.dtype)
 
     @torch.library.register_fake("lmforge::tiled_linear")
-    def _tiled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape[0], w.shape[0])
+    def _tiled(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0], dtype=out_dtype or x.dtype)
 
     @torch.library.register_fake("lmforge::int4_linear")
     def _int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:

@@ -236,7 +236,9 @@ void check_x(const at::Tensor& x, int64_t K, const char* op) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op, ": x must be fp32 or bf16");
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+// y in x's dtype, or out_dtype (fp32 logits from bf16 activations: the sums are fp32 anyway).
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                       std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "int8_linear: q must be (N, K) int8");
   const int64_t N = q.size(0), K = q.size(1), M = x.size(0);
   TORCH_CHECK(N % TILE_N == 0 && K % CHUNK == 0, "int8_linear: N must be a multiple of ", TILE_N, " and K of ", CHUNK,
@@ -244,7 +246,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   check_x(x, K, "int8_linear");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(),
               "int8_linear: scale must be (N,) fp32");
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options().dtype(out_dtype.value_or(x.scalar_type())));
 #if defined(__AVX512BF16__)
   if (x.scalar_type() == at::kBFloat16) {
     const at::Tensor xb = x.contiguous();
@@ -260,14 +262,14 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 // y (M, N) = x (M, K) W^T with W fp32 or bf16 in the same tiled layout (models/quant.py's fp32 and bf16 layouts
 // with lmforge's kernels): the int8 kernel's loop with the weights' own conversion, so 1-8 rows stream them once.
 // Sums in fp32; y in x's dtype.
-at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& w, std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) && w.is_contiguous(),
               "tiled_linear: w must be (N, K) fp32 or bf16");
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
   TORCH_CHECK(N % TILE_N == 0 && K % CHUNK == 0, "tiled_linear: N must be a multiple of ", TILE_N, " and K of ", CHUNK,
               " (the tiled layout)");
   check_x(x, K, "tiled_linear");
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options().dtype(out_dtype.value_or(x.scalar_type())));
   const at::Tensor xf = as_float(x);
   if (w.scalar_type() == at::kFloat)
     run(M, K, N, y, WeightTile<float>{w.data_ptr<float>(), nullptr, xf.data_ptr<float>()});
@@ -583,8 +585,8 @@ at::Tensor stack_linear(const at::Tensor& x, const c10::List<std::optional<at::T
   at::Tensor y;
   switch (kind) {
     case FP32_T: y = at::mm(x.to(at::kFloat), t1); break;
-    case TILED_OWN: y = tiled_linear(x, t1); break;
-    case INT8_OWN: y = int8_linear(x.to(at::kBFloat16), t1, *t2); break;
+    case TILED_OWN: y = tiled_linear(x, t1, std::nullopt); break;
+    case INT8_OWN: y = int8_linear(x.to(at::kBFloat16), t1, *t2, std::nullopt); break;
     case INT8_TORCH: y = at::_weight_int8pack_mm(x.to(at::kBFloat16), t1, *t2); break;
     case INT4_OWN:  // straight to the CPU kernel, past the Autograd key's fallback
       y = int4_linear_op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), x.to(at::kBFloat16), t1, *t2, group);
@@ -667,8 +669,8 @@ std::string isa() {
 }  // namespace
 
 TORCH_LIBRARY(lmforge, m) {
-  m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("tiled_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor q, Tensor scale, ScalarType? out_dtype=None) -> Tensor");
+  m.def("tiled_linear(Tensor x, Tensor w, ScalarType? out_dtype=None) -> Tensor");
   m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor? row_pos, Tensor? cos, "
         "Tensor? sin, int n_head, int n_kv_head) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");

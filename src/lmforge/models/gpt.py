@@ -259,18 +259,23 @@ class GPT(nn.Module, LanguageModel):
             if torch.compiler.is_compiling():
                 # no data-dependent shapes inside a compiled graph (they break it): every position goes through
                 # the head and cross_entropy skips the -100 targets (ignore_index)
-                return None, F.cross_entropy(self.lm_head(x).flatten(0, 1).float(), targets.flatten())
+                return None, F.cross_entropy(self._head(x).flatten(0, 1).float(), targets.flatten())
             if bool(keep.all()):
                 h, y = x.reshape(-1, x.size(-1)), targets.reshape(-1)
             else:
                 h, y = x[keep], targets[keep]                    # (N, C), (N,)
-            logits = self.lm_head(h)
+            logits = self._head(h)
             if y.numel() == 0:  # nothing to learn from here (a batch of masked prompts only)
                 return None, logits.sum() * 0.0
             return None, F.cross_entropy(logits.float(), y)
         if last_only:
             x = cache.take_last(x) if isinstance(cache, SlotKVCache) else x[:, -1:]
-        return self.lm_head(x), None
+        return self._head(x), None
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits; a head laid out for decoding gives them in fp32 (its kernels sum in fp32: bf16 logits near 25
+        move in steps of 0.125, enough to tie the two best tokens and turn greedy decoding at random)."""
+        return self.lm_head(h, out_dtype=torch.float32) if isinstance(self.lm_head, QuantLinear) else self.lm_head(h)
 
     def _decode_stack(self) -> tuple[list, list[int], float, int] | None:
         """The blocks' weights as decode_stack takes them (kernels/decode_ops.cpp: a decoding step through every

@@ -201,9 +201,12 @@ class QuantLinear(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``out_dtype``: the output's dtype (an output head's fp32 logits: lmforge's kernels write their fp32 sums
+        unrounded; a bf16 logit near 25 moves in steps of 0.125, enough to tie two tokens)."""
         if self.mode == "bf16" and self.kernel == "torch":
-            return F.linear(x.to(torch.bfloat16), self.weight, self.bias)
+            y = F.linear(x.to(torch.bfloat16), self.weight, self.bias)
+            return y if out_dtype is None else y.to(out_dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.mode == "int8" and x2.shape[0] > GEMM_ROWS:
@@ -211,7 +214,7 @@ class QuantLinear(nn.Module):
             w = self.int8_weight().to(dt) * self.scale[:self.out_features].to(dt)[:, None]  # (out, in)
             y = F.linear(x2.to(dt), w).to(torch.bfloat16)
         elif self.mode == "int8" and self.kernel == "lmforge":
-            y = torch.ops.lmforge.int8_linear(x2.to(torch.bfloat16), self.qweight, self.scale)
+            y = torch.ops.lmforge.int8_linear(x2.to(torch.bfloat16), self.qweight, self.scale, out_dtype)
         elif self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
         elif self.mode == "int4" and self.kernel == "lmforge":
@@ -221,11 +224,13 @@ class QuantLinear(nn.Module):
                                                   self.scales_zeros)
         elif self.kernel == "lmforge":  # fp32 or bf16 tiles
             act = torch.float32 if self.mode == "fp32" else torch.bfloat16
-            y = torch.ops.lmforge.tiled_linear(x2.to(act), self.weight_tiles)
+            y = torch.ops.lmforge.tiled_linear(x2.to(act), self.weight_tiles, out_dtype)
         else:
             y = x2.to(torch.float32) @ self.weight_t
         if y.shape[-1] != self.out_features:  # lmforge's padded tiles
             y = y[:, :self.out_features]
+        if out_dtype is not None:
+            y = y.to(out_dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
