@@ -1,6 +1,6 @@
 """Weight-only int8 / int4 linear layers by row count: lmforge's kernel against PyTorch's, and the dequantised GEMM.
 
-    python bench/int8_rows.py [--layout int8|int4] [--threads 1] [--rows 1 2 4 8 16 64 170] [--rounds 3]
+    python bench/int8_rows.py [--layout int8|int4|fp32|bf16] [--threads 1] [--rows 1 2 4 8 16 64 170] [--rounds 3]
 
 SmolLM2-135M's 120 int8 matrices (30 layers of QKV 960x576, output 576x576, gate+up 3072x576, down 576x1536;
 random weights, 107 MB, far beyond the caches, so every pass streams them from memory) multiplied by ``rows``
@@ -14,6 +14,10 @@ rows of bf16 activations, one pass over all of them per timing, best of ``--roun
 
 With ``--layout int4`` (groups of 32, llama.cpp's Q4_1 shape): lmforge's ``int4_linear`` (int4_ops.cpp, AVX512-BF16
 machines) against PyTorch's ``_weight_int4pack_mm_for_cpu``, at every row count (neither dequantises for a prefill).
+
+With ``--layout fp32|bf16``: lmforge's ``tiled_linear`` on the weights in the int8 layout's tiles (what the fp32 and
+bf16 decoding layouts use with lmforge's kernels) against PyTorch's product of the same weights: ``x @ W^T`` with
+W^T stored (in, out) for fp32 (lmforge's layout without its kernels), ``F.linear`` for bf16.
 
 Prints ms per pass and the weight streaming rate (GB/s: the bytes of each layout's own weights and scales) with
 the CPU named.
@@ -39,7 +43,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 170])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--layout", choices=["int8", "int4"], default="int8")
+    ap.add_argument("--layout", choices=["int8", "int4", "fp32", "bf16"], default="int8")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if not kernels.available():
@@ -48,6 +52,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     if a.layout == "int4":
         return int4_rows(a, g)
+    if a.layout in ("fp32", "bf16"):
+        return float_rows(a, g)
     mats = []
     for o, i in SHAPES:  # lmforge's tiled q, its fp32 scale; PyTorch's row-major q, its bf16 scale
         lin = QuantLinear.from_weight(torch.randn(o, i, generator=g), None, "int8")
@@ -103,6 +109,24 @@ def int4_rows(a: argparse.Namespace, g: torch.Generator) -> None:
                                     for b, _, tq, sz in mats],
         }
         report(M, ways, a.rounds, size)
+
+
+def float_rows(a: argparse.Namespace, g: torch.Generator) -> None:
+    dt = torch.float32 if a.layout == "fp32" else torch.bfloat16
+    mats = []
+    for o, i in SHAPES:
+        lin = QuantLinear.from_weight(torch.randn(o, i, generator=g), None, a.layout)
+        w = torch.randn(o, i, generator=g).to(dt)
+        mats.append((lin.weight_tiles, w.t().contiguous() if a.layout == "fp32" else w))
+    nbytes = sum(t.numel() * t.element_size() for t, _ in mats)
+    print(f"{len(mats)} {a.layout} matrices, {nbytes / 1e6:.0f} MB")
+    for M in a.rows:
+        xs = {k: torch.randn(M, k, generator=g).to(dt) for k in (576, 1536)}
+        torch_way = (lambda xs=xs: [xs[w.shape[0]] @ w for _, w in mats]) if a.layout == "fp32" else \
+            (lambda xs=xs: [F.linear(xs[w.shape[1]], w) for _, w in mats])
+        ways = {"lmforge": lambda xs=xs: [torch.ops.lmforge.tiled_linear(xs[t.shape[1]], t) for t, _ in mats],
+                "torch": torch_way}
+        report(M, ways, a.rounds, dict.fromkeys(ways, nbytes))
 
 
 if __name__ == "__main__":
