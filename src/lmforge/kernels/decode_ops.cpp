@@ -1,7 +1,7 @@
 // lmforge's CPU kernels for decoding: what one new token per row costs most in eager PyTorch.
 //
 // * tiled_linear: the same loop over fp32 or bf16 weights in the same tiles: the fp32 and bf16 layouts' product
-//   (fp32: 1.3x PyTorch's matrix product at one row and one thread, 1.7x at two threads, 1.8-2.8x at 2-4 rows).
+//   (`bench/int8_rows.py --layout fp32`: 1.3x PyTorch's matrix product at one row and one thread, 1.9x at two).
 // * int8_linear: y (M, N) = x (M, K) W^T with W weight-only int8, M small (1-8 rows: a decoding step, a
 //   speculative verify pass, a small batch). W[n, k] = scale[n] * q[n, k], scale (N,) fp32, q int8 stored in
 //   tiles of 4 channels (below; models/quant.py builds it). Decoding reads every weight once per token, so
