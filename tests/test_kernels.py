@@ -90,14 +90,15 @@ def test_a_decoding_heads_logits_are_fp32_sums_not_bf16(dtype: str) -> None:
     from lmforge.generation.fast import prepare_for_decoding
 
     torch.manual_seed(3)
-    model = prepare_for_decoding(GPT(GPTConfig(**LLAMA)), dtype)
+    model = prepare_for_decoding(GPT(GPTConfig(**dict(LLAMA, vocab_size=64))), dtype)  # 64: an int4 head too
     ids = torch.randint(0, 50, (1, 6))
     with torch.no_grad():
         logits = model.forward_logits(ids, model.init_state(1, 16))[0]
+        assert model.lm_head.mode == dtype
         h = model.ln_f(model.wte(ids))  # any hidden state
         fine = model.lm_head(h, out_dtype=torch.float32)
     assert logits.dtype == torch.float32 and fine.dtype == torch.float32
-    if dtype != "int4":  # lmforge's int8 / tiled kernels write their fp32 sums: finer than bf16's grid
+    if dtype != "int4" or kernels.int4_native():  # lmforge's kernels write their fp32 sums: finer than bf16's grid
         assert not torch.equal(fine, fine.bfloat16().float())
         assert torch.allclose(fine, model.lm_head(h).float(), rtol=1e-2, atol=1e-2)
 

@@ -141,8 +141,9 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], w.shape[0], dtype=out_dtype or x.dtype)
 
     @torch.library.register_fake("lmforge::int4_linear")
-    def _int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-        return x.new_empty(x.shape[0], packed.shape[0])
+    def _int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return x.new_empty(x.shape[0], packed.shape[0], dtype=out_dtype or x.dtype)
 
     @torch.library.register_fake("lmforge::rms_norm")
     def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -578,7 +578,8 @@ at::Tensor stack_linear(const at::Tensor& x, const c10::List<std::optional<at::T
                         int64_t kind, int64_t group) {
   static const auto int4_linear_op = c10::Dispatcher::singleton()
                                          .findSchemaOrThrow("lmforge::int4_linear", "")
-                                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+                                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                                           std::optional<at::ScalarType>)>();
   const at::Tensor t1 = *params.get(i);
   const std::optional<at::Tensor> t2 = params.get(i + 1), bias = params.get(i + 2);
   if (kind == LINEAR) return at::linear(x, t1, bias);
@@ -589,7 +590,8 @@ at::Tensor stack_linear(const at::Tensor& x, const c10::List<std::optional<at::T
     case INT8_OWN: y = int8_linear(x.to(at::kBFloat16), t1, *t2, std::nullopt); break;
     case INT8_TORCH: y = at::_weight_int8pack_mm(x.to(at::kBFloat16), t1, *t2); break;
     case INT4_OWN:  // straight to the CPU kernel, past the Autograd key's fallback
-      y = int4_linear_op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), x.to(at::kBFloat16), t1, *t2, group);
+      y = int4_linear_op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), x.to(at::kBFloat16), t1, *t2, group,
+                                    std::nullopt);
       break;
     case INT4_TORCH: y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), t1, group, *t2); break;
     default: TORCH_CHECK(false, "decode_stack: unknown linear kind ", kind);

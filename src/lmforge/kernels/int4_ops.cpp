@@ -39,6 +39,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstdint>
 #include <vector>
 
@@ -116,7 +117,9 @@ void tile_rows_plain(const uint8_t* p, const at::Half* dm, const c10::BFloat16* 
   }
 }
 
-at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& dm, int64_t group) {
+// y (M, N) in bf16, or fp32 with out_dtype (an output head's logits: the fp32 sums unrounded).
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& dm, int64_t group,
+                       std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "int4_linear: packed must be (N, K / 2) uint8 in lmforge's int4 layout");
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
@@ -136,8 +139,10 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
       for (int64_t j = 0; j < group; ++j) s += static_cast<float>(xp[r * K + g * group + j]);
       xs[r * groups + g] = s;
     }
-  at::Tensor y = at::empty({M, N}, x.options());
-  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  const bool fp32_out = out_dtype.value_or(at::kBFloat16) == at::kFloat;
+  TORCH_CHECK(fp32_out || out_dtype.value_or(at::kBFloat16) == at::kBFloat16, "int4_linear: out_dtype bf16 or fp32");
+  at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
+  void* yp = y.data_ptr();
   const uint8_t* qp = packed.data_ptr<uint8_t>();
   const at::Half* dmp = dm.data_ptr<at::Half>();
   const int64_t bpg = group / BLOCK, tile_bytes = TILE * K / 2;
@@ -164,7 +169,13 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
           tile_rows_plain(p, d, xp + (r0 + r) * K, xs.data() + (r0 + r) * groups, groups, bpg, out[r]);
 #endif
         for (int r = 0; r < R; ++r)
-          for (int64_t c = 0; c < TILE; ++c) yp[(r0 + r) * N + t * TILE + c] = static_cast<c10::BFloat16>(out[r][c]);
+          for (int64_t c = 0; c < TILE; ++c) {
+            const int64_t i = (r0 + r) * N + t * TILE + c;
+            if (fp32_out)
+              static_cast<float*>(yp)[i] = out[r][c];
+            else
+              static_cast<c10::BFloat16*>(yp)[i] = static_cast<c10::BFloat16>(out[r][c]);
+          }
       }
     }
   });
@@ -183,7 +194,7 @@ bool int4_native() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
-  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, int group) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, int group, ScalarType? out_dtype=None) -> Tensor");
   m.def("int4_native() -> bool");
 }
 

@@ -222,7 +222,8 @@ class QuantLinear(nn.Module):
         elif self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
         elif self.mode == "int4" and self.kernel == "lmforge":
-            y = torch.ops.lmforge.int4_linear(x2.to(torch.bfloat16), self.qweight, self.scales_dm, self.group_size)
+            y = torch.ops.lmforge.int4_linear(x2.to(torch.bfloat16), self.qweight, self.scales_dm, self.group_size,
+                                              out_dtype)
         elif self.mode == "int4":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size,
                                                   self.scales_zeros)
