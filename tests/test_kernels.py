@@ -455,6 +455,9 @@ lin32 = QuantLinear.from_weight(w, None, "fp32")
 assert lin32.kernel == "lmforge"
 x = torch.randn(3, 128, generator=g)
 assert torch.allclose(lin32(x), x @ w.t(), atol=1e-4)
+lin16 = QuantLinear.from_weight(w, None, "bf16")
+ref16 = x.bfloat16().double() @ w.bfloat16().double().t()
+assert lin16.kernel == "lmforge" and torch.allclose(lin16(x.bfloat16()).double(), ref16, rtol=1e-2, atol=2e-2)
 for M in (1, 6):
     x = torch.randn(M, 128, generator=g).bfloat16()
     ref = x.double() @ wq.double().t()
