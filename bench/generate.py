@@ -4,7 +4,7 @@
                              [--speculative] [--memory]
 
 For each model and batch size (1 and 8: eight copies of the prompt): greedy decoding of ``--new-tokens``
-new tokens after a 16-token prompt (end-of-text ignored), reporting new tokens/s (all rows' new tokens /
+new tokens after a 16-token prompt (``--prompt-tokens``; end-of-text ignored), reporting new tokens/s (all rows' new tokens /
 wall time including the prompt), time to first token (prefill + one token), and whether the greedy tokens
 equal the reference (transformers fp32; llama.cpp's own output for the GGUF layouts).
 
@@ -236,6 +236,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2", "gpt2-shape"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=16,
+                    help="prompt length (random ids); a long one makes TTFT the prompt's processing time")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     ap.add_argument("--dtypes", nargs="+", default=None,
@@ -271,7 +273,7 @@ def main() -> None:
         print(f"{name}: loaded {', '.join(dtypes)} in {time.perf_counter() - t0:.0f} s", flush=True)
         ref_model = models.get("fp32") or models.get("plain") or next(iter(models.values()))
         vocab = ref_model.config.vocab_size
-        prompt = torch.randint(0, vocab, (16,), generator=g).tolist()
+        prompt = torch.randint(0, vocab, (a.prompt_tokens,), generator=g).tolist()
         runners: list[tuple[str, str, Any]] = []
         if name == "gpt2-shape" or a.transformers:
             plain = build(name, "plain") if "plain" not in models else models["plain"]

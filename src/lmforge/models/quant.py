@@ -64,9 +64,9 @@ KERNEL_ROWS = {"int8": 4, "int4": 4}
 
 
 def kernel_rows(dtype: str | None) -> int:
-    """Rows of activations one pass of a layout's weight kernel takes (1: no blocks, e.g. fp32/bf16 GEMMs):
-    lmforge's int8 kernel takes 8 (lmforge/kernels; 8 rows cost ~2.3x one, 4 rows ~1.4x), PyTorch's
-    KERNEL_ROWS."""
+    """Rows of activations one pass of a layout's int8/int4 weight kernel takes: lmforge's int8 kernel 8
+    (lmforge/kernels; 8 rows cost ~2.3x one, 4 rows ~1.4x), lmforge's and PyTorch's int4 kernels 4 (KERNEL_ROWS);
+    1 (no blocks) for fp32/bf16, whose cost grows smoothly with the rows."""
     if dtype == "int8" and kernels.available():
         return 8
     return KERNEL_ROWS.get(dtype or "", 1)
