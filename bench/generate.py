@@ -4,8 +4,8 @@
                              [--speculative] [--memory]
 
 For each model and batch size (1 and 8: eight copies of the prompt): greedy decoding of ``--new-tokens``
-new tokens after a 16-token prompt (``--prompt-tokens``; end-of-text ignored), reporting new tokens/s (all rows' new tokens /
-wall time including the prompt), time to first token (prefill + one token), and whether the greedy tokens
+new tokens after a 16-token prompt (``--prompt-tokens``; end-of-text ignored), reporting new tokens/s (all rows'
+new tokens / wall time including the prompt), time to first token (prefill + one token), and whether the greedy tokens
 equal the reference (transformers fp32; llama.cpp's own output for the GGUF layouts).
 
 Columns:
