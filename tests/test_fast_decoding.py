@@ -72,8 +72,10 @@ def test_int4_groups_and_fallback() -> None:
         lin = QuantLinear.from_weight(w, None, "int4", g)
         assert lin.mode == "int4" and lin.nbytes < w.numel() // 2 + 4 * 48 * 256 // g + 64
         errs[g] = (lin(x).float() - x @ w.t()).abs().max().item()
-        # the kernel computes x @ deq^T (bf16 activations)
-        torch.testing.assert_close(lin(x).float(), x.bfloat16().float() @ deq.t(), atol=0.15, rtol=0.02)
+        # the kernel computes x @ deq^T: bf16 activations, with lmforge's kernel rounded to 8 bits per 32 inputs
+        # (~0.1 here, at most 0.3 of these ~40: int4_ops.cpp; tests/test_kernels.py holds it to its bound)
+        atol = 0.4 if lin.kernel == "lmforge" else 0.15
+        torch.testing.assert_close(lin(x).float(), x.bfloat16().float() @ deq.t(), atol=atol, rtol=0.02)
     assert errs[32] < errs[64] * 1.5
     odd = QuantLinear.from_weight(torch.randn(10, 64), torch.zeros(10), "int4", 32)  # 10 % 16 != 0
     assert odd.mode == "int8" and odd(torch.randn(2, 64)).shape == (2, 10)

@@ -17,7 +17,7 @@ from lmforge import kernels
 from lmforge.models import layers
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.layers import MLP, LayerNorm, RMSNorm, apply_rope, attention_reference
-from lmforge.models.quant import QuantLinear, quantize_int4, quantize_int8
+from lmforge.models.quant import QuantLinear, int4_layout, int4_unpack, quantize_int4, quantize_int8
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="lmforge's kernels are not built here")
 
@@ -40,24 +40,72 @@ def test_int8_linear_matches_dequantised_matmul(dtype: torch.dtype, M: int, N: i
     assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
-@pytest.mark.skipif(not kernels.int4_native(), reason="lmforge's int4 kernel needs AVX512-BF16")
-@pytest.mark.parametrize("M", [1, 3, 4, 5, 9])
-@pytest.mark.parametrize("N, K, group", [(32, 64, 32), (48, 256, 128), (16, 96, 32)])
-def test_int4_linear_matches_dequantised_matmul_and_rows_do_not_depend_on_each_other(M: int, N: int, K: int,
-                                                                                     group: int) -> None:
+def int4_kernel_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int4_ops.cpp's maths in fp64: x (M, K) bf16 quantised as the kernel does (per block of 32 inputs, in fp32,
+    s = absmax / 127, xq = x * (127 / absmax) rounded to nearest even), y = sum_k d (q - 8) s xq + (m + 8 d) sum_k x
+    with the layout's fp16 d and m. Returns (y, the exact product x W^T of the layout's weights W = d q + m, the
+    bound of the activation rounding |y - x W^T| <= sum_k |d (q[k] - 8)| s_b(k) / 2, the size sum_k |d (q - 8) x| +
+    |(m + 8 d) x| that scales the fp32 rounding)."""
+    M, K = x.shape
+    xf = x.float().view(M, K // 32, 32)
+    amax = xf.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    sc = (amax / torch.tensor(127.0)).double()
+    xhat = (torch.round(xf * inv).double() * sc).view(M, K)
+    d = scale.half().double().repeat_interleave(group, 1)                        # (N, K)
+    m = (zero.float() - 8 * scale.float()).half().double().repeat_interleave(group, 1)
+    dq, z, xd = d * (q.double() - 8), m + 8 * d, x.double()
+    y = xhat @ dq.t() + xd @ z.t()
+    bound = (sc / 2).expand(M, K // 32, 32).reshape(M, K) @ dq.abs().t()
+    return y, xd @ (dq + z).t(), bound, xd.abs() @ (dq.abs() + z.abs()).t()
+
+
+@pytest.mark.skipif(not kernels.int4_native(), reason="lmforge's int4 kernel needs AVX512-VNNI")
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 8, 9, 17])
+@pytest.mark.parametrize("N, K, group", [(32, 64, 32), (48, 256, 128), (16, 96, 32), (32, 128, 64)])
+def test_int4_linear_matches_its_maths_and_rows_do_not_depend_on_each_other(M: int, N: int, K: int,
+                                                                             group: int) -> None:
+    """The kernel against its maths in fp64 (fp32 rounding only: 1e-5 of the size of the sum), against the exact
+    product of the layout's weights within the activation rounding's bound (8 bits per 32 inputs: about 0.4% of
+    a dot product, half an int8 step per input at most); rows of zeros and rows with one outlier included."""
     g = torch.Generator().manual_seed(M * N + K)
     w = torch.randn(N, K, generator=g)
     lin = QuantLinear.from_weight(w, None, "int4", group)
     assert lin.kernel == "lmforge" and lin.qweight.shape == (N, K // 2) and lin.scales_dm.dtype == torch.float16
     q, s, z = quantize_int4(w, group)
-    wq = (q - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)  # (N, K): what the layout holds
-    x = torch.randn(M, K, generator=g).bfloat16()
-    ref = x.double() @ wq.double().t()
-    y = lin(x)
-    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
-    assert torch.allclose(y.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())  # bf16 output, fp16 d/m
-    # each row exactly as a one-row call gives it (speculative verify passes rely on it)
-    assert torch.equal(y, torch.cat([lin(x[i:i + 1]) for i in range(M)]))
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4
+    x[M // 2, :32] = 0                                         # a block of zeros: scale 0
+    x[-1, K // 3] = 50.0                                       # an outlier: its block's other inputs round coarsely
+    x = x.bfloat16()
+    want, exact, bound, size = int4_kernel_reference(x, q, s, z, group)
+    y = lin(x, out_dtype=torch.float32).double()
+    assert (y - want).abs().max() <= 1e-5 * size.max()
+    assert ((y - exact).abs() <= bound + 1e-5 * size).all()
+    y16 = lin(x)  # the same sums rounded to bf16 (half a unit in the last place: 2^-9 of the value)
+    assert y16.dtype == torch.bfloat16 and y16.shape == (M, N)
+    assert ((y16.double() - exact).abs() <= bound + 1e-5 * size + y.abs() / 256).all()
+    # each row exactly as a one-row call gives it (speculative verify passes rely on it), in every block of rows
+    assert torch.equal(y16, torch.cat([lin(x[i:i + 1]) for i in range(M)]))
+    assert torch.equal(y, torch.cat([lin(x[i:i + 1], out_dtype=torch.float32) for i in range(M)]).double())
+
+
+def test_int4_layout_round_trip_and_byte_order() -> None:
+    """int4_layout's bytes: load i of a tile's block holds, in channel c's 32-bit lane, q[c][4 i + j] | q[c][16 + 4 i
+    + j] << 4 (the order vpdpbusd takes); int4_unpack gives q back; [d, m] are the fp16 scale and minimum."""
+    g = torch.Generator().manual_seed(0)
+    N, K, group = 32, 128, 64
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
+    s, z = torch.rand(N, K // group, generator=g), torch.randn(N, K // group, generator=g)
+    packed, dm = int4_layout(q, s, z)
+    assert packed.shape == (N, K // 2) and packed.dtype == torch.uint8 and dm.shape == (N // 16, K // group, 2, 16)
+    assert torch.equal(int4_unpack(packed), q.to(torch.uint8))
+    flat = packed.view(-1)
+    for tile, c, k in ((0, 0, 0), (1, 5, 37), (0, 15, 127), (1, 9, 80), (0, 3, 19)):
+        blk, kk = divmod(k, 32)
+        byte = flat[tile * 16 * K // 2 + blk * 256 + (kk % 16) // 4 * 64 + 4 * c + kk % 4]
+        assert int(byte >> 4 if kk >= 16 else byte & 15) == q[16 * tile + c, k]
+    assert torch.equal(dm[1, :, 0, 3], s[19].half()) and torch.equal(dm[0, :, 1, 7], (z[7] - 8 * s[7]).half())
 
 
 @needs_kernels

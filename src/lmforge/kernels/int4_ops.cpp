@@ -1,33 +1,35 @@
-// lmforge's weight-only int4 product for decoding: y (M, N) = x (M, K) W^T, M small (a decoding step, a
-// speculative verify pass, a small batch), with
+// lmforge's weight-only int4 product for decoding: y (M, N) = x (M, K) W^T, M small to moderate (a decoding step,
+// a speculative verify pass, a batch, a prompt's prefill), with
 //   W[n, k] = d[n, g] * q[n, k] + m[n, g],  q in [0, 15],  g = k / group   (llama.cpp's Q4_0/Q4_1/Q4_K)
 //
-// Why not PyTorch's `_weight_int4pack_mm_for_cpu`: it dequantises every weight to fp32 (a table lookup, an FMA
-// with the scale and zero) before its FMA with x -- three or four vector instructions per 16 weights.
-// Here, with AVX512-BF16, a weight becomes an exact bf16 number in one instruction per 32: the bf16 with bits
-// 0x43 0q is 128 + q (exponent 2^7, q in the low mantissa bits), made by interleaving the nibble bytes with 0x43
-// bytes (vpunpck[lh]bw). Then vdpbf16ps multiplies 16 output channels by one broadcast pair of inputs of x;
-// its products (128 + q) * x are exact in fp32. Per group, 16 channels at a time, with s = sum_k (128 + q) x[k]
-//   sum_k W[n, k] x[k] = d * (s - 128 * sum_k x[k]) + m * sum_k x[k],
-// so the epilogue is three vector operations with the group's sum of x (computed once per call).
-// `python bench/int8_rows.py --layout int4` (SmolLM2's matrices from memory, one thread of an AMD EPYC): 1.3-1.5x
-// PyTorch's kernel at 1-8 rows, 1.75x at 170. Tried and dropped: software prefetches 1-4 KB ahead into L2 for one
-// row (slower than none), vdpbf16ps with the broadcast folded in (inline asm; within noise).
+// Integer dot products (AVX512-VNNI's vpdpbusd: 64 u8 x s8 products summed into 16 int32 lanes per instruction,
+// twice the 32 MACs of vdpbf16ps): q (0..15) is the unsigned operand as it is, and x is quantised on the fly, once
+// per call, to int8 per block of 32 inputs, x[k] ~ s[b] xq[k] with s[b] = absmax / 127 (round to nearest even;
+// llama.cpp does the same for its Q4 x Q8 dot products). Per block b of group g and 16 channels at a time,
+//   sum_k W[n, k] x[k] ~= d * sum_b s[b] * (sum_{k in b} q[n, k] xq[k]) + m * sum_{k in g} x[k],
+// the int32 sum exact, the minimum's term with the exact fp32 sum of x (so only the rounding of x to 8 bits per 32
+// inputs is lost: ~0.4% of a dot product's size; SmolLM2's perplexity in docs/hub.md). The epilogue per block and
+// row: one conversion and one FMA (the first block of a group a multiply), and per group two FMAs.
+// Before (vdpbf16ps on the exact bf16 numbers 128 + q, 32 MACs an instruction) the product was bound by arithmetic
+// from 2 rows on; `python bench/int8_rows.py --layout int4` (one thread of an AMD EPYC, docs/hub.md) gives the
+// figures. A software prefetch 1 KB ahead into L2 per 64-byte line from 2 rows on (into L1 it was slower).
 //
-// Layout (models/quant.py builds it): channels in tiles of 16, inputs in blocks of 32; a tile's block is 256
-// bytes = 4 loads of 64 bytes, and load i holds the inputs 8i .. 8i + 7 of the block as
-//   byte (L * 16 + h * 8 + 2 c' + t) = q[4 L + c'][8 i + 2 h + t] | q[4 L + c'][8 i + 4 + 2 h + t] << 4
-// (L: 128-bit lane, c' + 4 L: channel in the tile, t: input in a pair), so that unpacking the low (high)
-// nibbles of the h-th half of each lane gives the 16 channels x 2 inputs that one vdpbf16ps takes: the pair
-// 4 i + h (+ 2 for the high nibbles). A tile's blocks follow each other: one contiguous stream of 8 K bytes.
-// Scales: fp16 (N / 16, K / group, 2, 16) = [d of the 16 channels, m of the 16 channels] -- llama.cpp's Q4_0 /
-// Q4_1 store fp16 d and m, so a GGUF's numbers arrive unrounded, and the layout reads Q4_1's 20 bytes per 32
-// weights.
+// Layout (models/quant.py: int4_layout builds it): channels in tiles of 16, inputs in blocks of 32; a tile's block
+// is 256 bytes = 4 loads of 64 bytes, and load i holds, for channel c of the tile (its 32-bit lane) and byte j of
+// the lane,
+//   byte (4 c + j) = q[c][4 i + j] | q[c][16 + 4 i + j] << 4
+// so `v & 15` is the 4 inputs 4i .. 4i + 3 of all 16 channels as vpdpbusd takes them (4 consecutive inputs of one
+// channel per lane) and `(v >> 4) & 15` the inputs 16 + 4i .. 16 + 4i + 3: one AND (and one shift) per 64 weights.
+// The nibble pairs (k, k + 16) are GGUF's own Q4_0/Q4_1 pairs. A tile's blocks follow each other: one contiguous
+// stream of 8 K bytes. Scales: fp16 (N / 16, K / group, 2, 16) = [d of the 16 channels, m of the 16 channels] --
+// llama.cpp's Q4_0 / Q4_1 store fp16 d and m, so a GGUF's numbers arrive unrounded.
 //
-// A row's result is the same whatever number of rows comes with it (rows go in blocks of at most 4, each row
-// with its own 4 accumulators), so a speculative verify pass gives each token what a one-token step gives it.
-// Without AVX512-BF16 a plain loop computes the same product (for tests and correctness everywhere; models/
-// quant.py keeps PyTorch's kernel there, see `int4_native`).
+// A row's result is the same whatever number of rows comes with it (x is quantised row by row; rows go in blocks of
+// at most ROWS, each row with its own accumulators and the same order of floating-point operations), so a
+// speculative verify pass gives each token what a one-token step gives it. Without AVX512-VNNI and AVX512BW a plain
+// loop computes the same maths (the same quantisation of x, the same int32 sums, fp32 operations in the same order
+// with std::fma where the fast body has an FMA): for tests and correctness everywhere; models/quant.py keeps
+// PyTorch's kernel there, see `int4_native`.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -39,79 +41,126 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <optional>
+#include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
+
+#include "vec.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define LMFORGE_INT4_VNNI 1
+#endif
 
 namespace {
 
-constexpr int64_t TILE = 16;   // output channels per tile (the 16 fp32 lanes of a vector)
-constexpr int64_t BLOCK = 32;  // inputs per block (256 bytes of a tile)
-constexpr int ROWS = 4;        // rows of x per pass over a tile; more rows take further passes (from L1/L2)
-// With 2-4 rows a pass is bound by arithmetic as much as by memory, and a prefetch 1 KB ahead into L1 lets the
-// loads overlap it: 7-12% at 2-8 rows (one row streams best without: the hardware prefetcher keeps up).
+constexpr int64_t TILE = 16;   // output channels per tile (the 16 int32 / fp32 lanes of a vector)
+constexpr int64_t BLOCK = 32;  // inputs per block (256 bytes of a tile) and per scale of the quantised x
+constexpr int ROWS = 8;        // rows of x per pass over a tile; more rows take further passes (from L1/L2)
+// From 2 rows on, a prefetch of each 64-byte line 1 KB ahead into L2 (within noise here, as for the int8 kernel's
+// prototype; into L1 it was slower there); one row streams best without: the hardware prefetcher keeps up.
 constexpr int64_t PREFETCH_BYTES = 1024;
 
-// The nibble of q[c][j] (channel c of the tile, input j of the block) inside a tile's 256-byte block.
-inline int nibble(const uint8_t* block, int64_t c, int64_t j) {
-  const int64_t i = j / 8, hi = (j / 4) % 2, h = (j / 2) % 2, t = j % 2, L = c / 4, cp = c % 4;
-  const uint8_t byte = block[i * 64 + L * 16 + h * 8 + 2 * cp + t];
-  return hi ? byte >> 4 : byte & 15;
+// The nibble of q[c][k] (channel c of the tile, input k of the block) inside a tile's 256-byte block.
+inline int nibble(const uint8_t* block, int64_t c, int64_t k) {
+  const uint8_t byte = block[(k % 16) / 4 * 64 + 4 * c + k % 4];
+  return k >= 16 ? byte >> 4 : byte & 15;
 }
 
-#if defined(__AVX512BF16__)
-// R rows (at most ROWS) of x against one tile: out[r][0..16) = x[r] . W[tile channels], group by group.
+// One row's block of 32 inputs quantised: xq[k] = round(x[k] / s) with s = absmax / 127 (nearest even, as
+// vcvtps2dq), and -8 * sum_k xq[k] into *c8; returns the block's fp32 sum of x (vec.h's tree: the same on every CPU).
+inline float quantise_block(const c10::BFloat16* x, int8_t* xq, float* s, int32_t* c8) {
+  const vf a = load_as_float(x), b = load_as_float(x + 16);
+  const vi abs_bits = (reinterpret_cast<const vi&>(a) & 0x7FFFFFFF), abs_bits_b = (reinterpret_cast<const vi&>(b) & 0x7FFFFFFF);
+  const vf aa = reinterpret_cast<const vf&>(abs_bits), ab = reinterpret_cast<const vf&>(abs_bits_b);
+  const float amax = hmax(aa > ab ? aa : ab);
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  *s = amax / 127.f;
+  const vf ya = a * inv, yb = b * inv;
+#if defined(LMFORGE_INT4_VNNI)
+  const __m512i qa = _mm512_cvtps_epi32(reinterpret_cast<const __m512&>(ya));
+  const __m512i qb = _mm512_cvtps_epi32(reinterpret_cast<const __m512&>(yb));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xq), _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + 16), _mm512_cvtepi32_epi8(qb));
+  *c8 = -8 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+#else
+  int32_t c = 0;
+  for (int l = 0; l < W; ++l) {
+    xq[l] = static_cast<int8_t>(std::nearbyint(ya[l]));
+    xq[16 + l] = static_cast<int8_t>(std::nearbyint(yb[l]));
+    c += xq[l] + xq[16 + l];
+  }
+  *c8 = -8 * c;
+#endif
+  return hsum(a + b);
+}
+
+#if defined(LMFORGE_INT4_VNNI)
+// acc += w (64 u8) . x4 (4 s8 broadcast to the 16 lanes) with the broadcast folded into vpdpbusd's memory operand:
+// GCC emits a separate vpbroadcastd for _mm512_set1_epi32, which cost 8-10% from 4 rows on.
+inline void dpbusd_bcast(__m512i& acc, __m512i w, const int32_t* x4) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x4));
+}
+
+// R rows (at most ROWS) of x against one tile: out[r][0..16) = x[r] . W[tile channels], block by block.
+// xq[r]: row r quantised, xs[r]: its scale per block, xc[r]: -8 * its sum of xq per block, xsum[r]: its exact sum of
+// x per group.
 template <int R>
-inline void tile_rows(const uint8_t* p, const at::Half* dm, const c10::BFloat16* const* x, const float* const* xs,
-                      int64_t groups, int64_t blocks_per_group, float* const* out) {
-  const __m512i low = _mm512_set1_epi8(0x0F), exp43 = _mm512_set1_epi8(0x43);
+inline void tile_rows(const uint8_t* p, const at::Half* dm, const int8_t* const* xq, const float* const* xs,
+                      const int32_t* const* xc, const float* const* xsum, int64_t groups, int64_t blocks_per_group,
+                      float* const* out) {
+  constexpr int C = R == 1 ? 4 : (R == 2 ? 2 : 1);  // independent int32 chains per row (vpdpbusd's latency)
+  const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
-  int64_t k = 0;
+  int64_t blk = 0;
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[R][4];  // 4 chains per row: vdpbf16ps's latency would otherwise bound one row
-    for (int r = 0; r < R; ++r)
-      for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks_per_group; ++b, k += BLOCK) {
-      for (int i = 0; i < 4; ++i, p += 64) {
-        if (R >= 2) _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH_BYTES, _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(p);
+    __m512 f[R];  // sum_b s[b] * dot[b] over the group's blocks
+    for (int64_t b = 0; b < blocks_per_group; ++b, ++blk, p += 4 * 64) {
+      __m512i acc[R][C];  // from -8 sum xq: the sums are of (q - 8) xq
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = c == 0 ? _mm512_set1_epi32(xc[r][blk]) : _mm512_setzero_si512();
+      for (int i = 0; i < 4; ++i) {
+        if (R >= 2) _mm_prefetch(reinterpret_cast<const char*>(p) + 64 * i + PREFETCH_BYTES, _MM_HINT_T2);
+        const __m512i v = _mm512_loadu_si512(p + 64 * i);
         const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        const __m512bh w[4] = {(__m512bh)_mm512_unpacklo_epi8(lo, exp43), (__m512bh)_mm512_unpackhi_epi8(lo, exp43),
-                               (__m512bh)_mm512_unpacklo_epi8(hi, exp43), (__m512bh)_mm512_unpackhi_epi8(hi, exp43)};
         for (int r = 0; r < R; ++r) {
-          const int32_t* xp = reinterpret_cast<const int32_t*>(x[r] + k + 8 * i);  // pairs of bf16 inputs
-          for (int a = 0; a < 4; ++a)
-            acc[r][a] = _mm512_dpbf16_ps(acc[r][a], w[a], (__m512bh)_mm512_set1_epi32(xp[a]));
+          const int32_t* x4 = reinterpret_cast<const int32_t*>(xq[r] + blk * BLOCK);  // 4 inputs per int32
+          dpbusd_bcast(acc[r][2 * i % C], lo, x4 + i);
+          dpbusd_bcast(acc[r][(2 * i + 1) % C], hi, x4 + 4 + i);
         }
       }
+      for (int r = 0; r < R; ++r) {
+        __m512i dot = acc[r][0];
+        for (int c = 1; c < C; ++c) dot = _mm512_add_epi32(dot, acc[r][c]);
+        const __m512 s = _mm512_set1_ps(xs[r][blk]);
+        f[r] = b == 0 ? _mm512_mul_ps(_mm512_cvtepi32_ps(dot), s) : _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, f[r]);
+      }
     }
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dm + g * 2 * TILE)));
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dm + g * 2 * TILE + TILE)));
-    for (int r = 0; r < R; ++r) {  // d (s - 128 sum x) + m sum x
-      const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
-      const __m512 sx = _mm512_set1_ps(xs[r][g]);
-      total[r] = _mm512_fmadd_ps(sx, m, _mm512_fmadd_ps(_mm512_sub_ps(s, _mm512_mul_ps(sx, _mm512_set1_ps(128.f))), d, total[r]));
-    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 2 * TILE)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + g * 2 * TILE + TILE)));
+    const __m512 z = _mm512_fmadd_ps(_mm512_set1_ps(8.f), d, m);
+    for (int r = 0; r < R; ++r)  // d * f + (m + 8 d) * sum x
+      total[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[r][g]), _mm512_fmadd_ps(f[r], d, total[r]));
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], total[r]);
 }
 #endif
 
-// The plain loop: the same product, d (s - 128 sum x) + m sum x per group, for any CPU.
-void tile_rows_plain(const uint8_t* p, const at::Half* dm, const c10::BFloat16* x, const float* xs, int64_t groups,
-                     int64_t blocks_per_group, float* out) {
+// The plain loop: the same maths in the same order, for any CPU.
+void tile_rows_plain(const uint8_t* p, const at::Half* dm, const int8_t* xq, const float* xs, const int32_t* xc,
+                     const float* xsum, int64_t groups, int64_t blocks_per_group, float* out) {
   for (int64_t c = 0; c < TILE; ++c) {
     float total = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t b = 0; b < blocks_per_group; ++b) {
-        const int64_t blk = g * blocks_per_group + b;
-        for (int64_t j = 0; j < BLOCK; ++j)
-          s += static_cast<float>(128 + nibble(p + blk * 256, c, j)) * static_cast<float>(x[blk * BLOCK + j]);
+    for (int64_t g = 0, blk = 0; g < groups; ++g) {
+      float f = 0.f;
+      for (int64_t b = 0; b < blocks_per_group; ++b, ++blk) {
+        int32_t dot = xc[blk];
+        for (int64_t k = 0; k < BLOCK; ++k) dot += nibble(p + blk * 256, c, k) * xq[blk * BLOCK + k];
+        f = b == 0 ? static_cast<float>(dot) * xs[blk] : std::fma(static_cast<float>(dot), xs[blk], f);
       }
-      const float d = dm[g * 2 * TILE + c], m = dm[g * 2 * TILE + TILE + c];
-      total += d * (s - 128.f * xs[g]) + m * xs[g];
+      const float d = dm[g * 2 * TILE + c], m = dm[g * 2 * TILE + TILE + c], z = std::fma(8.f, d, m);
+      total = std::fma(z, xsum[g], std::fma(f, d, total));
     }
     out[c] = total;
   }
@@ -123,29 +172,35 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "int4_linear: packed must be (N, K / 2) uint8 in lmforge's int4 layout");
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(N % TILE == 0 && group % BLOCK == 0 && K % group == 0, "int4_linear: N must be a multiple of ", TILE,
+  TORCH_CHECK(N % TILE == 0 && group > 0 && group % BLOCK == 0 && K % group == 0, "int4_linear: N must be a multiple of ", TILE,
               ", the group of ", BLOCK, " and K of the group");
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && x_in.scalar_type() == at::kBFloat16,
               "int4_linear: x must be (M, ", K, ") bf16, got ", x_in.sizes(), " ", x_in.scalar_type());
-  const int64_t groups = K / group, M = x_in.size(0);
+  const int64_t groups = K / group, blocks = K / BLOCK, bpg = group / BLOCK, M = x_in.size(0);
   TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.numel() == N * groups * 2,
               "int4_linear: scales must be (N / 16, K / group, 2, 16) fp16");
-  const at::Tensor x = x_in.contiguous();
-  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-  std::vector<float> xs(M * groups);  // each group's sum of x, once per call
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t j = 0; j < group; ++j) s += static_cast<float>(xp[r * K + g * group + j]);
-      xs[r * groups + g] = s;
-    }
   const bool fp32_out = out_dtype.value_or(at::kBFloat16) == at::kFloat;
   TORCH_CHECK(fp32_out || out_dtype.value_or(at::kBFloat16) == at::kBFloat16, "int4_linear: out_dtype bf16 or fp32");
+  const at::Tensor x = x_in.contiguous();
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  // x quantised once per call, row by row: int8 per block of 32, each block's scale, each group's exact sum
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M * blocks), xsum(M * groups);
+  std::vector<int32_t> xc(M * blocks);
+  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t g = 0, blk = r * blocks; g < groups; ++g) {
+        float sum = 0.f;
+        for (int64_t b = 0; b < bpg; ++b, ++blk)
+          sum += quantise_block(xp + blk * BLOCK, xq.data() + blk * BLOCK, xs.data() + blk, xc.data() + blk);
+        xsum[r * groups + g] = sum;
+      }
+  });
   at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
   void* yp = y.data_ptr();
   const uint8_t* qp = packed.data_ptr<uint8_t>();
   const at::Half* dmp = dm.data_ptr<at::Half>();
-  const int64_t bpg = group / BLOCK, tile_bytes = TILE * K / 2;
+  const int64_t tile_bytes = TILE * K / 2;
   at::parallel_for(0, N / TILE, 4, [&](int64_t t0, int64_t t1) {
     float out[ROWS][TILE];
     for (int64_t t = t0; t < t1; ++t) {
@@ -153,20 +208,28 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
       const at::Half* d = dmp + t * groups * 2 * TILE;
       for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
         const int R = static_cast<int>(std::min<int64_t>(ROWS, M - r0));
-#if defined(__AVX512BF16__)
-        const c10::BFloat16* xr[ROWS];
-        const float* sr[ROWS];
+#if defined(LMFORGE_INT4_VNNI)
+        const int8_t* xr[ROWS];
+        const float *sr[ROWS], *sumr[ROWS];
+        const int32_t* cr[ROWS];
         float* o[ROWS];
-        for (int r = 0; r < R; ++r) xr[r] = xp + (r0 + r) * K, sr[r] = xs.data() + (r0 + r) * groups, o[r] = out[r];
+        for (int r = 0; r < R; ++r)
+          xr[r] = xq.data() + (r0 + r) * K, sr[r] = xs.data() + (r0 + r) * blocks, cr[r] = xc.data() + (r0 + r) * blocks,
+          sumr[r] = xsum.data() + (r0 + r) * groups, o[r] = out[r];
         switch (R) {
-          case 1: tile_rows<1>(p, d, xr, sr, groups, bpg, o); break;
-          case 2: tile_rows<2>(p, d, xr, sr, groups, bpg, o); break;
-          case 3: tile_rows<3>(p, d, xr, sr, groups, bpg, o); break;
-          default: tile_rows<4>(p, d, xr, sr, groups, bpg, o); break;
+          case 1: tile_rows<1>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
+          case 2: tile_rows<2>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
+          case 3: tile_rows<3>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
+          case 4: tile_rows<4>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
+          case 5: tile_rows<5>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
+          case 6: tile_rows<6>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
+          case 7: tile_rows<7>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
+          default: tile_rows<8>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
         }
 #else
         for (int r = 0; r < R; ++r)
-          tile_rows_plain(p, d, xp + (r0 + r) * K, xs.data() + (r0 + r) * groups, groups, bpg, out[r]);
+          tile_rows_plain(p, d, xq.data() + (r0 + r) * K, xs.data() + (r0 + r) * blocks, xc.data() + (r0 + r) * blocks,
+                          xsum.data() + (r0 + r) * groups, groups, bpg, out[r]);
 #endif
         for (int r = 0; r < R; ++r)
           for (int64_t c = 0; c < TILE; ++c) {
@@ -182,9 +245,9 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   return y;
 }
 
-// Whether int4_linear runs its bf16 dot-product body here (else the plain loop, correct but slow).
+// Whether int4_linear runs its AVX512-VNNI body here (else the plain loop, correct but slow).
 bool int4_native() {
-#if defined(__AVX512BF16__)
+#if defined(LMFORGE_INT4_VNNI)
   return true;
 #else
   return false;

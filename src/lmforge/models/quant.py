@@ -103,16 +103,26 @@ def tile_rows(w: torch.Tensor) -> torch.Tensor:
 def int4_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q (out, in) in [0, 15] and scale/zero (out, groups) with w = (q - 8) * scale + zero -> lmforge's int4 layout
     (int4_ops.cpp): the nibbles, (out, in / 2) bytes in tiles of 16 channels and blocks of 32 inputs, each block 4
-    loads of 64 bytes where byte (L * 16 + h * 8 + 2 c + t) of load i holds q[4 L + c][8 i + 2 h + t] (low nibble)
-    and q[4 L + c][8 i + 4 + 2 h + t] (high nibble); and fp16 (out / 16, groups, 2, 16) = [d, m] with w = d q + m."""
+    loads of 64 bytes where byte (4 c + j) of load i holds q[c][4 i + j] (low nibble) and q[c][16 + 4 i + j] (high
+    nibble) -- one 32-bit lane per channel c of the tile, 4 consecutive inputs in it, as AVX512-VNNI's vpdpbusd
+    takes them; the pairs (k, k + 16) are GGUF's Q4_0/Q4_1 nibble pairs -- and fp16 (out / 16, groups, 2, 16) =
+    [d, m] with w = d q + m."""
     N, K = q.shape
-    v = q.to(torch.uint8).view(N // INT4_TILE, 4, 4, K // INT4_BLOCK, 4, 2, 2, 2)  # tile, L, c, block, i, nib, h, t
-    v = v.permute(0, 3, 4, 1, 6, 2, 7, 5)                                              # tile, block, i, L, h, c, t, nib
+    v = q.to(torch.uint8).view(N // INT4_TILE, INT4_TILE, K // INT4_BLOCK, 2, 4, 4)  # tile, c, block, nib, i, j
+    v = v.permute(0, 2, 4, 1, 5, 3)                                                  # tile, block, i, c, j, nib
     packed = (v[..., 0] | (v[..., 1] << 4)).contiguous().view(N, K // 2)
     d, m = scale.float(), zero.float() - 8 * scale.float()
     G = d.shape[1]
     dm = torch.stack([d.view(N // INT4_TILE, INT4_TILE, G), m.view(N // INT4_TILE, INT4_TILE, G)], dim=1)
-    return packed, dm.permute(0, 3, 1, 2).contiguous().half()                         # (N / 16, G, [d, m], 16)
+    return packed, dm.permute(0, 3, 1, 2).contiguous().half()                       # (N / 16, G, [d, m], 16)
+
+
+def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`int4_layout`'s nibble order: q (out, in) in [0, 15] (uint8) from the packed bytes."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    v = packed.view(N // INT4_TILE, K // INT4_BLOCK, 4, INT4_TILE, 4)              # tile, block, i, c, j
+    v = torch.stack([v & 15, v >> 4], dim=-1)                                       # ..., nib
+    return v.permute(0, 3, 1, 5, 2, 4).reshape(N, K)                                 # tile, c, block, nib, i, j
 
 
 def int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
