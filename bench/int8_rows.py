@@ -12,7 +12,7 @@ rows of bf16 activations, one pass over all of them per timing, best of ``--roun
 * gemm bf16 / gemm fp32: the weight dequantised (``q * scale``) and one ``F.linear``, what an int8 layer does
   from ``models.quant.GEMM_ROWS`` rows on (a prompt's prefill).
 
-With ``--layout int4`` (groups of 32, llama.cpp's Q4_1 shape): lmforge's ``int4_linear`` (int4_ops.cpp, AVX512-BF16
+With ``--layout int4`` (groups of 32, llama.cpp's Q4_1 shape): lmforge's ``int4_linear`` (int4_ops.cpp, AVX512-VNNI
 machines) against PyTorch's ``_weight_int4pack_mm_for_cpu``, at every row count (neither dequantises for a prefill).
 
 With ``--layout fp32|bf16``: lmforge's ``tiled_linear`` on the weights in the int8 layout's tiles (what the fp32 and
@@ -87,7 +87,7 @@ def report(rows: int, ways: dict, rounds: int, nbytes: dict[str, int]) -> None:
 
 def int4_rows(a: argparse.Namespace, g: torch.Generator) -> None:
     if not kernels.int4_native():
-        raise SystemExit("lmforge's int4 kernel needs AVX512-BF16; this CPU keeps PyTorch's")
+        raise SystemExit("lmforge's int4 kernel needs AVX512-VNNI; this CPU keeps PyTorch's")
     mats = []
     for o, i in SHAPES:  # lmforge's layout (packed q, fp16 d/m) and PyTorch's (packed q, bf16 scale/zero)
         q = torch.randint(0, 16, (o, i), generator=g, dtype=torch.int32)

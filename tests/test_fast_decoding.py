@@ -152,6 +152,31 @@ def test_gguf_blocks_decode_exactly(kind: str) -> None:
         np.testing.assert_allclose(deq, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_q4_1_blocks_go_into_the_int4_layout_unrounded() -> None:
+    """A Q4_1 tensor's bytes in lmforge's int4 layout: the packed bytes are the file's nibble bytes moved (byte
+    4 i + j of channel c's block -> load i, lane c, byte j: both pair inputs k and k + 16), [d, m] its fp16 numbers
+    bit for bit, and the layer's product is the file's dequantized product (up to the activation rounding)."""
+    from lmforge.hub.gguf_io import gguf_int4
+
+    rows, cols = 48, 256
+    rng = np.random.default_rng(1)
+    data = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), gguf.GGMLQuantizationType.Q4_1)
+    q, s, z = gguf_int4(data, "Q4_1", rows)
+    lin = QuantLinear("int4", rows, cols, 32)
+    lin.set_int4(torch.from_numpy(q), torch.from_numpy(s), torch.from_numpy(z))
+    blocks = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(rows, cols // 32, 20).copy())
+    if lin.kernel == "lmforge":
+        want = blocks[..., 4:].reshape(rows // 16, 16, cols // 32, 4, 4).permute(0, 2, 3, 1, 4).reshape(rows, -1)
+        assert torch.equal(lin.qweight, want)
+        d, m = (blocks[..., a:a + 2].contiguous().view(torch.float16)[..., 0] for a in (0, 2))  # (rows, blocks)
+        for i, t in enumerate((d, m)):
+            assert torch.equal(lin.scales_dm[:, :, i], t.view(rows // 16, 16, -1).transpose(1, 2))
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(0)).bfloat16()
+    w = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_1).reshape(rows, cols).copy())
+    ref = x.double() @ w.double().t()
+    assert torch.allclose(lin(x, out_dtype=torch.float32).double(), ref, atol=1e-2 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("batch, keys, mask", [(1, 17, None), (8, 144, "static"), (3, 300, "slots"), (2, 1000, None)])
 def test_one_query_folds_grouped_heads(batch: int, keys: int, mask: str | None) -> None:
     """A bf16 decoding step folds the query heads sharing a key/value head into one call of the fused kernel

@@ -124,11 +124,11 @@ def test_verify_passes_fill_kernel_blocks() -> None:
 @pytest.mark.parametrize("layout", ["int8", "int4"])
 def test_greedy_identical_with_quantized_target(layout: str) -> None:
     """A laid-out target verifies in passes that fill its kernels' blocks (1-4 or 8 rows; 1-8 for lmforge's int8
-    kernel) and still decodes exactly plain greedy's tokens. (bf16 activations make a row's logits depend on the
-    pass's length in the last bits, so the head is scaled further to keep this tiny model's greedy choices clear
-    of such ties.)"""
+    and int4 kernels) and still decodes exactly plain greedy's tokens. (bf16 activations make a row's logits
+    depend on the pass's length in the last bits, so the head is scaled further to keep this tiny model's greedy
+    choices clear of such ties.)"""
     target = prepare_for_decoding(gpt(0, head_scale=30.0), layout)
-    block = kernel_rows(layout)  # 4 (PyTorch's kernels) or 8 (lmforge's int8 kernel)
+    block = kernel_rows(layout)  # 4 (PyTorch's kernels) or 8 (lmforge's)
     allowed = {r for r in range(1, 11) if r <= block or r % block == 0}
     prompt = [5, 17, 42, 8, 5, 17, 42, 8, 5, 17, 42, 8, 5, 17]
     cfg = dict(max_new_tokens=40, temperature=0, ignore_eos=True)

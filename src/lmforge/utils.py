@@ -215,7 +215,7 @@ def parse_duration(text: str | float | int | None) -> float | None:
 
 
 #: the CPU flags that decide how fast bf16 (and fp32) matmuls run; printed with every bench figure
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 @functools.cache  # once per process

@@ -9,8 +9,8 @@ per token, so the bytes per weight and the kernel's streaming rate decide the sp
 * ``int8``: weight-only int8, one scale per output channel, bf16 activations (lmforge's int8 kernel, PyTorch's
   ``_weight_int8pack_mm`` without it).
 * ``int4``: weight-only 4-bit with a scale and a zero per group of 32 inputs (``group_size``; 64 halves
-  the scale bytes), bf16 activations (lmforge's int4 kernel with AVX512-BF16, ``_weight_int4pack_mm_for_cpu``
-  elsewhere).
+  the scale bytes), bf16 activations (lmforge's int4 kernel with AVX512-VNNI, which rounds them to int8 per 32
+  inputs for its integer dot products; ``_weight_int4pack_mm_for_cpu`` elsewhere).
 
 int8 and int4 round the weights, so logits move slightly (greedy outputs can differ from fp32's where
 two tokens are nearly tied). The model keeps working through the common protocol (``forward_logits``,

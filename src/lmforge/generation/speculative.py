@@ -37,8 +37,8 @@ Drafters:
 
 Verify passes are cut to whole blocks of the target's matmul kernels (``models.quant.kernel_rows``:
 PyTorch's int8/int4 CPU kernels multiply 4 rows at a time, so 4 rows cost ~1.2x one row and the 5th row
-~1.6x: a draft of 5 tokens (6 rows) is cut to 3 (4 rows), one of 8 to 7; lmforge's int8 kernel takes 8 rows
-at a time, 8 rows costing ~2x one). A round without a draft is a plain one-token step.
+~1.6x: a draft of 5 tokens (6 rows) is cut to 3 (4 rows), one of 8 to 7; lmforge's int8 and int4 kernels take 8
+rows at a time, 8 rows costing ~2-2.3x one). A round without a draft is a plain one-token step.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 What they are for: decoding one new token per row, where eager PyTorch spends more on dispatching small
 operations and on its int8/int4 kernels' slow streaming than on arithmetic: ``torch.ops.lmforge.int8_linear``
 and ``int4_linear`` (weight-only int8 / int4 over a few rows, used by :class:`lmforge.models.quant.QuantLinear`;
-int4 where the CPU has AVX512-BF16, :func:`int4_native`), ``attend_one``, ``rms_norm``, ``silu_mul`` (a
+int4 where the CPU has AVX512-VNNI, :func:`int4_native`), ``attend_one``, ``rms_norm``, ``silu_mul`` (a
 Transformer block's step, :meth:`lmforge.models.layers.Block._step`) and ``decode_stack`` (every block's step in
 one call, ``GPT._decode_stack``); and
 training steps, where eager autograd makes several passes over memory for what is one: ``causal_attention``
@@ -270,7 +270,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @functools.cache
 def int4_native() -> bool:
-    """Whether lmforge's int4 kernel runs its AVX512-BF16 body here (models/quant.py keeps PyTorch's int4 kernel
+    """Whether lmforge's int4 kernel runs its AVX512-VNNI body here (models/quant.py keeps PyTorch's int4 kernel
     elsewhere: lmforge's plain loop is correct but slow)."""
     return available() and bool(torch.ops.lmforge.int4_native())
 

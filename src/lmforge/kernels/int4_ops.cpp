@@ -3,33 +3,38 @@
 //   W[n, k] = d[n, g] * q[n, k] + m[n, g],  q in [0, 15],  g = k / group   (llama.cpp's Q4_0/Q4_1/Q4_K)
 //
 // Integer dot products (AVX512-VNNI's vpdpbusd: 64 u8 x s8 products summed into 16 int32 lanes per instruction,
-// twice the 32 MACs of vdpbf16ps): q (0..15) is the unsigned operand as it is, and x is quantised on the fly, once
-// per call, to int8 per block of 32 inputs, x[k] ~ s[b] xq[k] with s[b] = absmax / 127 (round to nearest even;
-// llama.cpp does the same for its Q4 x Q8 dot products). Per block b of group g and 16 channels at a time,
-//   sum_k W[n, k] x[k] ~= d * sum_b s[b] * (sum_{k in b} q[n, k] xq[k]) + m * sum_{k in g} x[k],
-// the int32 sum exact, the minimum's term with the exact fp32 sum of x (so only the rounding of x to 8 bits per 32
-// inputs is lost: ~0.4% of a dot product's size; SmolLM2's perplexity in docs/hub.md). The epilogue per block and
-// row: one conversion and one FMA (the first block of a group a multiply), and per group two FMAs.
-// Before (vdpbf16ps on the exact bf16 numbers 128 + q, 32 MACs an instruction) the product was bound by arithmetic
-// from 2 rows on; `python bench/int8_rows.py --layout int4` (one thread of an AMD EPYC, docs/hub.md) gives the
-// figures. A software prefetch 1 KB ahead into L2 per 64-byte line from 2 rows on (into L1 it was slower).
+// twice the 32 multiply-adds of vdpbf16ps): q (0..15) is the unsigned operand as it is, and x is quantised on the
+// fly, once per call and row by row, to int8 per block of 32 inputs: x[k] ~ s[b] xq[k] with s[b] = absmax / 127,
+// round to nearest even (llama.cpp does the same for its Q4 x Q8 dot products). Per block b of group g and 16
+// channels at a time,
+//   sum_k W[n, k] x[k] ~= d * sum_b s[b] * (sum_{k in b} (q[n, k] - 8) xq[k]) + (m + 8 d) * sum_{k in g} x[k]:
+// the int32 sum starts from -8 sum xq (computed with xq), so the rounding of x multiplies the centred weights
+// d (q - 8) (half the error of d q), and the minimum's term takes the exact fp32 sum of x. The error against the
+// exact product is at most sum_k |d (q[k] - 8)| s[b] / 2 (tests/test_kernels.py), ~0.5% of a dot product's size
+// on random data; SmolLM2's perplexity moves by <= 0.004 nats per token (docs/hub.md). The epilogue per block and
+// row: one conversion and one multiply or FMA; per group two FMAs.
+// The first version (vdpbf16ps on the exact bf16 numbers 128 + q) was bound by arithmetic from 2 rows on; this one
+// is 1.1x it at 1 row, 1.4x at 4, 1.6x at 16, 1.75-2x at 64-170 (`python bench/int8_rows.py --layout int4`, one
+// thread of an AMD EPYC, docs/hub.md). The x broadcast is folded into vpdpbusd's memory operand (inline asm: GCC
+// emits a separate vpbroadcastd for _mm512_set1_epi32, 8-10% slower from 4 rows on).
 //
 // Layout (models/quant.py: int4_layout builds it): channels in tiles of 16, inputs in blocks of 32; a tile's block
 // is 256 bytes = 4 loads of 64 bytes, and load i holds, for channel c of the tile (its 32-bit lane) and byte j of
 // the lane,
 //   byte (4 c + j) = q[c][4 i + j] | q[c][16 + 4 i + j] << 4
-// so `v & 15` is the 4 inputs 4i .. 4i + 3 of all 16 channels as vpdpbusd takes them (4 consecutive inputs of one
+// so `v & 15` is the inputs 4i .. 4i + 3 of all 16 channels as vpdpbusd takes them (4 consecutive inputs of one
 // channel per lane) and `(v >> 4) & 15` the inputs 16 + 4i .. 16 + 4i + 3: one AND (and one shift) per 64 weights.
-// The nibble pairs (k, k + 16) are GGUF's own Q4_0/Q4_1 pairs. A tile's blocks follow each other: one contiguous
-// stream of 8 K bytes. Scales: fp16 (N / 16, K / group, 2, 16) = [d of the 16 channels, m of the 16 channels] --
-// llama.cpp's Q4_0 / Q4_1 store fp16 d and m, so a GGUF's numbers arrive unrounded.
+// The nibble pairs (k, k + 16) are GGUF's own Q4_0/Q4_1 pairs (a Q4_1 block's 16 bytes, moved). A tile's blocks
+// follow each other: one contiguous stream of 8 K bytes. Scales: fp16 (N / 16, K / group, 2, 16) = [d of the 16
+// channels, m of the 16 channels] -- llama.cpp's Q4_0 / Q4_1 store fp16 d and m, so a GGUF's numbers arrive
+// unrounded.
 //
 // A row's result is the same whatever number of rows comes with it (x is quantised row by row; rows go in blocks of
 // at most ROWS, each row with its own accumulators and the same order of floating-point operations), so a
 // speculative verify pass gives each token what a one-token step gives it. Without AVX512-VNNI and AVX512BW a plain
-// loop computes the same maths (the same quantisation of x, the same int32 sums, fp32 operations in the same order
-// with std::fma where the fast body has an FMA): for tests and correctness everywhere; models/quant.py keeps
-// PyTorch's kernel there, see `int4_native`.
+// loop computes the same maths in the same order (the same quantisation of x, the same int32 sums, std::fma where
+// the fast body has an FMA: the same fp32 sums bit for bit, tests/test_kernels.py), for tests and correctness
+// everywhere; models/quant.py keeps PyTorch's kernel there, see `int4_native`.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -71,8 +76,8 @@ inline int nibble(const uint8_t* block, int64_t c, int64_t k) {
 // vcvtps2dq), and -8 * sum_k xq[k] into *c8; returns the block's fp32 sum of x (vec.h's tree: the same on every CPU).
 inline float quantise_block(const c10::BFloat16* x, int8_t* xq, float* s, int32_t* c8) {
   const vf a = load_as_float(x), b = load_as_float(x + 16);
-  const vi abs_bits = (reinterpret_cast<const vi&>(a) & 0x7FFFFFFF), abs_bits_b = (reinterpret_cast<const vi&>(b) & 0x7FFFFFFF);
-  const vf aa = reinterpret_cast<const vf&>(abs_bits), ab = reinterpret_cast<const vf&>(abs_bits_b);
+  const vi abs_a = reinterpret_cast<const vi&>(a) & 0x7FFFFFFF, abs_b = reinterpret_cast<const vi&>(b) & 0x7FFFFFFF;
+  const vf aa = reinterpret_cast<const vf&>(abs_a), ab = reinterpret_cast<const vf&>(abs_b);
   const float amax = hmax(aa > ab ? aa : ab);
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   *s = amax / 127.f;
@@ -172,8 +177,8 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "int4_linear: packed must be (N, K / 2) uint8 in lmforge's int4 layout");
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(N % TILE == 0 && group > 0 && group % BLOCK == 0 && K % group == 0, "int4_linear: N must be a multiple of ", TILE,
-              ", the group of ", BLOCK, " and K of the group");
+  TORCH_CHECK(N % TILE == 0 && group > 0 && group % BLOCK == 0 && K % group == 0,
+              "int4_linear: N must be a multiple of ", TILE, ", the group of ", BLOCK, " and K of the group");
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && x_in.scalar_type() == at::kBFloat16,
               "int4_linear: x must be (M, ", K, ") bf16, got ", x_in.sizes(), " ", x_in.scalar_type());
   const int64_t groups = K / group, blocks = K / BLOCK, bpg = group / BLOCK, M = x_in.size(0);
@@ -214,8 +219,8 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
         const int32_t* cr[ROWS];
         float* o[ROWS];
         for (int r = 0; r < R; ++r)
-          xr[r] = xq.data() + (r0 + r) * K, sr[r] = xs.data() + (r0 + r) * blocks, cr[r] = xc.data() + (r0 + r) * blocks,
-          sumr[r] = xsum.data() + (r0 + r) * groups, o[r] = out[r];
+          xr[r] = xq.data() + (r0 + r) * K, sr[r] = xs.data() + (r0 + r) * blocks,
+          cr[r] = xc.data() + (r0 + r) * blocks, sumr[r] = xsum.data() + (r0 + r) * groups, o[r] = out[r];
         switch (R) {
           case 1: tile_rows<1>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
           case 2: tile_rows<2>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;

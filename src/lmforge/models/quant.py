@@ -23,11 +23,12 @@ are available and the shape allows, PyTorch's otherwise (``kernel`` says which).
 inputs of 32): q stored tiled -- 4 output channels interleaved in chunks of 32 inputs, so one tile is one
 contiguous stream -- with an fp32 scale per row (PyTorch's: q row-major, a bf16 scale); :meth:`QuantLinear.int8_weight`
 gives q row-major either way. It streams the weights 2-3x faster than PyTorch's and takes 1-8 rows of
-activations for little more than one (a speculative verify pass, a small batch). int4 (with AVX512-BF16, where
-a weight becomes an exact bf16 number in one instruction; int4_ops.cpp): 16 output channels per tile, the
-nibbles of 32 inputs in the order the unpacking needs, fp16 (d, m) per group (``w = d q + m``, llama.cpp's
-Q4_1 numbers as the file holds them); ~1.7x PyTorch's int4 kernel at 1-8 rows (``bench/int8_rows.py --layout
-int4``). Without AVX512-BF16 int4 keeps PyTorch's kernel (lmforge's loops were no faster there: docs/hub.md).
+activations for little more than one (a speculative verify pass, a small batch). int4 (with AVX512-VNNI: integer
+dot products of the 4-bit weights with the activations rounded to int8 per 32 inputs; int4_ops.cpp): 16 output
+channels per tile, the nibbles of 32 inputs in the order vpdpbusd takes them, fp16 (d, m) per group (``w = d q +
+m``, llama.cpp's Q4_1 numbers as the file holds them); 8 rows per pass; 1.2-2x its bf16 predecessor and more
+against PyTorch's int4 kernel at 1-170 rows (``bench/int8_rows.py --layout int4``, docs/hub.md). Without
+AVX512-VNNI int4 keeps PyTorch's kernel (lmforge's loops were no faster there: docs/hub.md).
 
 The int8/int4 kernels take bf16 activations (with fp32 activations PyTorch 2.13 has no fast CPU path:
 ~50x slower); the output is bf16, or ``out_dtype`` (an output head's fp32 logits). int8/fp32/bf16 layers whose
@@ -64,10 +65,11 @@ KERNEL_ROWS = {"int8": 4, "int4": 4}
 
 
 def kernel_rows(dtype: str | None) -> int:
-    """Rows of activations one pass of a layout's int8/int4 weight kernel takes: lmforge's int8 kernel 8
-    (lmforge/kernels; 8 rows cost ~2.3x one, 4 rows ~1.4x), lmforge's and PyTorch's int4 kernels 4 (KERNEL_ROWS);
-    1 (no blocks) for fp32/bf16, whose cost grows smoothly with the rows."""
-    if dtype == "int8" and kernels.available():
+    """Rows of activations one pass of a layout's int8/int4 weight kernel takes: lmforge's int8 and int4 kernels 8
+    (lmforge/kernels; int8: 8 rows cost ~2.3x one, 4 rows ~1.4x; int4 on AVX512-VNNI: 8 rows ~2.3x, 4 rows ~1.3x,
+    bench/int8_rows.py), PyTorch's 4 (KERNEL_ROWS); 1 (no blocks) for fp32/bf16, whose cost grows smoothly with
+    the rows."""
+    if dtype == "int8" and kernels.available() or dtype == "int4" and kernels.int4_native():
         return 8
     return KERNEL_ROWS.get(dtype or "", 1)
 
