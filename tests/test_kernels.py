@@ -524,6 +524,14 @@ y = torch.ops.lmforge.attend_one(qkv, kc, vc, 5, None, None, None, 2, 1)
 k[0, 0, 5], v[0, 0, 5] = qkv[0, 32:48], qkv[0, 48:]
 att = (qkv[0, :32].view(2, 16) @ k[0, 0, :6].t() / 4).softmax(-1) @ v[0, 0, :6]
 assert torch.allclose(y, att.reshape(1, 32), atol=1e-5)
+qkv = torch.randn(1, 8 * 32, generator=g)  # 4 heads over 2, 21 keys: whole vectors of keys at a time, and a rest
+kc, vc = torch.randn(1, 2, 24, 32, generator=g), torch.randn(1, 2, 24, 32, generator=g)
+k, v = kc.clone(), vc.clone()
+y = torch.ops.lmforge.attend_one(qkv, kc, vc, 20, None, None, None, 4, 2).view(4, 32)
+k[0, :, 20], v[0, :, 20] = qkv[0, 128:192].view(2, 32), qkv[0, 192:].view(2, 32)
+for h in range(4):
+    att = (qkv[0, 32 * h:32 * h + 32] @ k[0, h // 2, :21].t() / 32 ** 0.5).softmax(-1) @ v[0, h // 2, :21]
+    assert torch.allclose(y[h], att, atol=1e-5)
 x, a, seed = torch.randn(11, 37, generator=g, requires_grad=True), torch.randn(10, 37, generator=g), torch.tensor(9)
 a.requires_grad_()
 keep = torch.ops.lmforge.dropout_keep(seed, 2, 11, 37, 0.3)
@@ -543,9 +551,9 @@ ref = F.silu(gu[:, :37]) * gu[:, 37:]
 assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
 dy = torch.randn(4, 37, generator=g)
 assert torch.allclose(torch.autograd.grad(y, gu, dy)[0], torch.autograd.grad(ref, gu, dy)[0], atol=1e-5, rtol=1e-5)
-for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-    q = torch.randn(2, 4, 37, 32, generator=g).to(dt).requires_grad_()
-    k, v = (torch.randn(2, 2, 37, 32, generator=g).to(dt).requires_grad_() for _ in range(2))
+for dt, tol, D in ((torch.float32, 1e-5, 32), (torch.bfloat16, 2e-2, 32), (torch.float32, 1e-5, 64)):
+    q = torch.randn(2, 4, 37, D, generator=g).to(dt).requires_grad_()
+    k, v = (torch.randn(2, 2, 37, D, generator=g).to(dt).requires_grad_() for _ in range(2))
     kernels.causal_attention(q, k, v).sum().backward()
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True).sum().backward()

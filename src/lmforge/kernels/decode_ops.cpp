@@ -430,14 +430,14 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& w, std::optional<
 }
 
 // s[j] = scale * sum(part(j)) for the n keys, part(j) a vector of partial sums of key j's dot product: 16 keys at a
-// time reduced together (hsum16) rather than one horizontal sum per key.
+// time reduced together (hsum_rows) rather than one horizontal sum per key.
 template <typename Part>
 inline void key_scores(float* s, int64_t n, float scale, Part part) {
   int64_t j = 0;
   for (; j + W <= n; j += W) {
     vf parts[W];
     for (int u = 0; u < W; ++u) parts[u] = part(j + u);
-    store(s + j, hsum16(parts) * scale);
+    store(s + j, hsum_rows(parts) * scale);
   }
   for (; j < n; ++j) s[j] = hsum(part(j)) * scale;
 }

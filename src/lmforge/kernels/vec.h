@@ -1,5 +1,8 @@
-// Vectors of 16 floats for lmforge's kernels, written once with GCC's vector extensions: the compiler makes
-// them one AVX-512 register, two AVX2 ones or a loop, so one body serves every CPU (train_ops.cpp, decode_ops.cpp).
+// Vectors of W floats for lmforge's kernels, written once with GCC's vector extensions, so one body serves every
+// CPU (train_ops.cpp, decode_ops.cpp): W = 16 (one AVX-512 register), 8 with AVX2 (one register), 4 otherwise.
+// A vector wider than the machine's registers is no register at all for GCC: with W = 16 on AVX2 every value
+// lived on the stack and moved in 16-byte pieces, and the haswell build ran the training attention 9x slower than
+// the AVX-512 one (2.9 ms against 0.34 ms a forward at nanoGPT's CPU shape, one thread; docs/training.md).
 // Loads and stores of fp32 or bf16 rows, horizontal sum/max, exp and log.
 #pragma once
 
@@ -7,10 +10,17 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace {
 
+#if defined(__AVX512F__)
 constexpr int W = 16;  // floats per vector
+#elif defined(__AVX__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
 typedef float vf __attribute__((vector_size(W * sizeof(float)), aligned(4), may_alias));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t)), aligned(4), may_alias));
 
@@ -25,13 +35,22 @@ inline vf splat(float x) {
   return r;
 #endif
 }
-// Horizontal sum and maximum: a tree of half-vector shuffles (4 steps), not 15 dependent scalar operations.
+// Horizontal sum and maximum: a tree of half-vector shuffles (log2 W steps), not W - 1 dependent scalar operations.
+// Lane i meets lane i ^ h at step h.
+template <int H, int... I>
+inline vi swap_mask(std::integer_sequence<int, I...>) {
+  return vi{(I ^ H)...};
+}
+template <int H>
+inline vi swap_mask() {
+  return swap_mask<H>(std::make_integer_sequence<int, W>{});
+}
 template <typename Op>
 inline float reduce(vf v, Op op) {
-  v = op(v, __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
-  v = op(v, __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
-  v = op(v, __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
-  v = op(v, __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+  if constexpr (W >= 16) v = op(v, __builtin_shuffle(v, swap_mask<8>()));
+  if constexpr (W >= 8) v = op(v, __builtin_shuffle(v, swap_mask<4>()));
+  v = op(v, __builtin_shuffle(v, swap_mask<2>()));
+  v = op(v, __builtin_shuffle(v, swap_mask<1>()));
   return v[0];
 }
 inline float hsum(vf v) { return reduce(v, [](vf a, vf b) { return a + b; }); }
@@ -99,13 +118,17 @@ inline void store_from_float(c10::BFloat16* p, vf v) {
   *reinterpret_cast<vh*>(p) = __builtin_convertvector(r & 0xFFFF, vh);
 }
 
-// Row sums of 16 vectors at once: out[k] = sum of v[k]'s 16 elements (v is overwritten). Four levels of pairwise
-// "evens + odds" shuffles (45 operations) instead of 16 separate reductions (64 shuffles and adds) -- the scores of
-// 16 keys from their 16 partial dot products.
-inline vf hsum16(vf* v) {
-  const vi evens{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+// Row sums of W vectors at once: out[k] = sum of v[k]'s W elements (v is overwritten). log2 W levels of pairwise
+// "evens + odds" shuffles (45 operations for W = 16) instead of W separate reductions (64 shuffles and adds) -- the
+// scores of W keys from their W partial dot products.
+template <int... I>
+inline vi evens_mask(std::integer_sequence<int, I...>) {
+  return vi{(2 * I)...};
+}
+inline vf hsum_rows(vf* v) {
+  const vi evens = evens_mask(std::make_integer_sequence<int, W>{});
   const vi odds = evens + 1;
-  for (int n = 16; n > 1; n /= 2)
+  for (int n = W; n > 1; n /= 2)
     for (int i = 0; i < n / 2; ++i)
       v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], evens) + __builtin_shuffle(v[2 * i], v[2 * i + 1], odds);
   return v[0];
