@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge import kernels
-from lmforge.models.quant import QuantLinear
+from lmforge.models.quant import QuantLinear, tile_rows
 from lmforge.utils import machine_summary
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30
@@ -55,20 +55,25 @@ def main() -> None:
     if a.layout in ("fp32", "bf16"):
         return float_rows(a, g)
     mats = []
-    for o, i in SHAPES:  # lmforge's tiled q, its fp32 scale; PyTorch's row-major q, its bf16 scale
-        lin = QuantLinear.from_weight(torch.randn(o, i, generator=g), None, "int8")
-        mats.append((lin.qweight, lin.scale, lin.int8_weight(), lin.scale.bfloat16()))
-    nbytes = sum(q.numel() + s.numel() * 4 for q, s, _, _ in mats)
-    print(f"{len(mats)} int8 matrices, {nbytes / 1e6:.0f} MB")
+    for o, i in SHAPES:  # lmforge's tiled q (VNNI's where the CPU has it), its fp32 scale; the bf16 tiles' q;
+        lin = QuantLinear.from_weight(torch.randn(o, i, generator=g), None, "int8")  # PyTorch's row-major q, bf16 scale
+        mats.append((lin.qweight, lin.scale, lin.int8_weight(), lin.scale.bfloat16(), tile_rows(lin.int8_weight())))
+    nbytes = sum(q.numel() + s.numel() * 4 for q, s, *_ in mats)
+    vnni = mats[0][0].dtype == torch.uint8
+    print(f"{len(mats)} int8 matrices, {nbytes / 1e6:.0f} MB; lmforge's layout: "
+          + ("VNNI (activations quantised per 64 inputs); 'tiles': the bf16 tiles (LMFORGE_INT8_VNNI=0)" if vnni
+             else "bf16 tiles"))
     for M in a.rows:
         xs = {k: torch.randn(M, k, generator=g).bfloat16() for k in (576, 1536)}
         ways = {
-            "lmforge": lambda xs=xs: [torch.ops.lmforge.int8_linear(xs[q.shape[1]], q, s) for q, s, _, _ in mats],
-            "torch": lambda xs=xs: [torch._weight_int8pack_mm(xs[q.shape[1]], q, sb) for _, _, q, sb in mats],
+            "lmforge": lambda xs=xs: [torch.ops.lmforge.int8_linear(xs[q.shape[1]], q, s) for q, s, *_ in mats],
+            **({"tiles": lambda xs=xs: [torch.ops.lmforge.int8_linear(xs[t.shape[1]], t, s) for _, s, _, _, t in mats]}
+               if vnni else {}),
+            "torch": lambda xs=xs: [torch._weight_int8pack_mm(xs[q.shape[1]], q, sb) for _, _, q, sb, _ in mats],
             "gemm bf16": lambda xs=xs: [F.linear(xs[q.shape[1]], q.to(torch.bfloat16) * sb[:, None])
-                                        for _, _, q, sb in mats],
+                                        for _, _, q, sb, _ in mats],
             "gemm fp32": lambda xs=xs: [F.linear(xs[q.shape[1]].float(), q.float() * s[:, None])
-                                        for _, s, q, _ in mats],
+                                        for _, s, q, _, _ in mats],
         }
         report(M, ways, a.rounds, dict.fromkeys(ways, nbytes))
 

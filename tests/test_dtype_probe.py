@@ -24,6 +24,8 @@ def probe(monkeypatch: pytest.MonkeyPatch, tmp_path):
     measurements made are counted in ``probe.calls``."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("LMFORGE_BF16", raising=False)
+    for var in utils.ISA_CAPS:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(utils, "_CHOICES", {})
     monkeypatch.setattr(utils, "_ANNOUNCED", set())
 
@@ -78,6 +80,19 @@ def test_cache_is_written_reused_and_keyed_by_threads(probe, monkeypatch):
         torch.set_num_threads(threads)
     assert probe.calls == ["train", "decode", "train"]
     assert len(json.loads(probe_cache_path().read_text())["entries"]) == 2
+
+
+def test_an_instruction_set_cap_is_another_machine(probe, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (and the like) make bf16 matmuls emulated on an AVX-512 CPU: the cached answer of
+    the uncapped CPU must not be reused."""
+    assert resolve_dtype("auto", "train") == "bf16"
+    forget_process_memo(monkeypatch)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    probe.speedup = 0.3
+    assert resolve_dtype("auto", "train") == "fp32"
+    assert probe.calls == ["train", "train"]
+    keys = list(json.loads(probe_cache_path().read_text())["entries"])
+    assert len(keys) == 2 and any(k.endswith("|ONEDNN_MAX_CPU_ISA=AVX2") for k in keys)
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"version": 1, "entries": {"x": 3}}', "[]", ""])

@@ -22,22 +22,68 @@ from lmforge.models.quant import QuantLinear, int4_layout, int4_unpack, quantize
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="lmforge's kernels are not built here")
 
 
+def vnni_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int = 64) -> torch.Tensor:
+    """What the AVX512-VNNI int8 body computes, in fp64 after quantising x as it does (fp32 arithmetic, round half
+    to even): per group s = absmax / 127, xq = round(x * (127 / absmax)), y = scale * sum_g s_g (xq_g . q_g)."""
+    M, K = x.shape
+    v = x.float().view(M, K // group, group)
+    amax = v.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(v * inv).double()
+    dots = torch.einsum("mgk,ngk->mng", xq, q.double().view(-1, K // group, group))  # (M, N, groups)
+    return (dots * (amax.double() / 127).view(M, 1, -1)).sum(-1) * scale.double()
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 3, 8, 11])
-@pytest.mark.parametrize("N, K", [(64, 96), (12, 64)])
+@pytest.mark.parametrize("N, K", [(64, 96), (12, 64), (48, 192)])
 def test_int8_linear_matches_dequantised_matmul(dtype: torch.dtype, M: int, N: int, K: int) -> None:
+    """The bf16/fp32 tiles against the dequantised matmul; the VNNI layout (inputs a multiple of 64, where the CPU
+    has AVX512-VNNI) against its own definition exactly and the float matmul within the activations' rounding."""
     g = torch.Generator().manual_seed(M * N + K)
     w = torch.randn(N, K, generator=g)
     lin = QuantLinear.from_weight(w, None, "int8")
-    assert lin.kernel == "lmforge" and not torch.equal(lin.qweight, lin.int8_weight())  # tiled, not row-major
+    assert lin.kernel == "lmforge" and not torch.equal(lin.qweight[:N].view(torch.int8), lin.int8_weight())  # tiled
     assert torch.equal(lin.int8_weight(), quantize_int8(w)[0])  # the tiles hold the row-major weights
+    assert lin.vnni == (K % 64 == 0 and kernels.int8_vnni())
     x = torch.randn(M, K, generator=g).to(dtype)
     y = torch.ops.lmforge.int8_linear(x, lin.qweight, lin.scale)
-    ref = x.double() @ (lin.int8_weight().double() * lin.scale.double()[:, None]).t()
-    assert y.dtype == dtype and y.shape == (M, N)
+    ref = x.double() @ (lin.int8_weight().double() * lin.scale[:N].double()[:, None]).t()
+    assert y.dtype == dtype and y.shape == (M, lin.qweight.shape[0])
+    y = y[:, :N].double()
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
-    assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    if lin.vnni:
+        exact = vnni_reference(x, lin.int8_weight(), lin.scale[:N])
+        assert torch.allclose(y, exact, rtol=tol, atol=tol * exact.abs().max().item())
+        # the activations' 8-bit rounding: a few parts in a thousand of the output's scale
+        assert (y - ref).abs().max() <= 0.02 * ref.abs().max()
+        # each row exactly as a one-row call gives it (speculative verify passes rely on it)
+        one = [torch.ops.lmforge.int8_linear(x[i:i + 1], lin.qweight, lin.scale) for i in range(M)]
+        assert torch.equal(torch.ops.lmforge.int8_linear(x, lin.qweight, lin.scale), torch.cat(one))
+    else:
+        assert torch.allclose(y, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not kernels.int8_vnni(), reason="the int8 kernel's VNNI body needs AVX512-VNNI")
+def test_int8_vnni_prompt_sized_calls_on_several_threads() -> None:
+    """A prefill's rows (quantised by several threads, tiles spread over them) give each row what a one-row call
+    gives it; the layer's kernel takes every row count (no switch to a GEMM above GEMM_ROWS)."""
+    from lmforge.models.quant import GEMM_ROWS
+
+    g = torch.Generator().manual_seed(5)
+    lin = QuantLinear.from_weight(torch.randn(96, 128, generator=g), None, "int8")
+    assert lin.vnni and lin.gemm_rows is None
+    x = torch.randn(GEMM_ROWS + 70, 128, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = lin(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y, torch.cat([lin(x[i:i + 1]) for i in range(x.shape[0])]))
+    exact = vnni_reference(x, lin.int8_weight(), lin.scale)
+    assert torch.allclose(y.double(), exact, rtol=1e-2, atol=1e-2 * exact.abs().max().item())
 
 
 def int4_kernel_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
@@ -529,6 +575,14 @@ y = torch.ops.lmforge.attend_one(qkv, kc, vc, 5, None, None, None, 2, 1)
 k[0, 0, 5], v[0, 0, 5] = qkv[0, 32:48], qkv[0, 48:]
 att = (qkv[0, :32].view(2, 16) @ k[0, 0, :6].t() / 4).softmax(-1) @ v[0, 0, :6]
 assert torch.allclose(y, att.reshape(1, 32), atol=1e-5)
+qkv = torch.randn(1, 8 * 32, generator=g)  # 4 heads over 2, 21 keys: whole vectors of keys at a time, and a rest
+kc, vc = torch.randn(1, 2, 24, 32, generator=g), torch.randn(1, 2, 24, 32, generator=g)
+k, v = kc.clone(), vc.clone()
+y = torch.ops.lmforge.attend_one(qkv, kc, vc, 20, None, None, None, 4, 2).view(4, 32)
+k[0, :, 20], v[0, :, 20] = qkv[0, 128:192].view(2, 32), qkv[0, 192:].view(2, 32)
+for h in range(4):
+    att = (qkv[0, 32 * h:32 * h + 32] @ k[0, h // 2, :21].t() / 32 ** 0.5).softmax(-1) @ v[0, h // 2, :21]
+    assert torch.allclose(y[h], att, atol=1e-5)
 x, a, seed = torch.randn(11, 37, generator=g, requires_grad=True), torch.randn(10, 37, generator=g), torch.tensor(9)
 a.requires_grad_()
 keep = torch.ops.lmforge.dropout_keep(seed, 2, 11, 37, 0.3)
@@ -548,9 +602,9 @@ ref = F.silu(gu[:, :37]) * gu[:, 37:]
 assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
 dy = torch.randn(4, 37, generator=g)
 assert torch.allclose(torch.autograd.grad(y, gu, dy)[0], torch.autograd.grad(ref, gu, dy)[0], atol=1e-5, rtol=1e-5)
-for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-    q = torch.randn(2, 4, 37, 32, generator=g).to(dt).requires_grad_()
-    k, v = (torch.randn(2, 2, 37, 32, generator=g).to(dt).requires_grad_() for _ in range(2))
+for dt, tol, D in ((torch.float32, 1e-5, 32), (torch.bfloat16, 2e-2, 32), (torch.float32, 1e-5, 64)):
+    q = torch.randn(2, 4, 37, D, generator=g).to(dt).requires_grad_()
+    k, v = (torch.randn(2, 2, 37, D, generator=g).to(dt).requires_grad_() for _ in range(2))
     kernels.causal_attention(q, k, v).sum().backward()
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True).sum().backward()

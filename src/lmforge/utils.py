@@ -334,10 +334,17 @@ def probe_cache_path() -> Path:
     return cache_root() / "dtype-probe.json"
 
 
+#: environment variables that cap the instruction sets PyTorch's kernels use (oneDNN, MKL, ATen's vectorised ops):
+#: a run under e.g. ``ONEDNN_MAX_CPU_ISA=AVX2`` has other fast dtypes than the same CPU without, so they are part of
+#: the probe's cache key
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def _probe_key() -> str:
     model, flags = cpu_info()
     present = ",".join(f for f in CPU_FLAGS if f in flags) or "none"
-    return f"{model}|{present}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    caps = "".join(f"|{v}={os.environ[v]}" for v in ISA_CAPS if os.environ.get(v))
+    return f"{model}|{present}|torch {torch.__version__}|{torch.get_num_threads()} threads{caps}"
 
 
 def _time_once(fn: Callable[[], Any]) -> float:

@@ -275,6 +275,15 @@ def int4_native() -> bool:
     return available() and bool(torch.ops.lmforge.int4_native())
 
 
+def int8_vnni() -> bool:
+    """Whether lmforge's int8 kernel has its AVX512-VNNI body here (integer dot products with the activations
+    quantised per 64 inputs; models/quant.py then lays int8 weights out for it, the bf16 tiles elsewhere).
+    ``LMFORGE_INT8_VNNI=0`` keeps the bf16 tiles (weight-only int8, the activations unrounded)."""
+    if os.environ.get("LMFORGE_INT8_VNNI", "1") in ("0", "false", "no", "off"):
+        return False
+    return available() and bool(torch.ops.lmforge.int8_vnni())
+
+
 def isa() -> str:
     """The instruction set the kernels were built for ("avx512", "avx2" or "scalar"); "" when not built."""
     return torch.ops.lmforge.isa() if available() else ""

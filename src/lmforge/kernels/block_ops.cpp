@@ -49,6 +49,8 @@
 #include <tuple>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
 constexpr uint64_t GAMMA = 0x9e3779b97f4a7c15ULL;  // SplitMix64's increment (the golden ratio, odd)
@@ -87,96 +89,18 @@ inline void to_float(const T* src, float* dst, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The vector bodies: AVX-512 or AVX2 + FMA where the CPU has them, plain C++ otherwise (-march picks,
-// kernels/__init__.py). kept(v, u, t): v's lanes where the uniform u >= t, zero elsewhere (a select, not a
-// product: a dropped inf or nan gives 0, as PyTorch's where).
-#if defined(__AVX512F__)
-constexpr int W = 16;
-using vec = __m512;
-inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
-inline vec vset(float x) { return _mm512_set1_ps(x); }
-inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
-inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
-inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
-inline vec vclamp(vec x, float lo, float hi) { return _mm512_min_ps(_mm512_max_ps(x, vset(lo)), vset(hi)); }
-inline vec vround(vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline vec vpow2(vec p, vec n) { return _mm512_scalef_ps(p, n); }  // p 2^n
-inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
-inline vec kept(vec v, const uint32_t* u, uint32_t t) {
-  const __mmask16 k = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(u), _mm512_set1_epi32(static_cast<int>(t)));
-  return _mm512_maskz_mov_ps(k, v);
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int W = 8;
-using vec = __m256;
-inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
-inline vec vset(float x) { return _mm256_set1_ps(x); }
-inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
-inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
-inline vec vclamp(vec x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, vset(lo)), vset(hi)); }
-inline vec vround(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline vec vpow2(vec p, vec n) {  // p 2^n for integral n in [-126, 127]: n added to p's exponent bits
-  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-}
-inline float vsum(vec v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-inline vec kept(vec v, const uint32_t* u, uint32_t t) {  // unsigned u < t as signed, both offset by 2^31
-  const __m256i bias = _mm256_set1_epi32(INT32_MIN);
-  const __m256i uu = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)), bias);
-  const __m256i drop = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(t)), bias), uu);
-  return _mm256_andnot_ps(_mm256_castsi256_ps(drop), v);
-}
-#else
-constexpr int W = 1;
-using vec = float;
-inline vec vzero() { return 0.f; }
-inline vec vload(const float* p) { return *p; }
-inline void vstore(float* p, vec v) { *p = v; }
-inline vec vset(float x) { return x; }
-inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
-inline vec vadd(vec a, vec b) { return a + b; }
-inline vec vmul(vec a, vec b) { return a * b; }
-inline vec vsub(vec a, vec b) { return a - b; }
-inline vec vdiv(vec a, vec b) { return a / b; }
-inline vec vclamp(vec x, float lo, float hi) { return std::min(std::max(x, lo), hi); }
-inline vec vround(vec x) { return std::nearbyint(x); }
-inline vec vpow2(vec p, vec n) { return std::ldexp(p, static_cast<int>(n)); }
-inline float vsum(vec v) { return v; }
-inline vec kept(vec v, const uint32_t* u, uint32_t t) { return *u >= t ? v : 0.f; }
-#endif
-
-// e^x to ~2 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial for e^r), x clamped to
-// [-87.3, 88.3] (e^x then stays a normal float).
-inline vec vexp(vec x) {
-  x = vclamp(x, -87.3f, 88.3f);
-  const vec n = vround(vmul(x, vset(1.44269504088896341f)));
-  const vec r = vfma(n, vset(2.12194440e-4f), vfma(n, vset(-0.693359375f), x));
-  vec p = vset(1.9875691500e-4f);
-  p = vfma(p, r, vset(1.3981999507e-3f));
-  p = vfma(p, r, vset(8.3334519073e-3f));
-  p = vfma(p, r, vset(4.1665795894e-2f));
-  p = vfma(p, r, vset(1.6666665459e-1f));
-  p = vfma(p, r, vset(5.0000001201e-1f));
-  p = vfma(vmul(p, r), r, vadd(r, vset(1.f)));
-  return vpow2(p, n);
+// The vector bodies: vec.h's vectors (W floats: one AVX-512 or AVX2 register, or four floats), one body for every
+// CPU. kept(v, u, t): v's lanes where the uniform u >= t, zero elsewhere (a select, not a product: a dropped inf
+// or nan gives 0, as PyTorch's where).
+typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t)), may_alias));
+typedef uint32_t vuu __attribute__((vector_size(W * sizeof(uint32_t)), aligned(4), may_alias));  // unaligned loads
+inline vf kept(vf v, const uint32_t* u, uint32_t t) {
+  const vu uv = *reinterpret_cast<const vuu*>(u);
+  return uv >= t ? v : vf{};
 }
 
 // the logistic sigmoid 1 / (1 + e^-x)
-inline vec vsigmoid(vec x) { return vdiv(vset(1.f), vadd(vset(1.f), vexp(vsub(vzero(), x)))); }
+inline vf vsigmoid(vf x) { return 1.f / (1.f + vexp(-x)); }
 
 inline float kept1(float v, uint32_t u, uint32_t t) { return u >= t ? v : 0.f; }
 
@@ -193,26 +117,26 @@ constexpr int FWD_ROWS = 2, FWD_COLS = 4, BWD_ROWS = 2;
 template <int R, int C>
 inline void dots(const float* x, const uint32_t* u, int64_t us, uint32_t t, const float* a, int64_t K, float* out,
                  int64_t ostride) {
-  vec acc[R][C];
+  vf acc[R][C];
 #pragma GCC unroll 4
   for (int q = 0; q < R; ++q)
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[q][c] = vzero();
+    for (int c = 0; c < C; ++c) acc[q][c] = vf{};
   int64_t j = 0;
   for (; j + W <= K; j += W) {
-    vec xv[R];
+    vf xv[R];
 #pragma GCC unroll 4
-    for (int q = 0; q < R; ++q) xv[q] = kept(vload(x + q * K + j), u + q * us + j, t);
+    for (int q = 0; q < R; ++q) xv[q] = kept(load(x + q * K + j), u + q * us + j, t);
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      const vec ac = vload(a + c * K + j);
+      const vf ac = load(a + c * K + j);
 #pragma GCC unroll 4
-      for (int q = 0; q < R; ++q) acc[q][c] = vfma(xv[q], ac, acc[q][c]);
+      for (int q = 0; q < R; ++q) acc[q][c] = fma(xv[q], ac, acc[q][c]);
     }
   }
   for (int q = 0; q < R; ++q)
     for (int c = 0; c < C; ++c) {
-      float sum = vsum(acc[q][c]);
+      float sum = hsum(acc[q][c]);
       for (int64_t k = j; k < K; ++k) sum += kept1(x[q * K + k], u[q * us + k], t) * a[c * K + k];
       out[q * ostride + c] = sum;
     }
@@ -234,22 +158,22 @@ inline void backward_rows(const float* x, const uint32_t* u, int64_t us, uint32_
                           const float* a, int64_t r, int64_t K, float* ga, float* dx) {
   int64_t j = 0;
   for (; j + W <= K; j += W) {
-    vec xv[R], g[R];
+    vf xv[R], g[R];
 #pragma GCC unroll 4
-    for (int q = 0; q < R; ++q) xv[q] = kept(vload(x + q * K + j), u + q * us + j, t), g[q] = vzero();
+    for (int q = 0; q < R; ++q) xv[q] = kept(load(x + q * K + j), u + q * us + j, t), g[q] = vf{};
     for (int64_t c = 0; c < r; ++c) {
-      const vec ac = vload(a + c * K + j);
-      vec gac = vload(ga + c * K + j);
+      const vf ac = load(a + c * K + j);
+      vf gac = load(ga + c * K + j);
 #pragma GCC unroll 4
       for (int q = 0; q < R; ++q) {
-        const vec d = vset(dh[q * ds + c]);
-        gac = vfma(d, xv[q], gac);
-        g[q] = vfma(d, ac, g[q]);
+        const vf d = splat(dh[q * ds + c]);
+        gac = fma(d, xv[q], gac);
+        g[q] = fma(d, ac, g[q]);
       }
-      vstore(ga + c * K + j, gac);
+      store(ga + c * K + j, gac);
     }
 #pragma GCC unroll 4
-    for (int q = 0; q < R; ++q) vstore(dx + q * K + j, vadd(vload(dx + q * K + j), kept(g[q], u + q * us + j, t)));
+    for (int q = 0; q < R; ++q) store(dx + q * K + j, load(dx + q * K + j) + kept(g[q], u + q * us + j, t));
   }
   for (; j < K; ++j)
     for (int q = 0; q < R; ++q) {
@@ -347,14 +271,14 @@ void rms_norm_backward_impl(const T* dy, const T* x, const T* w, T* dx, float* d
     for (int64_t i = i0; i < i1; ++i) {
       to_float(x + i * n, xf.data(), n);
       to_float(dy + i * n, gf.data(), n);
-      vec ss = vzero(), dot = vzero();
+      vf ss{}, dot{};
       int64_t j = 0;
       for (; j + W <= n; j += W) {
-        const vec xv = vload(xf.data() + j);
-        ss = vfma(xv, xv, ss);
-        dot = vfma(vmul(vload(gf.data() + j), vload(wf.data() + j)), xv, dot);
+        const vf xv = load(xf.data() + j);
+        ss = fma(xv, xv, ss);
+        dot = fma(load(gf.data() + j) * load(wf.data() + j), xv, dot);
       }
-      float s2 = vsum(ss), d = vsum(dot);
+      float s2 = hsum(ss), d = hsum(dot);
       for (; j < n; ++j) s2 += xf[j] * xf[j], d += gf[j] * wf[j] * xf[j];
       const float r = 1.0f / std::sqrt(s2 / static_cast<float>(n) + static_cast<float>(eps));
       const float c = r * r * r * d / static_cast<float>(n);
@@ -377,8 +301,8 @@ void silu_mul_impl(const T* x, T* y, int64_t rows, int64_t h) {
       const float *g = gu.data(), *u = gu.data() + h;
       int64_t j = 0;
       for (; j + W <= h; j += W) {
-        const vec gv = vload(g + j);
-        vstore(yf.data() + j, vmul(vmul(gv, vsigmoid(gv)), vload(u + j)));
+        const vf gv = load(g + j);
+        store(yf.data() + j, gv * vsigmoid(gv) * load(u + j));
       }
       for (; j < h; ++j) yf[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
       for (int64_t k = 0; k < h; ++k) y[i * h + k] = static_cast<T>(yf[k]);
@@ -396,10 +320,10 @@ void silu_mul_backward_impl(const T* dy, const T* x, T* dx, int64_t rows, int64_
       const float *g = gu.data(), *u = gu.data() + h;
       int64_t j = 0;
       for (; j + W <= h; j += W) {
-        const vec gv = vload(g + j), s = vsigmoid(gv), dv = vload(d.data() + j);
-        const vec dsilu = vmul(s, vfma(gv, vsub(vset(1.f), s), vset(1.f)));  // s (1 + g (1 - s))
-        vstore(out.data() + j, vmul(vmul(dv, vload(u + j)), dsilu));
-        vstore(out.data() + h + j, vmul(vmul(dv, gv), s));
+        const vf gv = load(g + j), s = vsigmoid(gv), dv = load(d.data() + j);
+        const vf dsilu = s * fma(gv, 1.f - s, splat(1.f));  // s (1 + g (1 - s))
+        store(out.data() + j, dv * load(u + j) * dsilu);
+        store(out.data() + h + j, dv * gv * s);
       }
       for (; j < h; ++j) {
         const float s = 1.f / (1.f + std::exp(-g[j]));

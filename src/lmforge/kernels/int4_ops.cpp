@@ -51,8 +51,6 @@
 #include <optional>
 #include <vector>
 
-#include "vec.h"
-
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define LMFORGE_INT4_VNNI 1
 #endif
@@ -73,31 +71,48 @@ inline int nibble(const uint8_t* block, int64_t c, int64_t k) {
 }
 
 // One row's block of 32 inputs quantised: xq[k] = round(x[k] / s) with s = absmax / 127 (nearest even, as
-// vcvtps2dq), and -8 * sum_k xq[k] into *c8; returns the block's fp32 sum of x (vec.h's tree: the same on every CPU).
+// vcvtps2dq), and -8 * sum_k xq[k] into *c8; returns the block's fp32 sum of x, added in one fixed order on every
+// CPU: t[l] = x[l] + x[16 + l], then four steps t[l] += t[l ^ h] for h = 8, 4, 2, 1 (a tree of vector shuffles).
 inline float quantise_block(const c10::BFloat16* x, int8_t* xq, float* s, int32_t* c8) {
-  const vf a = load_as_float(x), b = load_as_float(x + 16);
-  const vi abs_a = reinterpret_cast<const vi&>(a) & 0x7FFFFFFF, abs_b = reinterpret_cast<const vi&>(b) & 0x7FFFFFFF;
-  const vf aa = reinterpret_cast<const vf&>(abs_a), ab = reinterpret_cast<const vf&>(abs_b);
-  const float amax = hmax(aa > ab ? aa : ab);
+#if defined(LMFORGE_INT4_VNNI)
+  const auto load16 = [](const c10::BFloat16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  };
+  const __m512 a = load16(x), b = load16(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   *s = amax / 127.f;
-  const vf ya = a * inv, yb = b * inv;
-#if defined(LMFORGE_INT4_VNNI)
-  const __m512i qa = _mm512_cvtps_epi32(reinterpret_cast<const __m512&>(ya));
-  const __m512i qb = _mm512_cvtps_epi32(reinterpret_cast<const __m512&>(yb));
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
+  const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(xq), _mm512_cvtepi32_epi8(qa));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + 16), _mm512_cvtepi32_epi8(qb));
   *c8 = -8 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  __m512 t = _mm512_add_ps(a, b);
+  t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0x4E));  // lane l ^ 8 (the other 256-bit half)
+  t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xB1));  // l ^ 4 (the neighbouring 128-bit block)
+  t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));        // l ^ 2
+  t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));        // l ^ 1
+  return _mm512_cvtss_f32(t);
 #else
+  float v[32], amax = 0.f;
+  for (int k = 0; k < 32; ++k) v[k] = static_cast<float>(x[k]), amax = std::max(amax, std::fabs(v[k]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  *s = amax / 127.f;
   int32_t c = 0;
-  for (int l = 0; l < W; ++l) {
-    xq[l] = static_cast<int8_t>(std::nearbyint(ya[l]));
-    xq[16 + l] = static_cast<int8_t>(std::nearbyint(yb[l]));
-    c += xq[l] + xq[16 + l];
+  for (int k = 0; k < 32; ++k) {
+    const float y = v[k] * inv;  // its own statement: no contraction into anything
+    xq[k] = static_cast<int8_t>(std::nearbyint(y));
+    c += xq[k];
   }
   *c8 = -8 * c;
+  float t[16], u[16];
+  for (int l = 0; l < 16; ++l) t[l] = v[l] + v[16 + l];
+  for (int h = 8; h >= 1; h /= 2) {
+    for (int l = 0; l < 16; ++l) u[l] = t[l] + t[l ^ h];
+    std::copy(u, u + 16, t);
+  }
+  return t[0];
 #endif
-  return hsum(a + b);
 }
 
 #if defined(LMFORGE_INT4_VNNI)

@@ -171,10 +171,10 @@ using RowsTimes = void (*)(const float*, int64_t, int64_t, const TY*, int64_t, T
 template <typename TY, typename TZ>
 RowsTimes<TY, TZ> rows_times_for(int D) {
   switch (D) {
-    case 16: return rows_times<1, TY, TZ>;
-    case 32: return rows_times<2, TY, TZ>;
-    case 64: return rows_times<4, TY, TZ>;
-    case 128: return rows_times<8, TY, TZ>;
+    case 16: return rows_times<16 / W, TY, TZ>;
+    case 32: return rows_times<32 / W, TY, TZ>;
+    case 64: return rows_times<64 / W, TY, TZ>;
+    case 128: return rows_times<128 / W, TY, TZ>;
     default: return nullptr;
   }
 }

@@ -39,7 +39,7 @@ from .layers import (
     rope_tables,
     sinusoidal_table,
 )
-from .quant import GEMM_ROWS, INT8_TILE, QuantLinear
+from .quant import QuantLinear
 
 #: how lmforge's decode_stack (kernels/decode_ops.cpp) runs each Linear layout, by (mode, kernel)
 STACK_KINDS = {("linear", ""): 0, ("bf16", "torch"): 0, ("fp32", "torch"): 1, ("int8", "lmforge"): 2,
@@ -59,7 +59,7 @@ def _stack_linear(m: nn.Module) -> tuple[list, list[int]] | None:
     """One Linear layer as decode_stack takes it: ([t1, t2, bias], [kind, group]); None if it cannot."""
     if type(m) is nn.Linear:
         return [m.weight, None, m.bias], [0, 0]
-    if not isinstance(m, QuantLinear) or m.out_features % INT8_TILE:
+    if not isinstance(m, QuantLinear) or m.padded:
         return None  # e.g. a LoRA wrapper, or channels padded to whole tiles (an output head's)
     kind = STACK_KINDS[(m.mode, m.kernel)]
     t1 = "weight_tiles" if m.mode in ("fp32", "bf16") and m.kernel == "lmforge" else \
@@ -314,11 +314,12 @@ class GPT(nn.Module, LanguageModel):
             for tensors, kind in linears:  # type: ignore[misc]
                 params += tensors
                 spec += kind
-        # the most rows of one pass: lmforge's int8 kernel loses to a GEMM on the dequantised weight above
-        # GEMM_ROWS (what QuantLinear switches to), row-by-row attention to PyTorch's fused one above PREFILL_ROWS
-        int8 = any(kind in (STACK_KINDS[("int8", "lmforge")], STACK_KINDS[("int8", "torch")])
-                   for i in range(len(self.blocks)) for kind in spec[10 * i + 2:10 * i + 10:2])
-        return params, spec, eps, GEMM_ROWS if int8 else PREFILL_ROWS
+        # the most rows of one pass: an int8 layer without VNNI loses to a GEMM on the dequantised weight above
+        # its gemm_rows (what QuantLinear switches to), row-by-row attention to PyTorch's fused one above
+        # PREFILL_ROWS
+        limits = [m.gemm_rows for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)
+                  if isinstance(m, QuantLinear) and m.gemm_rows is not None]
+        return params, spec, eps, min(limits + [PREFILL_ROWS])
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
         self._stack = None  # a move or cast replaces tensors the stack holds

@@ -23,11 +23,15 @@ are available and the shape allows, PyTorch's otherwise (``kernel`` says which).
 inputs of 32): q stored tiled -- 4 output channels interleaved in chunks of 32 inputs, so one tile is one
 contiguous stream -- with an fp32 scale per row (PyTorch's: q row-major, a bf16 scale); :meth:`QuantLinear.int8_weight`
 gives q row-major either way. It streams the weights 2-3x faster than PyTorch's and takes 1-8 rows of
-activations for little more than one (a speculative verify pass, a small batch). int4 (with AVX512-VNNI: integer
-dot products of the 4-bit weights with the activations rounded to int8 per 32 inputs; int4_ops.cpp): 16 output
-channels per tile, the nibbles of 32 inputs in the order vpdpbusd takes them, fp16 (d, m) per group (``w = d q +
-m``, llama.cpp's Q4_1 numbers as the file holds them); 8 rows per pass; 1.2-2x its bf16 predecessor and more
-against PyTorch's int4 kernel at 1-170 rows (``bench/int8_rows.py --layout int4``, docs/hub.md). Without
+activations for little more than one (a speculative verify pass, a small batch). On CPUs with AVX512-VNNI
+(``kernels.int8_vnni()``; inputs a multiple of 64) int8 weights are laid out for integer dot products instead
+(:func:`int8_vnni_layout`: q + 128 as uint8, 16 channels x 4 inputs per 64 bytes) and the kernel quantises the
+activations per 64 inputs (as llama.cpp does for Q8_0): the same speed at one row, 1.3-2x the rows per second
+at 4-170 rows (prompts, verify passes, batches), with every row count on the kernel. int4 (with AVX512-VNNI too:
+integer dot products of the 4-bit weights with the activations rounded to int8 per 32 inputs; int4_ops.cpp): 16
+output channels per tile, the nibbles of 32 inputs in the order vpdpbusd takes them, fp16 (d, m) per group (``w =
+d q + m``, llama.cpp's Q4_1 numbers as the file holds them); 8 rows per pass; 1.1-2x its bf16 predecessor and
+more against PyTorch's int4 kernel at 1-170 rows (``bench/int8_rows.py --layout int4``, docs/hub.md). Without
 AVX512-VNNI int4 keeps PyTorch's kernel (lmforge's loops were no faster there: docs/hub.md).
 
 The int8/int4 kernels take bf16 activations (with fp32 activations PyTorch 2.13 has no fast CPU path:
@@ -56,6 +60,8 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 GEMM_ROWS = 128
 #: lmforge's int8 layout: output channels in tiles of INT8_TILE, inputs in chunks of INT8_CHUNK (decode_ops.cpp)
 INT8_TILE, INT8_CHUNK = 4, 32
+#: the int8 layout for AVX512-VNNI: tiles of VNNI_TILE channels, activations quantised per VNNI_GROUP inputs
+VNNI_TILE, VNNI_GROUP = 16, 64
 #: lmforge's int4 layout: output channels in tiles of INT4_TILE, inputs in blocks of INT4_BLOCK (int4_ops.cpp)
 INT4_TILE, INT4_BLOCK = 16, 32
 #: rows of activations PyTorch 2.13's int8/int4 CPU kernels multiply together (their BLOCK_M): a forward of 2-4
@@ -100,6 +106,16 @@ def tile_rows(w: torch.Tensor) -> torch.Tensor:
     w = F.pad(w, (0, 0, 0, -N % INT8_TILE))
     N = w.shape[0]
     return w.reshape(N // INT8_TILE, INT8_TILE, K // INT8_CHUNK, INT8_CHUNK).transpose(1, 2).reshape(N, K).contiguous()
+
+
+def int8_vnni_layout(q: torch.Tensor) -> torch.Tensor:
+    """q (out, in) int8 -> lmforge's int8 layout for AVX512-VNNI (decode_ops.cpp): u = q + 128 as uint8 (vpdpbusd's
+    unsigned operand), (out / 16, in / 4, 16, 4) -- tile, four inputs, channel, input -- stored as (out, in), out
+    padded with zero weights (u = 128) to whole tiles."""
+    N, K = q.shape
+    u = (F.pad(q.to(torch.int16), (0, 0, 0, -N % VNNI_TILE)) + 128).to(torch.uint8)
+    N = u.shape[0]
+    return u.view(N // VNNI_TILE, VNNI_TILE, K // 4, 4).transpose(1, 2).reshape(N, K).contiguous()
 
 
 def int4_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,11 +190,34 @@ class QuantLinear(nn.Module):
         m.bias = None if bias is None else bias.detach().to(act)
         return m
 
+    @property
+    def vnni(self) -> bool:
+        """Whether this int8 layer is laid out for the AVX512-VNNI kernel (a uint8 ``qweight``)."""
+        return self.mode == "int8" and self.qweight.dtype == torch.uint8
+
+    @property
+    def gemm_rows(self) -> int | None:
+        """Above this many rows of activations the layer multiplies by its dequantised weight (GEMM_ROWS for int8
+        without VNNI); None: its kernel takes every row count."""
+        return GEMM_ROWS if self.mode == "int8" and not self.vnni else None
+
+    @property
+    def padded(self) -> bool:
+        """Whether the stored weight has zero channels beyond ``out_features`` (outputs are trimmed)."""
+        stored = {"int8": "qweight", "fp32": "weight_tiles", "bf16": "weight_tiles"}.get(self.mode)
+        return self.kernel == "lmforge" and stored is not None and getattr(self, stored).shape[0] != self.out_features
+
     def set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         q = q.to(torch.int8)
-        self.register_buffer("qweight", tile_rows(q) if self.kernel == "lmforge" else q.contiguous())
+        if self.kernel != "lmforge":
+            qw = q.contiguous()
+        elif self.in_features % VNNI_GROUP == 0 and kernels.int8_vnni():
+            qw = int8_vnni_layout(q)
+        else:
+            qw = tile_rows(q)
+        self.register_buffer("qweight", qw)
         if self.kernel == "lmforge":  # the padding channels' scale: 1 (their weights are 0)
-            scale = F.pad(scale.float(), (0, -scale.numel() % INT8_TILE), value=1.0)
+            scale = F.pad(scale.float(), (0, qw.shape[0] - scale.numel()), value=1.0)
         self.register_buffer("scale", scale.to(torch.float32 if self.kernel == "lmforge" else torch.bfloat16))
 
     def int8_weight(self) -> torch.Tensor:
@@ -186,6 +225,9 @@ class QuantLinear(nn.Module):
         if self.kernel != "lmforge":
             return self.qweight
         N, K = self.qweight.shape
+        if self.vnni:
+            u = self.qweight.view(N // VNNI_TILE, K // 4, VNNI_TILE, 4).transpose(1, 2).reshape(N, K)
+            return (u.to(torch.int16) - 128).to(torch.int8)[:self.out_features]
         tiles = self.qweight.reshape(N // INT8_TILE, K // INT8_CHUNK, INT8_TILE, INT8_CHUNK)
         return tiles.transpose(1, 2).reshape(N, K)[:self.out_features]
 
@@ -225,7 +267,7 @@ class QuantLinear(nn.Module):
             return y if out_dtype is None else y.to(out_dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.mode == "int8" and x2.shape[0] > GEMM_ROWS:
+        if self.gemm_rows is not None and x2.shape[0] > self.gemm_rows:
             dt = torch.bfloat16 if resolve_dtype("auto", "train", announce=False) == "bf16" else torch.float32
             w = self.int8_weight().to(dt) * self.scale[:self.out_features].to(dt)[:, None]  # (out, in)
             y = F.linear(x2.to(dt), w).to(torch.bfloat16)
