@@ -575,9 +575,16 @@ void attend_bf16(const float* qf, const c10::BFloat16* K, const c10::BFloat16* V
 // The scores and weighted values: attend_bf16 (bf16 cache, AVX512-BF16) or attend_generic. One thread of an AMD
 // EPYC, SmolLM2's shape (9 heads over 3, D = 64, bf16 cache), a call at 64 / 250 / 500 positions: 10 / 20 / 32 us
 // (the fp32 per-key version before them: 11 / 30 / 57).
+//
+// Tn new tokens per row (a verify pass, a prompt: decode_stack) go through one call: qkv and y hold (B, Tn) rows,
+// token t of row b at position p_b + t, its RoPE angles at cos + b rope_stride + t t_stride. Each task (a row and
+// a key/value head) takes its tokens in order, each exactly as a one-token call would (its key and value written,
+// then attention over positions 0 .. p_b + t), so the results are those of Tn calls, bit for bit, without Tn
+// calls' dispatch, allocations and thread hand-offs.
 template <typename T>
 void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t pos, const int64_t* row_pos,
-                     const T* cos, const T* sin, int64_t rope_stride, int64_t H, int64_t Hkv, at::Tensor& y) {
+                     const T* cos, const T* sin, int64_t rope_stride, int64_t H, int64_t Hkv, at::Tensor& y,
+                     int64_t Tn = 1, int64_t t_stride = 0) {
   const int64_t B = kc.size(0), L = kc.size(2), D = kc.size(3), G = H / Hkv, half = D / 2;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const T* in = qkv.data_ptr<T>();
@@ -585,11 +592,11 @@ void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int6
   T* vp = vc.data_ptr<T>();
   T* out = y.data_ptr<T>();
   const int64_t width = (H + 2 * Hkv) * D;
-  auto rope = [&](const T* x, float* r, int64_t b) {
+  auto rope = [&](const T* x, float* r, int64_t b, int64_t t) {
     for (int64_t i = 0; i < D; ++i) r[i] = static_cast<float>(x[i]);
     if (cos == nullptr) return;
-    const T* c = cos + b * rope_stride;
-    const T* s = sin + b * rope_stride;
+    const T* c = cos + b * rope_stride + t * t_stride;
+    const T* s = sin + b * rope_stride + t * t_stride;
     for (int64_t i = 0; i < half; ++i) {
       const float x1 = r[i], x2 = r[i + half];
       r[i] = x1 * static_cast<float>(c[i]) - x2 * static_cast<float>(s[i]);
@@ -599,19 +606,20 @@ void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int6
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qf(G * D), kf(D), score(G * L), acc(G * D);
     std::vector<uint32_t> qb(G * D / 2), pb(G * (L / 2 + 1));  // bf16 pairs: rounded q, rounded P
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / Hkv, g = t % Hkv;
-      const int64_t p = pos + (row_pos != nullptr ? row_pos[b] : 0), n = p + 1;
-      const T* row = in + b * width;
+    std::vector<float> total(G);
+    for (int64_t task = t0; task < t1; ++task)
+    for (int64_t tok = 0; tok < Tn; ++tok) {
+      const int64_t b = task / Hkv, g = task % Hkv;
+      const int64_t p = pos + tok + (row_pos != nullptr ? row_pos[b] : 0), n = p + 1;
+      const T* row = in + (b * Tn + tok) * width;
       T* K = kp + (b * Hkv + g) * L * D;
       T* V = vp + (b * Hkv + g) * L * D;
-      rope(row + (H + g) * D, kf.data(), b);
+      rope(row + (H + g) * D, kf.data(), b, tok);
       for (int64_t i = 0; i < D; ++i) {
         K[p * D + i] = static_cast<T>(kf[i]);
         V[p * D + i] = row[(H + Hkv + g) * D + i];
       }
-      for (int64_t h = 0; h < G; ++h) rope(row + (g * G + h) * D, qf.data() + h * D, b);
-      std::vector<float> total(G);
+      for (int64_t h = 0; h < G; ++h) rope(row + (g * G + h) * D, qf.data() + h * D, b, tok);
       bool done = false;
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -623,7 +631,7 @@ void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int6
 #endif
       if (!done) attend_generic(qf.data(), K, V, n, D, G, L, scale, score.data(), acc.data(), total.data());
       for (int64_t h = 0; h < G; ++h) {
-        T* o = out + b * H * D + (g * G + h) * D;
+        T* o = out + (b * Tn + tok) * H * D + (g * G + h) * D;
         for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[h * D + i] / total[h]);
       }
     }
@@ -671,6 +679,48 @@ at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_ca
     attend_one_impl<B16>(qkv, k_cache, v_cache, pos, rp, cp, sp, stride, n_head, n_kv_head, y);
   } else {
     TORCH_CHECK(false, "attend_one: fp32 or bf16 only");
+  }
+  return y;
+}
+
+// attend_one for T new tokens per row in one call (decode_stack: a step, a verify pass, a prompt): qkv (B, T, W),
+// token t of row b at position pos + t (+ row_pos[b]); cos/sin (T, D) shared by the rows or (B, ..., T, D) per row,
+// in qkv's dtype. The same per-token arithmetic as T calls of attend_one (attend_one_impl), so the same bits.
+at::Tensor attend_tokens(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t pos,
+                         const std::optional<at::Tensor>& row_pos, const std::optional<at::Tensor>& cos,
+                         const std::optional<at::Tensor>& sin, int64_t n_head, int64_t n_kv_head) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), L = kc.size(2), D = kc.size(3);
+  TORCH_CHECK(qkv.is_contiguous() && kc.is_contiguous() && vc.is_contiguous() && kc.size(0) == B &&
+                  qkv.size(2) == (n_head + 2 * n_kv_head) * D && qkv.scalar_type() == kc.scalar_type(),
+              "decode_stack: qkv (B, T, (H + 2 H_kv) D) and contiguous caches in its dtype");
+  const int64_t* rp = nullptr;
+  at::Tensor rows;
+  if (row_pos.has_value()) {
+    rows = row_pos->to(at::kLong).contiguous();
+    rp = rows.data_ptr<int64_t>();
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t p = pos + (rp != nullptr ? rp[b] : 0);
+    TORCH_CHECK(0 <= p && p + T <= L, "decode_stack: positions ", p, "..", p + T - 1, " outside the cache (", L, ")");
+  }
+  int64_t sb = 0, st = 0;
+  if (cos.has_value()) {
+    TORCH_CHECK(sin.has_value() && cos->sizes() == sin->sizes() && cos->strides() == sin->strides() &&
+                    cos->size(-1) == D && cos->stride(-1) == 1 && cos->size(-2) == T &&
+                    cos->scalar_type() == qkv.scalar_type(),
+                "decode_stack: cos/sin (T, D) or (B, ..., T, D) in qkv's dtype");
+    st = cos->stride(-2);
+    sb = cos->dim() >= 3 && cos->size(0) == B ? cos->stride(0) : 0;
+  }
+  at::Tensor y = at::empty({B, T, n_head * D}, qkv.options());
+  if (qkv.scalar_type() == at::kFloat) {
+    attend_one_impl<float>(qkv, kc, vc, pos, rp, cos.has_value() ? cos->data_ptr<float>() : nullptr,
+                           cos.has_value() ? sin->data_ptr<float>() : nullptr, sb, n_head, n_kv_head, y, T, st);
+  } else {
+    using B16 = c10::BFloat16;
+    TORCH_CHECK(qkv.scalar_type() == at::kBFloat16, "decode_stack: fp32 or bf16 only");
+    attend_one_impl<B16>(qkv, kc, vc, pos, rp, cos.has_value() ? cos->data_ptr<B16>() : nullptr,
+                         cos.has_value() ? sin->data_ptr<B16>() : nullptr, sb, n_head, n_kv_head, y, T, st);
   }
   return y;
 }
@@ -790,16 +840,7 @@ at::Tensor decode_stack(const at::Tensor& x_in, const c10::List<std::optional<at
     at::Tensor kc = k_all.select(0, l).narrow(0, row0, B), vc = v_all.select(0, l).narrow(0, row0, B);
     const at::Tensor qkv = stack_linear(stack_norm(x, params, p, sp[0], eps).view({B * T, C}), params, p + 4,
                                         sp[2], sp[3]).view({B, T, -1});
-    std::vector<at::Tensor> ys;
-    for (int64_t i = 0; i < T; ++i) {
-      std::optional<at::Tensor> c, s;
-      if (cos.has_value()) {
-        c = cos->select(-2, i).reshape({-1, cos->size(-1)});
-        s = sin->select(-2, i).reshape({-1, sin->size(-1)});
-      }
-      ys.push_back(attend_one(qkv.select(1, i).contiguous(), kc, vc, pos + i, row_pos, c, s, n_head, n_kv_head));
-    }
-    const at::Tensor y = T == 1 ? ys[0].view({B, 1, C}) : at::stack(ys, 1);
+    const at::Tensor y = attend_tokens(qkv, kc, vc, pos, row_pos, cos, sin, n_head, n_kv_head);
     x = x + stack_linear(y.view({B * T, C}), params, p + 7, sp[4], sp[5]).view({B, T, C});
     const at::Tensor h = stack_norm(x, params, p + 2, sp[0], eps).view({B * T, C});
     const at::Tensor u = stack_act(stack_linear(h, params, p + 10, sp[6], sp[7]), sp[1]);
