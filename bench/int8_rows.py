@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 linear layers by row count: lmforge's kernel against PyTorch's, and the dequantised GEMM.
+"""int8 / int4 linear layers by row count: lmforge's kernel against PyTorch's, and the dequantised GEMM.
 
     python bench/int8_rows.py [--layout int8|int4|fp32|bf16] [--threads 1] [--rows 1 2 4 8 16 64 170] [--rounds 3]
 
@@ -6,11 +6,12 @@ SmolLM2-135M's 120 int8 matrices (30 layers of QKV 960x576, output 576x576, gate
 random weights, 107 MB, far beyond the caches, so every pass streams them from memory) multiplied by ``rows``
 rows of bf16 activations, one pass over all of them per timing, best of ``--rounds``:
 
-* lmforge: ``torch.ops.lmforge.int8_linear`` on its tiled layout (lmforge/kernels/decode_ops.cpp), what decoding
-  steps use;
+* lmforge: ``torch.ops.lmforge.int8_linear`` on the layout decoding uses (lmforge/kernels/decode_ops.cpp): on CPUs
+  with AVX512-VNNI the integer dot-product layout (activations rounded to int8 per 64 inputs), else the bf16 tiles;
+* tiles (VNNI CPUs only): the same op on the weight-only bf16 tiles (what ``LMFORGE_INT8_VNNI=0`` decodes with);
 * torch: PyTorch's ``_weight_int8pack_mm``;
-* gemm bf16 / gemm fp32: the weight dequantised (``q * scale``) and one ``F.linear``, what an int8 layer does
-  from ``models.quant.GEMM_ROWS`` rows on (a prompt's prefill).
+* gemm bf16 / gemm fp32: the weight dequantised (``q * scale``) and one ``F.linear``, what an int8 layer without
+  VNNI does from ``models.quant.GEMM_ROWS`` rows on (a prompt's prefill).
 
 With ``--layout int4`` (groups of 32, llama.cpp's Q4_1 shape): lmforge's ``int4_linear`` (int4_ops.cpp, AVX512-VNNI
 machines) against PyTorch's ``_weight_int4pack_mm_for_cpu``, at every row count (neither dequantises for a prefill).
