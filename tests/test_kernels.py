@@ -207,6 +207,28 @@ def test_int8_shapes_the_kernel_cannot_tile_use_pytorchs() -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots", [False, True])
+def test_attend_rows_equals_one_call_per_token(dtype: torch.dtype, slots: bool) -> None:
+    """attend_rows (a verify pass's or prompt's tokens in one call) gives every token, and leaves in the cache,
+    exactly what one attend_one call per token gives: shared (T, D) angles, or per-row (B, 1, T, D) angles and
+    positions (the engine's slots)."""
+    B, T, H, Hkv, D, L, pos = 2, 5, 9, 3, 64, 40, 11
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    k0, v0 = (torch.randn(B, Hkv, L, D, generator=g).to(dtype) for _ in range(2))
+    row_pos = torch.tensor([0, 7]) if slots else None
+    shape = (B, 1, T, D) if slots else (T, D)
+    cos, sin = torch.rand(shape, generator=g).to(dtype), torch.rand(shape, generator=g).to(dtype)
+    k1, v1, k2, v2 = k0.clone(), v0.clone(), k0.clone(), v0.clone()
+    y = torch.ops.lmforge.attend_rows(qkv, k1, v1, pos, row_pos, cos, sin, H, Hkv)
+    ys = [torch.ops.lmforge.attend_one(qkv[:, i].contiguous(), k2, v2, pos + i, row_pos,
+                                       cos[..., i, :].reshape(-1, D), sin[..., i, :].reshape(-1, D), H, Hkv)
+          for i in range(T)]
+    assert torch.equal(y, torch.stack(ys, 1)) and torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H, Hkv, rope, D, pos", [(4, 4, True, 32, 17), (6, 2, True, 32, 17), (4, 4, False, 32, 17),
                                                   (9, 3, True, 64, 40), (8, 1, True, 32, 20), (2, 2, True, 40, 5)])
 def test_attend_one_matches_rope_cache_write_and_attention(dtype: torch.dtype, H: int, Hkv: int, rope: bool, D: int,

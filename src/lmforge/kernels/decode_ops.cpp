@@ -725,6 +725,16 @@ at::Tensor attend_tokens(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, 
   return y;
 }
 
+// The op: attend_tokens for Block._step (models without decode_stack, e.g. LoRA-wrapped ones): qkv (B, T, W).
+at::Tensor attend_rows(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, int64_t pos,
+                       const std::optional<at::Tensor>& row_pos, const std::optional<at::Tensor>& cos,
+                       const std::optional<at::Tensor>& sin, int64_t n_head, int64_t n_kv_head) {
+  TORCH_CHECK(qkv.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.size(1) == n_kv_head && n_head % n_kv_head == 0,
+              "attend_rows: qkv (B, T, (H + 2 H_kv) D), caches (B, H_kv, L, D)");
+  return attend_tokens(qkv.contiguous(), k_cache, v_cache, pos, row_pos, cos, sin, n_head, n_kv_head);
+}
+
 // y = x / sqrt(mean(x^2) + eps) * w over the last dimension, fp32 sums, in x's dtype (one op instead of the
 // composite's six).
 template <typename T>
@@ -876,6 +886,8 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("tiled_linear(Tensor x, Tensor w, ScalarType? out_dtype=None) -> Tensor");
   m.def("attend_one(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor? row_pos, Tensor? cos, "
         "Tensor? sin, int n_head, int n_kv_head) -> Tensor");
+  m.def("attend_rows(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor? row_pos, Tensor? cos, "
+        "Tensor? sin, int n_head, int n_kv_head) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("decode_stack(Tensor x, Tensor?[] params, int[] spec, Tensor(a!) k_cache, Tensor(b!) v_cache, int row0, "
         "int pos, Tensor? row_pos, Tensor? cos, Tensor? sin, int n_head, int n_kv_head, float eps) -> Tensor");
@@ -887,6 +899,7 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("tiled_linear", &tiled_linear);
   m.impl("attend_one", &attend_one);
+  m.impl("attend_rows", &attend_rows);
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_stack", &decode_stack);
 }

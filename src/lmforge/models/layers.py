@@ -608,9 +608,10 @@ class Block(nn.Module):
         """The same block for a few new tokens per row at inference: a decoding step or a speculative verify
         pass over the plain KV cache (after ``cache.pos``), or one decoding step of the continuous-batching
         engine's slots (each row after its own length). Everything between the QKV and output projections --
-        RoPE, the cache write, attention over the cached positions -- is one call of lmforge's kernel per new
-        token (``attend_one``), which costs less than dispatching the ~10 small ops of the general path, and
-        gives every token of a verify pass exactly what a one-token step gives it (the norms and SwiGLU are per
+        RoPE, the cache write, attention over the cached positions -- is one call of lmforge's kernel for the new
+        tokens (``attend_rows``, each token exactly as a one-token ``attend_one`` call), which costs less than
+        dispatching the ~10 small ops of the general path, and gives every token of a verify pass exactly what a
+        one-token step gives it (the norms and SwiGLU are per
         row too), so speculative decoding reproduces plain decoding."""
         a, mlp = self.attn, self.mlp
         B, T, C = x.shape
@@ -621,13 +622,9 @@ class Block(nn.Module):
         else:
             k, v = cache.k[a.layer_idx], cache.v[a.layer_idx]                 # (B, H_kv, L, D)
             start, row_pos = cache.pos, None
-        ys = []
-        for i in range(T):  # token i goes in at its position p and sees positions 0 .. p
-            cos, sin = (None, None) if rope is None else (rope[0][..., i, :].reshape(-1, rope[0].shape[-1]),
-                                                          rope[1][..., i, :].reshape(-1, rope[1].shape[-1]))
-            ys.append(torch.ops.lmforge.attend_one(qkv[:, i].contiguous(), k, v, start + i, row_pos, cos, sin,
-                                                   a.n_head, a.n_kv_head))   # (B, H D)
-        y = ys[0].view(B, 1, C) if T == 1 else torch.stack(ys, dim=1)
+        # token i goes in at its position p and sees positions 0 .. p, each token as a one-token call would
+        cos, sin = (None, None) if rope is None else rope
+        y = torch.ops.lmforge.attend_rows(qkv, k, v, start, row_pos, cos, sin, a.n_head, a.n_kv_head)  # (B, T, H D)
         x = x + a.proj(y)
         u = mlp.fc(_norm_step(self.ln_2, x))
         # SwiGLU: silu(gate) * up in one kernel call; no dropout at inference (as after the attention's proj)
