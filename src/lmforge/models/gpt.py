@@ -50,8 +50,8 @@ STACK_NORMS = {RMSNorm: 0, LayerNorm: 1}
 STACK_MLPS = {"swiglu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
 
 
-#: the most rows (batch x new tokens) of one decode_stack pass without int8 layers (its attention goes row by row:
-#: beyond this PyTorch's fused attention in the general path costs less)
+#: the most rows (batch x new tokens) of one decode_stack pass (its attention goes token by token: beyond this
+#: PyTorch's fused attention in the general path costs less); int8 layers without VNNI stop at their gemm_rows
 PREFILL_ROWS = 256
 
 
