@@ -638,50 +638,6 @@ void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int6
   });
 }
 
-at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, int64_t pos,
-                      const std::optional<at::Tensor>& row_pos, const std::optional<at::Tensor>& cos,
-                      const std::optional<at::Tensor>& sin, int64_t n_head, int64_t n_kv_head) {
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.sizes() == v_cache.sizes(), "attend_one: caches must be contiguous (B, H_kv, L, D)");
-  const int64_t B = k_cache.size(0), L = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK(k_cache.size(1) == n_kv_head && n_head % n_kv_head == 0, "attend_one: head counts do not match the cache");
-  TORCH_CHECK(qkv.is_contiguous() && qkv.numel() == B * (n_head + 2 * n_kv_head) * D &&
-                  qkv.scalar_type() == k_cache.scalar_type(), "attend_one: qkv must be (B, (H + 2 H_kv) D) in the cache's dtype");
-  const int64_t* rp = nullptr;
-  at::Tensor rows;
-  if (row_pos.has_value()) {
-    rows = row_pos->to(at::kLong).contiguous();
-    TORCH_CHECK(rows.numel() == B, "attend_one: row_pos must hold one position per row");
-    rp = rows.data_ptr<int64_t>();
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t p = pos + (rp != nullptr ? rp[b] : 0);
-    TORCH_CHECK(0 <= p && p < L, "attend_one: position ", p, " outside the cache (", L, ")");
-  }
-  int64_t stride = 0;
-  if (cos.has_value()) {
-    TORCH_CHECK(sin.has_value() && cos->sizes() == sin->sizes() && cos->strides() == sin->strides() &&
-                    cos->size(-1) == D && cos->stride(-1) == 1 &&
-                    (cos->dim() == 1 || (cos->dim() == 2 && (cos->size(0) == B || cos->size(0) == 1))) &&
-                    cos->scalar_type() == qkv.scalar_type() && sin->scalar_type() == qkv.scalar_type(),
-                "attend_one: cos/sin must be (D,), (1, D) or (B, D) rows of D contiguous values in qkv's dtype");
-    stride = cos->dim() == 2 && cos->size(0) == B ? cos->stride(0) : 0;
-  }
-  at::Tensor y = at::empty({B, n_head * D}, qkv.options());
-  if (qkv.scalar_type() == at::kFloat) {
-    const float* cp = cos.has_value() ? cos->data_ptr<float>() : nullptr;
-    const float* sp = cos.has_value() ? sin->data_ptr<float>() : nullptr;
-    attend_one_impl<float>(qkv, k_cache, v_cache, pos, rp, cp, sp, stride, n_head, n_kv_head, y);
-  } else if (qkv.scalar_type() == at::kBFloat16) {
-    using B16 = c10::BFloat16;
-    const B16* cp = cos.has_value() ? cos->data_ptr<B16>() : nullptr;
-    const B16* sp = cos.has_value() ? sin->data_ptr<B16>() : nullptr;
-    attend_one_impl<B16>(qkv, k_cache, v_cache, pos, rp, cp, sp, stride, n_head, n_kv_head, y);
-  } else {
-    TORCH_CHECK(false, "attend_one: fp32 or bf16 only");
-  }
-  return y;
-}
 
 // attend_one for T new tokens per row in one call (decode_stack: a step, a verify pass, a prompt): qkv (B, T, W),
 // token t of row b at position pos + t (+ row_pos[b]); cos/sin (T, D) shared by the rows or (B, ..., T, D) per row,
@@ -689,26 +645,29 @@ at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_ca
 at::Tensor attend_tokens(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t pos,
                          const std::optional<at::Tensor>& row_pos, const std::optional<at::Tensor>& cos,
                          const std::optional<at::Tensor>& sin, int64_t n_head, int64_t n_kv_head) {
+  TORCH_CHECK(qkv.dim() == 3 && kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.size(1) == n_kv_head &&
+                  n_head % n_kv_head == 0, "attend: qkv (B, T, (H + 2 H_kv) D), caches (B, H_kv, L, D)");
   const int64_t B = qkv.size(0), T = qkv.size(1), L = kc.size(2), D = kc.size(3);
   TORCH_CHECK(qkv.is_contiguous() && kc.is_contiguous() && vc.is_contiguous() && kc.size(0) == B &&
                   qkv.size(2) == (n_head + 2 * n_kv_head) * D && qkv.scalar_type() == kc.scalar_type(),
-              "decode_stack: qkv (B, T, (H + 2 H_kv) D) and contiguous caches in its dtype");
+              "attend: qkv (B, T, (H + 2 H_kv) D) and contiguous caches in its dtype");
   const int64_t* rp = nullptr;
   at::Tensor rows;
   if (row_pos.has_value()) {
     rows = row_pos->to(at::kLong).contiguous();
+    TORCH_CHECK(rows.numel() == B, "attend: row_pos must hold one position per row");
     rp = rows.data_ptr<int64_t>();
   }
   for (int64_t b = 0; b < B; ++b) {
     const int64_t p = pos + (rp != nullptr ? rp[b] : 0);
-    TORCH_CHECK(0 <= p && p + T <= L, "decode_stack: positions ", p, "..", p + T - 1, " outside the cache (", L, ")");
+    TORCH_CHECK(0 <= p && p + T <= L, "attend: positions ", p, "..", p + T - 1, " outside the cache (", L, ")");
   }
   int64_t sb = 0, st = 0;
   if (cos.has_value()) {
     TORCH_CHECK(sin.has_value() && cos->sizes() == sin->sizes() && cos->strides() == sin->strides() &&
                     cos->size(-1) == D && cos->stride(-1) == 1 && cos->size(-2) == T &&
                     cos->scalar_type() == qkv.scalar_type(),
-                "decode_stack: cos/sin (T, D) or (B, ..., T, D) in qkv's dtype");
+                "attend: cos/sin (T, D) or (B, ..., T, D) rows of D contiguous values in qkv's dtype");
     st = cos->stride(-2);
     sb = cos->dim() >= 3 && cos->size(0) == B ? cos->stride(0) : 0;
   }
@@ -718,21 +677,34 @@ at::Tensor attend_tokens(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, 
                            cos.has_value() ? sin->data_ptr<float>() : nullptr, sb, n_head, n_kv_head, y, T, st);
   } else {
     using B16 = c10::BFloat16;
-    TORCH_CHECK(qkv.scalar_type() == at::kBFloat16, "decode_stack: fp32 or bf16 only");
+    TORCH_CHECK(qkv.scalar_type() == at::kBFloat16, "attend: fp32 or bf16 only");
     attend_one_impl<B16>(qkv, kc, vc, pos, rp, cos.has_value() ? cos->data_ptr<B16>() : nullptr,
                          cos.has_value() ? sin->data_ptr<B16>() : nullptr, sb, n_head, n_kv_head, y, T, st);
   }
   return y;
 }
 
-// The op: attend_tokens for Block._step (models without decode_stack, e.g. LoRA-wrapped ones): qkv (B, T, W).
+// The ops. attend_rows: attend_tokens for Block._step (models without decode_stack, e.g. LoRA-wrapped ones),
+// qkv (B, T, W). attend_one: one token per row, qkv (B, W), cos/sin (D,), (1, D) shared or (B, D) one row each.
 at::Tensor attend_rows(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, int64_t pos,
                        const std::optional<at::Tensor>& row_pos, const std::optional<at::Tensor>& cos,
                        const std::optional<at::Tensor>& sin, int64_t n_head, int64_t n_kv_head) {
-  TORCH_CHECK(qkv.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.size(1) == n_kv_head && n_head % n_kv_head == 0,
-              "attend_rows: qkv (B, T, (H + 2 H_kv) D), caches (B, H_kv, L, D)");
   return attend_tokens(qkv.contiguous(), k_cache, v_cache, pos, row_pos, cos, sin, n_head, n_kv_head);
+}
+
+at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_cache, int64_t pos,
+                      const std::optional<at::Tensor>& row_pos, const std::optional<at::Tensor>& cos,
+                      const std::optional<at::Tensor>& sin, int64_t n_head, int64_t n_kv_head) {
+  TORCH_CHECK(qkv.dim() == 2, "attend_one: qkv must be (B, (H + 2 H_kv) D)");
+  const int64_t B = qkv.size(0);
+  auto one = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {  // as (..., T = 1, D)
+    if (!t.has_value()) return t;
+    TORCH_CHECK(t->dim() == 1 || (t->dim() == 2 && (t->size(0) == B || t->size(0) == 1)),
+                "attend_one: cos/sin must be (D,), (1, D) or (B, D)");
+    return t->dim() == 2 && t->size(0) > 1 ? t->unsqueeze(-2) : t->reshape({1, -1});
+  };
+  return attend_tokens(qkv.contiguous().view({B, 1, -1}), k_cache, v_cache, pos, row_pos, one(cos), one(sin),
+                       n_head, n_kv_head).view({B, -1});
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w over the last dimension, fp32 sums, in x's dtype (one op instead of the
