@@ -8,6 +8,10 @@ with grouped query heads folded into the query axis, and three fp32 ops (scores,
 choices behind ``CausalSelfAttention._one_query`` -- and lmforge's ``attend_one`` (lmforge/kernels/decode_ops.cpp:
 RoPE, the cache write and the attention in one call, what the fused decoding step uses; its bf16 body with
 AVX512-BF16). Median microseconds of 300 calls.
+
+``--tokens 8``: also T new tokens per call (a speculative verify pass): one ``attend_one`` call per token from Python
+(what ``Block._step`` did) against one ``attend_rows`` call for all of them (what it does now; ``decode_stack``
+makes the same call from C++), the same bits either way.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--keys", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--tokens", type=int, nargs="*", default=[], help="new tokens per call for the attend_rows rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_summary(args.threads))
@@ -46,6 +51,13 @@ def main() -> None:
         for S in args.keys:
             fused, folded, ops, own = time_calls(H, Hkv, S)
             print(f"{name:<22} {S:>5} {fused:>8.0f} {folded:>8.0f} {ops:>8.0f} {own:>8.0f}")
+    if args.tokens and kernels.available():
+        print(f"\n{'heads':<22} {'keys':>5} {'tokens':>6} {'per token':>10} {'attend_rows':>12}  (us per call)")
+        for name, H, Hkv in (("SmolLM2 9 over 3 kv", 9, 3), ("GPT-2 12 (no groups)", 12, 12)):
+            for S in args.keys:
+                for T in args.tokens:
+                    loop, rows = time_tokens(H, Hkv, S, T)
+                    print(f"{name:<22} {S:>5} {T:>6} {loop:>10.0f} {rows:>12.0f}  {loop / rows:.2f}x")
 
 
 def time_calls(H: int, Hkv: int, S: int) -> tuple[float, float, float, float]:
@@ -63,6 +75,19 @@ def time_calls(H: int, Hkv: int, S: int) -> tuple[float, float, float, float]:
         kc, vc = k.contiguous(), v.contiguous()
         own = per_call(lambda: torch.ops.lmforge.attend_one(qkv, kc, vc, S - 1, None, cos, sin, H, Hkv))
     return fused, folded, per_call(lambda: one_query_fp32(q, k, v)), own
+
+
+def time_tokens(H: int, Hkv: int, S: int, T: int) -> tuple[float, float]:
+    """(T attend_one calls, one attend_rows call) microseconds: T new tokens at positions S - T .. S - 1."""
+    qkv = torch.randn(1, T, (H + 2 * Hkv) * 64).bfloat16()
+    kc, vc = torch.randn(1, Hkv, S, 64).bfloat16(), torch.randn(1, Hkv, S, 64).bfloat16()
+    cos, sin = torch.randn(T, 64).bfloat16(), torch.randn(T, 64).bfloat16()
+
+    def loop() -> list:
+        return [torch.ops.lmforge.attend_one(qkv[:, i].contiguous(), kc, vc, S - T + i, None, cos[i], sin[i], H, Hkv)
+                for i in range(T)]
+
+    return per_call(loop), per_call(lambda: torch.ops.lmforge.attend_rows(qkv, kc, vc, S - T, None, cos, sin, H, Hkv))
 
 
 if __name__ == "__main__":
