@@ -83,6 +83,51 @@ def test_int4_groups_and_fallback() -> None:
     assert odd.mode == "bf16" and odd(torch.randn(2, 40)).shape == (2, 10)
 
 
+def _huge_kib() -> int:
+    return sum(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages"))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_decoding_weights_move_onto_huge_pages(tie: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layout packs the weights into one huge-page buffer: same outputs bit for bit, tied weights stay one
+    tensor, a second pack moves nothing, and LMFORGE_HUGEPAGES=0 leaves malloc's memory."""
+    from lmforge import utils
+    from lmforge.models.quant import pack_on_huge_pages
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos="rope",
+                          norm="rmsnorm", mlp="swiglu", tie_embeddings=tie)).eval()
+    monkeypatch.setenv("LMFORGE_HUGEPAGES", "0")
+    utils.huge_pages_available.cache_clear()
+    plain = prepare_for_decoding(copy.deepcopy(model), "int8")
+    assert len({t.untyped_storage().data_ptr() for t in plain.buffers()}) > 1
+    monkeypatch.setenv("LMFORGE_HUGEPAGES", "1")
+    utils.huge_pages_available.cache_clear()
+    if not utils.huge_pages_available():
+        pytest.skip("no transparent huge pages on this system")
+    packed = prepare_for_decoding(copy.deepcopy(model), "int8")
+    tensors = [*packed.parameters(), *packed.buffers()]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1  # one buffer
+    assert min(t.data_ptr() for t in tensors) % utils.HUGE_PAGE == 0
+    raw = copy.deepcopy(model)  # the unprepared model, whose head may be tied to the embedding
+    assert pack_on_huge_pages(raw) > 0 and (raw.lm_head.weight is raw.wte.weight) == tie
+    assert raw.wte.weight.untyped_storage().data_ptr() == raw.lm_head.weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        assert torch.equal(raw(torch.tensor([[1, 2, 3]]))[0], model(torch.tensor([[1, 2, 3]]))[0])
+    assert pack_on_huge_pages(packed) == 0  # already packed: views of one buffer stay put
+    seq = torch.tensor([[5, 17, 42, 8, 3, 9]])
+    with torch.no_grad():
+        assert torch.equal(plain(seq)[0], packed(seq)[0])
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert generate_ids(packed, [5, 17], cfg) == generate_ids(plain, [5, 17], cfg)
+    # the memory is really on 2 MiB pages (a shared mapping, say, would be shmem's, usually without them)
+    before = _huge_kib()
+    buf = utils.huge_page_buffer(16 << 20)
+    buf.fill_(1)
+    assert _huge_kib() - before >= 2048 and int(buf[::4096].sum()) == 4096
+    utils.huge_pages_available.cache_clear()
+
+
 def test_static_decoder_matches_plain_decoding() -> None:
     """The fixed-shape step (static cache, masks over the whole buffer, sampling inside) gives the same
     tokens as plain decoding, greedy and sampled (same seed: the same exponential-race draws)."""

@@ -6,6 +6,8 @@ import ctypes
 import fcntl
 import functools
 import json
+import math
+import mmap
 import os
 import platform
 import re
@@ -239,6 +241,55 @@ def retain_freed_memory() -> bool:
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
+
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+
+
+@functools.cache
+def huge_pages_available() -> bool:
+    """Whether this process can ask for transparent huge pages (Linux with THP ``always`` or ``madvise``;
+    ``LMFORGE_HUGEPAGES=0`` says no)."""
+    if os.environ.get("LMFORGE_HUGEPAGES", "1") == "0" or sys.platform != "linux" \
+            or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of fresh, zeroed memory (uint8, starting on a 2 MiB boundary) backed by transparent huge pages,
+    or None where there are none (:func:`huge_pages_available`).
+
+    Why: a batch-1 decoding step streams every weight once, and the CPU's prefetchers stop at each 4 KiB page;
+    on 2 MiB pages the same read runs ~1.4-1.8x faster (bench/huge_pages.py, docs/hub.md). PyTorch's tensors come
+    from malloc, whose pages are 4 KiB unless the system enables THP for everything. The memory is an anonymous
+    mapping advised before its first touch (a later madvise only asks khugepaged to collapse the pages
+    eventually); the tensor keeps the mapping alive and unmaps it when freed."""
+    if not huge_pages_available() or nbytes <= 0:
+        return None
+    try:
+        # private: a shared anonymous mapping is shmem, whose huge pages are a separate (usually off) setting
+        region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):
+        return None
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # holds `region`
+    start = -raw.data_ptr() % HUGE_PAGE
+    return raw[start:start + nbytes]
+
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``torch.zeros``, on transparent huge pages when it is a CPU tensor of 2 MiB or more (KV caches: a decoding
+    step reads all of them; :func:`huge_page_buffer`)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buf = huge_page_buffer(nbytes) if torch.device(device).type == "cpu" and nbytes >= HUGE_PAGE else None
+    if buf is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return buf.view(dtype).view(shape)  # a fresh anonymous mapping reads as zeros
 
 @functools.cache
 def cpu_info() -> tuple[str, frozenset[str]]:

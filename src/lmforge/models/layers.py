@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..utils import zeros
 
 #: training passes of at most this many positions take lmforge's causal-attention kernel instead of PyTorch's
 #: flash kernel (CausalSelfAttention._own_kernel); 0 turns it off (how bench/train_throughput.py measures both)
@@ -215,8 +216,8 @@ class KVCache:
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_length: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (n_layer, batch, n_kv_head, max_length, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = zeros(shape, dtype, device)  # on huge pages where it is large (a step reads all of it)
+        self.v = zeros(shape, dtype, device)
         self.pos = 0
         self.max_length = max_length
 
@@ -306,8 +307,8 @@ class SlotKVCache:
     def __init__(self, n_layer: int, slots: int, n_kv_head: int, max_length: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (n_layer, slots, n_kv_head, max_length, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: masked keys must be finite
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = zeros(shape, dtype, device)  # zeros: masked keys must be finite
+        self.v = zeros(shape, dtype, device)
         self.lengths = torch.zeros(slots, dtype=torch.long)
         self.max_length = max_length
         self.rows: slice | torch.Tensor = slice(0, slots)

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from ..utils import resolve_dtype
+from ..utils import huge_page_buffer, resolve_dtype
 
 QUANT_MODES = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -307,4 +307,39 @@ def finish_decoding_layout(model: nn.Module, dtype: str) -> None:
         model.to(torch.bfloat16)  # QuantLinear's int8/uint8 buffers stay as they are
     for p in model.parameters():
         p.requires_grad_(False)
+    pack_on_huge_pages(model)
     model.decode_dtype = dtype  # type: ignore[assignment]
+
+
+def pack_on_huge_pages(model: nn.Module) -> int:
+    """Move every CPU parameter and buffer of ``model`` into one buffer on transparent huge pages, in module order
+    (the order a decoding step reads them), each tensor keeping its identity (``.data`` is swapped, so tied weights
+    stay tied and anything holding the tensors sees the new memory). Returns the bytes moved; 0 where huge pages
+    are unavailable (utils.huge_page_buffer). Tensors sharing their storage with another tensor stay where they are.
+
+    A decoding step at batch 1 is a stream through all weights; on 4 KiB pages the prefetchers restart at every
+    page and SmolLM2-135M's int8 step took 5.2-6.0 ms, on 2 MiB pages 3.7-4.0 ms (bench/huge_pages.py)."""
+    tensors: dict[int, torch.Tensor] = {}
+    owners: dict[int, set[int]] = {}
+    for mod in model.modules():
+        for t in [*mod._parameters.values(), *mod._buffers.values()]:
+            if t is None or t.device.type != "cpu" or t.numel() == 0:
+                continue
+            tensors.setdefault(id(t), t)
+            owners.setdefault(t.untyped_storage().data_ptr(), set()).add(id(t))
+    slots, size = [], 0
+    for t in tensors.values():
+        nbytes = t.numel() * t.element_size()
+        if len(owners[t.untyped_storage().data_ptr()]) > 1 or not t.is_contiguous() \
+                or t.untyped_storage().nbytes() != nbytes:
+            continue  # a view, or viewed by another tensor: moving it would untie them
+        slots.append((t, size, nbytes))
+        size += -(-nbytes // 64) * 64  # cache-line aligned
+    arena = huge_page_buffer(size) if slots else None
+    if arena is None:
+        return 0
+    for t, start, nbytes in slots:
+        view = arena[start:start + nbytes].view(t.dtype).view(t.shape)
+        view.copy_(t.detach())
+        t.data = view  # the old storage is freed here
+    return size
