@@ -20,6 +20,8 @@ With ``--layout fp32|bf16``: lmforge's ``tiled_linear`` on the weights in the in
 bf16 decoding layouts use with lmforge's kernels) against PyTorch's product of the same weights: ``x @ W^T`` with
 W^T stored (in, out) for fp32 (lmforge's layout without its kernels), ``F.linear`` for bf16.
 
+``--huge-pages`` copies every matrix onto 2 MiB pages first, as the decoding layouts keep their weights.
+
 Prints ms per pass and the weight streaming rate (GB/s: the bytes of each layout's own weights and scales) with
 the CPU named.
 """
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.models.quant import QuantLinear, tile_rows
-from lmforge.utils import machine_summary
+from lmforge.utils import huge_page_buffer, machine_summary
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30
 
@@ -45,6 +47,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 170])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--layout", choices=["int8", "int4", "fp32", "bf16"], default="int8")
+    ap.add_argument("--huge-pages", action="store_true", help="every matrix on 2 MiB pages, as decoding layouts "
+                    "keep them (models.quant.pack_on_huge_pages); default: malloc's pages")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if not kernels.available():
@@ -59,6 +63,7 @@ def main() -> None:
     for o, i in SHAPES:  # lmforge's tiled q (VNNI's where the CPU has it), its fp32 scale; the bf16 tiles' q;
         lin = QuantLinear.from_weight(torch.randn(o, i, generator=g), None, "int8")  # PyTorch's row-major q, bf16 scale
         mats.append((lin.qweight, lin.scale, lin.int8_weight(), lin.scale.bfloat16(), tile_rows(lin.int8_weight())))
+    mats = on_pages(mats, a.huge_pages)
     nbytes = sum(q.numel() + s.numel() * 4 for q, s, *_ in mats)
     vnni = mats[0][0].dtype == torch.uint8
     print(f"{len(mats)} int8 matrices, {nbytes / 1e6:.0f} MB; lmforge's layout: "
@@ -77,6 +82,25 @@ def main() -> None:
                                         for _, s, q, _, _ in mats],
         }
         report(M, ways, a.rounds, dict.fromkeys(ways, nbytes))
+
+
+def on_pages(mats: list[tuple], huge: bool) -> list[tuple]:
+    """``mats``' tensors copied into one buffer on 2 MiB pages (--huge-pages), else as they are."""
+    if not huge:
+        return mats
+    flat = [t for m in mats for t in m]
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in flat]
+    buf = huge_page_buffer(sum(sizes))
+    if buf is None:
+        raise SystemExit("no transparent huge pages here (utils.huge_pages_available)")
+    out, at = [], 0
+    for t, n in zip(flat, sizes):
+        v = buf[at:at + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        v.copy_(t)
+        out.append(v)
+        at += n
+    k = len(mats[0])
+    return [tuple(out[i:i + k]) for i in range(0, len(out), k)]
 
 
 def report(rows: int, ways: dict, rounds: int, nbytes: dict[str, int]) -> None:
@@ -102,6 +126,7 @@ def int4_rows(a: argparse.Namespace, g: torch.Generator) -> None:
         lin.set_int4(q, s, z)
         sz = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().bfloat16()
         mats.append((lin.qweight, lin.scales_dm, torch._convert_weight_to_int4pack_for_cpu(q, 1), sz))
+    mats = on_pages(mats, a.huge_pages)
     ours = sum(b.numel() + dm.numel() * 2 for b, dm, _, _ in mats)
     theirs = sum(b.numel() + sz.numel() * 2 for _, _, b, sz in mats)
     size = {"lmforge": ours, "torch": theirs}
@@ -124,6 +149,7 @@ def float_rows(a: argparse.Namespace, g: torch.Generator) -> None:
         lin = QuantLinear.from_weight(torch.randn(o, i, generator=g), None, a.layout)
         w = torch.randn(o, i, generator=g).to(dt)
         mats.append((lin.weight_tiles, w.t().contiguous() if a.layout == "fp32" else w))
+    mats = on_pages(mats, a.huge_pages)
     nbytes = sum(t.numel() * t.element_size() for t, _ in mats)
     print(f"{len(mats)} {a.layout} matrices, {nbytes / 1e6:.0f} MB")
     for M in a.rows:

@@ -203,17 +203,24 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   TORCH_CHECK(fp32_out || out_dtype.value_or(at::kBFloat16) == at::kBFloat16, "int4_linear: out_dtype bf16 or fp32");
   const at::Tensor x = x_in.contiguous();
   const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-  // x quantised once per call, row by row: int8 per block of 32, each block's scale, each group's exact sum
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> xs(M * blocks), xsum(M * groups);
-  std::vector<int32_t> xc(M * blocks);
+  // x quantised once per call, row by row: int8 per block of 32, each block's scale, each group's exact sum (buffers
+  // kept by the calling thread between calls: a decoding step makes ~120 of these calls)
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xs, xsum;
+  thread_local std::vector<int32_t> xc;
+  xq.resize(M * K), xs.resize(M * blocks), xsum.resize(M * groups), xc.resize(M * blocks);
+  // (the workers must see the calling thread's buffers: a thread_local named inside a worker is the worker's own)
+  int8_t* const xqp = xq.data();
+  float* const xsp = xs.data();
+  float* const xsump = xsum.data();
+  int32_t* const xcp = xc.data();
   at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t g = 0, blk = r * blocks; g < groups; ++g) {
         float sum = 0.f;
         for (int64_t b = 0; b < bpg; ++b, ++blk)
-          sum += quantise_block(xp + blk * BLOCK, xq.data() + blk * BLOCK, xs.data() + blk, xc.data() + blk);
-        xsum[r * groups + g] = sum;
+          sum += quantise_block(xp + blk * BLOCK, xqp + blk * BLOCK, xsp + blk, xcp + blk);
+        xsump[r * groups + g] = sum;
       }
   });
   at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
@@ -234,8 +241,8 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
         const int32_t* cr[ROWS];
         float* o[ROWS];
         for (int r = 0; r < R; ++r)
-          xr[r] = xq.data() + (r0 + r) * K, sr[r] = xs.data() + (r0 + r) * blocks,
-          cr[r] = xc.data() + (r0 + r) * blocks, sumr[r] = xsum.data() + (r0 + r) * groups, o[r] = out[r];
+          xr[r] = xqp + (r0 + r) * K, sr[r] = xsp + (r0 + r) * blocks,
+          cr[r] = xcp + (r0 + r) * blocks, sumr[r] = xsump + (r0 + r) * groups, o[r] = out[r];
         switch (R) {
           case 1: tile_rows<1>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
           case 2: tile_rows<2>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
@@ -248,8 +255,8 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
         }
 #else
         for (int r = 0; r < R; ++r)
-          tile_rows_plain(p, d, xq.data() + (r0 + r) * K, xs.data() + (r0 + r) * blocks, xc.data() + (r0 + r) * blocks,
-                          xsum.data() + (r0 + r) * groups, groups, bpg, out[r]);
+          tile_rows_plain(p, d, xqp + (r0 + r) * K, xsp + (r0 + r) * blocks, xcp + (r0 + r) * blocks,
+                          xsump + (r0 + r) * groups, groups, bpg, out[r]);
 #endif
         for (int r = 0; r < R; ++r)
           for (int64_t c = 0; c < TILE; ++c) {
@@ -275,6 +282,11 @@ bool int4_native() {
 }
 
 }  // namespace
+
+// decode_stack (decode_ops.cpp) calls the kernel directly, past the dispatcher.
+at::Tensor lmforge_int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm, int64_t group) {
+  return int4_linear(x, packed, dm, group, std::nullopt);
+}
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, int group, ScalarType? out_dtype=None) -> Tensor");
