@@ -581,8 +581,8 @@ void attend_bf16(const float* qf, const c10::BFloat16* K, const c10::BFloat16* V
 //
 // Tn new tokens per row (a verify pass, a prompt: decode_stack) go through one call: qkv and y hold (B, Tn) rows,
 // token t of row b at position p_b + t, its RoPE angles at cos + b rope_stride + t t_stride. Each task (a row and
-// a key/value head) takes its tokens in order, each exactly as a one-token call would (its key and value written,
-// then attention over positions 0 .. p_b + t), so the results are those of Tn calls, bit for bit, without Tn
+// a key/value head) writes its tokens' keys and values, then each (row, head, token) attends over positions
+// 0 .. p_b + t exactly as a one-token call would, so the results are those of Tn calls, bit for bit, without Tn
 // calls' dispatch, allocations and thread hand-offs.
 template <typename T>
 void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t pos, const int64_t* row_pos,
@@ -606,22 +606,39 @@ void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int6
       r[i + half] = x2 * static_cast<float>(c[i + half]) + x1 * static_cast<float>(s[i + half]);
     }
   };
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+  // token tok of row b, key/value head g: its key (rotated) and value into the cache at its position
+  auto write = [&](int64_t b, int64_t g, int64_t tok, float* kf) {
+    const int64_t p = pos + tok + (row_pos != nullptr ? row_pos[b] : 0);
+    const T* row = in + (b * Tn + tok) * width;
+    T* K = kp + (b * Hkv + g) * L * D;
+    T* V = vp + (b * Hkv + g) * L * D;
+    rope(row + (H + g) * D, kf, b, tok);
+    for (int64_t i = 0; i < D; ++i) {
+      K[p * D + i] = static_cast<T>(kf[i]);
+      V[p * D + i] = row[(H + Hkv + g) * D + i];
+    }
+  };
+  // Several tokens: every key and value first, then one task per (row, key/value head, token) -- token t reads
+  // positions 0 .. p + t only, so it sees what it would after its own write, and a verify pass of 8 tokens spreads
+  // over the threads as 24 tasks rather than SmolLM2's 3 key/value heads. One token: one task per (row, head).
+  const bool split = Tn > 1;
+  if (split)
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> kf(D);
+      for (int64_t task = t0; task < t1; ++task)
+        for (int64_t tok = 0; tok < Tn; ++tok) write(task / Hkv, task % Hkv, tok, kf.data());
+    });
+  at::parallel_for(0, B * Hkv * Tn, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qf(G * D), kf(D), score(G * L), acc(G * D);
     std::vector<uint32_t> qb(G * D / 2), pb(G * (L / 2 + 1));  // bf16 pairs: rounded q, rounded P
     std::vector<float> total(G);
-    for (int64_t task = t0; task < t1; ++task)
-    for (int64_t tok = 0; tok < Tn; ++tok) {
-      const int64_t b = task / Hkv, g = task % Hkv;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / (Hkv * Tn), g = task / Tn % Hkv, tok = task % Tn;
       const int64_t p = pos + tok + (row_pos != nullptr ? row_pos[b] : 0), n = p + 1;
       const T* row = in + (b * Tn + tok) * width;
-      T* K = kp + (b * Hkv + g) * L * D;
-      T* V = vp + (b * Hkv + g) * L * D;
-      rope(row + (H + g) * D, kf.data(), b, tok);
-      for (int64_t i = 0; i < D; ++i) {
-        K[p * D + i] = static_cast<T>(kf[i]);
-        V[p * D + i] = row[(H + Hkv + g) * D + i];
-      }
+      const T* K = kp + (b * Hkv + g) * L * D;
+      const T* V = vp + (b * Hkv + g) * L * D;
+      if (!split) write(b, g, tok, kf.data());
       for (int64_t h = 0; h < G; ++h) rope(row + (g * G + h) * D, qf.data() + h * D, b, tok);
       bool done = false;
 #if defined(__AVX512BF16__)
