@@ -523,6 +523,19 @@ def test_decode_stack_equals_block_steps_bitwise(dtype: str, shape: str, monkeyp
         assert torch.equal(a, b)
     if own:  # lmforge's kernels: rows independent (PyTorch's int4 kernel blocks rows its own way)
         assert torch.equal(singles, whole)
+    # Llama blocks in lmforge's int8 (VNNI) / int4 layouts run in decode_stack's one-region path, the rest in its
+    # general one (the comparisons above hold for whichever ran)
+    x = torch.zeros(3, 1, cfg.n_embd, dtype=model.wte.weight.dtype)
+    fused = torch.ops.lmforge.decode_stack_fused(x, model._stack[0], model._stack[1], model.init_state(3, 32).k,
+                                                  cfg.n_head, cfg.n_kv_head or cfg.n_head)
+    assert fused == (shape == "llama" and own and dtype in ("int8", "int4") and kernels.int8_vnni())
+    if fused:  # the one-region path against the general one, bit for bit (a step, a verify pass, slots)
+        monkeypatch.setenv("LMFORGE_FUSED_STACK", "0")
+        with torch.no_grad():
+            general = decode(model, blocks=False)
+        monkeypatch.delenv("LMFORGE_FUSED_STACK", raising=False)  # (decode undoes the patches itself)
+        for a, b in zip(stacked, general):
+            assert torch.equal(a, b)
 
 
 def test_int8_prefill_rows_take_the_dequantised_gemm() -> None:

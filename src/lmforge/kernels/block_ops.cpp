@@ -437,6 +437,13 @@ at::Tensor dropout_keep(const at::Tensor& seed, int64_t n, int64_t rows, int64_t
 
 }  // namespace
 
+
+// decode_stack_fused (decode_ops.cpp): silu_mul on rows of (rows, 2 h) bf16, from inside its parallel region (where
+// silu_mul_impl's parallel_for runs inline on the calling thread).
+void lmforge_silu_mul_rows(const c10::BFloat16* x, c10::BFloat16* y, int64_t rows, int64_t h) {
+  silu_mul_impl<c10::BFloat16>(x, y, rows, h);
+}
+
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("lora_dropout_a(Tensor x, Tensor a, int n, float p, Tensor seed) -> Tensor");
   m.def("lora_dropout_a_backward(Tensor dh, Tensor x, Tensor a, int n, float p, Tensor seed) -> (Tensor, Tensor)");

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -36,8 +37,15 @@
 
 #include "vec.h"
 
-// int4_ops.cpp's kernel (another translation unit of this library), called without the dispatcher.
+// int4_ops.cpp's kernel (another translation unit of this library), called without the dispatcher, and its pieces
+// for decode_stack_fused; block_ops.cpp's silu_mul on rows.
 at::Tensor lmforge_int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm, int64_t group);
+void lmforge_int4_quantise_row(const c10::BFloat16* x, int64_t K, int64_t group, int8_t* xq, float* xs, int32_t* xc,
+                               float* xsum);
+void lmforge_int4_tile(const uint8_t* packed, const at::Half* dm, int64_t K, int64_t group, int64_t t, int R,
+                       const int8_t* const* xq, const float* const* xs, const int32_t* const* xc,
+                       const float* const* xsum, float* const* out);
+void lmforge_silu_mul_rows(const c10::BFloat16* x, c10::BFloat16* y, int64_t rows, int64_t h);
 
 namespace {
 
@@ -584,32 +592,47 @@ void attend_bf16(const float* qf, const c10::BFloat16* K, const c10::BFloat16* V
 // a key/value head) writes its tokens' keys and values, then each (row, head, token) attends over positions
 // 0 .. p_b + t exactly as a one-token call would, so the results are those of Tn calls, bit for bit, without Tn
 // calls' dispatch, allocations and thread hand-offs.
+// One call's attention, task by task: write(b, g, tok) puts token tok of row b's key (rotated) and value for key/value
+// head g into the cache; attend(b, g, tok) computes that token's G query heads over positions 0 .. p. Used by
+// attend_one_impl (ATen threads) and decode_stack_fused (its own parallel region): the same arithmetic either way.
 template <typename T>
-void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t pos, const int64_t* row_pos,
-                     const T* cos, const T* sin, int64_t rope_stride, int64_t H, int64_t Hkv, at::Tensor& y,
-                     int64_t Tn = 1, int64_t t_stride = 0) {
-  const int64_t B = kc.size(0), L = kc.size(2), D = kc.size(3), G = H / Hkv, half = D / 2;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const T* in = qkv.data_ptr<T>();
-  T* kp = kc.data_ptr<T>();
-  T* vp = vc.data_ptr<T>();
-  T* out = y.data_ptr<T>();
-  const int64_t width = (H + 2 * Hkv) * D;
-  auto rope = [&](const T* x, float* r, int64_t b, int64_t t) {
+struct Attention {
+  const T* in;  // qkv rows (B, Tn, (H + 2 Hkv) D)
+  T *kp, *vp, *out;
+  int64_t pos;
+  const int64_t* row_pos;
+  const T *cos, *sin;
+  int64_t rope_stride, t_stride, B, Tn, H, Hkv, L, D;
+
+  int64_t G() const { return H / Hkv; }
+  int64_t width() const { return (H + 2 * Hkv) * D; }
+  int64_t position(int64_t b, int64_t tok) const { return pos + tok + (row_pos != nullptr ? row_pos[b] : 0); }
+
+  // per-thread buffers of attend()
+  struct Scratch {
+    std::vector<float> qf, kf, score, acc, total;
+    std::vector<uint32_t> qb, pb;  // bf16 pairs: rounded q, rounded P
+    explicit Scratch(const Attention& a)
+        : qf(a.G() * a.D), kf(a.D), score(a.G() * a.L), acc(a.G() * a.D), total(a.G()), qb(a.G() * a.D / 2),
+          pb(a.G() * (a.L / 2 + 1)) {}
+  };
+
+  void rope(const T* x, float* r, int64_t b, int64_t t) const {
     for (int64_t i = 0; i < D; ++i) r[i] = static_cast<float>(x[i]);
     if (cos == nullptr) return;
     const T* c = cos + b * rope_stride + t * t_stride;
     const T* s = sin + b * rope_stride + t * t_stride;
+    const int64_t half = D / 2;
     for (int64_t i = 0; i < half; ++i) {
       const float x1 = r[i], x2 = r[i + half];
       r[i] = x1 * static_cast<float>(c[i]) - x2 * static_cast<float>(s[i]);
       r[i + half] = x2 * static_cast<float>(c[i + half]) + x1 * static_cast<float>(s[i + half]);
     }
-  };
-  // token tok of row b, key/value head g: its key (rotated) and value into the cache at its position
-  auto write = [&](int64_t b, int64_t g, int64_t tok, float* kf) {
-    const int64_t p = pos + tok + (row_pos != nullptr ? row_pos[b] : 0);
-    const T* row = in + (b * Tn + tok) * width;
+  }
+
+  void write(int64_t b, int64_t g, int64_t tok, float* kf) const {
+    const int64_t p = position(b, tok);
+    const T* row = in + (b * Tn + tok) * width();
     T* K = kp + (b * Hkv + g) * L * D;
     T* V = vp + (b * Hkv + g) * L * D;
     rope(row + (H + g) * D, kf, b, tok);
@@ -617,43 +640,55 @@ void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int6
       K[p * D + i] = static_cast<T>(kf[i]);
       V[p * D + i] = row[(H + Hkv + g) * D + i];
     }
-  };
+  }
+
+  void attend(int64_t b, int64_t g, int64_t tok, Scratch& w) const {
+    const int64_t Gq = G(), n = position(b, tok) + 1;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    const T* row = in + (b * Tn + tok) * width();
+    const T* K = kp + (b * Hkv + g) * L * D;
+    const T* V = vp + (b * Hkv + g) * L * D;
+    for (int64_t h = 0; h < Gq; ++h) rope(row + (g * Gq + h) * D, w.qf.data() + h * D, b, tok);
+    bool done = false;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (D % 32 == 0 && D <= 256 && Gq <= 4) {  // bf16 dot products, as PyTorch's bf16 attention does
+        attend_bf16(w.qf.data(), K, V, n, D, Gq, L, scale, w.score.data(), w.qb, w.pb, w.acc.data(), w.total.data());
+        done = true;
+      }
+    }
+#endif
+    if (!done) attend_generic(w.qf.data(), K, V, n, D, Gq, L, scale, w.score.data(), w.acc.data(), w.total.data());
+    for (int64_t h = 0; h < Gq; ++h) {
+      T* o = out + (b * Tn + tok) * H * D + (g * Gq + h) * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(w.acc[h * D + i] / w.total[h]);
+    }
+  }
+};
+
+template <typename T>
+void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t pos, const int64_t* row_pos,
+                     const T* cos, const T* sin, int64_t rope_stride, int64_t H, int64_t Hkv, at::Tensor& y,
+                     int64_t Tn = 1, int64_t t_stride = 0) {
+  const Attention<T> a{qkv.data_ptr<T>(), kc.data_ptr<T>(), vc.data_ptr<T>(), y.data_ptr<T>(), pos, row_pos, cos, sin,
+                       rope_stride, t_stride, kc.size(0), Tn, H, Hkv, kc.size(2), kc.size(3)};
+  const int64_t B = a.B;
   // Several tokens: every key and value first, then one task per (row, key/value head, token) -- token t reads
   // positions 0 .. p + t only, so it sees what it would after its own write, and a verify pass of 8 tokens spreads
   // over the threads as 24 tasks rather than SmolLM2's 3 key/value heads. One token: one task per (row, head).
   const bool split = Tn > 1;
   if (split)
     at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> kf(D);
+      std::vector<float> kf(a.D);
       for (int64_t task = t0; task < t1; ++task)
-        for (int64_t tok = 0; tok < Tn; ++tok) write(task / Hkv, task % Hkv, tok, kf.data());
+        for (int64_t tok = 0; tok < Tn; ++tok) a.write(task / Hkv, task % Hkv, tok, kf.data());
     });
   at::parallel_for(0, B * Hkv * Tn, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(G * D), kf(D), score(G * L), acc(G * D);
-    std::vector<uint32_t> qb(G * D / 2), pb(G * (L / 2 + 1));  // bf16 pairs: rounded q, rounded P
-    std::vector<float> total(G);
+    typename Attention<T>::Scratch w(a);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / (Hkv * Tn), g = task / Tn % Hkv, tok = task % Tn;
-      const int64_t p = pos + tok + (row_pos != nullptr ? row_pos[b] : 0), n = p + 1;
-      const T* row = in + (b * Tn + tok) * width;
-      const T* K = kp + (b * Hkv + g) * L * D;
-      const T* V = vp + (b * Hkv + g) * L * D;
-      if (!split) write(b, g, tok, kf.data());
-      for (int64_t h = 0; h < G; ++h) rope(row + (g * G + h) * D, qf.data() + h * D, b, tok);
-      bool done = false;
-#if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (D % 32 == 0 && D <= 256 && G <= 4) {  // bf16 dot products, as PyTorch's bf16 attention does
-          attend_bf16(qf.data(), K, V, n, D, G, L, scale, score.data(), qb, pb, acc.data(), total.data());
-          done = true;
-        }
-      }
-#endif
-      if (!done) attend_generic(qf.data(), K, V, n, D, G, L, scale, score.data(), acc.data(), total.data());
-      for (int64_t h = 0; h < G; ++h) {
-        T* o = out + (b * Tn + tok) * H * D + (g * G + h) * D;
-        for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[h * D + i] / total[h]);
-      }
+      if (!split) a.write(b, g, tok, w.kf.data());
+      a.attend(b, g, tok, w);
     }
   });
 }
@@ -819,6 +854,216 @@ at::Tensor stack_act(const at::Tensor& u, int64_t kind) {
   }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// ---------------------------------------------------------------------------------------------------
+// decode_stack for the layouts a batch-1 step spends most of its overhead on -- Llama blocks (RMSNorm, SwiGLU, no
+// biases) with every linear in lmforge's int8 VNNI or int4 layout, bf16 activations -- in ONE parallel region per
+// call: the threads split each product's tiles, each pass's rows (norms, activation quantisation, SwiGLU) and the
+// attention tasks between barriers, where decode_stack makes ~6 ATen parallel regions, ~12 tensors and ~20
+// dispatched ops per block (on 2 threads the second one waited ~35% of a step). The same kernels on the same
+// numbers in the same order per output (the residual adds round the product to bf16 first, as x.add_(y) does), so
+// the bits are decode_stack's (tests/test_kernels.py).
+struct FusedLinear {
+  bool int4;
+  const uint8_t* q;     // int8: u (N, K) in the VNNI layout; int4: packed (N, K / 2)
+  const float* scale;   // int8: (N,)
+  const at::Half* dm;   // int4: (N / 16, K / group, 2, 16)
+  int64_t N, K, group;
+};
+
+// The quantised rows of a product's input: xq (row stride K), per-32-input block scale xs and correction xc and
+// per-group sum xsum (row stride K / 32; int8 uses its K / 64 entries).
+struct FusedRows {
+  int8_t* xq;
+  float* xs;
+  int32_t* xc;
+  float* xsum;
+  int64_t K;
+  void quantise(const FusedLinear& lin, const c10::BFloat16* x, int64_t r) const {
+    const int64_t S = K / 32;
+    if (lin.int4)
+      lmforge_int4_quantise_row(x + r * lin.K, lin.K, lin.group, xq + r * K, xs + r * S, xc + r * S, xsum + r * S);
+    else
+      quantize_row(nullptr, x + r * lin.K, lin.K, xq + r * K, xs + r * S, xc + r * S);
+  }
+};
+
+// Tiles [t0, t1) of `lin` against the M quantised rows: y[r][n] = bf16(sum), or with `add` the residual update
+// y[r][n] = bf16(y[r][n] + bf16(sum)).
+void fused_tiles(const FusedLinear& lin, const FusedRows& x, int64_t M, int64_t t0, int64_t t1, c10::BFloat16* y,
+                 bool add) {
+  const int64_t K = lin.K, N = lin.N, S = x.K / 32;
+  float out[MAX_ROWS][VNNI_TILE];
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
+      const int R = static_cast<int>(std::min<int64_t>(MAX_ROWS, M - r0));
+      const int8_t* xr[MAX_ROWS];
+      const float *sr[MAX_ROWS], *sumr[MAX_ROWS];
+      const int32_t* cr[MAX_ROWS];
+      float* o[MAX_ROWS];
+      for (int r = 0; r < R; ++r)
+        xr[r] = x.xq + (r0 + r) * x.K, sr[r] = x.xs + (r0 + r) * S, cr[r] = x.xc + (r0 + r) * S,
+        sumr[r] = x.xsum + (r0 + r) * S, o[r] = out[r];
+      if (lin.int4) {
+        lmforge_int4_tile(lin.q, lin.dm, K, lin.group, t, R, xr, sr, cr, sumr, o);
+      } else {
+        const uint8_t* p = lin.q + t * VNNI_TILE * K;
+        const float* sc = lin.scale + t * VNNI_TILE;
+        switch (R) {
+          case 1: vnni_tile<1>(p, K, xr, sr, cr, sc, o); break;
+          case 2: vnni_tile<2>(p, K, xr, sr, cr, sc, o); break;
+          case 3: vnni_tile<3>(p, K, xr, sr, cr, sc, o); break;
+          case 4: vnni_tile<4>(p, K, xr, sr, cr, sc, o); break;
+          case 5: vnni_tile<5>(p, K, xr, sr, cr, sc, o); break;
+          case 6: vnni_tile<6>(p, K, xr, sr, cr, sc, o); break;
+          case 7: vnni_tile<7>(p, K, xr, sr, cr, sc, o); break;
+          default: vnni_tile<8>(p, K, xr, sr, cr, sc, o); break;
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        c10::BFloat16* yr = y + (r0 + r) * N + t * VNNI_TILE;
+        for (int64_t c = 0; c < VNNI_TILE; ++c) {
+          const c10::BFloat16 v(out[r][c]);
+          yr[c] = add ? c10::BFloat16(static_cast<float>(yr[c]) + static_cast<float>(v)) : v;
+        }
+      }
+    }
+}
+
+// The four linears of every block as decode_stack_fused takes them; empty where it cannot (decode_stack then runs).
+std::vector<FusedLinear> fused_linears(const c10::List<std::optional<at::Tensor>>& params, at::IntArrayRef spec,
+                                       int64_t n_layer, const at::Tensor& x, const at::Tensor& k_all, int64_t n_head,
+                                       int64_t n_kv_head) {
+  const int64_t C = x.size(2);
+  if (x.scalar_type() != at::kBFloat16 || k_all.scalar_type() != at::kBFloat16 || !k_all.is_contiguous() ||
+      k_all.dim() != 5 || C % n_head != 0 || k_all.size(4) != C / n_head || k_all.size(2) != n_kv_head)
+    return {};
+  const int64_t D = C / n_head;
+  std::vector<FusedLinear> lins;
+  int64_t hidden = -1;
+  for (int64_t l = 0; l < n_layer; ++l) {
+    const int64_t p = STACK_PARAMS * l;
+    const int64_t* sp = spec.data() + STACK_SPEC * l;
+    if (sp[0] != RMS_NORM || sp[1] != SWIGLU) return {};
+    for (int64_t i : {p, p + 2}) {
+      const std::optional<at::Tensor> w = params.get(i);
+      if (!w.has_value() || w->scalar_type() != at::kBFloat16 || !w->is_contiguous() || w->numel() != C) return {};
+    }
+    for (int j = 0; j < 4; ++j) {
+      const int64_t kind = sp[2 + 2 * j], group = sp[3 + 2 * j];
+      const std::optional<at::Tensor> t1 = params.get(p + 4 + 3 * j), t2 = params.get(p + 5 + 3 * j),
+                                      bias = params.get(p + 6 + 3 * j);
+      if (bias.has_value() || !t1.has_value() || !t2.has_value() || t1->scalar_type() != at::kByte ||
+          !t1->is_contiguous() || t1->dim() != 2 || !t2->is_contiguous())
+        return {};
+      FusedLinear f{kind == INT4_OWN, t1->data_ptr<uint8_t>(), nullptr, nullptr, t1->size(0), 0, group};
+      if (kind == INT8_OWN && t2->scalar_type() == at::kFloat && t2->numel() == f.N) {
+        f.K = t1->size(1), f.scale = t2->data_ptr<float>();
+        if (f.K % VNNI_GROUP != 0) return {};
+      } else if (kind == INT4_OWN && t2->scalar_type() == at::kHalf && group > 0 && group % 32 == 0) {
+        f.K = t1->size(1) * 2, f.dm = t2->data_ptr<at::Half>();
+        if (f.K % group != 0 || t2->numel() != f.N * (f.K / group) * 2) return {};
+      } else {
+        return {};
+      }
+      if (f.N % VNNI_TILE != 0) return {};
+      lins.push_back(f);
+    }
+    const FusedLinear* b = lins.data() + 4 * l;
+    if (hidden < 0) hidden = b[2].N / 2;
+    if (b[0].K != C || b[0].N != (n_head + 2 * n_kv_head) * D || b[1].K != n_head * D || b[1].N != C ||
+        b[2].K != C || b[2].N != 2 * hidden || b[3].K != hidden || b[3].N != C)
+      return {};
+  }
+  return lins;
+}
+
+// Positions, RoPE angles and row positions are checked by the caller (decode_stack, as attend_tokens checks them).
+at::Tensor decode_stack_fused(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& params,
+                              const std::vector<FusedLinear>& lins, at::Tensor& k_all, at::Tensor& v_all,
+                              int64_t row0, int64_t pos, const int64_t* row_pos, const c10::BFloat16* cos,
+                              const c10::BFloat16* sin, int64_t rope_stride, int64_t t_stride, int64_t n_head,
+                              int64_t n_kv_head, double eps) {
+  using BF = c10::BFloat16;
+  const int64_t n_layer = static_cast<int64_t>(lins.size()) / 4;
+  const int64_t B = x_in.size(0), T = x_in.size(1), C = x_in.size(2), M = B * T, Hkv = n_kv_head;
+  const int64_t Bc = k_all.size(1), Lc = k_all.size(3), D = k_all.size(4);
+  const int64_t Wqkv = lins[0].N, hidden = lins[2].N / 2;
+  int64_t Kmax = 0;
+  for (const FusedLinear& f : lins) Kmax = std::max(Kmax, f.K);
+  at::Tensor x = x_in.clone(at::MemoryFormat::Contiguous);
+  BF* xp = x.data_ptr<BF>();
+  // activations, kept by the calling thread between calls (the region's threads see them through these pointers)
+  thread_local std::vector<BF> h_buf, qkv_buf, y_buf, u_buf, a_buf;
+  thread_local std::vector<int8_t> xq_buf;
+  thread_local std::vector<float> xs_buf, xsum_buf;
+  thread_local std::vector<int32_t> xc_buf;
+  h_buf.resize(M * C), qkv_buf.resize(M * Wqkv), y_buf.resize(M * C), u_buf.resize(M * 2 * hidden);
+  a_buf.resize(M * hidden), xq_buf.resize(M * Kmax), xs_buf.resize(M * Kmax / 32), xc_buf.resize(M * Kmax / 32);
+  xsum_buf.resize(M * Kmax / 32);
+  BF *h = h_buf.data(), *qkv = qkv_buf.data(), *y = y_buf.data(), *u = u_buf.data(), *a = a_buf.data();
+  const FusedRows rows{xq_buf.data(), xs_buf.data(), xc_buf.data(), xsum_buf.data(), Kmax};
+  BF* kbase = k_all.data_ptr<BF>();
+  BF* vbase = v_all.data_ptr<BF>();
+  const Attention<BF> att0{qkv, kbase, vbase, y, pos, row_pos, cos, sin, rope_stride, t_stride, B, T, n_head, Hkv, Lc,
+                           D};
+  const int nt = std::max(1, at::get_num_threads());
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    auto share = [&](int64_t n, int64_t& b, int64_t& e) { b = n * tid / nth, e = n * (tid + 1) / nth; };
+    typename Attention<BF>::Scratch w(att0);
+    int64_t r0, r1, t0, t1, a0, a1;
+    share(M, r0, r1);
+    for (int64_t l = 0; l < n_layer; ++l) {
+      const FusedLinear* lin = lins.data() + 4 * l;
+      const BF* ln1 = params.get(STACK_PARAMS * l)->data_ptr<BF>();
+      const BF* ln2 = params.get(STACK_PARAMS * l + 2)->data_ptr<BF>();
+      Attention<BF> att = att0;
+      att.kp = kbase + (l * Bc + row0) * Hkv * Lc * D, att.vp = vbase + (l * Bc + row0) * Hkv * Lc * D;
+      // x -> norm -> qkv
+      for (int64_t r = r0; r < r1; ++r) rms_norm_impl(xp + r * C, ln1, h + r * C, 1, C, eps), rows.quantise(lin[0], h, r);
+#pragma omp barrier
+      share(lin[0].N / VNNI_TILE, t0, t1);
+      fused_tiles(lin[0], rows, M, t0, t1, qkv, false);
+#pragma omp barrier
+      // attention (keys and values first when a row brings several tokens, as attend_one_impl)
+      if (T > 1) {
+        share(B * Hkv, a0, a1);
+        for (int64_t task = a0; task < a1; ++task)
+          for (int64_t tok = 0; tok < T; ++tok) att.write(task / Hkv, task % Hkv, tok, w.kf.data());
+#pragma omp barrier
+      }
+      share(B * Hkv * T, a0, a1);
+      for (int64_t task = a0; task < a1; ++task) {
+        const int64_t b = task / (Hkv * T), g = task / T % Hkv, tok = task % T;
+        if (T == 1) att.write(b, g, tok, w.kf.data());
+        att.attend(b, g, tok, w);
+      }
+#pragma omp barrier
+      for (int64_t r = r0; r < r1; ++r) rows.quantise(lin[1], y, r);
+#pragma omp barrier
+      share(lin[1].N / VNNI_TILE, t0, t1);
+      fused_tiles(lin[1], rows, M, t0, t1, xp, true);  // x += proj(y)
+#pragma omp barrier
+      // x -> norm -> SwiGLU MLP
+      for (int64_t r = r0; r < r1; ++r) rms_norm_impl(xp + r * C, ln2, h + r * C, 1, C, eps), rows.quantise(lin[2], h, r);
+#pragma omp barrier
+      share(lin[2].N / VNNI_TILE, t0, t1);
+      fused_tiles(lin[2], rows, M, t0, t1, u, false);
+#pragma omp barrier
+      for (int64_t r = r0; r < r1; ++r)
+        lmforge_silu_mul_rows(u + r * 2 * hidden, a + r * hidden, 1, hidden), rows.quantise(lin[3], a, r);
+#pragma omp barrier
+      share(lin[3].N / VNNI_TILE, t0, t1);
+      fused_tiles(lin[3], rows, M, t0, t1, xp, true);  // x += down(a)
+#pragma omp barrier
+    }
+  }
+  return x;
+}
+#endif
+
 at::Tensor decode_stack(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& params,
                         at::IntArrayRef spec, at::Tensor k_all, at::Tensor v_all, int64_t row0, int64_t pos,
                         const std::optional<at::Tensor>& row_pos, const std::optional<at::Tensor>& cos,
@@ -828,6 +1073,42 @@ at::Tensor decode_stack(const at::Tensor& x_in, const c10::List<std::optional<at
                   static_cast<int64_t>(params.size()) == STACK_PARAMS * n_layer && k_all.size(0) == n_layer &&
                   x_in.dim() == 3, "decode_stack: 16 params and 10 spec entries per block, x (B, T, C)");
   const int64_t B = x_in.size(0), T = x_in.size(1), C = x_in.size(2);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  const char* env = std::getenv("LMFORGE_FUSED_STACK");  // 0: the general path below (A/B, tests)
+  if (env == nullptr || env[0] != '0') {
+    const std::vector<FusedLinear> lins = fused_linears(params, spec, n_layer, x_in, k_all, n_head, n_kv_head);
+    if (!lins.empty()) {
+      // the checks attend_tokens makes, before the region (nothing may throw inside it)
+      TORCH_CHECK(v_all.sizes() == k_all.sizes() && v_all.is_contiguous() && v_all.scalar_type() == at::kBFloat16 &&
+                      0 <= row0 && row0 + B <= k_all.size(1), "decode_stack: caches (layers, B, H_kv, L, D), rows");
+      const int64_t* rp = nullptr;
+      at::Tensor rows;
+      if (row_pos.has_value()) {
+        rows = row_pos->to(at::kLong).contiguous();
+        TORCH_CHECK(rows.numel() == B, "attend: row_pos must hold one position per row");
+        rp = rows.data_ptr<int64_t>();
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t p = pos + (rp != nullptr ? rp[b] : 0);
+        TORCH_CHECK(0 <= p && p + T <= k_all.size(3), "attend: positions ", p, "..", p + T - 1,
+                    " outside the cache (", k_all.size(3), ")");
+      }
+      int64_t sb = 0, st = 0;
+      const c10::BFloat16 *cp = nullptr, *sp = nullptr;
+      if (cos.has_value()) {
+        TORCH_CHECK(sin.has_value() && cos->sizes() == sin->sizes() && cos->strides() == sin->strides() &&
+                        cos->size(-1) == k_all.size(4) && cos->stride(-1) == 1 && cos->size(-2) == T &&
+                        cos->scalar_type() == at::kBFloat16,
+                    "attend: cos/sin (T, D) or (B, ..., T, D) rows of D contiguous values in qkv's dtype");
+        st = cos->stride(-2);
+        sb = cos->dim() >= 3 && cos->size(0) == B ? cos->stride(0) : 0;
+        cp = cos->data_ptr<c10::BFloat16>(), sp = sin->data_ptr<c10::BFloat16>();
+      }
+      return decode_stack_fused(x_in, params, lins, k_all, v_all, row0, pos, rp, cp, sp, sb, st, n_head, n_kv_head,
+                                eps);
+    }
+  }
+#endif
   // inference only: the ops below skip the autograd and view-tracking keys (no ViewInfo per view, ~35% fewer
   // dispatcher steps), and the residual stream is added in place into a copy of x_in
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -845,6 +1126,20 @@ at::Tensor decode_stack(const at::Tensor& x_in, const c10::List<std::optional<at
     x.add_(stack_linear(u, params, p + 13, sp[8], sp[9]).view({B, T, C}));
   }
   return x;
+}
+
+// Whether decode_stack runs these blocks in its one-region path (decode_stack_fused; LMFORGE_FUSED_STACK=0 turns it
+// off): for tests and benchmarks.
+bool decode_stack_takes_fused(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& params,
+                              at::IntArrayRef spec, const at::Tensor& k_all, int64_t n_head, int64_t n_kv_head) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  const char* env = std::getenv("LMFORGE_FUSED_STACK");
+  return (env == nullptr || env[0] != '0') &&
+         !fused_linears(params, spec, static_cast<int64_t>(spec.size()) / STACK_SPEC, x, k_all, n_head, n_kv_head)
+              .empty();
+#else
+  return false;
+#endif
 }
 
 // Whether int8_linear has its AVX512-VNNI body here (models/quant.py then lays int8 weights out for it).
@@ -879,6 +1174,7 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("decode_stack(Tensor x, Tensor?[] params, int[] spec, Tensor(a!) k_cache, Tensor(b!) v_cache, int row0, "
         "int pos, Tensor? row_pos, Tensor? cos, Tensor? sin, int n_head, int n_kv_head, float eps) -> Tensor");
+  m.def("decode_stack_fused(Tensor x, Tensor?[] params, int[] spec, Tensor k_cache, int n_head, int n_kv_head) -> bool");
   m.def("isa() -> str");
   m.def("int8_vnni() -> bool");
 }
@@ -890,6 +1186,7 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("attend_rows", &attend_rows);
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_stack", &decode_stack);
+  m.impl("decode_stack_fused", &decode_stack_takes_fused);
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CompositeExplicitAutograd, m) {

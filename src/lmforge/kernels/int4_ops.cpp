@@ -288,6 +288,39 @@ at::Tensor lmforge_int4_linear(const at::Tensor& x, const at::Tensor& packed, co
   return int4_linear(x, packed, dm, group, std::nullopt);
 }
 
+// decode_stack_fused's pieces of int4_linear (AVX512-VNNI machines): row r of x (K bf16) quantised into xq (K),
+// xs and xc (K / 32) and xsum (K / group), as int4_linear quantises it; then tile t of 16 channels for R rows
+// (R <= 8, row pointers as tile_rows takes them) into out[r][0..16).
+void lmforge_int4_quantise_row(const c10::BFloat16* x, int64_t K, int64_t group, int8_t* xq, float* xs, int32_t* xc,
+                               float* xsum) {
+  for (int64_t g = 0, blk = 0; g < K / group; ++g) {
+    float sum = 0.f;
+    for (int64_t b = 0; b < group / BLOCK; ++b, ++blk)
+      sum += quantise_block(x + blk * BLOCK, xq + blk * BLOCK, xs + blk, xc + blk);
+    xsum[g] = sum;
+  }
+}
+
+#if defined(LMFORGE_INT4_VNNI)
+void lmforge_int4_tile(const uint8_t* packed, const at::Half* dm, int64_t K, int64_t group, int64_t t, int R,
+                       const int8_t* const* xq, const float* const* xs, const int32_t* const* xc,
+                       const float* const* xsum, float* const* out) {
+  const uint8_t* p = packed + t * TILE * K / 2;
+  const at::Half* d = dm + t * (K / group) * 2 * TILE;
+  const int64_t groups = K / group, bpg = group / BLOCK;
+  switch (R) {
+    case 1: tile_rows<1>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
+    case 2: tile_rows<2>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
+    case 3: tile_rows<3>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
+    case 4: tile_rows<4>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
+    case 5: tile_rows<5>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
+    case 6: tile_rows<6>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
+    case 7: tile_rows<7>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
+    default: tile_rows<8>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
+  }
+}
+#endif
+
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, int group, ScalarType? out_dtype=None) -> Tensor");
   m.def("int4_native() -> bool");
