@@ -292,21 +292,30 @@ void rms_norm_backward_impl(const T* dy, const T* x, const T* w, T* dx, float* d
 
 // SwiGLU's elementwise half, x = [gate | up] (rows, 2 h): y = silu(g) u = g s u with s = sigmoid(g), and its
 // backward dg = dy u s (1 + g (1 - s)), du = dy g s; fp32 inside, in x's dtype.
+// One row's silu(g) * u for outputs [c0, c1) (c0 a multiple of W: every output goes through the same vector or tail
+// code whatever the range; decode_stack_fused splits a row between threads).
+template <typename T>
+void silu_mul_cols(const T* x, T* y, int64_t h, int64_t c0, int64_t c1, float* gu) {
+  const int64_t n = c1 - c0;
+  to_float(x + c0, gu, n);
+  to_float(x + h + c0, gu + n, n);
+  const float *g = gu, *u = gu + n;
+  float* yf = gu + 2 * n;
+  const int64_t vec_end = std::min(c1, h - h % W);  // outputs below it go through vectors from 0
+  int64_t j = c0;
+  for (; j + W <= vec_end; j += W) {
+    const vf gv = load(g + j - c0);
+    store(yf + j - c0, gv * vsigmoid(gv) * load(u + j - c0));
+  }
+  for (; j < c1; ++j) yf[j - c0] = g[j - c0] / (1.f + std::exp(-g[j - c0])) * u[j - c0];
+  for (int64_t k = 0; k < n; ++k) y[c0 + k] = static_cast<T>(yf[k]);
+}
+
 template <typename T>
 void silu_mul_impl(const T* x, T* y, int64_t rows, int64_t h) {
   at::parallel_for(0, rows, GRAIN, [&](int64_t i0, int64_t i1) {
-    std::vector<float> gu(2 * h), yf(h);
-    for (int64_t i = i0; i < i1; ++i) {
-      to_float(x + i * 2 * h, gu.data(), 2 * h);
-      const float *g = gu.data(), *u = gu.data() + h;
-      int64_t j = 0;
-      for (; j + W <= h; j += W) {
-        const vf gv = load(g + j);
-        store(yf.data() + j, gv * vsigmoid(gv) * load(u + j));
-      }
-      for (; j < h; ++j) yf[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
-      for (int64_t k = 0; k < h; ++k) y[i * h + k] = static_cast<T>(yf[k]);
-    }
+    std::vector<float> gu(3 * h);
+    for (int64_t i = i0; i < i1; ++i) silu_mul_cols(x + i * 2 * h, y + i * h, h, 0, h, gu.data());
   });
 }
 
@@ -438,10 +447,12 @@ at::Tensor dropout_keep(const at::Tensor& seed, int64_t n, int64_t rows, int64_t
 }  // namespace
 
 
-// decode_stack_fused (decode_ops.cpp): silu_mul on rows of (rows, 2 h) bf16, from inside its parallel region (where
-// silu_mul_impl's parallel_for runs inline on the calling thread).
-void lmforge_silu_mul_rows(const c10::BFloat16* x, c10::BFloat16* y, int64_t rows, int64_t h) {
-  silu_mul_impl<c10::BFloat16>(x, y, rows, h);
+// decode_stack_fused (decode_ops.cpp): silu_mul on outputs [c0, c1) of one (2 h) bf16 row, from a thread of its
+// parallel region.
+void lmforge_silu_mul_cols(const c10::BFloat16* x, c10::BFloat16* y, int64_t h, int64_t c0, int64_t c1) {
+  thread_local std::vector<float> gu;
+  gu.resize(3 * (c1 - c0));
+  silu_mul_cols(x, y, h, c0, c1, gu.data());
 }
 
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {

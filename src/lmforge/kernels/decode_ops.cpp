@@ -29,6 +29,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -38,14 +40,14 @@
 #include "vec.h"
 
 // int4_ops.cpp's kernel (another translation unit of this library), called without the dispatcher, and its pieces
-// for decode_stack_fused; block_ops.cpp's silu_mul on rows.
+// for decode_stack_fused; block_ops.cpp's silu_mul on part of a row.
 at::Tensor lmforge_int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm, int64_t group);
 void lmforge_int4_quantise_row(const c10::BFloat16* x, int64_t K, int64_t group, int8_t* xq, float* xs, int32_t* xc,
                                float* xsum);
 void lmforge_int4_tile(const uint8_t* packed, const at::Half* dm, int64_t K, int64_t group, int64_t t, int R,
                        const int8_t* const* xq, const float* const* xs, const int32_t* const* xc,
                        const float* const* xsum, float* const* out);
-void lmforge_silu_mul_rows(const c10::BFloat16* x, c10::BFloat16* y, int64_t rows, int64_t h);
+void lmforge_silu_mul_cols(const c10::BFloat16* x, c10::BFloat16* y, int64_t h, int64_t c0, int64_t c1);
 
 namespace {
 
@@ -765,14 +767,20 @@ at::Tensor attend_one(const at::Tensor& qkv, at::Tensor k_cache, at::Tensor v_ca
 // y = x / sqrt(mean(x^2) + eps) * w over the last dimension, fp32 sums, in x's dtype (one op instead of the
 // composite's six).
 template <typename T>
+float rms_inv(const T* x, int64_t n, double eps) {  // 1 / sqrt(mean(x^2) + eps), summed in order
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+  return 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+}
+
+template <typename T>
+void rms_scale(const T* x, const T* w, T* y, float inv, int64_t i0, int64_t i1) {  // y[i0:i1] of one row
+  for (int64_t i = i0; i < i1; ++i) y[i] = static_cast<T>(static_cast<float>(x[i]) * inv * static_cast<float>(w[i]));
+}
+
+template <typename T>
 void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t n, double eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * n;
-    float ss = 0.f;
-    for (int64_t i = 0; i < n; ++i) ss += static_cast<float>(xr[i]) * static_cast<float>(xr[i]);
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
-    for (int64_t i = 0; i < n; ++i) y[r * n + i] = static_cast<T>(static_cast<float>(xr[i]) * inv * static_cast<float>(w[i]));
-  }
+  for (int64_t r = 0; r < rows; ++r) rms_scale(x + r * n, w, y + r * n, rms_inv(x + r * n, n, eps), 0, n);
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -879,13 +887,18 @@ struct FusedRows {
   int32_t* xc;
   float* xsum;
   int64_t K;
-  void quantise(const FusedLinear& lin, const c10::BFloat16* x, int64_t r) const {
+  // row r's inputs [c0, c1) (whole groups of the kernel's quantisation: `unit`); groups are independent
+  void quantise(const FusedLinear& lin, const c10::BFloat16* x, int64_t r, int64_t c0, int64_t c1) const {
     const int64_t S = K / 32;
+    const c10::BFloat16* xr = x + r * lin.K;
     if (lin.int4)
-      lmforge_int4_quantise_row(x + r * lin.K, lin.K, lin.group, xq + r * K, xs + r * S, xc + r * S, xsum + r * S);
+      lmforge_int4_quantise_row(xr + c0, c1 - c0, lin.group, xq + r * K + c0, xs + r * S + c0 / 32,
+                                xc + r * S + c0 / 32, xsum + r * S + c0 / lin.group);
     else
-      quantize_row(nullptr, x + r * lin.K, lin.K, xq + r * K, xs + r * S, xc + r * S);
+      quantize_row(nullptr, xr + c0, c1 - c0, xq + r * K + c0, xs + r * S + c0 / VNNI_GROUP,
+                   xc + r * S + c0 / VNNI_GROUP);
   }
+  static int64_t unit(const FusedLinear& lin) { return lin.int4 ? lin.group : VNNI_GROUP; }
 };
 
 // Tiles [t0, t1) of `lin` against the M quantised rows: y[r][n] = bf16(sum), or with `add` the residual update
@@ -929,6 +942,27 @@ void fused_tiles(const FusedLinear& lin, const FusedRows& x, int64_t M, int64_t 
       }
     }
 }
+
+// A barrier that spins (then yields) instead of sleeping: libgomp's makes a futex syscall at every barrier, and
+// decode_stack_fused passes ~10 per block (~300 per SmolLM2 step, each a microsecond or more under a hypervisor).
+struct SpinBarrier {
+  std::atomic<int> arrived{0}, generation{0};
+  int n = 1;
+  void wait() {
+    const int g = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      arrived.store(0, std::memory_order_relaxed);
+      generation.store(g + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation.load(std::memory_order_acquire) == g; ++spins) {
+      if (spins < (1 << 16))
+        _mm_pause();
+      else
+        std::this_thread::yield();  // more threads than free cores: let the others run
+    }
+  }
+};
 
 // The four linears of every block as decode_stack_fused takes them; empty where it cannot (decode_stack then runs).
 std::vector<FusedLinear> fused_linears(const c10::List<std::optional<at::Tensor>>& params, at::IntArrayRef spec,
@@ -1008,13 +1042,29 @@ at::Tensor decode_stack_fused(const at::Tensor& x_in, const c10::List<std::optio
   const Attention<BF> att0{qkv, kbase, vbase, y, pos, row_pos, cos, sin, rope_stride, t_stride, B, T, n_head, Hkv, Lc,
                            D};
   const int nt = std::max(1, at::get_num_threads());
+  SpinBarrier bar;
 #pragma omp parallel num_threads(nt)
   {
     const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#pragma omp single
+    bar.n = static_cast<int>(nth);  // (the team may be smaller than asked for; single ends in a barrier)
+    auto barrier = [&] { bar.wait(); };
     auto share = [&](int64_t n, int64_t& b, int64_t& e) { b = n * tid / nth, e = n * (tid + 1) / nth; };
     typename Attention<BF>::Scratch w(att0);
-    int64_t r0, r1, t0, t1, a0, a1;
-    share(M, r0, r1);
+    int64_t t0, t1, a0, a1;
+    // a row-wise step fn(r, c0, c1) over all M rows: whole rows per thread, or with fewer rows than threads (a
+    // decoding step) each thread its share of every row's quantisation groups (K / unit of them)
+    auto by_rows = [&](int64_t K, int64_t unit, auto&& fn) {
+      int64_t b, e;
+      if (M >= nth) {
+        share(M, b, e);
+        for (int64_t r = b; r < e; ++r) fn(r, 0, K);
+      } else {
+        share(K / unit, b, e);
+        if (b < e)
+          for (int64_t r = 0; r < M; ++r) fn(r, b * unit, e * unit);
+      }
+    };
     for (int64_t l = 0; l < n_layer; ++l) {
       const FusedLinear* lin = lins.data() + 4 * l;
       const BF* ln1 = params.get(STACK_PARAMS * l)->data_ptr<BF>();
@@ -1022,17 +1072,20 @@ at::Tensor decode_stack_fused(const at::Tensor& x_in, const c10::List<std::optio
       Attention<BF> att = att0;
       att.kp = kbase + (l * Bc + row0) * Hkv * Lc * D, att.vp = vbase + (l * Bc + row0) * Hkv * Lc * D;
       // x -> norm -> qkv
-      for (int64_t r = r0; r < r1; ++r) rms_norm_impl(xp + r * C, ln1, h + r * C, 1, C, eps), rows.quantise(lin[0], h, r);
-#pragma omp barrier
+      by_rows(C, FusedRows::unit(lin[0]), [&](int64_t r, int64_t c0, int64_t c1) {
+        rms_scale(xp + r * C, ln1, h + r * C, rms_inv(xp + r * C, C, eps), c0, c1);  // each thread sums the row
+        rows.quantise(lin[0], h, r, c0, c1);
+      });
+      barrier();
       share(lin[0].N / VNNI_TILE, t0, t1);
       fused_tiles(lin[0], rows, M, t0, t1, qkv, false);
-#pragma omp barrier
+      barrier();
       // attention (keys and values first when a row brings several tokens, as attend_one_impl)
       if (T > 1) {
         share(B * Hkv, a0, a1);
         for (int64_t task = a0; task < a1; ++task)
           for (int64_t tok = 0; tok < T; ++tok) att.write(task / Hkv, task % Hkv, tok, w.kf.data());
-#pragma omp barrier
+        barrier();
       }
       share(B * Hkv * T, a0, a1);
       for (int64_t task = a0; task < a1; ++task) {
@@ -1040,24 +1093,29 @@ at::Tensor decode_stack_fused(const at::Tensor& x_in, const c10::List<std::optio
         if (T == 1) att.write(b, g, tok, w.kf.data());
         att.attend(b, g, tok, w);
       }
-#pragma omp barrier
-      for (int64_t r = r0; r < r1; ++r) rows.quantise(lin[1], y, r);
-#pragma omp barrier
+      barrier();
+      by_rows(C, FusedRows::unit(lin[1]), [&](int64_t r, int64_t c0, int64_t c1) { rows.quantise(lin[1], y, r, c0, c1); });
+      barrier();
       share(lin[1].N / VNNI_TILE, t0, t1);
       fused_tiles(lin[1], rows, M, t0, t1, xp, true);  // x += proj(y)
-#pragma omp barrier
+      barrier();
       // x -> norm -> SwiGLU MLP
-      for (int64_t r = r0; r < r1; ++r) rms_norm_impl(xp + r * C, ln2, h + r * C, 1, C, eps), rows.quantise(lin[2], h, r);
-#pragma omp barrier
+      by_rows(C, FusedRows::unit(lin[2]), [&](int64_t r, int64_t c0, int64_t c1) {
+        rms_scale(xp + r * C, ln2, h + r * C, rms_inv(xp + r * C, C, eps), c0, c1);
+        rows.quantise(lin[2], h, r, c0, c1);
+      });
+      barrier();
       share(lin[2].N / VNNI_TILE, t0, t1);
       fused_tiles(lin[2], rows, M, t0, t1, u, false);
-#pragma omp barrier
-      for (int64_t r = r0; r < r1; ++r)
-        lmforge_silu_mul_rows(u + r * 2 * hidden, a + r * hidden, 1, hidden), rows.quantise(lin[3], a, r);
-#pragma omp barrier
+      barrier();
+      by_rows(hidden, FusedRows::unit(lin[3]), [&](int64_t r, int64_t c0, int64_t c1) {
+        lmforge_silu_mul_cols(u + r * 2 * hidden, a + r * hidden, hidden, c0, c1);
+        rows.quantise(lin[3], a, r, c0, c1);
+      });
+      barrier();
       share(lin[3].N / VNNI_TILE, t0, t1);
       fused_tiles(lin[3], rows, M, t0, t1, xp, true);  // x += down(a)
-#pragma omp barrier
+      barrier();
     }
   }
   return x;
