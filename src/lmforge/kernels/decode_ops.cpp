@@ -935,10 +935,18 @@ void fused_tiles(const FusedLinear& lin, const FusedRows& x, int64_t M, int64_t 
       }
       for (int r = 0; r < R; ++r) {
         c10::BFloat16* yr = y + (r0 + r) * N + t * VNNI_TILE;
+#if defined(__AVX512BF16__)
+        // round to bf16 (nearest even, as c10::BFloat16), then the residual add in fp32 and round again
+        const auto widen = [](__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); };
+        __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(out[r]));
+        if (add) v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(widen(_mm256_loadu_si256((const __m256i*)yr)), widen(v)));
+        _mm256_storeu_si256((__m256i*)yr, v);
+#else
         for (int64_t c = 0; c < VNNI_TILE; ++c) {
           const c10::BFloat16 v(out[r][c]);
           yr[c] = add ? c10::BFloat16(static_cast<float>(yr[c]) + static_cast<float>(v)) : v;
         }
+#endif
       }
     }
 }
