@@ -532,7 +532,10 @@ void attend_bf16(const float* qf, const c10::BFloat16* K, const c10::BFloat16* V
                  int64_t L, float scale, float* score, std::vector<uint32_t>& qb, std::vector<uint32_t>& pb,
                  float* acc, float* total) {
   const int64_t C = D / 32;  // 32-value chunks of a row
-  for (int64_t i = 0; i < G * D / 2; ++i) qb[i] = bf16_pair(qf[2 * i], qf[2 * i + 1]);
+  // (qf[2 i], qf[2 i + 1]) as a pair of bf16 is qf rounded to bf16 in memory order: 16 values per vcvtneps2bf16
+  // (round to nearest even, as c10::BFloat16)
+  for (int64_t i = 0; i < G * D; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb.data()) + i / 16, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(qf + i)));
   auto dot = [&](const uint32_t* q, const c10::BFloat16* k) {
     __m512 a = _mm512_setzero_ps();
     for (int64_t c = 0; c < C; ++c)
@@ -615,7 +618,7 @@ struct Attention {
     std::vector<float> qf, kf, score, acc, total;
     std::vector<uint32_t> qb, pb;  // bf16 pairs: rounded q, rounded P
     explicit Scratch(const Attention& a)
-        : qf(a.G() * a.D), kf(a.D), score(a.G() * a.L), acc(a.G() * a.D), total(a.G()), qb(a.G() * a.D / 2),
+        : qf(a.G() * a.D), kf(a.D), score(a.G() * a.L + 1), acc(a.G() * a.D), total(a.G()), qb(a.G() * a.D / 2),
           pb(a.G() * (a.L / 2 + 1)) {}
   };
 
@@ -663,7 +666,14 @@ struct Attention {
     if (!done) attend_generic(w.qf.data(), K, V, n, D, Gq, L, scale, w.score.data(), w.acc.data(), w.total.data());
     for (int64_t h = 0; h < Gq; ++h) {
       T* o = out + (b * Tn + tok) * H * D + (g * Gq + h) * D;
-      for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(w.acc[h * D + i] / w.total[h]);
+      int64_t i = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, c10::BFloat16>)  // the same division, rounded to nearest even
+        for (; i + 16 <= D; i += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(
+                                  _mm512_loadu_ps(w.acc.data() + h * D + i), _mm512_set1_ps(w.total[h]))));
+#endif
+      for (; i < D; ++i) o[i] = static_cast<T>(w.acc[h * D + i] / w.total[h]);
     }
   }
 };
