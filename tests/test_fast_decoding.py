@@ -128,6 +128,29 @@ def test_decoding_weights_move_onto_huge_pages(tie: bool, monkeypatch: pytest.Mo
     utils.huge_pages_available.cache_clear()
 
 
+def test_freed_heap_memory_goes_back_to_the_system() -> None:
+    """utils.return_freed_memory (called after a decoding layout replaces the weights): glibc keeps freed heap
+    chunks resident until trimmed."""
+    import platform
+    import sys
+
+    from lmforge.utils import return_freed_memory
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+
+    def rss_mib() -> float:
+        return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmRSS")) / 1024
+
+    keep = [torch.ones(30_000) for _ in range(4000)]  # ~460 MiB in 120 KB blocks: malloc's heap, not mmap
+    hold = [torch.ones(10) for _ in range(10)]  # small blocks after them
+    del keep
+    before = rss_mib()
+    return_freed_memory()
+    assert before - rss_mib() > 200, (before, rss_mib())
+    del hold
+
+
 def test_static_decoder_matches_plain_decoding() -> None:
     """The fixed-shape step (static cache, masks over the whole buffer, sampling inside) gives the same
     tokens as plain decoding, greedy and sampled (same seed: the same exponential-race draws)."""

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from ..utils import huge_page_buffer, resolve_dtype
+from ..utils import huge_page_buffer, resolve_dtype, return_freed_memory
 
 QUANT_MODES = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -308,6 +308,7 @@ def finish_decoding_layout(model: nn.Module, dtype: str) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     pack_on_huge_pages(model)
+    return_freed_memory()  # the replaced weights' memory, back to the system
     model.decode_dtype = dtype  # type: ignore[assignment]
 
 
