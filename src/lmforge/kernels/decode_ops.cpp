@@ -281,6 +281,21 @@ inline void vnni_tile(const uint8_t* p, int64_t K, const int8_t* const* xq, cons
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], _mm512_mul_ps(acc[r], sc));
 }
 
+// vnni_tile for a run-time row count R (1 .. MAX_ROWS).
+inline void vnni_rows(int R, const uint8_t* p, int64_t K, const int8_t* const* xq, const float* const* s,
+                      const int32_t* const* corr, const float* scale, float* const* out) {
+  switch (R) {
+    case 1: vnni_tile<1>(p, K, xq, s, corr, scale, out); break;
+    case 2: vnni_tile<2>(p, K, xq, s, corr, scale, out); break;
+    case 3: vnni_tile<3>(p, K, xq, s, corr, scale, out); break;
+    case 4: vnni_tile<4>(p, K, xq, s, corr, scale, out); break;
+    case 5: vnni_tile<5>(p, K, xq, s, corr, scale, out); break;
+    case 6: vnni_tile<6>(p, K, xq, s, corr, scale, out); break;
+    case 7: vnni_tile<7>(p, K, xq, s, corr, scale, out); break;
+    default: vnni_tile<8>(p, K, xq, s, corr, scale, out); break;
+  }
+}
+
 // y (M, N) = x W^T for u (N, K) uint8 in the layout above: x quantised once per call, then every tile against all
 // rows, MAX_ROWS at a time, tiles spread over threads.
 at::Tensor int8_vnni_linear(const at::Tensor& x_in, const at::Tensor& u, const at::Tensor& scale, at::Tensor& y) {
@@ -317,17 +332,7 @@ at::Tensor int8_vnni_linear(const at::Tensor& x_in, const at::Tensor& u, const a
           for (int r = 0; r < R; ++r)
             xr[r] = xq + (r0 + r) * K, sr[r] = xs + (r0 + r) * G, cr[r] = xc + (r0 + r) * G,
             o[r] = out[r];
-          const float* sc = sp + t * VNNI_TILE;
-          switch (R) {
-            case 1: vnni_tile<1>(p, K, xr, sr, cr, sc, o); break;
-            case 2: vnni_tile<2>(p, K, xr, sr, cr, sc, o); break;
-            case 3: vnni_tile<3>(p, K, xr, sr, cr, sc, o); break;
-            case 4: vnni_tile<4>(p, K, xr, sr, cr, sc, o); break;
-            case 5: vnni_tile<5>(p, K, xr, sr, cr, sc, o); break;
-            case 6: vnni_tile<6>(p, K, xr, sr, cr, sc, o); break;
-            case 7: vnni_tile<7>(p, K, xr, sr, cr, sc, o); break;
-            default: vnni_tile<8>(p, K, xr, sr, cr, sc, o); break;
-          }
+          vnni_rows(R, p, K, xr, sr, cr, sp + t * VNNI_TILE, o);
           for (int r = 0; r < R; ++r)
             for (int64_t c = 0; c < VNNI_TILE; ++c)
               yp[(r0 + r) * N + t * VNNI_TILE + c] = static_cast<std::remove_pointer_t<decltype(yp)>>(out[r][c]);
@@ -706,6 +711,35 @@ void attend_one_impl(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int6
 }
 
 
+// The checks of an attention call's positions and RoPE angles (attend_tokens and decode_stack_fused): row b's
+// positions pos + row_pos[b] .. + T - 1 inside the cache of L; cos/sin (T, D) shared by the rows or (B, ..., T, D)
+// one per row, rows of D contiguous values in the activations' dtype. sb, st: their row and token strides.
+struct AttendArgs {
+  at::Tensor rows;  // row_pos as int64 (kept alive for rp)
+  const int64_t* rp = nullptr;
+  int64_t sb = 0, st = 0;
+  AttendArgs(int64_t B, int64_t T, int64_t L, int64_t D, at::ScalarType dtype, int64_t pos,
+             const std::optional<at::Tensor>& row_pos, const std::optional<at::Tensor>& cos,
+             const std::optional<at::Tensor>& sin) {
+    if (row_pos.has_value()) {
+      rows = row_pos->to(at::kLong).contiguous();
+      TORCH_CHECK(rows.numel() == B, "attend: row_pos must hold one position per row");
+      rp = rows.data_ptr<int64_t>();
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t p = pos + (rp != nullptr ? rp[b] : 0);
+      TORCH_CHECK(0 <= p && p + T <= L, "attend: positions ", p, "..", p + T - 1, " outside the cache (", L, ")");
+    }
+    if (cos.has_value()) {
+      TORCH_CHECK(sin.has_value() && cos->sizes() == sin->sizes() && cos->strides() == sin->strides() &&
+                      cos->size(-1) == D && cos->stride(-1) == 1 && cos->size(-2) == T && cos->scalar_type() == dtype,
+                  "attend: cos/sin (T, D) or (B, ..., T, D) rows of D contiguous values in qkv's dtype");
+      st = cos->stride(-2);
+      sb = cos->dim() >= 3 && cos->size(0) == B ? cos->stride(0) : 0;
+    }
+  }
+};
+
 // attend_one for T new tokens per row in one call (decode_stack: a step, a verify pass, a prompt): qkv (B, T, W),
 // token t of row b at position pos + t (+ row_pos[b]); cos/sin (T, D) shared by the rows or (B, ..., T, D) per row,
 // in qkv's dtype. The same per-token arithmetic as T calls of attend_one (attend_one_impl), so the same bits.
@@ -718,26 +752,9 @@ at::Tensor attend_tokens(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, 
   TORCH_CHECK(qkv.is_contiguous() && kc.is_contiguous() && vc.is_contiguous() && kc.size(0) == B &&
                   qkv.size(2) == (n_head + 2 * n_kv_head) * D && qkv.scalar_type() == kc.scalar_type(),
               "attend: qkv (B, T, (H + 2 H_kv) D) and contiguous caches in its dtype");
-  const int64_t* rp = nullptr;
-  at::Tensor rows;
-  if (row_pos.has_value()) {
-    rows = row_pos->to(at::kLong).contiguous();
-    TORCH_CHECK(rows.numel() == B, "attend: row_pos must hold one position per row");
-    rp = rows.data_ptr<int64_t>();
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t p = pos + (rp != nullptr ? rp[b] : 0);
-    TORCH_CHECK(0 <= p && p + T <= L, "attend: positions ", p, "..", p + T - 1, " outside the cache (", L, ")");
-  }
-  int64_t sb = 0, st = 0;
-  if (cos.has_value()) {
-    TORCH_CHECK(sin.has_value() && cos->sizes() == sin->sizes() && cos->strides() == sin->strides() &&
-                    cos->size(-1) == D && cos->stride(-1) == 1 && cos->size(-2) == T &&
-                    cos->scalar_type() == qkv.scalar_type(),
-                "attend: cos/sin (T, D) or (B, ..., T, D) rows of D contiguous values in qkv's dtype");
-    st = cos->stride(-2);
-    sb = cos->dim() >= 3 && cos->size(0) == B ? cos->stride(0) : 0;
-  }
+  const AttendArgs args(B, T, L, D, qkv.scalar_type(), pos, row_pos, cos, sin);
+  const int64_t* rp = args.rp;
+  const int64_t sb = args.sb, st = args.st;
   at::Tensor y = at::empty({B, T, n_head * D}, qkv.options());
   if (qkv.scalar_type() == at::kFloat) {
     attend_one_impl<float>(qkv, kc, vc, pos, rp, cos.has_value() ? cos->data_ptr<float>() : nullptr,
@@ -930,18 +947,7 @@ void fused_tiles(const FusedLinear& lin, const FusedRows& x, int64_t M, int64_t 
       if (lin.int4) {
         lmforge_int4_tile(lin.q, lin.dm, K, lin.group, t, R, xr, sr, cr, sumr, o);
       } else {
-        const uint8_t* p = lin.q + t * VNNI_TILE * K;
-        const float* sc = lin.scale + t * VNNI_TILE;
-        switch (R) {
-          case 1: vnni_tile<1>(p, K, xr, sr, cr, sc, o); break;
-          case 2: vnni_tile<2>(p, K, xr, sr, cr, sc, o); break;
-          case 3: vnni_tile<3>(p, K, xr, sr, cr, sc, o); break;
-          case 4: vnni_tile<4>(p, K, xr, sr, cr, sc, o); break;
-          case 5: vnni_tile<5>(p, K, xr, sr, cr, sc, o); break;
-          case 6: vnni_tile<6>(p, K, xr, sr, cr, sc, o); break;
-          case 7: vnni_tile<7>(p, K, xr, sr, cr, sc, o); break;
-          default: vnni_tile<8>(p, K, xr, sr, cr, sc, o); break;
-        }
+        vnni_rows(R, lin.q + t * VNNI_TILE * K, K, xr, sr, cr, lin.scale + t * VNNI_TILE, o);
       }
       for (int r = 0; r < R; ++r) {
         c10::BFloat16* yr = y + (r0 + r) * N + t * VNNI_TILE;
@@ -1157,29 +1163,10 @@ at::Tensor decode_stack(const at::Tensor& x_in, const c10::List<std::optional<at
       // the checks attend_tokens makes, before the region (nothing may throw inside it)
       TORCH_CHECK(v_all.sizes() == k_all.sizes() && v_all.is_contiguous() && v_all.scalar_type() == at::kBFloat16 &&
                       0 <= row0 && row0 + B <= k_all.size(1), "decode_stack: caches (layers, B, H_kv, L, D), rows");
-      const int64_t* rp = nullptr;
-      at::Tensor rows;
-      if (row_pos.has_value()) {
-        rows = row_pos->to(at::kLong).contiguous();
-        TORCH_CHECK(rows.numel() == B, "attend: row_pos must hold one position per row");
-        rp = rows.data_ptr<int64_t>();
-      }
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t p = pos + (rp != nullptr ? rp[b] : 0);
-        TORCH_CHECK(0 <= p && p + T <= k_all.size(3), "attend: positions ", p, "..", p + T - 1,
-                    " outside the cache (", k_all.size(3), ")");
-      }
-      int64_t sb = 0, st = 0;
-      const c10::BFloat16 *cp = nullptr, *sp = nullptr;
-      if (cos.has_value()) {
-        TORCH_CHECK(sin.has_value() && cos->sizes() == sin->sizes() && cos->strides() == sin->strides() &&
-                        cos->size(-1) == k_all.size(4) && cos->stride(-1) == 1 && cos->size(-2) == T &&
-                        cos->scalar_type() == at::kBFloat16,
-                    "attend: cos/sin (T, D) or (B, ..., T, D) rows of D contiguous values in qkv's dtype");
-        st = cos->stride(-2);
-        sb = cos->dim() >= 3 && cos->size(0) == B ? cos->stride(0) : 0;
-        cp = cos->data_ptr<c10::BFloat16>(), sp = sin->data_ptr<c10::BFloat16>();
-      }
+      const AttendArgs args(B, T, k_all.size(3), k_all.size(4), at::kBFloat16, pos, row_pos, cos, sin);
+      const int64_t *rp = args.rp, sb = args.sb, st = args.st;
+      const c10::BFloat16* cp = cos.has_value() ? cos->data_ptr<c10::BFloat16>() : nullptr;
+      const c10::BFloat16* sp = cos.has_value() ? sin->data_ptr<c10::BFloat16>() : nullptr;
       return decode_stack_fused(x_in, params, lins, k_all, v_all, row0, pos, rp, cp, sp, sb, st, n_head, n_kv_head,
                                 eps);
     }

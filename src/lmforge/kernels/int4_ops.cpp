@@ -165,6 +165,21 @@ inline void tile_rows(const uint8_t* p, const at::Half* dm, const int8_t* const*
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], total[r]);
 }
+// tile_rows for a run-time row count R (1 .. ROWS).
+inline void tile_rows_any(int R, const uint8_t* p, const at::Half* dm, const int8_t* const* xq,
+                          const float* const* xs, const int32_t* const* xc, const float* const* xsum, int64_t groups,
+                          int64_t blocks_per_group, float* const* out) {
+  switch (R) {
+    case 1: tile_rows<1>(p, dm, xq, xs, xc, xsum, groups, blocks_per_group, out); break;
+    case 2: tile_rows<2>(p, dm, xq, xs, xc, xsum, groups, blocks_per_group, out); break;
+    case 3: tile_rows<3>(p, dm, xq, xs, xc, xsum, groups, blocks_per_group, out); break;
+    case 4: tile_rows<4>(p, dm, xq, xs, xc, xsum, groups, blocks_per_group, out); break;
+    case 5: tile_rows<5>(p, dm, xq, xs, xc, xsum, groups, blocks_per_group, out); break;
+    case 6: tile_rows<6>(p, dm, xq, xs, xc, xsum, groups, blocks_per_group, out); break;
+    case 7: tile_rows<7>(p, dm, xq, xs, xc, xsum, groups, blocks_per_group, out); break;
+    default: tile_rows<8>(p, dm, xq, xs, xc, xsum, groups, blocks_per_group, out); break;
+  }
+}
 #endif
 
 // The plain loop: the same maths in the same order, for any CPU.
@@ -243,16 +258,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
         for (int r = 0; r < R; ++r)
           xr[r] = xqp + (r0 + r) * K, sr[r] = xsp + (r0 + r) * blocks,
           cr[r] = xcp + (r0 + r) * blocks, sumr[r] = xsump + (r0 + r) * groups, o[r] = out[r];
-        switch (R) {
-          case 1: tile_rows<1>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
-          case 2: tile_rows<2>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
-          case 3: tile_rows<3>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
-          case 4: tile_rows<4>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
-          case 5: tile_rows<5>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
-          case 6: tile_rows<6>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
-          case 7: tile_rows<7>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
-          default: tile_rows<8>(p, d, xr, sr, cr, sumr, groups, bpg, o); break;
-        }
+        tile_rows_any(R, p, d, xr, sr, cr, sumr, groups, bpg, o);
 #else
         for (int r = 0; r < R; ++r)
           tile_rows_plain(p, d, xqp + (r0 + r) * K, xsp + (r0 + r) * blocks, xcp + (r0 + r) * blocks,
@@ -308,16 +314,7 @@ void lmforge_int4_tile(const uint8_t* packed, const at::Half* dm, int64_t K, int
   const uint8_t* p = packed + t * TILE * K / 2;
   const at::Half* d = dm + t * (K / group) * 2 * TILE;
   const int64_t groups = K / group, bpg = group / BLOCK;
-  switch (R) {
-    case 1: tile_rows<1>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
-    case 2: tile_rows<2>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
-    case 3: tile_rows<3>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
-    case 4: tile_rows<4>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
-    case 5: tile_rows<5>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
-    case 6: tile_rows<6>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
-    case 7: tile_rows<7>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
-    default: tile_rows<8>(p, d, xq, xs, xc, xsum, groups, bpg, out); break;
-  }
+  tile_rows_any(R, p, d, xq, xs, xc, xsum, groups, bpg, out);
 }
 #endif
 
