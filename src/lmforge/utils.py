@@ -245,7 +245,8 @@ def retain_freed_memory() -> bool:
 def return_freed_memory() -> None:
     """Hand the memory that freed tensors left in malloc's heap back to the system (glibc's ``malloc_trim``; nothing
     elsewhere). A decoding layout replaces every weight (rounded copies, then the huge-page buffer), and glibc keeps
-    most of the freed originals: SmolLM2 int8 held 863 MiB resident after loading, 524 MiB after the trim."""
+    most of the freed originals: SmolLM2 int8 held 863 MiB resident after ``load_model("smollm2",
+    decode_dtype="int8")``, 546 MiB with the trim (AMD EPYC, glibc 2.36)."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return
     try:
@@ -276,7 +277,8 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
     or None where there are none (:func:`huge_pages_available`).
 
     Why: a batch-1 decoding step streams every weight once, and the CPU's prefetchers stop at each 4 KiB page;
-    on 2 MiB pages the same read runs ~1.4-1.8x faster (bench/huge_pages.py, docs/hub.md). PyTorch's tensors come
+    on 2 MiB pages the same read ran 1.45x (two cores) to 1.78x (one) faster on an AMD EPYC (docs/hub.md, "Ninth
+    session"; decoding steps: bench/huge_pages.py). PyTorch's tensors come
     from malloc, whose pages are 4 KiB unless the system enables THP for everything. The memory is an anonymous
     mapping advised before its first touch (a later madvise only asks khugepaged to collapse the pages
     eventually); the tensor keeps the mapping alive and unmaps it when freed."""
@@ -293,15 +295,15 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
     return raw[start:start + nbytes]
 
 
-
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """``torch.zeros``, on transparent huge pages when it is a CPU tensor of 2 MiB or more (KV caches: a decoding
     step reads all of them; :func:`huge_page_buffer`)."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     buf = huge_page_buffer(nbytes) if torch.device(device).type == "cpu" and nbytes >= HUGE_PAGE else None
     if buf is None:
         return torch.zeros(shape, dtype=dtype, device=device)
     return buf.view(dtype).view(shape)  # a fresh anonymous mapping reads as zeros
+
 
 @functools.cache
 def cpu_info() -> tuple[str, frozenset[str]]:

@@ -554,7 +554,12 @@ void attend_bf16(const float* qf, const c10::BFloat16* K, const c10::BFloat16* V
     key_scores(s, n, scale, [&](int64_t j) { return dot(q, K + j * D); });
     total[h] = softmax_row(s, n);
     uint32_t* ph = pb.data() + h * np;
-    for (int64_t i = 0; i < np; ++i) ph[i] = bf16_pair(s[2 * i], 2 * i + 1 < n ? s[2 * i + 1] : 0.f);
+    // 16 pairs (32 scores) per vcvtne2ps2bf16, in memory order as bf16_pair packs them; the scalar tail pads an odd
+    // last key with 0
+    int64_t i = 0;
+    for (; 2 * i + 32 <= n; i += 16)
+      _mm512_storeu_si512(ph + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + 2 * i + 16), _mm512_loadu_ps(s + 2 * i)));
+    for (; i < np; ++i) ph[i] = bf16_pair(s[2 * i], 2 * i + 1 < n ? s[2 * i + 1] : 0.f);
   }
   // P V: per pair of keys and 32-value chunk, unpack interleaves the two rows into the (value, pair) words that
   // vdpbf16ps takes; lane l of the low half holds values 8 l .. 8 l + 3, of the high half 8 l + 4 .. 8 l + 7
@@ -623,7 +628,7 @@ struct Attention {
     std::vector<float> qf, kf, score, acc, total;
     std::vector<uint32_t> qb, pb;  // bf16 pairs: rounded q, rounded P
     explicit Scratch(const Attention& a)
-        : qf(a.G() * a.D), kf(a.D), score(a.G() * a.L + 1), acc(a.G() * a.D), total(a.G()), qb(a.G() * a.D / 2),
+        : qf(a.G() * a.D), kf(a.D), score(a.G() * a.L), acc(a.G() * a.D), total(a.G()), qb(a.G() * a.D / 2),
           pb(a.G() * (a.L / 2 + 1)) {}
   };
 

@@ -319,7 +319,8 @@ def pack_on_huge_pages(model: nn.Module) -> int:
     are unavailable (utils.huge_page_buffer). Tensors sharing their storage with another tensor stay where they are.
 
     A decoding step at batch 1 is a stream through all weights; on 4 KiB pages the prefetchers restart at every
-    page and SmolLM2-135M's int8 step took 5.2-6.0 ms, on 2 MiB pages 3.7-4.0 ms (bench/huge_pages.py)."""
+    page: SmolLM2-135M's int8 step took 4.39 ms there, 3.17 ms on 2 MiB pages (``python bench/huge_pages.py``, AMD
+    EPYC, two threads; docs/hub.md)."""
     tensors: dict[int, torch.Tensor] = {}
     owners: dict[int, set[int]] = {}
     for mod in model.modules():
